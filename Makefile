@@ -1,0 +1,54 @@
+# The README's two commands: `make demo` (the main job) and `make test` (all tests).
+# Both create or reuse .venv, install the pinned dependencies from pyproject.toml
+# and build the Rust extension (release) before running.
+
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+NATIVE := python/cera_rs/_native.abi3.so
+RUST_SRC := $(shell find src -name '*.rs') Cargo.toml build.rs
+
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PATH := $(VIRTUAL_ENV)/bin:$(PATH)
+# torch-sys links the libtorch of the installed torch; nothing is downloaded.
+export LIBTORCH_USE_PYTORCH := 1
+TORCH_LIB = $(shell $(PY) -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
+
+.PHONY: all demo test test-rust test-python lint bench clean
+
+all: $(NATIVE)
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+	  print("\n".join(p["dependencies"] + p["optional-dependencies"]["dev"]))' > $(VENV)/requirements.txt
+	$(PY) -m pip install --quiet --requirement $(VENV)/requirements.txt
+	touch $@
+
+$(NATIVE): $(VENV)/.installed $(RUST_SRC)
+	maturin develop --release --quiet
+	touch $@
+
+demo: $(NATIVE)
+	$(VENV)/bin/cera-rs demo
+
+bench: $(NATIVE)
+	$(VENV)/bin/cera-rs bench
+
+test: lint test-rust test-python
+
+lint: $(NATIVE)
+	cargo fmt --check
+	cargo clippy --all-targets --quiet -- -D warnings
+	cargo clippy --all-targets --features python --quiet -- -D warnings
+	$(VENV)/bin/ruff check python tests
+
+test-rust: $(VENV)/.installed
+	LD_LIBRARY_PATH=$(TORCH_LIB) cargo test --quiet
+
+test-python: $(NATIVE)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf target $(NATIVE)

@@ -1,0 +1,151 @@
+"""``CeraLinear``: a frozen linear layer plus CeRA branches, one per adapter name.
+
+Mirrors PEFT's LoRA layers (``peft.tuners.lora.layer``): the wrapped layer is
+``base_layer``, the adapter weights live in ``ModuleDict``s keyed by adapter name
+(``cera_A``, ``cera_B``), and PEFT's ``BaseTunerLayer`` supplies adapter switching.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from cera_rs.functional import ACTIVATIONS, cera_delta
+
+
+class CeraMergeError(NotImplementedError):
+    """CeRA's branch is non-linear in x: there is no weight it could be folded into."""
+
+
+def base_features(base_layer: nn.Module) -> tuple[int, int]:
+    """``(d_in, d_out)`` of a layer CeRA can wrap: ``nn.Linear`` or transformers' ``Conv1D``."""
+    if isinstance(base_layer, nn.Linear):
+        return base_layer.in_features, base_layer.out_features
+    if isinstance(base_layer, Conv1D):
+        d_in, d_out = base_layer.weight.shape
+        return d_in, d_out
+    raise TypeError(
+        f"CeRA wraps nn.Linear or transformers' Conv1D layers, got {type(base_layer).__name__}"
+    )
+
+
+def check_adapter_args(r: Any, dropout: Any, activation: Any, scaling: Any) -> None:
+    """Raises ValueError/TypeError naming the first bad hyper-parameter."""
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise TypeError(f"r must be an int, got {type(r).__name__} {r!r}")
+    if r < 1:
+        raise ValueError(f"r must be >= 1, got {r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+        raise TypeError(f"dropout must be a float, got {type(dropout).__name__} {dropout!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}: expected one of {ACTIVATIONS}")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"scaling must be a float, got {type(scaling).__name__} {scaling!r}")
+    if not math.isfinite(scaling):
+        raise ValueError(f"scaling must be finite, got {scaling}")
+
+
+class CeraLinear(nn.Module, BaseTunerLayer):
+    """``base_layer(x) + scaling * B · Dropout(act(A x))`` for each active adapter.
+
+    ``A`` (``cera_A[name]``, nn.Linear d_in -> r) starts Kaiming-normal as in the
+    paper's reference, ``B`` (``cera_B[name]``, r -> d_out) at zero, so a new adapter
+    leaves the layer's output unchanged. The base layer's parameters are frozen.
+    """
+
+    adapter_layer_names = ("cera_A", "cera_B")
+    other_param_names = ("r", "cera_dropout", "activation", "scaling")
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        *,
+        dropout: float = 0.1,
+        activation: str = "silu",
+        scaling: float = 1.0,
+        adapter_name: str = "default",
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = base_features(base_layer)
+        self.base_layer = base_layer
+        self.cera_A = nn.ModuleDict()
+        self.cera_B = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.cera_dropout: dict[str, float] = {}
+        self.activation: dict[str, str] = {}
+        self.scaling: dict[str, float] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._active_adapter = adapter_name
+        for param in self.base_layer.parameters():
+            param.requires_grad_(False)
+        self.update_layer(adapter_name, r, dropout=dropout, activation=activation, scaling=scaling)
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        *,
+        dropout: float = 0.1,
+        activation: str = "silu",
+        scaling: float = 1.0,
+    ) -> None:
+        """Adds (or replaces) the adapter ``adapter_name`` with fresh weights."""
+        check_adapter_args(r, dropout, activation, scaling)
+        weight = self.base_layer.weight
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        factory = {"device": weight.device, "dtype": dtype}
+        self.cera_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **factory)
+        self.cera_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, **factory)
+        self.r[adapter_name] = r
+        self.cera_dropout[adapter_name] = float(dropout)
+        self.activation[adapter_name] = activation
+        self.scaling[adapter_name] = float(scaling)
+        self.reset_cera_parameters(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    def reset_cera_parameters(self, adapter_name: str) -> None:
+        """A: Kaiming normal (fan_in, ReLU gain, std sqrt(2 / d_in)); B: zeros."""
+        a = self.cera_A[adapter_name].weight
+        nn.init.kaiming_normal_(a, mode="fan_in", nonlinearity="relu")
+        nn.init.zeros_(self.cera_B[adapter_name].weight)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise CeraMergeError(
+            "CeRA adapters cannot be merged into the base weight: the branch "
+            "B·act(A x) is non-linear in x, so no matrix equals it"
+        )
+
+    def unmerge(self) -> None:
+        raise CeraMergeError("CeRA adapters are never merged, so there is nothing to unmerge")
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        for name in self.active_adapters:
+            if name not in self.cera_A:
+                continue
+            a = self.cera_A[name].weight
+            delta = cera_delta(
+                x.to(a.dtype),
+                a,
+                self.cera_B[name].weight,
+                dropout=self.cera_dropout[name],
+                activation=self.activation[name],
+                training=self.training,
+                scaling=self.scaling[name],
+            )
+            result = result + delta.to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "cera." + super().__repr__()

@@ -1,0 +1,14 @@
+//! cera_rs: CeRA (Capacity-enhanced Rank Adaptation) kernels over libtorch tensors.
+//!
+//! `kernel` holds the branch's forward and backward; nothing in it knows Python.
+//! With the `python` feature (turned on by maturin only), `python` exposes it as
+//! the `cera_rs._native` extension module.
+
+pub mod error;
+pub mod kernel;
+mod threads;
+
+#[cfg(feature = "python")]
+mod python;
+
+pub use error::{CeraError, Result};

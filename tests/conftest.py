@@ -1,0 +1,56 @@
+"""Shared helpers: the plain-PyTorch composition the kernels are checked against."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+SEED_HIGH = 2**62
+
+
+def splitmix_keep(seed: int, numel: int, p: float) -> np.ndarray:
+    """The documented counter-based mask, reimplemented in numpy: keep element i when
+    the top 24 bits of SplitMix64(seed + (i + 1) * golden) reach round(p * 2^24)."""
+    with np.errstate(over="ignore"):
+        i = np.arange(1, numel + 1, dtype=np.uint64)
+        z = np.uint64(seed) + i * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(40)) >= np.uint64(round(p * 2**24))
+
+
+def seed_after_manual_seed(s: int) -> int:
+    """The dropout seed cera_delta draws right after torch.manual_seed(s)."""
+    torch.manual_seed(s)
+    return int(torch.randint(0, SEED_HIGH, (), dtype=torch.int64))
+
+
+def plain_branch(x, a, b, *, activation="silu", scaling=1.0, p=0.0, seed=0):
+    """scaling * B · Dropout(act(A x)) with plain torch ops and the kernel's mask."""
+    h = x @ a.T
+    act = {"silu": torch.nn.functional.silu, "relu": torch.relu, "identity": lambda t: t}
+    out = act[activation](h)
+    if p > 0:
+        keep = splitmix_keep(seed, h.numel(), p).reshape(h.shape)
+        out = out * torch.from_numpy(keep).to(out.dtype) / (1 - p)
+    return scaling * (out @ b.T)
+
+
+def max_rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.detach().double(), expected.detach().double()
+    scale = expected.abs().max().clamp_min(1e-30)
+    return float((actual - expected).abs().max() / scale)
+
+
+@pytest.fixture
+def make_inputs():
+    def make(shape=(3, 40, 32), r=8, d_out=24, dtype=torch.float32, requires_grad=True):
+        gen = torch.Generator().manual_seed(1234)
+        x = torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+        a = (0.3 * torch.randn(r, shape[-1], generator=gen, dtype=torch.float64)).to(dtype)
+        b = (0.3 * torch.randn(d_out, r, generator=gen, dtype=torch.float64)).to(dtype)
+        return tuple(t.requires_grad_(requires_grad) for t in (x, a, b))
+
+    return make
