@@ -2,6 +2,7 @@
 
 ``y = W0 x + scaling * B · Dropout(act(A x))``: a non-linear low-rank branch beside a
 frozen layer. The branch's forward and backward run in Rust (``cera_rs._native``).
+Swap ``peft.LoraConfig`` for ``CeraConfig`` and keep the rest of a PEFT script.
 """
 
 import torch  # first: the extension links the libtorch that importing torch loads
@@ -10,8 +11,23 @@ from cera_rs._torch_check import load_native
 
 _native = load_native()
 
+from cera_rs import registration  # noqa: E402
+from cera_rs.config import CeraConfig  # noqa: E402
 from cera_rs.functional import cera_delta  # noqa: E402
-from cera_rs.layer import CeraLinear  # noqa: E402
+from cera_rs.layer import CeraLinear, CeraMergeError  # noqa: E402
+from cera_rs.model import CeraModel, get_cera_model  # noqa: E402
+from cera_rs.tuner import CeraTuner  # noqa: E402
 
-__all__ = ["CeraLinear", "cera_delta", "torch"]
+registration.register()
+
+__all__ = [
+    "CeraConfig",
+    "CeraLinear",
+    "CeraMergeError",
+    "CeraModel",
+    "CeraTuner",
+    "cera_delta",
+    "get_cera_model",
+    "torch",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,83 @@
+"""``CeraConfig``: PEFT's ``LoraConfig`` vocabulary for CeRA adapters.
+
+A ``peft.PeftConfig`` dataclass, so PEFT's own ``get_peft_model`` and
+``PeftModel.from_pretrained`` accept it once ``cera_rs`` is imported. It serialises to
+``adapter_config.json`` with ``"peft_type": "CERA"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from cera_rs.layer import check_adapter_args
+
+PEFT_TYPE = "CERA"
+"""PEFT 0.21's ``PeftType`` enum has no CeRA member; PEFT's registries are keyed by
+plain strings as well as by enum members (it is a ``str`` enum), so this is the key."""
+
+BIAS_OPTIONS = ("none", "all", "cera_only")
+
+
+@dataclass
+class CeraConfig(PeftConfig):
+    """Configuration of CeRA adapters: ``y = W0 x + scaling * B · Dropout(act(A x))``.
+
+    Args:
+        r: rank of the branch (``A`` is ``(r, d_in)``, ``B`` is ``(d_out, r)``).
+        target_modules: module name suffixes, a regex matched against full names, or
+            ``"all-linear"``; ``None`` picks the model type's defaults (q/v projections).
+        exclude_modules: names or a regex to leave alone.
+        cera_dropout: dropout on the activated hidden vector (inverted scaling).
+        activation: ``"silu"`` (the paper's), ``"relu"`` or ``"identity"`` (ablations).
+        scaling: factor on the branch; LoRA's ``alpha / r`` does not apply.
+        layers_to_transform, layers_pattern: restrict to some layer indices, as in PEFT.
+        modules_to_save: modules besides the adapters to train and save (e.g. a head).
+        bias: ``"none"``, ``"all"`` or ``"cera_only"`` (biases of adapted layers).
+    """
+
+    r: int = field(default=8, metadata={"help": "CeRA rank"})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Names, a regex, or 'all-linear'"}
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Names or a regex to exclude"}
+    )
+    cera_dropout: float = field(default=0.1, metadata={"help": "Dropout after the activation"})
+    activation: Literal["silu", "relu", "identity"] = field(
+        default="silu", metadata={"help": "Activation of the branch"}
+    )
+    scaling: float = field(default=1.0, metadata={"help": "Factor on the branch output"})
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Layer indices to adapt"}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list, with layers_to_transform"}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules to train and save besides the adapters"}
+    )
+    bias: Literal["none", "all", "cera_only"] = field(
+        default="none", metadata={"help": "Which biases to train"}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE
+        check_adapter_args(self.r, self.cera_dropout, self.activation, self.scaling)
+        if self.bias not in BIAS_OPTIONS:
+            raise ValueError(f"bias must be one of {BIAS_OPTIONS}, got {self.bias!r}")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple, set)):
+                if not all(isinstance(v, str) for v in value):
+                    raise TypeError(f"{name} must hold strings, got {value!r}")
+                setattr(self, name, set(value))
+            elif value is not None and not isinstance(value, str):
+                raise TypeError(f"{name} must be a list of names or a string, got {value!r}")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("layers_to_transform cannot be used when target_modules is a str")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("layers_pattern needs layers_to_transform as well")

@@ -1,0 +1,126 @@
+"""``CeraModel`` and ``get_cera_model``: the user-facing wrapper, a ``peft.PeftModel``.
+
+Everything PEFT users call (``print_trainable_parameters``, ``save_pretrained``,
+``from_pretrained``, ``load_adapter``, ``add_adapter``, ``set_adapter``,
+``disable_adapter()``, ``unload``, ``generate`` pass-through) is PEFT's. What this adds:
+saving that a crash cannot half-write, loading that checks its files before PEFT
+would reach for a model hub, and a clear refusal of ``merge_and_unload``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from peft import PeftModel
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
+from peft.utils.constants import CONFIG_NAME
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from cera_rs.config import CeraConfig
+
+
+class CeraModel(PeftModel):
+    """A model with CeRA adapters; behaves as PEFT's ``PeftModel`` does."""
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """PEFT's save, written to a temporary folder beside ``save_directory`` and moved
+        into place file by file (``os.replace``): a crash leaves the old files intact."""
+        target = Path(save_directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            super().save_pretrained(staging, **kwargs)
+            # Weights before config: a reader never sees a new config with old weights.
+            files = sorted(p for p in staging.rglob("*") if p.is_file())
+            files.sort(key=lambda p: p.name == CONFIG_NAME)
+            for file in files:
+                dest = target / file.relative_to(staging)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(file, dest)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        **kwargs: Any,
+    ) -> CeraModel:
+        """Wraps ``model`` and loads the adapter saved in the folder ``model_id``."""
+        config = read_config(model_id)
+        config.inference_mode = not is_trainable
+        wrapped = cls(model, config, adapter_name)
+        wrapped.load_adapter(model_id, adapter_name, is_trainable=is_trainable, **kwargs)
+        return wrapped
+
+    def load_adapter(
+        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+        **kwargs: Any,
+    ) -> Any:  # fmt: skip
+        """Loads a saved CeRA adapter under ``adapter_name``; refuses incomplete files."""
+        check_adapter_files(model_id)
+        if adapter_name not in self.peft_config:
+            config = read_config(model_id)
+            config.inference_mode = not is_trainable
+            self.add_adapter(adapter_name, config)
+        try:
+            result = super().load_adapter(
+                str(model_id), adapter_name, is_trainable=is_trainable, **kwargs
+            )
+        except RuntimeError as err:  # load_state_dict's size mismatch
+            raise ValueError(f"adapter weights in {model_id} do not fit the model: {err}") from None
+        missing = [k for k in result.missing_keys if ".cera_" in k and f".{adapter_name}." in k]
+        if missing:
+            raise ValueError(
+                f"{Path(model_id) / SAFETENSORS_WEIGHTS_NAME} lacks weights for "
+                f"{len(missing)} adapter tensors, e.g. {missing[0]}"
+            )
+        return result
+
+
+def check_adapter_files(model_id: str | os.PathLike) -> None:
+    """A local adapter folder with a readable config and safetensors file, or an error
+    naming what is missing or broken (PEFT would otherwise try to download it)."""
+    folder = Path(model_id)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"adapter folder {folder} does not exist")
+    for name in (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"adapter folder {folder} has no {name}")
+    weights = folder / SAFETENSORS_WEIGHTS_NAME
+    try:
+        with safe_open(weights, framework="pt") as f:
+            for key in f.keys():
+                f.get_slice(key)
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{weights} is not a valid safetensors file: {err}") from None
+
+
+def read_config(model_id: str | os.PathLike) -> CeraConfig:
+    """The ``CeraConfig`` in ``model_id/adapter_config.json``, with the file named on error."""
+    path = Path(model_id) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter folder {model_id} has no {CONFIG_NAME}")
+    try:
+        return CeraConfig.from_pretrained(str(model_id))
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    except TypeError as err:
+        raise TypeError(f"{path}: {err}") from None
+
+
+def get_cera_model(
+    model: nn.Module, config: CeraConfig, adapter_name: str = "default"
+) -> CeraModel:
+    """Adds CeRA adapters to ``model`` as ``peft.get_peft_model`` adds LoRA ones."""
+    if not isinstance(config, CeraConfig):
+        raise TypeError(f"get_cera_model needs a CeraConfig, got {type(config).__name__}")
+    return CeraModel(model, config, adapter_name)
