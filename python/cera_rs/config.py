@@ -8,7 +8,7 @@ A ``peft.PeftConfig`` dataclass, so PEFT's own ``get_peft_model`` and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from peft.config import PeftConfig
 
@@ -39,10 +39,10 @@ class CeraConfig(PeftConfig):
     """
 
     r: int = field(default=8, metadata={"help": "CeRA rank"})
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Names, a regex, or 'all-linear'"}
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Names or a regex to exclude"}
     )
     cera_dropout: float = field(default=0.1, metadata={"help": "Dropout after the activation"})
@@ -50,13 +50,13 @@ class CeraConfig(PeftConfig):
         default="silu", metadata={"help": "Activation of the branch"}
     )
     scaling: float = field(default=1.0, metadata={"help": "Factor on the branch output"})
-    layers_to_transform: Optional[Union[list[int], int]] = field(
+    layers_to_transform: list[int] | int | None = field(
         default=None, metadata={"help": "Layer indices to adapt"}
     )
-    layers_pattern: Optional[Union[list[str], str]] = field(
+    layers_pattern: list[str] | str | None = field(
         default=None, metadata={"help": "Name of the layer list, with layers_to_transform"}
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules to train and save besides the adapters"}
     )
     bias: Literal["none", "all", "cera_only"] = field(

@@ -76,7 +76,6 @@ class _CeraBranch(torch.autograd.Function):
         y, h = _branch_forward(x, a, b, seed, activation, scaling, dropout)
         ctx.save_for_backward(x, a, b, h, seed)
         ctx.config = (activation, scaling, dropout)
-        ctx.mark_non_differentiable(h)
         return y
 
     @staticmethod
