@@ -1,9 +1,8 @@
-"""The ``cera-rs`` command: ``demo`` (the main job) and ``bench``."""
+"""The ``cera-rs`` command: ``demo`` (the main job), ``bench`` and ``analyze``."""
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 
@@ -12,23 +11,58 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="train CeRA against LoRA on a generated task")
     demo.add_argument("--steps", type=int, default=200)
-    bench = commands.add_parser("bench", help="time the Rust branch against plain PyTorch")
+    bench = commands.add_parser(
+        "bench", help="time cera_rs against plain PyTorch, torch.compile and PEFT LoRA"
+    )
     bench.add_argument("--quick", action="store_true", help="tiny shapes, to check it runs")
-    bench.add_argument("--json", type=Path, help="write the results here")
+    bench.add_argument("--headline", action="store_true",
+                       help="only the targets' shape (N=4096, d=2048, r=64)")  # fmt: skip
+    bench.add_argument("--json", type=Path, default=Path("results/bench/bench.json"),
+                       help="where to write the results (default: %(default)s)")  # fmt: skip
+    bench.add_argument("--spectral", action="store_true",
+                       help="streaming spectra against concatenate-then-SVD instead "
+                            "(JSON default: spectral.json beside bench.json)")  # fmt: skip
+    analyze = commands.add_parser(
+        "analyze", help="weight-level spectra of a saved adapter directory (CeRA or PEFT LoRA)"
+    )
+    analyze.add_argument("adapter_dir", type=Path)
+    analyze.add_argument("--json", type=Path, help="write the report here")
+    analyze.add_argument("--plot", type=Path, help="save a figure here (PNG, PDF, SVG)")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
         from cera_rs.demo import regression
 
         regression.run(steps=args.steps)
-    elif args.command == "bench":
-        from cera_rs.bench import branch
+    elif args.command == "bench" and args.spectral:
+        from cera_rs.bench import spectral
 
-        shape = {"n": 64, "d": 32, "r": 4, "repeats": 2} if args.quick else {}
-        result = branch.branch_forward_backward(**shape)
-        print(branch.format_result(result))
+        results = spectral.run(**(spectral.QUICK if args.quick else {}))
+        print(spectral.format_table(results))
+        path = args.json
+        if path == bench.get_default("json"):
+            path = path.with_name("spectral.json")
+        spectral.write_json(results, path)
+        print(f"\nwritten: {path}")
+    elif args.command == "bench":
+        from cera_rs.bench import suite
+
+        grid = suite.Grid.quick() if args.quick else suite.Grid()
+        if args.headline:
+            grid.ds, grid.rs, grid.infer_ns = (2048,), (64,), (1, 16, 4096)
+        results = suite.run(grid)
+        print(suite.format_table(results))
+        suite.write_json(results, args.json)
+        print(f"\nwritten: {args.json}")
+    elif args.command == "analyze":
+        from cera_rs.spectral import adapter_dir_spectrum
+
+        report = adapter_dir_spectrum(args.adapter_dir)
+        print(report)
         if args.json:
-            args.json.write_text(json.dumps(branch.as_dict(result), indent=2))
+            report.to_json(args.json)
+        if args.plot:
+            report.plot(args.plot)
     return 0
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import os
 import statistics
+import threading
 import time
 from typing import Callable
 
@@ -41,3 +45,47 @@ def saved_bytes(fn: Callable[[], torch.Tensor], exclude: tuple[torch.Tensor, ...
         out = fn()
     del out
     return sum(storages.values())
+
+
+def _pin_malloc_to_mmap() -> None:
+    """Large blocks straight from mmap and back on free (glibc), so the process's
+    resident size follows the tensors alive; without it freed memory stays resident
+    and hides the next step's peak."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 64 * 1024)
+    libc.mallopt(m_trim_threshold, 64 * 1024)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_growth(fn: Callable[[], object], interval: float = 2e-4) -> int:
+    """How far the resident set rises above its level before ``fn`` while ``fn`` runs,
+    sampled by a thread every ``interval`` seconds (Linux; CPU tensors)."""
+    _pin_malloc_to_mmap()
+    fn()  # warm-up: lazy initialisations do not count as the step's memory
+    gc.collect()
+    before = _rss_bytes()
+    peak = before
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss_bytes())
+            time.sleep(interval)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak, _rss_bytes()) - before

@@ -1,0 +1,188 @@
+"""``cera-rs bench``: every method side by side, interleaved, median of repeats.
+
+For each shape it times the branch (forward+backward, train, p=0.1), the whole
+adapted layer (forward+backward) and the inference forward, counts the bytes each
+method keeps for backward and the peak memory growth of a training step, and states
+each time as a ratio to the GEMM floor. The issue's targets are checked on the ratios.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from cera_rs.bench import cases
+from cera_rs.bench.cases import Shape
+from cera_rs.bench.measure import median_times, peak_rss_growth, saved_bytes
+
+DTYPES = (torch.float32, torch.bfloat16)
+HEADLINE = {"n": 4096, "d": 2048, "r": 64}
+
+
+@dataclass
+class Grid:
+    ds: tuple[int, ...] = (1024, 2048, 4096)
+    rs: tuple[int, ...] = (16, 64, 256)
+    train_n: int = 4096
+    infer_ns: tuple[int, ...] = (1, 16, 4096)
+    dtypes: tuple[torch.dtype, ...] = DTYPES
+    repeats: int = 7
+    compiled: bool = True
+    memory: bool = True
+
+    @classmethod
+    def quick(cls) -> Grid:
+        """Tiny shapes: keeps the benchmark working in the test suite (no timing asserted)."""
+        return cls(ds=(32,), rs=(4,), train_n=64, infer_ns=(1, 16), repeats=2, compiled=False)
+
+
+@dataclass
+class Results:
+    machine: str
+    date: str
+    rows: list[dict] = field(default_factory=list)
+
+    def add(self, kind: str, shape: Shape, times: dict[str, float], **extra) -> dict:
+        floor = times.pop("floor")
+        row = {"kind": kind, "n": shape.n, "d": shape.d, "r": shape.r,
+               "dtype": str(shape.dtype).removeprefix("torch."), "floor_ms": 1e3 * floor,
+               "ms": {k: 1e3 * v for k, v in times.items()},
+               "vs_floor": {k: v / floor for k, v in times.items()}, **extra}  # fmt: skip
+        self.rows.append(row)
+        return row
+
+
+def run(grid: Grid, progress: bool = True) -> Results:
+    results = Results(machine=describe_machine(), date=date.today().isoformat())
+    kinds = [("train", grid.train_n)] + [("infer", n) for n in grid.infer_ns]
+    shapes = [(kind, Shape(n, d, r, dt)) for dt in grid.dtypes for d in grid.ds
+              for r in grid.rs for kind, n in kinds]  # fmt: skip
+    for kind, shape in tqdm(shapes, desc="bench", disable=not progress):
+        if kind == "train":
+            _train(results, shape, grid)
+        else:
+            _infer(results, shape, grid)
+    return results
+
+
+def _train(results: Results, shape: Shape, grid: Grid) -> None:
+    s = cases.setup(shape, train=True)
+    forwards = cases.branch_forwards(s, compiled=grid.compiled)
+    steps = {name: cases.training_step(s, f) for name, f in forwards.items()}
+    times = median_times({**steps, "floor": cases.branch_floor(s, backward=True)},
+                         repeats=grid.repeats)  # fmt: skip
+    keep = s.params() + tuple(p for m in s.lora_layers.values() for p in m.parameters())
+    keep += tuple(s.plain.parameters())
+    saved = {name: saved_bytes(f, keep) for name, f in forwards.items() if name != "plain_compiled"}
+    peak = {name: peak_rss_growth(step) for name, step in steps.items()} if grid.memory else {}
+    results.add("branch_train", shape, times, saved_bytes=saved, peak_bytes=peak)
+
+    layer = cases.layer_forwards(s)
+    layer_steps = {name: cases.training_step(s, f) for name, f in layer.items()}
+    times = median_times({**layer_steps, "floor": cases.layer_floor(s)}, repeats=grid.repeats)
+    results.add("layer_train", shape, times)
+
+
+def _infer(results: Results, shape: Shape, grid: Grid) -> None:
+    s = cases.setup(shape, train=False)
+    forwards = cases.branch_forwards(s, compiled=False)
+    runs = {name: cases.inference(f) for name, f in forwards.items()}
+    repeats = grid.repeats if shape.n > 16 else 200  # decode is microseconds: many samples
+    times = median_times({**runs, "floor": cases.branch_floor(s, backward=False)},
+                         warmup=5, repeats=repeats)  # fmt: skip
+    results.add("branch_infer", shape, times)
+
+
+def describe_machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")  # fmt: skip
+
+
+def targets(results: Results) -> list[dict]:
+    """The issue's targets, checked on the headline shape's ratios, per dtype."""
+    checks = []
+    for row in results.rows:
+        n, d, r = row["n"], row["d"], row["r"]
+        if (d, r) != (HEADLINE["d"], HEADLINE["r"]):
+            continue
+        ms, floor_ratio = row["ms"], row["vs_floor"]
+        label = f"{row['dtype']}"
+        if row["kind"] == "branch_train" and n == HEADLINE["n"]:
+            saved = row["saved_bytes"]
+            checks += [
+                _check(f"branch fwd+bwd vs GEMM floor ({label})", floor_ratio["cera_rs"], 1.03),
+                _check(f"branch fwd+bwd vs plain ({label})", ms["cera_rs"] / ms["plain"], 0.92),
+                _check(f"bytes saved for backward vs plain ({label})",
+                       saved["cera_rs"] / saved["plain"], 0.4),  # fmt: skip
+            ]
+        elif row["kind"] == "layer_train" and n == HEADLINE["n"]:
+            checks.append(_check(f"whole layer fwd+bwd vs PEFT LoRA p=0.1 ({label})",
+                                 ms["cera_rs"] / ms["lora_p0.1"], 1.0))  # fmt: skip
+        elif row["kind"] == "branch_infer" and n == 1:
+            checks.append(_check(f"1-token inference vs plain ({label})",
+                                 ms["cera_rs"] / ms["plain"], 0.4))  # fmt: skip
+    return checks
+
+
+def _check(name: str, ratio: float, bound: float) -> dict:
+    return {"target": name, "ratio": ratio, "bound": bound, "met": ratio <= bound}
+
+
+def format_table(results: Results) -> str:
+    lines = [f"machine: {results.machine}; date: {results.date}"]
+    for kind, title in (("branch_train", "CeRA branch, forward+backward, train, p=0.1"),
+                        ("layer_train", "whole layer (frozen base + adapter), forward+backward"),
+                        ("branch_infer", "branch inference forward (eval, no_grad)")):  # fmt: skip
+        rows = [row for row in results.rows if row["kind"] == kind]
+        if not rows:
+            continue
+        methods = list(rows[0]["ms"])
+        lines += ["", title, "shape".ljust(34) + "floor ms".rjust(10)
+                  + "".join(f"{m:>16}" for m in methods)]  # fmt: skip
+        for row in rows:
+            shape = f"N={row['n']} d={row['d']} r={row['r']} {row['dtype']}"
+            cells = "".join(f"{row['ms'][m]:9.3f} {row['vs_floor'][m]:5.2f}x".rjust(16)
+                            for m in methods)  # fmt: skip
+            lines.append(shape.ljust(34) + f"{row['floor_ms']:10.3f}" + cells)
+        if kind == "branch_train":
+            lines += ["", "saved for backward (MiB) / peak step growth (MiB)"]
+            for row in rows:
+                shape = f"N={row['n']} d={row['d']} r={row['r']} {row['dtype']}"
+                cells = "  ".join(
+                    f"{m} {row['saved_bytes'][m] / 2**20:.2f}/"
+                    f"{row['peak_bytes'].get(m, float('nan')) / 2**20:.1f}"
+                    for m in row["saved_bytes"]
+                )
+                lines.append(f"{shape.ljust(34)}{cells}")
+    checks = targets(results)
+    if checks:
+        lines += ["", "targets (headline shape N=4096 d=2048 r=64; 1 token for inference)"]
+        lines += [f"  {'met ' if c['met'] else 'MISS'} {c['target']}: {c['ratio']:.3f} "
+                  f"(<= {c['bound']})" for c in checks]  # fmt: skip
+    return "\n".join(lines)
+
+
+def write_json(results: Results, path: Path) -> None:
+    """Atomic: written beside ``path`` and moved into place."""
+    data = {"machine": results.machine, "date": results.date, "rows": results.rows,
+            "targets": targets(results)}  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
