@@ -17,6 +17,9 @@ pub enum CeraError {
     /// A scalar argument out of its domain (dropout probability, activation name, ...).
     #[error("invalid value: {0}")]
     Value(String),
+    /// NaN or infinity where a finite matrix is needed (spectra, Gram matrices).
+    #[error("non-finite values: {0}")]
+    NonFinite(String),
     /// A resource the kernel could not get (threads, memory).
     #[error("runtime error: {0}")]
     Runtime(String),

@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod kernel;
+pub mod spectral;
 mod threads;
 
 #[cfg(feature = "python")]

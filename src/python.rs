@@ -6,18 +6,22 @@
 
 use crate::error::CeraError;
 use crate::kernel::{self, Activation, Dropout, Elementwise, Needs, Saved};
+use crate::spectral::{self, Gram};
+use numpy::PyArray1;
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use tch::Tensor;
+use std::sync::{Mutex, MutexGuard};
+use tch::{Device, Tensor};
 
 impl From<CeraError> for PyErr {
     fn from(err: CeraError) -> PyErr {
         let message = err.to_string();
         match err {
-            CeraError::Shape(_) | CeraError::Value(_) | CeraError::Device(_) => {
-                PyValueError::new_err(message)
-            }
+            CeraError::Shape(_)
+            | CeraError::Value(_)
+            | CeraError::Device(_)
+            | CeraError::NonFinite(_) => PyValueError::new_err(message),
             CeraError::DType(_) => PyTypeError::new_err(message),
             CeraError::Runtime(_) | CeraError::Torch(_) => PyRuntimeError::new_err(message),
         }
@@ -82,6 +86,7 @@ fn elementwise(activation: &str, scaling: f64, dropout: f64, seed: u64) -> PyRes
 /// Training forward: returns `(delta, h)`; `h` is what `backward` needs.
 #[pyfunction]
 #[pyo3(signature = (x, a, b, *, activation, scaling, dropout, seed))]
+#[allow(clippy::too_many_arguments)]
 fn forward(
     py: Python<'_>,
     x: PyTensor,
@@ -154,11 +159,171 @@ fn backward(
     ))
 }
 
+/// Singular values (descending, float64) and the rank metrics over them.
+#[pyclass(name = "Spectrum", module = "cera_rs._native", frozen)]
+struct PySpectrum(spectral::Spectrum);
+
+#[pymethods]
+impl PySpectrum {
+    #[getter]
+    fn singular_values<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f64>> {
+        PyArray1::from_slice(py, self.0.values())
+    }
+
+    #[getter]
+    fn effective_rank(&self) -> f64 {
+        self.0.effective_rank()
+    }
+
+    #[getter]
+    fn stable_rank(&self) -> f64 {
+        self.0.stable_rank()
+    }
+
+    #[getter]
+    fn participation_ratio(&self) -> f64 {
+        self.0.participation_ratio()
+    }
+
+    fn energy_rank(&self, tau: f64) -> PyResult<usize> {
+        Ok(self.0.energy_rank(tau)?)
+    }
+
+    fn tail_energy(&self, r: usize) -> f64 {
+        self.0.tail_energy(r)
+    }
+
+    fn __len__(&self) -> usize {
+        self.0.values().len()
+    }
+}
+
+/// Spectrum of a 2-D matrix.
+#[pyfunction]
+fn spectrum(py: Python<'_>, matrix: PyTensor) -> PyResult<PySpectrum> {
+    run(py, move || spectral::dense::spectrum(&matrix.0)).map(PySpectrum)
+}
+
+/// Spectra of `B·A` for each `(B, A)` pair, computed in parallel.
+#[pyfunction]
+fn lowrank_spectra(py: Python<'_>, pairs: Vec<(PyTensor, PyTensor)>) -> PyResult<Vec<PySpectrum>> {
+    let pairs: Vec<(Tensor, Tensor)> = pairs.into_iter().map(|(b, a)| (b.0, a.0)).collect();
+    let spectra = run(py, move || {
+        spectral::par_map(pairs, |(b, a)| spectral::lowrank::spectrum(&b, &a))
+    })?;
+    Ok(spectra.into_iter().map(PySpectrum).collect())
+}
+
+/// A streaming Gram accumulator. The mutex makes it shareable between Python
+/// threads (forward hooks may run on several); calls run without the GIL.
+#[pyclass(name = "GramAccumulator", module = "cera_rs._native", frozen)]
+struct PyGram(Mutex<Gram>);
+
+fn lock(gram: &Mutex<Gram>) -> crate::Result<MutexGuard<'_, Gram>> {
+    gram.lock().map_err(|_| {
+        CeraError::Runtime("the accumulator was left unusable by an earlier internal error".into())
+    })
+}
+
+/// `"cpu"`, `"cuda"`, `"cuda:N"` or `"mps"`, as `str(torch.device)` writes them.
+fn parse_device(name: &str) -> crate::Result<Device> {
+    match name.split_once(':') {
+        None if name == "cpu" => Ok(Device::Cpu),
+        None if name == "cuda" => Ok(Device::Cuda(0)),
+        None if name == "mps" => Ok(Device::Mps),
+        Some(("cuda", index)) => index
+            .parse()
+            .map(Device::Cuda)
+            .map_err(|_| CeraError::Device(format!("bad CUDA device index in {name:?}"))),
+        _ => Err(CeraError::Device(format!(
+            "unsupported device {name:?}: expected cpu, cuda, cuda:N or mps"
+        ))),
+    }
+}
+
+#[pymethods]
+impl PyGram {
+    #[new]
+    #[pyo3(signature = (dim, device = "cpu"))]
+    fn new(dim: i64, device: &str) -> PyResult<Self> {
+        Ok(PyGram(Mutex::new(Gram::new(dim, parse_device(device)?)?)))
+    }
+
+    /// Loads a summed state: a symmetric Gram matrix and its row count.
+    #[staticmethod]
+    fn from_state(py: Python<'_>, gram: PyTensor, tokens: u64) -> PyResult<Self> {
+        let gram = run(py, move || Gram::from_matrix(&gram.0, tokens))?;
+        Ok(PyGram(Mutex::new(gram)))
+    }
+
+    #[getter]
+    fn dim(&self) -> PyResult<i64> {
+        Ok(lock(&self.0)?.dim())
+    }
+
+    #[getter]
+    fn tokens_seen(&self) -> PyResult<u64> {
+        Ok(lock(&self.0)?.tokens())
+    }
+
+    fn update(&self, py: Python<'_>, x: PyTensor) -> PyResult<()> {
+        run(py, move || lock(&self.0)?.update(&x.0))
+    }
+
+    /// Adds `other`'s rows. Locks in address order so two threads merging a pair in
+    /// opposite directions cannot deadlock.
+    fn merge(&self, py: Python<'_>, other: &Self) -> PyResult<()> {
+        if std::ptr::eq(self, other) {
+            return Err(PyValueError::new_err(
+                "cannot merge an accumulator into itself",
+            ));
+        }
+        run(py, || {
+            let (mut mine, theirs) = if (self as *const Self) < (other as *const Self) {
+                let mine = lock(&self.0)?;
+                (mine, lock(&other.0)?)
+            } else {
+                let theirs = lock(&other.0)?;
+                (lock(&self.0)?, theirs)
+            };
+            mine.merge(&theirs)
+        })
+    }
+
+    /// `(gram, tokens)`: a copy of the full symmetric Gram matrix, and the row count.
+    fn state(&self, py: Python<'_>) -> PyResult<(PyObject, u64)> {
+        let (gram, tokens) = run(py, || {
+            let g = lock(&self.0)?;
+            Ok((g.matrix()?, g.tokens()))
+        })?;
+        Ok((wrap(py, gram)?, tokens))
+    }
+
+    fn spectrum(&self, py: Python<'_>) -> PyResult<PySpectrum> {
+        run(py, || lock(&self.0)?.spectrum()).map(PySpectrum)
+    }
+}
+
+/// Spectra of many accumulators, computed in parallel.
+#[pyfunction]
+fn gram_spectra(py: Python<'_>, grams: Vec<Bound<'_, PyGram>>) -> PyResult<Vec<PySpectrum>> {
+    let grams: Vec<&Mutex<Gram>> = grams.iter().map(|g| &g.get().0).collect();
+    let spectra = run(py, move || {
+        spectral::par_map(grams, |g| lock(g)?.spectrum())
+    })?;
+    Ok(spectra.into_iter().map(PySpectrum).collect())
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TORCH_VERSION", env!("CERA_RS_TORCH_VERSION"))?;
     m.add_function(wrap_pyfunction!(forward, m)?)?;
     m.add_function(wrap_pyfunction!(delta, m)?)?;
     m.add_function(wrap_pyfunction!(backward, m)?)?;
+    m.add_class::<PySpectrum>()?;
+    m.add_class::<PyGram>()?;
+    m.add_function(wrap_pyfunction!(spectrum, m)?)?;
+    m.add_function(wrap_pyfunction!(lowrank_spectra, m)?)?;
+    m.add_function(wrap_pyfunction!(gram_spectra, m)?)?;
     Ok(())
 }
