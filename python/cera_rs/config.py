@@ -77,7 +77,23 @@ class CeraConfig(PeftConfig):
                 setattr(self, name, set(value))
             elif value is not None and not isinstance(value, str):
                 raise TypeError(f"{name} must be a list of names or a string, got {value!r}")
+        _check_optional("modules_to_save", self.modules_to_save, (list, tuple), str)
+        _check_optional("layers_to_transform", self.layers_to_transform, (list, tuple, int), int)
+        _check_optional("layers_pattern", self.layers_pattern, (list, tuple, str), str)
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("layers_to_transform cannot be used when target_modules is a str")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern needs layers_to_transform as well")
+
+
+def _check_optional(name: str, value: object, kinds: tuple[type, ...], item: type) -> None:
+    """TypeError naming ``name`` unless ``value`` is None, a bare ``item`` (when ``item`` is
+    in ``kinds``) or a list/tuple of ``item``s (bools are not ints)."""
+    def ok(v: object) -> bool:
+        return isinstance(v, item) and not isinstance(v, bool)
+
+    if value is None or (item in kinds and ok(value)):
+        return
+    if isinstance(value, (list, tuple)) and all(ok(v) for v in value):
+        return
+    raise TypeError(f"{name} must be None or a {item.__name__} or list of them, got {value!r}")

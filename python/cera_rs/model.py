@@ -9,6 +9,7 @@ would reach for a model hub, and a clear refusal of ``merge_and_unload``.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -21,7 +22,7 @@ from peft.utils.constants import CONFIG_NAME
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from cera_rs.config import CeraConfig
+from cera_rs.config import PEFT_TYPE, CeraConfig
 
 
 class CeraModel(PeftModel):
@@ -55,7 +56,9 @@ class CeraModel(PeftModel):
         **kwargs: Any,
     ) -> CeraModel:
         """Wraps ``model`` and loads the adapter saved in the folder ``model_id``."""
+        shapes = check_adapter_files(model_id)
         config = read_config(model_id)
+        check_rank(model_id, config, shapes)
         config.inference_mode = not is_trainable
         wrapped = cls(model, config, adapter_name)
         wrapped.load_adapter(model_id, adapter_name, is_trainable=is_trainable, **kwargs)
@@ -66,9 +69,10 @@ class CeraModel(PeftModel):
         **kwargs: Any,
     ) -> Any:  # fmt: skip
         """Loads a saved CeRA adapter under ``adapter_name``; refuses incomplete files."""
-        check_adapter_files(model_id)
+        shapes = check_adapter_files(model_id)
         if adapter_name not in self.peft_config:
             config = read_config(model_id)
+            check_rank(model_id, config, shapes)
             config.inference_mode = not is_trainable
             self.add_adapter(adapter_name, config)
         try:
@@ -86,9 +90,10 @@ class CeraModel(PeftModel):
         return result
 
 
-def check_adapter_files(model_id: str | os.PathLike) -> None:
+def check_adapter_files(model_id: str | os.PathLike) -> dict[str, list[int]]:
     """A local adapter folder with a readable config and safetensors file, or an error
-    naming what is missing or broken (PEFT would otherwise try to download it)."""
+    naming what is missing or broken (PEFT would otherwise try to download it).
+    Returns the shape of each tensor in the safetensors file (read from its header)."""
     folder = Path(model_id)
     if not folder.is_dir():
         raise FileNotFoundError(f"adapter folder {folder} does not exist")
@@ -98,10 +103,31 @@ def check_adapter_files(model_id: str | os.PathLike) -> None:
     weights = folder / SAFETENSORS_WEIGHTS_NAME
     try:
         with safe_open(weights, framework="pt") as f:
-            for key in f.keys():
-                f.get_slice(key)
+            return {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{weights} is not a valid safetensors file: {err}") from None
+
+
+def check_rank(
+    model_id: str | os.PathLike, config: CeraConfig, shapes: dict[str, list[int]]
+) -> None:
+    """Compares the config's rank with the saved A (r, d_in) and B (d_out, r) before
+    any adapter is allocated: a corrupted r must not allocate r x d_in weights."""
+    ranks = {key: shape[0] if ".cera_A." in key else shape[-1]
+             for key, shape in shapes.items()
+             if (".cera_A." in key or ".cera_B." in key) and len(shape) == 2}  # fmt: skip
+    if not ranks:
+        raise ValueError(
+            f"{Path(model_id) / SAFETENSORS_WEIGHTS_NAME} holds no CeRA adapter weights "
+            "(2-D tensors named *.cera_A.* / *.cera_B.*)"
+        )
+    wrong = {key: r for key, r in ranks.items() if r != config.r}
+    if wrong:
+        key, r = next(iter(wrong.items()))
+        raise ValueError(
+            f"{Path(model_id) / CONFIG_NAME} says r={config.r}, but "
+            f"{Path(model_id) / SAFETENSORS_WEIGHTS_NAME} holds rank-{r} weights ({key})"
+        )
 
 
 def read_config(model_id: str | os.PathLike) -> CeraConfig:
@@ -109,6 +135,19 @@ def read_config(model_id: str | os.PathLike) -> CeraConfig:
     path = Path(model_id) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"adapter folder {model_id} has no {CONFIG_NAME}")
+    try:
+        raw = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as err:  # bad JSON, bad UTF-8, absurd nesting
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+    # PEFT picks the config class from peft_type: another method's file would
+    # otherwise build that method's adapters (or fail with a KeyError).
+    if raw.get("peft_type", PEFT_TYPE) != PEFT_TYPE:
+        raise ValueError(
+            f"{path} describes a {raw['peft_type']!r} adapter, not a CeRA one "
+            f"(peft_type {PEFT_TYPE!r})"
+        )
     try:
         return CeraConfig.from_pretrained(str(model_id))
     except ValueError as err:

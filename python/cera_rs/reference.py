@@ -9,6 +9,7 @@ older files name them ``cera.down_proj`` and ``cera.up_proj``. Keys look like
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,6 +46,11 @@ def load_reference_checkpoint(
     found: dict[str, dict[str, torch.Tensor]] = {}
     foreign = []
     for key, tensor in state.items():
+        if not isinstance(key, str) or not isinstance(tensor, torch.Tensor):
+            raise TypeError(
+                f"checkpoint entries must map str keys to tensors, got {key!r}: "
+                f"{type(tensor).__name__}"
+            )
         match = _ADAPTER_KEY.match(key)
         if match is None:
             if ".original_layer." not in key:
@@ -93,13 +99,27 @@ def _bare(path: str) -> str:
 
 def _read(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"reference checkpoint {path} does not exist")
+    if not path.is_file():
+        raise FileNotFoundError(f"reference checkpoint {path} is not a file")
+    # Malformed files raise the reader's own types (SafetensorError, UnpicklingError,
+    # EOFError, RuntimeError); they become a ValueError that names the file.
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(str(path))
+        except SafetensorError as err:
+            raise ValueError(f"{path} is not a valid safetensors file: {err}") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as err:
+        raise ValueError(
+            f"{path} is not a state dict that torch.load(weights_only=True) can read: "
+            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        ) from None
     if not isinstance(state, Mapping):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
     return state

@@ -1,0 +1,547 @@
+"""Issue 7's bad-input table: one test per row for each API.
+
+Rows already covered elsewhere, not repeated here: cera_delta's wrong last dimension,
+rank mismatch, mixed dtypes, mixed devices, integer x, bad dropout / activation /
+scaling (no-autograd path), empty batch with autograd, non-contiguous forward, NaN in x
+(test_functional.py); CeraLinear's r = 0 / negative / float, dropout, activation
+(test_layer.py); CeraConfig's r = 0, dropout 1.0, activation, bias, target_modules
+types, a target that matches nothing (test_model.py); reference checkpoints with
+foreign keys or wrong shapes (test_reference.py).
+
+Every row checks the exception type and that the message names the problem. Inputs
+that could crash native code run in a child process (``nasty_inputs.py``), which
+must stay alive and print no Rust panic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from models import tiny_llama
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cera_rs import (
+    CeraConfig,
+    CeraLinear,
+    CeraModel,
+    cera_delta,
+    get_cera_model,
+    load_reference_checkpoint,
+)
+from conftest import max_rel, plain_branch
+
+TESTS = Path(__file__).parent
+TARGETS = ["q_proj", "v_proj"]
+
+# --------------------------------------------------------------------------------------
+# Nasty inputs, in a child process
+# --------------------------------------------------------------------------------------
+
+# case -> (expected exception type or "ok", regex the message must match)
+NASTY = {
+    "nested_x": ("TypeError", r"(?i)nested"),
+    "sparse_x": ("RuntimeError", r"sparse"),
+    "scalar_x": ("ValueError", r"at least one dimension"),
+    "bool_tensors": ("TypeError", r"dtype Bool"),
+    "complex_tensors": ("TypeError", r"dtype ComplexFloat"),
+    "quantized_x": ("TypeError", r"dtype QInt8"),
+    "huge_allocation": ("RuntimeError", r"can't allocate memory"),
+    "meta_tensors": ("ok", ""),
+    "stride_zero_x_and_grad": ("ok", ""),
+    "channels_last_4d": ("ok", ""),
+    "zero_width": ("ok", ""),
+    "negative_seed": ("OverflowError", r"negative"),
+    "seed_too_large": ("OverflowError", r"too big"),
+    "not_a_tensor": ("TypeError", r"expected a torch.Tensor, got NoneType"),
+    "backward_grad_wrong_shape": ("ValueError", r"grad_output has shape \[5, 5\]"),
+    "backward_hidden_wrong_shape": ("ValueError", r"saved hidden state has shape \[2, 2\]"),
+    "backward_hidden_wrong_dtype": ("TypeError", r"(?i)dtype.*(double|float64)"),
+    "custom_op_bad_activation": ("ValueError", r"unknown activation \"gelu\""),
+    "custom_op_backward_bad_grad": ("ValueError", r"grad_output has shape \[5, 7\]"),
+}
+
+
+def run_cases(names: list[str]) -> dict[str, dict]:
+    """Runs the cases in child processes; a case that kills its process is recorded
+    with the exit status and the rest run in a fresh one."""
+    results: dict[str, dict] = {}
+    pending = list(names)
+    while pending:
+        proc = subprocess.run(
+            [sys.executable, str(TESTS / "nasty_inputs.py"), *pending],
+            capture_output=True, text=True, timeout=300, cwd=TESTS,
+            env={**os.environ, "RUST_BACKTRACE": "0"},
+        )  # fmt: skip
+        stderr_by_case = dict(
+            re.findall(r"BEGIN (\w+)\n(.*?)(?=BEGIN \w+\n|\Z)", proc.stderr, re.S)
+        )
+        begun = re.findall(r"^BEGIN (\w+)$", proc.stdout, re.M)
+        for line in proc.stdout.splitlines():
+            if line.startswith("{"):
+                result = json.loads(line)
+                result["stderr"] = stderr_by_case.get(result["case"], "")
+                results[result["case"]] = result
+        if proc.returncode != 0:
+            dead = begun[-1] if begun else pending[0]
+            if dead not in results:
+                results[dead] = {"outcome": "crashed", "type": f"exit {proc.returncode}",
+                                 "message": proc.stderr[-2000:], "stderr": proc.stderr}  # fmt: skip
+        pending = [n for n in pending if n not in results]
+    return results
+
+
+@pytest.fixture(scope="module")
+def nasty_results():
+    return run_cases(list(NASTY))
+
+
+@pytest.mark.parametrize("case", list(NASTY))
+def test_nasty_input_raises_cleanly_in_a_child_process(case, nasty_results):
+    result = nasty_results[case]
+    expected_type, pattern = NASTY[case]
+    assert result["outcome"] != "crashed", f"{case} killed the process: {result['type']}"
+    assert "panicked" not in result["stderr"], f"{case}: Rust panicked:\n{result['stderr'][:600]}"
+    assert not result["message"].startswith("cera_rs internal error"), result["message"]
+    if expected_type == "ok":
+        assert result["outcome"] == "ok", f"{case}: {result['type']}: {result['message']}"
+    else:
+        assert (result["type"], result["outcome"]) == (expected_type, "raised"), result
+        assert re.search(pattern, result["message"]), result["message"]
+
+
+# --------------------------------------------------------------------------------------
+# cera_delta (functional API)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (lambda x, a, b: (x[..., :-1], a, b), ValueError, r"last dimension 31"),
+        (lambda x, a, b: (x, a, b[:, :-1]), ValueError, r"rank mismatch"),
+        (lambda x, a, b: (x, a, b.double()), TypeError, r"mixed dtypes"),
+        (lambda x, a, b: (x, a.to("meta"), b), ValueError, r"mixed devices"),
+    ],
+    ids=["last_dim", "rank", "dtypes", "devices"],
+)
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_functional_bad_tensors_on_the_autograd_path(make_inputs, change, error, match, p):
+    """The rows of test_functional.py through the other entry point: with autograd
+    (custom op, training forward) and with dropout (no-grad training forward)."""
+    x, a, b = change(*make_inputs(requires_grad=True))
+    with pytest.raises(error, match=match):
+        cera_delta(x, a, b, dropout=p)
+    with torch.no_grad(), pytest.raises(error, match=match):
+        cera_delta(x, a, b, dropout=0.2)
+
+
+def test_functional_integer_tensors_everywhere(make_inputs):
+    x, a, b = (t.detach().round().to(torch.int32) for t in make_inputs())
+    with pytest.raises(TypeError, match=r"x has dtype Int.*expected float32"):
+        cera_delta(x, a, b)
+    with pytest.raises(TypeError, match=r"mixed dtypes"):
+        cera_delta(x.float(), a, b.float())
+
+
+def test_functional_rank_zero_gives_zero_delta_and_gradients(make_inputs):
+    x, _, _ = make_inputs(shape=(4, 32))
+    a = torch.zeros(0, 32, requires_grad=True)
+    b = torch.zeros(24, 0, requires_grad=True)
+    y = cera_delta(x, a, b, dropout=0.3)
+    assert y.shape == (4, 24) and torch.all(y == 0)
+    y.pow(2).sum().backward()
+    assert x.grad.shape == x.shape and torch.all(x.grad == 0)
+    assert a.grad.shape == (0, 32) and b.grad.shape == (24, 0)
+
+
+@pytest.mark.parametrize("shape", [(0, 32), (3, 0, 32)])
+def test_functional_empty_batch_without_autograd(make_inputs, shape):
+    _, a, b = make_inputs(requires_grad=False)
+    for kwargs in ({"training": False}, {"dropout": 0.3}):
+        y = cera_delta(torch.zeros(shape), a, b, **kwargs)
+        assert y.shape == (*shape[:-1], 24)
+
+
+def test_functional_gradients_of_non_contiguous_and_transposed_inputs(make_inputs):
+    x, a, b = make_inputs(shape=(32, 40), r=8, d_out=24)
+    views = [t.detach().T.contiguous().T.requires_grad_(True) for t in (x, a, b)]
+    assert not any(v.is_contiguous() for v in views)
+    y = cera_delta(*views)
+    grad = torch.randn(24, 32).T  # transposed gradient
+    got = torch.autograd.grad(y, views, grad)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, a, b)]
+    want = torch.autograd.grad(plain_branch(*leaves), leaves, grad)
+    for g, w in zip(got, want):
+        assert max_rel(g, w) < 1e-5
+
+
+@pytest.mark.parametrize("where", ["x", "A", "grad"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_functional_non_finite_values_propagate_like_pytorch(make_inputs, where, value):
+    """No hidden clamping: NaN/Inf land where the plain composition puts them, in the
+    output and in all three gradients."""
+    x, a, b = make_inputs(shape=(6, 32), r=8, d_out=24)
+    with torch.no_grad():
+        if where == "x":
+            x[1, 3] = value
+        elif where == "A":
+            a[2, 5] = value
+    grad = torch.ones(6, 24)
+    if where == "grad":
+        grad[4, 7] = value
+    y = cera_delta(x, a, b)
+    got = (y, *torch.autograd.grad(y, (x, a, b), grad))
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, a, b)]
+    y_ref = plain_branch(*leaves)
+    want = (y_ref, *torch.autograd.grad(y_ref, leaves, grad))
+    assert any(not torch.isfinite(w).all() for w in want)
+    for g, w in zip(got, want):
+        assert torch.equal(torch.isnan(g), torch.isnan(w))
+        assert torch.equal(torch.isinf(g), torch.isinf(w))
+        finite = torch.isfinite(w)
+        if finite.any():
+            assert max_rel(g[finite], w[finite]) < 1e-5
+
+
+# --------------------------------------------------------------------------------------
+# CeraLinear
+# --------------------------------------------------------------------------------------
+
+
+def layer(**kwargs) -> CeraLinear:
+    torch.manual_seed(0)
+    out = CeraLinear(nn.Linear(16, 12), r=4, **kwargs)
+    nn.init.normal_(out.cera_B["default"].weight)
+    return out
+
+
+def test_layer_wrong_last_dimension():
+    with pytest.raises(RuntimeError, match=r"shapes cannot be multiplied \(3x15 and 16x12\)"):
+        layer()(torch.randn(3, 15))
+
+
+def test_layer_rank_mismatch():
+    bad = layer()
+    with pytest.raises(RuntimeError, match=r"size mismatch for cera_B.default.weight"):
+        bad.load_state_dict({**bad.state_dict(), "cera_B.default.weight": torch.zeros(12, 5)})
+    bad.cera_B["default"].weight = nn.Parameter(torch.zeros(12, 5))
+    with pytest.raises(ValueError, match=r"rank mismatch: A is \[4, 16\].*B is \[12, 5\]"):
+        bad(torch.randn(3, 16))
+
+
+def test_layer_mixed_dtypes():
+    with pytest.raises(RuntimeError, match=r"same dtype.*Double and Float"):
+        layer()(torch.randn(3, 16, dtype=torch.float64))
+    bad = layer()
+    bad.cera_A.to(torch.bfloat16)
+    with pytest.raises(TypeError, match=r"mixed dtypes: x is BFloat16, A is BFloat16, B is Float"):
+        bad(torch.randn(3, 16))
+
+
+def test_layer_mixed_devices():
+    bad = layer()
+    bad.cera_B.to("meta")
+    with pytest.raises(ValueError, match=r"mixed devices.*B on meta"):
+        bad(torch.randn(3, 16))
+
+
+def test_layer_integer_input():
+    with pytest.raises(RuntimeError, match=r"same dtype.*Long and Float"):
+        layer()(torch.ones(3, 16, dtype=torch.long))
+
+
+@pytest.mark.parametrize("shape", [(0, 16), (2, 0, 16)])
+def test_layer_empty_batch(shape):
+    model = layer(dropout=0.2).train()
+    x = torch.zeros(shape, requires_grad=True)
+    y = model(x)
+    assert y.shape == (*shape[:-1], 12)
+    y.sum().backward()
+    assert x.grad.shape == shape
+    assert torch.all(model.cera_A["default"].weight.grad == 0)
+
+
+def test_layer_non_contiguous_and_transposed_input():
+    model = layer(dropout=0.0)
+    x = torch.randn(16, 10).T
+    assert not x.is_contiguous()
+    results = []
+    for inp in (x, x.contiguous()):
+        model.zero_grad()
+        y = model(inp)
+        y.pow(2).sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        results.append((y.detach(), grads))
+    (y1, g1), (y2, g2) = results
+    assert max_rel(y1, y2) < 1e-6
+    assert all(max_rel(a, b) < 1e-5 for a, b in zip(g1, g2))
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"r": -1}, ValueError, r"r must be >= 1, got -1"),
+        ({"r": 0}, ValueError, r"r must be >= 1, got 0"),
+        ({"r": 2, "dropout": -0.1}, ValueError, r"dropout must be in \[0, 1\), got -0.1"),
+        ({"r": 2, "activation": "gelu"}, ValueError, r"unknown activation 'gelu'"),
+    ],
+)
+def test_layer_update_with_bad_arguments_keeps_the_layer_intact(kwargs, error, match):
+    model = layer().eval()
+    x = torch.randn(3, 16)
+    before = model(x)
+    with pytest.raises(error, match=match):
+        model.update_layer("default", **kwargs)
+    with pytest.raises(error, match=match):
+        model.update_layer("other", **kwargs)
+    assert set(model.cera_A) == {"default"} and model.r == {"default": 4}
+    assert torch.equal(model(x), before)
+
+
+def test_layer_non_finite_input_propagates():
+    model = layer(dropout=0.0).eval()
+    x = torch.randn(4, 16)
+    x[1, 2], x[3, 0] = float("nan"), float("inf")
+    a, b = model.cera_A["default"].weight, model.cera_B["default"].weight
+    expected = model.base_layer(x) + plain_branch(x, a, b)
+    got = model(x)
+    assert torch.equal(torch.isnan(got), torch.isnan(expected))
+    assert torch.isnan(got[1]).all() and torch.isfinite(got[[0, 2]]).all()
+
+
+# --------------------------------------------------------------------------------------
+# CeraConfig
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"r": -4}, ValueError, r"r must be >= 1, got -4"),
+        ({"r": True}, TypeError, r"r must be an int, got bool"),
+        ({"r": "8"}, TypeError, r"r must be an int, got str"),
+        ({"cera_dropout": -0.1}, ValueError, r"dropout must be in \[0, 1\), got -0.1"),
+        ({"cera_dropout": float("nan")}, ValueError, r"got nan"),
+        ({"cera_dropout": "0.1"}, TypeError, r"dropout must be a float, got str"),
+        ({"activation": None}, ValueError, r"unknown activation None"),
+        ({"scaling": float("inf")}, ValueError, r"scaling must be finite"),
+        ({"target_modules": 3}, TypeError, r"target_modules must be a list of names"),
+        ({"modules_to_save": 3}, TypeError, r"modules_to_save must be None or a str"),
+        ({"modules_to_save": ["a", 1]}, TypeError, r"modules_to_save"),
+        ({"layers_to_transform": "0"}, TypeError, r"layers_to_transform must be None or a int"),
+        ({"layers_to_transform": [True]}, TypeError, r"layers_to_transform"),
+        ({"layers_pattern": 5, "layers_to_transform": 0}, TypeError, r"layers_pattern"),
+    ],
+)
+def test_config_bad_values(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        CeraConfig(**kwargs)
+
+
+def test_config_target_that_is_not_a_linear_layer():
+    with pytest.raises(TypeError, match=r"target module 'model.embed_tokens'.*got Embedding"):
+        get_cera_model(tiny_llama(), CeraConfig(r=2, target_modules=["embed_tokens"]))
+
+
+# --------------------------------------------------------------------------------------
+# save_pretrained / from_pretrained / load_adapter
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> Path:
+    """A valid adapter folder (tiny Llama, r=4, q/v projections)."""
+    folder = tmp_path_factory.mktemp("adapter")
+    model = get_cera_model(tiny_llama(), CeraConfig(r=4, target_modules=TARGETS))
+    model.save_pretrained(folder)
+    return folder
+
+
+def copy_of(saved: Path, tmp_path: Path, *, config=None, weights=None, name="adapter") -> Path:
+    """A copy of the saved adapter with its config (bytes, or a dict of changed keys) or
+    weights (bytes, or a state dict) replaced."""
+    folder = tmp_path / name
+    folder.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (folder / name).write_bytes((saved / name).read_bytes())
+    if isinstance(config, dict):
+        config = json.dumps({**json.loads((saved / "adapter_config.json").read_text()),
+                             **config}).encode()  # fmt: skip
+    if config is not None:
+        (folder / "adapter_config.json").write_bytes(config)
+    if isinstance(weights, dict):
+        save_file(weights, str(folder / "adapter_model.safetensors"))
+    elif weights is not None:
+        (folder / "adapter_model.safetensors").write_bytes(weights)
+    return folder
+
+
+def load(folder) -> CeraModel:
+    return CeraModel.from_pretrained(tiny_llama(), folder)
+
+
+def test_load_a_valid_copy_works(saved, tmp_path):
+    """The baseline the other load rows mutate."""
+    model = load(copy_of(saved, tmp_path))
+    assert sum(isinstance(m, CeraLinear) for m in model.modules()) == 4
+
+
+@pytest.mark.parametrize("missing", ["adapter_config.json", "adapter_model.safetensors"])
+def test_load_folder_missing_a_file(saved, tmp_path, missing):
+    folder = copy_of(saved, tmp_path)
+    (folder / missing).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"{folder} has no {missing}"):
+        load(folder)
+    model = get_cera_model(tiny_llama(), CeraConfig(r=4, target_modules=TARGETS))
+    with pytest.raises(FileNotFoundError, match=rf"has no {missing}"):
+        model.load_adapter(folder, "second")
+    assert "second" not in model.peft_config
+
+
+def test_load_folder_that_does_not_exist(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"adapter folder .*nowhere does not exist"):
+        load(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (b"{not json", r"is not valid JSON: Expecting property name"),
+        (b"", r"is not valid JSON"),
+        (b"\xff\xfe\x00{", r"is not valid JSON"),
+        (b"[" * 100_000, r"is not valid JSON"),
+        (b"[1, 2]", r"must hold a JSON object, got list"),
+        (b"null", r"must hold a JSON object, got NoneType"),
+    ],
+    ids=["syntax", "empty", "bad_utf", "deep_nesting", "list", "null"],
+)
+def test_load_config_that_is_not_json(saved, tmp_path, content, match):
+    folder = copy_of(saved, tmp_path, config=content)
+    with pytest.raises(ValueError, match=rf"adapter_config.json {match}"):
+        load(folder)
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        ({"r": "4"}, TypeError, r"r must be an int, got str"),
+        ({"r": 4.0}, TypeError, r"r must be an int, got float"),
+        ({"r": -4}, ValueError, r"r must be >= 1, got -4"),
+        ({"cera_dropout": "0.1"}, TypeError, r"dropout must be a float"),
+        ({"cera_dropout": 1.5}, ValueError, r"dropout must be in \[0, 1\)"),
+        ({"activation": "gelu"}, ValueError, r"unknown activation 'gelu'"),
+        ({"activation": ["silu"]}, ValueError, r"unknown activation \['silu'\]"),
+        ({"scaling": "big"}, TypeError, r"scaling must be a float"),
+        ({"target_modules": 7}, TypeError, r"target_modules must be a list"),
+        ({"modules_to_save": 7}, TypeError, r"modules_to_save must be None"),
+        ({"layers_to_transform": "x"}, TypeError, r"layers_to_transform"),
+        ({"bias": 3}, ValueError, r"bias must be one of"),
+        ({"task_type": "NOPE"}, ValueError, r"Invalid task type: 'NOPE'"),
+        ({"peft_type": "LORA"}, ValueError, r"describes a 'LORA' adapter, not a CeRA one"),
+        ({"peft_type": "NOPE"}, ValueError, r"describes a 'NOPE' adapter"),
+        ({"peft_type": ["CERA"]}, ValueError, r"describes a \['CERA'\] adapter"),
+    ],
+)
+def test_load_config_with_wrong_types(saved, tmp_path, change, error, match):
+    folder = copy_of(saved, tmp_path, config=change)
+    with pytest.raises(error, match=rf"adapter_config.json.*{match}"):
+        load(folder)
+
+
+def test_load_config_rank_that_disagrees_with_the_weights(saved, tmp_path):
+    # r=10^9 would allocate 10^9 x 64 floats per layer: refused from the file header.
+    for r in (3, 10**9):
+        folder = copy_of(saved, tmp_path, config={"r": r}, name=str(r))
+        with pytest.raises(ValueError, match=rf"says r={r}, but .* holds rank-4 weights"):
+            load(folder)
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [lambda b: b[: len(b) // 2], lambda b: b[:5], lambda b: b"", lambda b: b[:8] + b"{}x" * 9],
+    ids=["half", "header", "empty", "garbage"],
+)
+def test_load_truncated_safetensors(saved, tmp_path, cut):
+    data = (saved / "adapter_model.safetensors").read_bytes()
+    folder = copy_of(saved, tmp_path, weights=cut(data))
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors is not a valid safetensors"):
+        load(folder)
+
+
+@pytest.mark.parametrize("part", ["A", "B"])
+def test_load_safetensors_with_wrong_shapes(saved, tmp_path, part):
+    state = load_file(str(saved / "adapter_model.safetensors"))
+    key = f"base_model.model.model.layers.1.self_attn.v_proj.cera_{part}.weight"
+    state[key] = torch.zeros(4, 65) if part == "A" else torch.zeros(65, 4)
+    folder = copy_of(saved, tmp_path, weights=state)
+    with pytest.raises(ValueError, match=r"(?s)do not fit the model.*size mismatch.*v_proj"):
+        load(folder)
+
+
+def test_load_safetensors_without_some_or_any_adapter_weights(saved, tmp_path):
+    state = load_file(str(saved / "adapter_model.safetensors"))
+    some = {k: v for k, v in state.items() if "layers.0.self_attn.q_proj" not in k}
+    with pytest.raises(ValueError, match=r"lacks weights for 2 adapter tensors.*q_proj"):
+        load(copy_of(saved, tmp_path, weights=some, name="some"))
+    foreign = {"lm_head.weight": torch.zeros(2, 2)}
+    with pytest.raises(ValueError, match=r"holds no CeRA adapter weights"):
+        load(copy_of(saved, tmp_path, weights=foreign, name="none"))
+
+
+def test_failed_load_leaves_the_base_model_untouched(saved, tmp_path):
+    folder = copy_of(saved, tmp_path, config=b"{")
+    base = tiny_llama()
+    with pytest.raises(ValueError):
+        CeraModel.from_pretrained(base, folder)
+    assert not any(isinstance(m, CeraLinear) for m in base.modules())
+
+
+# --------------------------------------------------------------------------------------
+# Reference checkpoints (load_reference_checkpoint)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cera_llama():
+    return get_cera_model(tiny_llama(), CeraConfig(r=4, target_modules=TARGETS))
+
+
+@pytest.mark.parametrize(
+    "name,content,match",
+    [
+        ("trunc.safetensors", b"\x10" + bytes(7) + b'{"a":', r"not a valid safetensors"),
+        ("garbage.pt", b"garbage bytes", r"not a state dict that torch.load\(weights_only=True\)"),
+        ("empty.pt", b"", r"not a state dict"),
+    ],
+)
+def test_reference_checkpoint_file_that_is_broken(cera_llama, tmp_path, name, content, match):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"{name} .*{match}"):
+        load_reference_checkpoint(cera_llama, path)
+
+
+def test_reference_checkpoint_with_code_instead_of_tensors(cera_llama, tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"x": nn.Linear(2, 2)}, path)  # a pickled module, refused by weights_only
+    with pytest.raises(ValueError, match=r"evil.pt is not a state dict"):
+        load_reference_checkpoint(cera_llama, path)
+
+
+def test_reference_checkpoint_with_non_tensor_values(cera_llama):
+    state = {"model.layers.0.self_attn.q_proj.cera.A.weight": [[0.0] * 64] * 4}
+    with pytest.raises(TypeError, match=r"map str keys to tensors.*q_proj.cera.A.weight.*list"):
+        load_reference_checkpoint(cera_llama, state)
+
+
+def test_reference_checkpoint_path_that_is_a_folder(cera_llama, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"is not a file"):
+        load_reference_checkpoint(cera_llama, tmp_path)
