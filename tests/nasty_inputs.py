@@ -159,12 +159,51 @@ def custom_op_backward_bad_grad():
     torch.ops.cera_rs.branch_backward(grad, x, a, b, h, seed, "silu", 1.0, 0.0, [True] * 3)
 
 
+def nested_matrix_spectrum():
+    from cera_rs.spectral import spectrum
+
+    spectrum(torch.nested.nested_tensor([torch.randn(3), torch.randn(4)]))
+
+
+def nested_rows_streaming():
+    from cera_rs.spectral import StreamingSpectrum
+
+    StreamingSpectrum(4).update(torch.nested.nested_tensor([torch.randn(2, 4)]))
+
+
+def accumulator_survives_a_failed_update():
+    """Hours of accumulated rows must not be lost to one bad batch."""
+    from cera_rs.spectral import StreamingSpectrum
+
+    stream = StreamingSpectrum(4)
+    stream.update(torch.ones(3, 4))
+    try:
+        stream.update(torch.nested.nested_tensor([torch.randn(2, 4)]))
+    except Exception:
+        pass
+    stream.update(torch.ones(2, 4))
+    assert stream.tokens_seen == 5, stream.tokens_seen
+
+
+def gram_dim_overflow():
+    from cera_rs.spectral import StreamingSpectrum
+
+    StreamingSpectrum(2**31)  # dim * dim * 8 bytes overflows 64 bits
+
+
+def huge_matrix_spectrum():
+    from cera_rs.spectral import spectrum
+
+    spectrum(torch.ones(1, 1).expand(2**31, 2**20))
+
+
 CASES = {f.__name__: f for f in (
     nested_x, sparse_x, scalar_x, bool_tensors, complex_tensors, quantized_x,
     huge_allocation, meta_tensors, stride_zero_x_and_grad, channels_last_4d, zero_width,
     negative_seed, seed_too_large, not_a_tensor, backward_grad_wrong_shape,
     backward_hidden_wrong_shape, backward_hidden_wrong_dtype, custom_op_bad_activation,
-    custom_op_backward_bad_grad,
+    custom_op_backward_bad_grad, nested_matrix_spectrum, nested_rows_streaming,
+    accumulator_survives_a_failed_update, gram_dim_overflow, huge_matrix_spectrum,
 )}  # fmt: skip
 
 
