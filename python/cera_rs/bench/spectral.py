@@ -1,0 +1,133 @@
+"""``cera-rs bench --spectral``: the spectrum of N tokens of adapter output (d
+features), streamed into cera_rs's float64 Gram accumulator against the reference
+implementation's route (keep a copy of every delta, concatenate, then
+``torch.linalg.svdvals``).
+
+Each case runs in a fresh subprocess, so its memory is its own: peak memory is the
+kernel's high-water mark of the resident set (``VmHWM``, reset through
+``/proc/self/clear_refs`` once the inputs exist) minus the resident set at that
+moment. Time counts only the spectral work: the per-batch update or copy, and the
+final decomposition; generating the deltas (the CeRA branch on random inputs) is
+left out. Two values of N show whether memory grows with N.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+METHODS = ("streaming", "reference")
+QUICK = {"ns": (1024, 2048), "d": 64, "batch": 256, "r": 4}
+"""Tiny shapes: checks that the benchmark runs."""
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _case(method: str, n: int, d: int, batch: int, r: int) -> dict:
+    """One measurement, in this process: seconds, peak growth and the spectrum."""
+    import torch
+
+    from cera_rs import cera_delta
+    from cera_rs.spectral import StreamingSpectrum
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(r, d, generator=gen) * (2 / d) ** 0.5
+    b = torch.randn(d, r, generator=gen) * 0.02
+
+    def deltas():
+        for i in range(0, n, batch):
+            x = torch.randn(min(batch, n - i), d, generator=gen)
+            yield cera_delta(x, a, b, training=False)
+
+    next(deltas())  # lazy initialisations before the baseline
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set
+    baseline = _status_kib("VmRSS")
+    seconds = 0.0
+    if method == "streaming":
+        stream = StreamingSpectrum(d)
+        for delta in deltas():
+            start = time.perf_counter()
+            stream.update(delta)
+            seconds += time.perf_counter() - start
+        start = time.perf_counter()
+        values = stream.spectrum().singular_values
+    else:
+        kept = []
+        for delta in deltas():
+            start = time.perf_counter()
+            kept.append(delta.detach().cpu().clone())
+            seconds += time.perf_counter() - start
+        start = time.perf_counter()
+        values = torch.linalg.svdvals(torch.cat(kept)).double().numpy()
+    seconds += time.perf_counter() - start
+    return {"method": method, "n": n, "d": d, "seconds": seconds,
+            "peak_mib": (_status_kib("VmHWM") - baseline) / 1024,
+            "singular_values": values.tolist()}  # fmt: skip
+
+
+def run(ns: tuple[int, ...] = (16384, 65536), d: int = 2048, batch: int = 4096,
+        r: int = 64) -> dict:  # fmt: skip
+    """Every (method, N) case in its own subprocess; the table's data."""
+    from cera_rs.bench.suite import describe_machine
+
+    rows = []
+    for n in ns:
+        for method in METHODS:
+            spec = json.dumps({"method": method, "n": n, "d": d, "batch": batch, "r": r})
+            out = subprocess.run([sys.executable, "-m", __name__, spec], check=True,
+                                 capture_output=True, text=True).stdout  # fmt: skip
+            rows.append(json.loads(out.splitlines()[-1]))
+    for n in ns:
+        stream, ref = ([row for row in rows if row["n"] == n and row["method"] == m][0]
+                       for m in METHODS)  # fmt: skip
+        top = max(ref["singular_values"][0], 1e-300)
+        gap = max(abs(x - y) for x, y in zip(stream["singular_values"], ref["singular_values"]))
+        stream["time_vs_reference"] = stream["seconds"] / ref["seconds"]
+        stream["max_diff_vs_reference"] = gap / top
+    for row in rows:
+        del row["singular_values"]
+    return {"machine": describe_machine(), "date": date.today().isoformat(),
+            "batch": batch, "r": r, "rows": rows}  # fmt: skip
+
+
+def format_table(results: dict) -> str:
+    lines = [
+        f"Spectrum of N tokens x d of CeRA deltas (r={results['r']}, batches of "
+        f"{results['batch']}): streaming Gram vs concatenate + torch.linalg.svdvals",
+        f"machine: {results['machine']}; date: {results['date']}",
+        "peak = growth of peak RSS over the case (VmHWM), each case in its own process",
+        f"{'method':<10} {'N':>7} {'d':>5} {'time s':>8} {'peak MiB':>9} "
+        f"{'time / ref':>10} {'max|ds|/s1':>11}",
+    ]
+    for row in results["rows"]:
+        ratio = row.get("time_vs_reference")
+        diff = row.get("max_diff_vs_reference")
+        lines.append(
+            f"{row['method']:<10} {row['n']:>7} {row['d']:>5} {row['seconds']:>8.2f} "
+            f"{row['peak_mib']:>9.1f} {'' if ratio is None else f'{ratio:.3f}':>10} "
+            f"{'' if diff is None else f'{diff:.1e}':>11}"
+        )
+    return "\n".join(lines)
+
+
+def write_json(results: dict, path: Path) -> None:
+    """Atomic: written beside ``path`` and moved into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    print(json.dumps(_case(**json.loads(sys.argv[1]))))
