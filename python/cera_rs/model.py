@@ -30,7 +30,8 @@ class CeraModel(PeftModel):
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         """PEFT's save, written to a temporary folder beside ``save_directory`` and moved
-        into place file by file (``os.replace``): a crash leaves the old files intact."""
+        into place file by file (``os.replace``): a failed write leaves the old files
+        intact, and a failure while moving puts back the files already replaced."""
         target = Path(save_directory)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -39,10 +40,7 @@ class CeraModel(PeftModel):
             # Weights before config: a reader never sees a new config with old weights.
             files = sorted(p for p in staging.rglob("*") if p.is_file())
             files.sort(key=lambda p: p.name == CONFIG_NAME)
-            for file in files:
-                dest = target / file.relative_to(staging)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(file, dest)
+            _replace_all(staging, files, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -88,6 +86,36 @@ class CeraModel(PeftModel):
                 f"{len(missing)} adapter tensors, e.g. {missing[0]}"
             )
         return result
+
+
+def _replace_all(staging: Path, files: list[Path], target: Path) -> None:
+    """Moves ``files`` (under ``staging``) to the same paths under ``target``, all or
+    none: the previous version of each file is kept (as a hard link, or a copy) in
+    ``staging`` until every move succeeded, and restored if one fails."""
+    previous = staging / ".previous"
+    done: list[tuple[Path, Path | None]] = []
+    try:
+        for file in files:
+            relative = file.relative_to(staging)
+            dest = target / relative
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            backup = None
+            if dest.is_file():
+                backup = previous / relative
+                backup.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(dest, backup)
+                except OSError:
+                    shutil.copy2(dest, backup)
+            os.replace(file, dest)
+            done.append((dest, backup))
+    except BaseException:
+        for dest, backup in reversed(done):
+            if backup is None:
+                dest.unlink(missing_ok=True)
+            else:
+                os.replace(backup, dest)
+        raise
 
 
 def check_adapter_files(model_id: str | os.PathLike) -> dict[str, list[int]]:
