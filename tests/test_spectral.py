@@ -179,6 +179,10 @@ def test_bad_inputs_give_clear_errors():
     assert stream.tokens_seen == 0
     with pytest.raises(ValueError, match="last dimension"):
         stream.update(torch.ones(4, 2))
+    with pytest.raises(TypeError, match="nested"):
+        stream.update(torch.nested.nested_tensor([torch.ones(2, 3)]))
+    stream.update(torch.ones(2, 3))  # a rejected batch leaves the stream usable
+    assert stream.tokens_seen == 2
     with pytest.raises(ValueError, match="2-D"):
         spectrum(torch.ones(2, 3, 4))
     with pytest.raises(ValueError, match="B's columns must equal A's rows"):

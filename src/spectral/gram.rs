@@ -5,21 +5,22 @@
 //! distributed run all-reduces them) by summation.
 //!
 //! Only the lower triangle is ever read (the eigensolver is told so), so an update
-//! computes the lower blocks of `X^T X` and skips the upper ones: about 5/8 of a
-//! full GEMM's work at `d = 2048`. Full symmetric matrices go in and out.
+//! computes `X^T X` one row panel at a time, up to the diagonal block only: one GEMM
+//! per panel, about 5/8 of a full GEMM's work at `d = 2048`. Full symmetric matrices
+//! go in and out.
 
 use super::input::{is_finite, real_f64};
 use super::metrics::Spectrum;
 use crate::error::{CeraError, Result};
 use tch::{Device, Kind, Tensor};
 
-/// Column block of the lower-triangle update: wide enough for GEMM to run near its
-/// peak, narrow enough that few products fall above the diagonal.
+/// Row panel height of the lower-triangle update: tall enough for GEMM to run near
+/// its peak, short enough that few products fall above the diagonal.
 const BLOCK: i64 = 512;
 
 pub struct Gram {
     dim: i64,
-    /// Lower triangle (and diagonal blocks) are valid; entries above are not read.
+    /// Lower triangle (and diagonal blocks) are valid; entries above are never read.
     lower: Tensor,
     tokens: u64,
 }
@@ -41,13 +42,13 @@ impl Gram {
     /// Loads a summed state: a symmetric `(dim, dim)` Gram matrix and its row count.
     pub fn from_matrix(matrix: &Tensor, tokens: u64) -> Result<Self> {
         let _no_grad = tch::no_grad_guard();
-        let size = matrix.size();
+        let full = real_f64(matrix, "Gram matrix")?;
+        let size = full.size();
         if size.len() != 2 || size[0] != size[1] || size[0] < 1 {
             return Err(CeraError::Shape(format!(
                 "a Gram matrix must be square and non-empty, got {size:?}"
             )));
         }
-        let full = real_f64(matrix, "Gram matrix")?;
         // Summation order may differ between (i, j) and (j, i) in an all-reduce, so
         // symmetry is checked to rounding, not bit for bit.
         let scale = full.f_abs()?.f_max()?.f_double_value(&[])?;
@@ -88,28 +89,24 @@ impl Gram {
     /// touching the state.
     pub fn update(&mut self, x: &Tensor) -> Result<()> {
         let _no_grad = tch::no_grad_guard();
-        let size = x.size();
+        let rows = real_f64(&x.f_to_device(self.device())?, "update")?;
+        let size = rows.size();
         if size.last() != Some(&self.dim) {
             return Err(CeraError::Shape(format!(
                 "expected rows of {} features (last dimension), got shape {size:?}",
                 self.dim
             )));
         }
-        let rows = real_f64(&x.f_to_device(self.device())?, "update")?.f_reshape([-1, self.dim])?;
+        let rows = rows.f_reshape([-1, self.dim])?;
         let n = rows.size()[0];
         if n == 0 {
             return Ok(());
         }
-        for (i, width_i) in blocks(self.dim) {
-            let xi = rows.f_narrow(1, i, width_i)?;
-            for (j, width_j) in blocks(self.dim).take_while(|(j, _)| *j <= i) {
-                let xj = rows.f_narrow(1, j, width_j)?;
-                let mut g = self
-                    .lower
-                    .f_narrow(0, i, width_i)?
-                    .f_narrow(1, j, width_j)?;
-                let _ = g.f_addmm_(&xi.f_tr()?, &xj)?;
-            }
+        for (start, width) in blocks(self.dim) {
+            let end = start + width;
+            let panel = rows.f_narrow(1, start, width)?;
+            let mut g = self.lower.f_narrow(0, start, width)?.f_narrow(1, 0, end)?;
+            let _ = g.f_addmm_(&panel.f_tr()?, &rows.f_narrow(1, 0, end)?)?;
         }
         self.tokens += n as u64;
         Ok(())
@@ -156,7 +153,7 @@ impl Gram {
     }
 }
 
-/// `(start, width)` of each column block.
+/// `(start, width)` of each row panel.
 fn blocks(dim: i64) -> impl Iterator<Item = (i64, i64)> {
     (0..dim)
         .step_by(BLOCK as usize)

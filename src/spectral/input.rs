@@ -1,5 +1,8 @@
 //! Checks shared by every entry point: real dtype, finite values, the shape a
 //! routine needs. Inputs are detached so no autograd graph ever grows from here.
+//!
+//! tch's `size()` panics on tensors without sizes (nested ones), so shapes are read
+//! only after `real_f64`, whose fallible ops reject such tensors first.
 
 use crate::error::{CeraError, Result};
 use tch::{Kind, Tensor};
@@ -20,18 +23,24 @@ pub fn real_f64(t: &Tensor, what: &str) -> Result<Tensor> {
 
 /// `real_f64` for a matrix: exactly two dimensions.
 pub fn matrix_f64(t: &Tensor, what: &str) -> Result<Tensor> {
-    let dims = t.dim();
-    if dims != 2 {
+    let m = real_f64(t, what)?;
+    let size = m.size();
+    if size.len() != 2 {
         return Err(CeraError::Shape(format!(
-            "{what} must be a 2-D matrix, got {dims} dimensions {:?}",
-            t.size()
+            "{what} must be a 2-D matrix, got {} dimensions {size:?}",
+            size.len()
         )));
     }
-    real_f64(t, what)
+    Ok(m)
 }
 
-/// Whether every value of `t` is finite.
+/// Whether every value of `t` is finite. A NaN or an infinity makes the sum
+/// non-finite, so a finite sum proves it in one fast pass; only a non-finite sum
+/// (which finite values can also reach by overflow) needs the elementwise test.
 pub fn is_finite(t: &Tensor) -> Result<bool> {
+    if t.f_sum(Kind::Double)?.f_double_value(&[])?.is_finite() {
+        return Ok(true);
+    }
     Ok(t.f_isfinite()?.f_all()?.f_int64_value(&[])? != 0)
 }
 

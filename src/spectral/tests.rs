@@ -113,8 +113,8 @@ fn gram_stream_equals_dense_svd_for_any_split() {
 }
 
 #[test]
-fn gram_blocks_cover_the_lower_triangle() {
-    // Wider than one block, with a ragged last block.
+fn gram_panels_cover_the_lower_triangle() {
+    // More than one panel, with a ragged last one.
     tch::manual_seed(3);
     let dim = 2 * 512 + 37;
     let x = Tensor::randn([2, 5, dim], F64);

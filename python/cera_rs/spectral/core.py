@@ -154,8 +154,15 @@ class StreamingSpectrum:
         return self._native.tokens_seen
 
     def update(self, rows: Tensor | np.ndarray) -> None:
-        """Adds every row of ``rows`` (any leading shape, last dimension ``dim``)."""
-        self._native.update(_as_tensor(rows, "rows"))
+        """Adds every row of ``rows`` (any leading shape, last dimension ``dim``).
+        A rejected batch leaves the accumulated rows as they were."""
+        rows = _as_tensor(rows, "rows")
+        if rows.is_nested:
+            raise TypeError(
+                "update takes a dense tensor of rows, not a nested tensor: "
+                "pass torch.cat(rows.unbind()) of its components"
+            )
+        self._native.update(rows)
 
     def merge(self, other: StreamingSpectrum) -> None:
         """Adds the rows ``other`` has seen (``other`` is left as it is)."""

@@ -124,6 +124,7 @@ class ModelSpectrum:
         module and method."""
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
 
         if not self.modules:
             raise ValueError("nothing to plot: the report has no modules")
@@ -157,5 +158,6 @@ class ModelSpectrum:
             xs, ys = zip(*sorted(points))
             ranks.plot(xs, ys, marker="o", lw=1, label=label)
         ranks.set(xlabel="layer", ylabel="effective rank", title="effective rank per layer")
+        ranks.xaxis.set_major_locator(MaxNLocator(integer=True))
         ranks.legend(fontsize="small")
         fig.savefig(path, dpi=120)
