@@ -9,8 +9,14 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cera-rs", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="train CeRA against LoRA on a generated task")
-    demo.add_argument("--steps", type=int, default=200)
+    demo = commands.add_parser(
+        "demo", help="measure the linear ceiling: CeRA against LoRA, DoRA, on toy and MiniLM"
+    )
+    demo.add_argument("--quick", action="store_true", help="a short run (about 2 minutes)")
+    demo.add_argument("--part", type=int, choices=(1, 2), action="append",
+                      help="run only this part (1: linear ceiling, 2: MiniLM)")  # fmt: skip
+    demo.add_argument("--out", type=Path, default=Path("results/demo"),
+                      help="output folder (default: %(default)s)")  # fmt: skip
     bench = commands.add_parser(
         "bench", help="time cera_rs against plain PyTorch, torch.compile and PEFT LoRA"
     )
@@ -31,9 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "demo":
-        from cera_rs.demo import regression
+        from cera_rs import demo as demo_job
 
-        regression.run(steps=args.steps)
+        demo_job.run(parts=tuple(args.part or (1, 2)), quick=args.quick, out_dir=args.out)
     elif args.command == "bench" and args.spectral:
         from cera_rs.bench import spectral
 

