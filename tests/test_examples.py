@@ -1,0 +1,55 @@
+"""The notebook runs headless, and `cera-rs demo --quick` writes a complete summary."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+from cera_rs.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quickstart_notebook_runs_every_cell(tmp_path):
+    nb = nbformat.read(ROOT / "examples" / "quickstart.ipynb", as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()  # fmt: skip
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.execution_count is not None for c in code)
+    assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+    html = [o for o in code[-2].outputs if "text/html" in o.get("data", {})]
+    assert html and "eff.rank" in html[0]["data"]["text/html"]
+    assert any("image/png" in o.get("data", {}) for o in code[-1].outputs)
+
+
+def _numbers(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _numbers(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _numbers(v)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield value
+
+
+def test_quick_demo_writes_a_complete_finite_summary(tmp_path):
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    for name in ("summary.json", "report.md", "linear_ceiling.png", "spectra.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    families = summary["part1"]["families"]
+    assert set(families) == {"linear", "gated", "quadratic"}
+    for block in families.values():
+        assert len(block["methods"]) == 8
+        for row in block["methods"].values():
+            assert {"trainable_params", "test_error_mean", "effective_rank",
+                    "tail_energy"} <= set(row)  # fmt: skip
+    tiers = summary["part2"]["tiers"]
+    assert set(tiers) == {"one step", "nested"}
+    assert all(0 <= row["test_accuracy"] <= 1 for rows in tiers.values() for row in rows.values())
+    assert all(math.isfinite(x) for x in _numbers(summary))
