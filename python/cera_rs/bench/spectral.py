@@ -8,13 +8,15 @@ kernel's high-water mark of the resident set (``VmHWM``, reset through
 ``/proc/self/clear_refs`` once the inputs exist) minus the resident set at that
 moment. Time counts only the spectral work: the per-batch update or copy, and the
 final decomposition; generating the deltas (the CeRA branch on random inputs) is
-left out. Two values of N show whether memory grows with N.
+left out. Two values of N show whether memory grows with N. Every case runs a few
+times, the two methods alternating, and reports its median time.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,7 +25,7 @@ from datetime import date
 from pathlib import Path
 
 METHODS = ("streaming", "reference")
-QUICK = {"ns": (1024, 2048), "d": 64, "batch": 256, "r": 4}
+QUICK = {"ns": (1024, 2048), "d": 64, "batch": 256, "r": 4, "repeats": 1}
 """Tiny shapes: checks that the benchmark runs."""
 
 
@@ -76,28 +78,33 @@ def _case(method: str, n: int, d: int, batch: int, r: int) -> dict:
 
 
 def run(ns: tuple[int, ...] = (16384, 65536), d: int = 2048, batch: int = 4096,
-        r: int = 64) -> dict:  # fmt: skip
-    """Every (method, N) case in its own subprocess; the table's data."""
+        r: int = 64, repeats: int = 3) -> dict:  # fmt: skip
+    """Each (method, N) case ``repeats`` times, each time in its own subprocess, the
+    methods alternating so a busy machine slows both alike; median time, largest
+    peak."""
     from cera_rs.bench.suite import describe_machine
 
     rows = []
     for n in ns:
-        for method in METHODS:
-            spec = json.dumps({"method": method, "n": n, "d": d, "batch": batch, "r": r})
-            out = subprocess.run([sys.executable, "-m", __name__, spec], check=True,
-                                 capture_output=True, text=True).stdout  # fmt: skip
-            rows.append(json.loads(out.splitlines()[-1]))
-    for n in ns:
-        stream, ref = ([row for row in rows if row["n"] == n and row["method"] == m][0]
+        runs: dict[str, list[dict]] = {m: [] for m in METHODS}
+        for _ in range(repeats):
+            for method in METHODS:
+                spec = json.dumps({"method": method, "n": n, "d": d, "batch": batch, "r": r})
+                out = subprocess.run([sys.executable, "-m", __name__, spec], check=True,
+                                     capture_output=True, text=True).stdout  # fmt: skip
+                runs[method].append(json.loads(out.splitlines()[-1]))
+        stream, ref = ({"method": m, "n": n, "d": d,
+                        "seconds": statistics.median(c["seconds"] for c in runs[m]),
+                        "all_seconds": [c["seconds"] for c in runs[m]],
+                        "peak_mib": max(c["peak_mib"] for c in runs[m])}
                        for m in METHODS)  # fmt: skip
-        top = max(ref["singular_values"][0], 1e-300)
-        gap = max(abs(x - y) for x, y in zip(stream["singular_values"], ref["singular_values"]))
+        s_stream, s_ref = (runs[m][0]["singular_values"] for m in METHODS)
+        gap = max(abs(x - y) for x, y in zip(s_stream, s_ref))
         stream["time_vs_reference"] = stream["seconds"] / ref["seconds"]
-        stream["max_diff_vs_reference"] = gap / top
-    for row in rows:
-        del row["singular_values"]
+        stream["max_diff_vs_reference"] = gap / max(s_ref[0], 1e-300)
+        rows += [stream, ref]
     return {"machine": describe_machine(), "date": date.today().isoformat(),
-            "batch": batch, "r": r, "rows": rows}  # fmt: skip
+            "batch": batch, "r": r, "repeats": repeats, "rows": rows}  # fmt: skip
 
 
 def format_table(results: dict) -> str:
@@ -105,7 +112,8 @@ def format_table(results: dict) -> str:
         f"Spectrum of N tokens x d of CeRA deltas (r={results['r']}, batches of "
         f"{results['batch']}): streaming Gram vs concatenate + torch.linalg.svdvals",
         f"machine: {results['machine']}; date: {results['date']}",
-        "peak = growth of peak RSS over the case (VmHWM), each case in its own process",
+        f"median of {results['repeats']} runs, each in its own process; peak = largest "
+        "growth of peak RSS (VmHWM) over a run",
         f"{'method':<10} {'N':>7} {'d':>5} {'time s':>8} {'peak MiB':>9} "
         f"{'time / ref':>10} {'max|ds|/s1':>11}",
     ]
