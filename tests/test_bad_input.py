@@ -347,6 +347,9 @@ def test_layer_non_finite_input_propagates():
         ({"layers_to_transform": "0"}, TypeError, r"layers_to_transform must be None or a int"),
         ({"layers_to_transform": [True]}, TypeError, r"layers_to_transform"),
         ({"layers_pattern": 5, "layers_to_transform": 0}, TypeError, r"layers_pattern"),
+        ({"target_modules": "(q|v_proj"}, ValueError, r"target_modules: .* not a valid pattern"),
+        ({"exclude_modules": "[a-"}, ValueError, r"exclude_modules: .* not a valid pattern"),
+        ({"modules_to_save": ["(("]}, ValueError, r"modules_to_save: .* not a valid pattern"),
     ],
 )
 def test_config_bad_values(kwargs, error, match):
@@ -461,6 +464,12 @@ def test_load_config_that_is_not_json(saved, tmp_path, content, match):
 def test_load_config_with_wrong_types(saved, tmp_path, change, error, match):
     folder = copy_of(saved, tmp_path, config=change)
     with pytest.raises(error, match=rf"adapter_config.json.*{match}"):
+        load(folder)
+
+
+def test_load_config_asking_for_weights_the_file_lacks(saved, tmp_path):
+    folder = copy_of(saved, tmp_path, config={"modules_to_save": ["lm_head"]})
+    with pytest.raises(ValueError, match=r"safetensors lacks '.*lm_head.*', which its adapter_c"):
         load(folder)
 
 

@@ -7,6 +7,7 @@ A ``peft.PeftConfig`` dataclass, so PEFT's own ``get_peft_model`` and
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -80,6 +81,19 @@ class CeraConfig(PeftConfig):
         _check_optional("modules_to_save", self.modules_to_save, (list, tuple), str)
         _check_optional("layers_to_transform", self.layers_to_transform, (list, tuple, int), int)
         _check_optional("layers_pattern", self.layers_pattern, (list, tuple, str), str)
+        # PEFT matches these as regular expressions (target/exclude only when a str);
+        # a broken one would raise re.error, not a ValueError, deep inside wrapping.
+        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = [value]
+            elif name in ("target_modules", "exclude_modules"):
+                continue  # lists of names are matched literally
+            for pattern in value or ():
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise ValueError(f"{name}: {pattern!r} is not a valid pattern: {err}") from None
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("layers_to_transform cannot be used when target_modules is a str")
         if self.layers_pattern and self.layers_to_transform is None:

@@ -79,6 +79,11 @@ class CeraModel(PeftModel):
             )
         except RuntimeError as err:  # load_state_dict's size mismatch
             raise ValueError(f"adapter weights in {model_id} do not fit the model: {err}") from None
+        except KeyError as err:  # PEFT looks up modules_to_save weights the file lacks
+            raise ValueError(
+                f"{Path(model_id) / SAFETENSORS_WEIGHTS_NAME} lacks {err}, which its "
+                f"{CONFIG_NAME} asks for (modules_to_save)"
+            ) from None
         missing = [k for k in result.missing_keys if ".cera_" in k and f".{adapter_name}." in k]
         if missing:
             raise ValueError(
