@@ -37,7 +37,7 @@ class Settings:
 
     @classmethod
     def quick(cls) -> Settings:
-        return cls(n_train=500, n_test=200, steps=20)
+        return cls(n_train=500, n_test=200, steps=10, batch=16)
 
     def methods(self) -> list[tuple[str, str, int]]:
         return [(f"CeRA r={self.r}", "cera", self.r), (f"LoRA r={self.r}", "lora", self.r),

@@ -137,12 +137,15 @@ def least_squares_ceiling(task: Task) -> float:
     return float(((pred - residual) ** 2).mean() / residual.var(0).mean())
 
 
-def delta_spectrum(model: nn.Module, task: Task, rank: int) -> dict:
+def delta_spectrum(model: nn.Module, task: Task, rank: int, own_rank: int) -> dict:
+    """Spectrum of the adapter's output delta over the test tokens; tail energy beyond
+    the shared ``rank`` and beyond the adapter's own rank."""
     x, _ = task.splits["test"]
     with torch.no_grad():
         delta = model(x) - task.base(x)
     spec = spectrum(delta, rank=rank)
     return {"effective_rank": spec.effective_rank, "tail_energy": spec.tail_energy(rank),
+            "tail_beyond_r": spec.tail_energy(own_rank),
             "singular_values": spec.singular_values.tolist()}  # fmt: skip
 
 
@@ -172,7 +175,7 @@ def run(s: Settings, progress: bool = True) -> dict:
                 if seed != s.seeds[0]:
                     bar.update()
                 errors.append(unexplained(model, task, "test"))
-                spectra.append(delta_spectrum(model, task, s.spectrum_rank))
+                spectra.append(delta_spectrum(model, task, s.spectrum_rank, method.r))
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             rows[method.name] = {
                 "kind": method.kind, "r": method.r, "lr": lr, "trainable_params": trainable,
@@ -181,6 +184,7 @@ def run(s: Settings, progress: bool = True) -> dict:
                 "test_error_std": float(np.std(errors)),
                 "effective_rank": float(np.mean([sp["effective_rank"] for sp in spectra])),
                 "tail_energy": float(np.mean([sp["tail_energy"] for sp in spectra])),
+                "tail_energy_beyond_own_r": float(np.mean([sp["tail_beyond_r"] for sp in spectra])),
                 "singular_values": spectra[0]["singular_values"],
             }  # fmt: skip
         results["families"][family] = {"least_squares_ceiling": least_squares_ceiling(task),

@@ -75,6 +75,14 @@ def findings(summary: dict) -> list[str]:
                 f"(least-squares ceiling {block['least_squares_ceiling']:.3f}); the best CeRA "
                 f"({best_cera[0]}) leaves {best_cera[1]['test_error_mean']:.3f}, {verdict} it."
             )
+        own_tail = max(row["tail_energy_beyond_own_r"] for block in part1["families"].values()
+                       for row in block["methods"].values() if row["kind"] != "dora")  # fmt: skip
+        out.append(
+            f"The output delta of a LoRA or CeRA adapter lies in the column space of its B "
+            f"(d_out x r), so its energy beyond its own rank r is round-off: at most "
+            f"{own_tail:.1e} here (DoRA's magnitude rescaling is not rank-limited). CeRA's gain "
+            f"is in what it fits inside those r directions, not in energy beyond them."
+        )
     part2 = summary.get("part2")
     if part2:
         for tier, rows in part2["tiers"].items():
