@@ -197,6 +197,15 @@ def huge_matrix_spectrum():
     spectrum(torch.ones(1, 1).expand(2**31, 2**20))
 
 
+def abort_process():
+    """Not an input: kills the process, to check that the harness reports a crash."""
+    import os
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file
+    os.abort()
+
+
 CASES = {f.__name__: f for f in (
     nested_x, sparse_x, scalar_x, bool_tensors, complex_tensors, quantized_x,
     huge_allocation, meta_tensors, stride_zero_x_and_grad, channels_last_4d, zero_width,
@@ -204,6 +213,7 @@ CASES = {f.__name__: f for f in (
     backward_hidden_wrong_shape, backward_hidden_wrong_dtype, custom_op_bad_activation,
     custom_op_backward_bad_grad, nested_matrix_spectrum, nested_rows_streaming,
     accumulator_survives_a_failed_update, gram_dim_overflow, huge_matrix_spectrum,
+    abort_process,
 )}  # fmt: skip
 
 

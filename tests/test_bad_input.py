@@ -106,7 +106,13 @@ def run_cases(names: list[str]) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def nasty_results():
-    return run_cases(list(NASTY))
+    # abort_process last: it checks the crash detection without a second child process.
+    return run_cases([*NASTY, "abort_process"])
+
+
+def test_a_killed_child_is_reported_as_a_crash(nasty_results):
+    result = nasty_results["abort_process"]
+    assert (result["outcome"], result["type"]) == ("crashed", "exit -6")  # SIGABRT
 
 
 @pytest.mark.parametrize("case", list(NASTY))
@@ -470,6 +476,12 @@ def test_load_config_with_wrong_types(saved, tmp_path, change, error, match):
 def test_load_config_asking_for_weights_the_file_lacks(saved, tmp_path):
     folder = copy_of(saved, tmp_path, config={"modules_to_save": ["lm_head"]})
     with pytest.raises(ValueError, match=r"safetensors lacks '.*lm_head.*', which its adapter_c"):
+        load(folder)
+
+
+def test_load_config_whose_targets_are_not_in_the_model(saved, tmp_path):
+    folder = copy_of(saved, tmp_path, config={"target_modules": ["qkv"]})
+    with pytest.raises(ValueError, match=r"\{'qkv'\} not found in the base model.*q_proj"):
         load(folder)
 
 

@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).parent.parent
 TARGET = ROOT / "fuzz" / "fuzz_adapter.py"
 CORPUS = ROOT / "fuzz" / "corpus"
-RUNS = 1500
+RUNS = 1000
 
 
 def test_seed_corpus_is_kept_for_every_mode():
