@@ -515,6 +515,16 @@ def test_load_safetensors_with_wrong_shapes(saved, tmp_path, part):
         load(folder)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_load_safetensors_with_non_float_weights(saved, tmp_path, dtype):
+    state = load_file(str(saved / "adapter_model.safetensors"))
+    key = "base_model.model.model.layers.0.self_attn.v_proj.cera_B.weight"
+    state[key] = state[key].to(dtype)
+    folder = copy_of(saved, tmp_path, weights=state)
+    with pytest.raises(ValueError, match=r"holds [A-Z0-9]+ adapter weights \(.*v_proj.cera_B"):
+        load(folder)
+
+
 def test_load_safetensors_without_some_or_any_adapter_weights(saved, tmp_path):
     state = load_file(str(saved / "adapter_model.safetensors"))
     some = {k: v for k, v in state.items() if "layers.0.self_attn.q_proj" not in k}

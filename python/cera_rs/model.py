@@ -68,6 +68,7 @@ class CeraModel(PeftModel):
     ) -> Any:  # fmt: skip
         """Loads a saved CeRA adapter under ``adapter_name``; refuses incomplete files."""
         shapes = check_adapter_files(model_id)
+        check_float_weights(model_id)
         if adapter_name not in self.peft_config:
             config = read_config(model_id)
             check_rank(model_id, config, shapes)
@@ -161,6 +162,23 @@ def check_rank(
             f"{Path(model_id) / CONFIG_NAME} says r={config.r}, but "
             f"{Path(model_id) / SAFETENSORS_WEIGHTS_NAME} holds rank-{r} weights ({key})"
         )
+
+
+def check_float_weights(model_id: str | os.PathLike) -> None:
+    """Refuses adapter tensors that are not floating point (load_state_dict would
+    silently cast integers or booleans into the weights)."""
+    weights = Path(model_id) / SAFETENSORS_WEIGHTS_NAME
+    with safe_open(weights, framework="pt") as f:
+        for key in f.keys():
+            dtype = f.get_slice(key).get_dtype()
+            if (".cera_A." in key or ".cera_B." in key) and dtype not in _FLOAT_DTYPES:
+                raise ValueError(
+                    f"{weights} holds {dtype} adapter weights ({key}); CeRA weights are "
+                    "floating point"
+                )
+
+
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 def read_config(model_id: str | os.PathLike) -> CeraConfig:
