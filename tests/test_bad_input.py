@@ -581,6 +581,19 @@ def test_reference_checkpoint_with_non_tensor_values(cera_llama):
         load_reference_checkpoint(cera_llama, state)
 
 
+def test_reference_checkpoint_with_integer_weights(cera_llama):
+    before = [p.detach().clone() for p in cera_llama.parameters()]
+    state = {}
+    for name, module in cera_llama.named_modules():
+        if isinstance(module, CeraLinear):
+            path = name.removeprefix("base_model.model.")
+            state[f"{path}.cera.A.weight"] = torch.ones(4, 64, dtype=torch.int64)
+            state[f"{path}.cera.B.weight"] = torch.ones(64, 4)
+    with pytest.raises(ValueError, match=r"checkpoint's A holds torch.int64, not floating"):
+        load_reference_checkpoint(cera_llama, state)
+    assert all(torch.equal(p, b) for p, b in zip(cera_llama.parameters(), before))
+
+
 def test_reference_checkpoint_path_that_is_a_folder(cera_llama, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"is not a file"):
         load_reference_checkpoint(cera_llama, tmp_path)

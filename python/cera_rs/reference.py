@@ -74,6 +74,9 @@ def load_reference_checkpoint(
         layer = layers[name]
         for part, target in (("A", layer.cera_A[adapter_name].weight),
                              ("B", layer.cera_B[adapter_name].weight)):  # fmt: skip
+            if not parts[part].is_floating_point():
+                raise ValueError(f"{name}: checkpoint's {part} holds {parts[part].dtype}, "
+                                 "not floating-point weights")  # fmt: skip
             if tuple(parts[part].shape) != tuple(target.shape):
                 raise ValueError(
                     f"{name}: checkpoint's {part} has shape {tuple(parts[part].shape)}, the "
