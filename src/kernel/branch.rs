@@ -98,6 +98,15 @@ pub fn backward(grad: &Tensor, saved: &Saved, needs: Needs) -> Result<Grads> {
             x.device()
         )));
     }
+    if h.f_kind()? != x.f_kind()? || h.device() != x.device() {
+        return Err(CeraError::DType(format!(
+            "saved hidden state is {:?} on {:?}, the inputs are {:?} on {:?}",
+            h.f_kind()?,
+            h.device(),
+            x.f_kind()?,
+            x.device()
+        )));
+    }
     if h.size() != [dims.n, dims.r] {
         return Err(CeraError::Shape(format!(
             "saved hidden state has shape {:?}, expected [{}, {}]",

@@ -61,6 +61,16 @@ pub fn backward(h: &Tensor, gb: &Tensor, ew: &Elementwise) -> Result<(Tensor, Te
             gb.size()
         )));
     }
+    // The CPU loops read both buffers as one element type: the dtypes must agree.
+    if h.f_kind()? != gb.f_kind()? || h.device() != gb.device() {
+        return Err(CeraError::DType(format!(
+            "hidden is {:?} on {:?} but its gradient is {:?} on {:?}",
+            h.f_kind()?,
+            h.device(),
+            gb.f_kind()?,
+            gb.device()
+        )));
+    }
     if h.device() != Device::Cpu {
         return backward_tensor_ops(h, gb, ew);
     }
