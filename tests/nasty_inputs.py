@@ -46,6 +46,13 @@ def nested_x():
     cera_delta(x, a, b)
 
 
+def nested_x_native():
+    """The same straight into the extension (no Python-side check on the way)."""
+    _, a, b = inputs()
+    x = torch.nested.nested_tensor([torch.randn(2, 8), torch.randn(3, 8)])
+    _native.delta(x, a, b, **KW)
+
+
 def sparse_x():
     x, a, b = inputs()
     _native.delta(x.to_sparse(), a, b, **KW)
@@ -207,7 +214,7 @@ def abort_process():
 
 
 CASES = {f.__name__: f for f in (
-    nested_x, sparse_x, scalar_x, bool_tensors, complex_tensors, quantized_x,
+    nested_x, nested_x_native, sparse_x, scalar_x, bool_tensors, complex_tensors, quantized_x,
     huge_allocation, meta_tensors, stride_zero_x_and_grad, channels_last_4d, zero_width,
     negative_seed, seed_too_large, not_a_tensor, backward_grad_wrong_shape,
     backward_hidden_wrong_shape, backward_hidden_wrong_dtype, custom_op_bad_activation,

@@ -49,6 +49,7 @@ TARGETS = ["q_proj", "v_proj"]
 # case -> (expected exception type(s) ("A|B") or "ok", regex the message must match)
 NASTY = {
     "nested_x": ("TypeError|ValueError", r"(?i)nested"),
+    "nested_x_native": ("TypeError|ValueError", r"(?i)nested"),
     "sparse_x": ("RuntimeError", r"sparse"),
     "scalar_x": ("ValueError", r"at least one dimension"),
     "bool_tensors": ("TypeError", r"dtype Bool"),
