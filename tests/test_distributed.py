@@ -33,7 +33,8 @@ def ranks(tmp_path_factory) -> list[dict]:
         "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
         "--max_restarts=0", str(TESTS / "dist_worker.py"), str(out),
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
+    path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     proc = subprocess.run(command, capture_output=True, text=True, timeout=400, env=env,
                           cwd=TESTS)  # fmt: skip
     assert proc.returncode == 0, f"torchrun failed:\n{(proc.stdout + proc.stderr)[-6000:]}"
