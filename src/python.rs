@@ -9,6 +9,7 @@ use crate::kernel::{self, Activation, Dropout, Elementwise, Needs, Saved};
 use crate::spectral::{self, Gram};
 use numpy::PyArray1;
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::intern;
 use pyo3::prelude::*;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Mutex, MutexGuard};
@@ -36,6 +37,10 @@ impl<'py> FromPyObject<'py> for PyTensor {
         let ptr = ob.as_ptr() as *mut tch::python::CPyObject;
         // SAFETY: `ptr` is a live Python object, borrowed for this call.
         match unsafe { Tensor::pyobject_unpack(ptr) } {
+            // tch reads shapes with calls that panic on nested tensors: refuse them here.
+            Ok(Some(_)) if ob.getattr(intern!(ob.py(), "is_nested"))?.is_truthy()? => Err(
+                PyTypeError::new_err("nested tensors are not supported; pass a regular tensor"),
+            ),
             Ok(Some(tensor)) => Ok(PyTensor(tensor)),
             Ok(None) => Err(PyTypeError::new_err(format!(
                 "expected a torch.Tensor, got {}",
@@ -114,9 +119,7 @@ fn delta(
     scaling: f64,
 ) -> PyResult<PyObject> {
     let ew = elementwise(activation, scaling, 0.0, 0)?;
-    let y = run(py, move || {
-        kernel::forward(&x.0, &a.0, &b.0, &ew).map(|(y, _)| y)
-    })?;
+    let y = run(py, move || kernel::infer(&x.0, &a.0, &b.0, &ew))?;
     wrap(py, y)
 }
 

@@ -9,16 +9,27 @@ import torch
 SEED_HIGH = 2**62
 
 
-def splitmix_keep(seed: int, numel: int, p: float) -> np.ndarray:
-    """The documented counter-based mask, reimplemented in numpy: keep element i when
-    the top 24 bits of SplitMix64(seed + (i + 1) * golden) reach round(p * 2^24)."""
+def _lowbias32(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.uint32)
     with np.errstate(over="ignore"):
-        i = np.arange(1, numel + 1, dtype=np.uint64)
-        z = np.uint64(seed) + i * np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(40)) >= np.uint64(round(p * 2**24))
+        z ^= z >> np.uint32(16)
+        z *= np.uint32(0x7FEB352D)
+        z ^= z >> np.uint32(15)
+        z *= np.uint32(0x846CA68B)
+        z ^= z >> np.uint32(16)
+    return z
+
+
+def mask_keep(seed: int, numel: int, p: float) -> np.ndarray:
+    """The documented counter-based mask, reimplemented in numpy: element i is kept when
+    the top 24 bits of lowbias32(lo32(i) ^ key) reach round(p * 2^24), with
+    key = lowbias32(lo32(seed) ^ lowbias32(hi32(seed) ^ lowbias32(hi32(i))))."""
+    i = np.arange(numel, dtype=np.uint64)
+    high = (i >> np.uint64(32)).astype(np.uint32)
+    seed_lo, seed_hi = np.uint32(seed & 0xFFFFFFFF), np.uint32(seed >> 32)
+    key = _lowbias32(seed_lo ^ _lowbias32(seed_hi ^ _lowbias32(high)))
+    u = _lowbias32(i.astype(np.uint32) ^ key)
+    return (u >> np.uint32(8)) >= np.uint32(round(p * 2**24))
 
 
 def seed_after_manual_seed(s: int) -> int:
@@ -33,7 +44,7 @@ def plain_branch(x, a, b, *, activation="silu", scaling=1.0, p=0.0, seed=0):
     act = {"silu": torch.nn.functional.silu, "relu": torch.relu, "identity": lambda t: t}
     out = act[activation](h)
     if p > 0:
-        keep = splitmix_keep(seed, h.numel(), p).reshape(h.shape)
+        keep = mask_keep(seed, h.numel(), p).reshape(h.shape)
         out = out * torch.from_numpy(keep).to(out.dtype) / (1 - p)
     return scaling * (out @ b.T)
 

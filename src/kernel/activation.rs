@@ -1,7 +1,6 @@
 //! The branch's activation and its derivative (the paper's SiLU and its ablations).
 
 use crate::error::{CeraError, Result};
-use num_traits::Float;
 use std::str::FromStr;
 use tch::Tensor;
 
@@ -28,26 +27,6 @@ impl FromStr for Activation {
 }
 
 impl Activation {
-    /// act(h) and act'(h) for one element.
-    #[inline(always)]
-    pub fn value_and_slope<F: Float>(self, h: F) -> (F, F) {
-        match self {
-            Self::Silu => {
-                let one = F::one();
-                let sig = one / (one + (-h).exp());
-                (h * sig, sig * (one + h * (one - sig)))
-            }
-            Self::Relu => {
-                if h > F::zero() {
-                    (h, F::one())
-                } else {
-                    (F::zero(), F::zero())
-                }
-            }
-            Self::Identity => (h, F::one()),
-        }
-    }
-
     /// act(h) with tensor ops, for devices the Rust loops do not touch.
     pub fn apply_tensor(self, h: &Tensor) -> Result<Tensor> {
         Ok(match self {

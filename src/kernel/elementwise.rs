@@ -11,13 +11,16 @@ use super::mask::Dropout;
 use crate::error::{CeraError, Result};
 use crate::threads;
 use half::{bf16, f16};
-use num_traits::{Float, Zero};
 use rayon::prelude::*;
 use tch::{Device, Kind, Tensor};
 
-/// Elements per rayon task; below `PARALLEL_MIN` elements a pass runs inline.
+/// Elements per rayon task (a divisor of 2^32, so a chunk never straddles a change of
+/// the mask key); below `PARALLEL_MIN` elements a pass runs on the calling thread,
+/// which is faster than waking workers that compete with libtorch's spinning ones.
 const CHUNK: usize = 16 * 1024;
-const PARALLEL_MIN: usize = 64 * 1024;
+const PARALLEL_MIN: usize = 1 << 20;
+/// Elements processed together, so the loops vectorize.
+const LANES: usize = 16;
 
 /// What the elementwise passes need to know about the branch.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -140,10 +143,82 @@ fn unsupported(kind: Kind) -> CeraError {
 
 /// A storage type and the float type its elementwise math runs in.
 trait Element: Copy + Send + Sync + 'static {
-    type Acc: Float + Send + Sync;
+    type Acc: Compute;
     fn load(self) -> Self::Acc;
     fn store(v: Self::Acc) -> Self;
-    fn acc(v: f64) -> Self::Acc;
+}
+
+/// The arithmetic the passes need, with an `exp` that vectorizes for f32.
+trait Compute:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + std::ops::Neg<Output = Self>
+    + 'static
+{
+    const ZERO: Self;
+    const ONE: Self;
+    fn from_f64(v: f64) -> Self;
+    fn exp(self) -> Self;
+}
+
+impl Compute for f64 {
+    const ZERO: f64 = 0.0;
+    const ONE: f64 = 1.0;
+    #[inline(always)]
+    fn from_f64(v: f64) -> f64 {
+        v
+    }
+    #[inline(always)]
+    fn exp(self) -> f64 {
+        f64::exp(self)
+    }
+}
+
+impl Compute for f32 {
+    const ZERO: f32 = 0.0;
+    const ONE: f32 = 1.0;
+    #[inline(always)]
+    fn from_f64(v: f64) -> f32 {
+        v as f32
+    }
+    /// exp by range reduction to |r| <= ln2/2 and a degree-7 Taylor polynomial
+    /// (truncation error < 1e-8 relative, below f32's precision). Branch-free
+    /// (selects only), so the loops calling it vectorize, unlike libm's expf.
+    #[inline(always)]
+    fn exp(self) -> f32 {
+        const LOG2E: f32 = std::f32::consts::LOG2_E;
+        const LN2_HI: f32 = 0.693_145_75;
+        const LN2_LO: f32 = 1.428_606_8e-6;
+        let x = self.clamp(-87.3, 88.3);
+        // Round to nearest by the 1.5 * 2^23 trick: no libm call, so it vectorizes.
+        const ROUNDER: f32 = 12_582_912.0;
+        let n = (x * LOG2E + ROUNDER) - ROUNDER;
+        let r = x - n * LN2_HI - n * LN2_LO;
+        let mut p = 1.0 / 5040.0;
+        p = p * r + 1.0 / 720.0;
+        p = p * r + 1.0 / 120.0;
+        p = p * r + 1.0 / 24.0;
+        p = p * r + 1.0 / 6.0;
+        p = p * r + 0.5;
+        p = p * r + 1.0;
+        p = p * r + 1.0;
+        let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+        // Outside the clamped range, the limits libm's expf reaches (NaN stays NaN),
+        // so non-finite inputs propagate exactly as through torch's own ops.
+        if self > 88.3 {
+            f32::INFINITY
+        } else if self < -87.3 {
+            0.0
+        } else {
+            p * scale
+        }
+    }
 }
 
 macro_rules! element {
@@ -158,10 +233,6 @@ macro_rules! element {
             fn store(v: $acc) -> Self {
                 $store(v)
             }
-            #[inline(always)]
-            fn acc(v: f64) -> $acc {
-                v as $acc
-            }
         }
     };
 }
@@ -170,6 +241,43 @@ element!(f32, f32, |v| v, |v| v);
 element!(f64, f64, |v| v, |v| v);
 element!(bf16, f32, bf16::to_f32, bf16::from_f32);
 element!(f16, f32, f16::to_f32, f16::from_f32);
+
+/// An activation as a type, so each loop is compiled for one activation and
+/// vectorizes (a per-element match on the activation would not).
+trait Act {
+    /// act(h) and act'(h).
+    fn value_and_slope<F: Compute>(h: F) -> (F, F);
+}
+
+struct Silu;
+struct Relu;
+struct Identity;
+
+impl Act for Silu {
+    #[inline(always)]
+    fn value_and_slope<F: Compute>(h: F) -> (F, F) {
+        let sig = F::ONE / (F::ONE + (-h).exp());
+        (h * sig, sig * (F::ONE + h * (F::ONE - sig)))
+    }
+}
+
+impl Act for Relu {
+    #[inline(always)]
+    fn value_and_slope<F: Compute>(h: F) -> (F, F) {
+        if h > F::ZERO {
+            (h, F::ONE)
+        } else {
+            (F::ZERO, F::ZERO)
+        }
+    }
+}
+
+impl Act for Identity {
+    #[inline(always)]
+    fn value_and_slope<F: Compute>(h: F) -> (F, F) {
+        (h, F::ONE)
+    }
+}
 
 /// Views a contiguous CPU tensor of element type `T` as a slice.
 ///
@@ -210,6 +318,99 @@ impl<T> Buf<T> {
     }
 }
 
+/// The dropout draw of one chunk: its key and threshold, hoisted out of the loops.
+#[derive(Clone, Copy)]
+struct ChunkMask {
+    key: u32,
+    threshold: u32,
+}
+
+impl ChunkMask {
+    /// `None` without dropout. `start` is the chunk's first flat index.
+    fn of(ew: &Elementwise, start: usize) -> Option<Self> {
+        ew.dropout.map(|d| ChunkMask {
+            key: d.key((start as u64 >> 32) as u32),
+            threshold: d.threshold(),
+        })
+    }
+
+    /// The factor of `LANES` elements from flat index `start`: `scale` where kept.
+    #[inline(always)]
+    fn lanes<F: Compute>(mask: Option<Self>, start: usize, scale: F, out: &mut [F; LANES]) {
+        match mask {
+            None => *out = [scale; LANES],
+            Some(m) => {
+                for (j, f) in out.iter_mut().enumerate() {
+                    let kept = Dropout::keeps((start + j) as u32, m.key, m.threshold);
+                    *f = if kept { scale } else { F::ZERO };
+                }
+            }
+        }
+    }
+}
+
+/// The forward loop over one chunk; `#[inline(always)]` so each caller compiles it
+/// for its own target features.
+#[inline(always)]
+fn forward_chunk<T: Element, A: Act>(h: &[T], out: &mut [T], start: usize, ew: &Elementwise) {
+    let (scale, chunk_mask) = (T::Acc::from_f64(ew.kept_scale()), ChunkMask::of(ew, start));
+    let mut mask = [T::Acc::ZERO; LANES];
+    for (k, (o, hv)) in out.chunks_mut(LANES).zip(h.chunks(LANES)).enumerate() {
+        ChunkMask::lanes(chunk_mask, start + k * LANES, scale, &mut mask);
+        for ((o, &hv), &m) in o.iter_mut().zip(hv).zip(&mask) {
+            *o = T::store(A::value_and_slope(hv.load()).0 * m);
+        }
+    }
+}
+
+#[inline(always)]
+fn backward_chunk<T: Element, A: Act>(
+    h: &[T],
+    gb: &[T],
+    am: &mut [T],
+    dz: &mut [T],
+    start: usize,
+    ew: &Elementwise,
+) {
+    let (scale, chunk_mask) = (T::Acc::from_f64(ew.kept_scale()), ChunkMask::of(ew, start));
+    let mut mask = [T::Acc::ZERO; LANES];
+    let outputs = am.chunks_mut(LANES).zip(dz.chunks_mut(LANES));
+    let inputs = h.chunks(LANES).zip(gb.chunks(LANES));
+    for (k, ((am, dz), (h, gb))) in outputs.zip(inputs).enumerate() {
+        ChunkMask::lanes(chunk_mask, start + k * LANES, scale, &mut mask);
+        for ((((a_out, dz_out), &hv), &g), &m) in am.iter_mut().zip(dz).zip(h).zip(gb).zip(&mask) {
+            let (a, slope) = A::value_and_slope(hv.load());
+            *a_out = T::store(a * m);
+            *dz_out = T::store(g.load() * m * slope);
+        }
+    }
+}
+
+/// Runs `$chunk::<T, A>($args)` with `A` the activation type of `$act`, compiled for
+/// AVX2+FMA when the CPU has them (checked at run time) and for the baseline target
+/// otherwise, so one wheel runs everywhere and vectorizes where it can.
+macro_rules! dispatch {
+    ($act:expr, $chunk:ident::<$t:ty>($($args:expr),*)) => {
+        match $act {
+            Activation::Silu => dispatch!(@simd $chunk::<$t, Silu>($($args),*)),
+            Activation::Relu => dispatch!(@simd $chunk::<$t, Relu>($($args),*)),
+            Activation::Identity => dispatch!(@simd $chunk::<$t, Identity>($($args),*)),
+        }
+    };
+    (@simd $chunk:ident::<$t:ty, $a:ty>($($args:expr),*)) => {{
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn simd(f: impl FnOnce()) {
+                f()
+            }
+            // SAFETY: the CPU has the features `simd` is compiled for.
+            return unsafe { simd(#[inline(always)] || $chunk::<$t, $a>($($args),*)) };
+        }
+        $chunk::<$t, $a>($($args),*)
+    }};
+}
+
 fn forward_cpu<T: Element>(h: &Tensor, out: &Tensor, ew: &Elementwise) -> Result<()> {
     let n = h.numel();
     if n == 0 {
@@ -218,23 +419,13 @@ fn forward_cpu<T: Element>(h: &Tensor, out: &Tensor, ew: &Elementwise) -> Result
     // SAFETY: `h` is a contiguous, non-empty CPU tensor of dtype T (the caller
     // dispatched on its kind); `out` was just allocated like it.
     let (h, out) = (unsafe { slice::<T>(h) }, Buf::<T>::of(out));
-    let act = ew.activation;
-    let scale = T::acc(ew.kept_scale());
-    let (dropout, threshold) = (ew.dropout, ew.dropout.map_or(0, |d| d.threshold()));
     for_each_chunk(n, |c| {
         let start = c * CHUNK;
         let len = CHUNK.min(n - start);
         // SAFETY: chunks are disjoint and inside the buffer.
         let out = unsafe { out.chunk(start, len) };
-        for (j, (o, &hv)) in out.iter_mut().zip(&h[start..start + len]).enumerate() {
-            let keep = dropout.is_none_or(|d| d.keeps((start + j) as u64, threshold));
-            let v = if keep {
-                act.value_and_slope(hv.load()).0 * scale
-            } else {
-                T::Acc::zero()
-            };
-            *o = T::store(v);
-        }
+        let h = &h[start..start + len];
+        dispatch!(ew.activation, forward_chunk::<T>(h, out, start, ew))
     })
 }
 
@@ -250,27 +441,36 @@ fn backward_cpu<T: Element>(
         return Ok(());
     }
     // SAFETY: `h` and `gb` are contiguous, non-empty CPU tensors of dtype T with n
-    // elements (the caller checked sizes and dispatched on the kind); `am` and `dz`
-    // were just allocated like `h` and are distinct.
+    // elements (the caller checked sizes and kinds and dispatched on the kind); `am`
+    // and `dz` were just allocated like `h` and are distinct.
     let (h, gb) = unsafe { (slice::<T>(h), slice::<T>(gb)) };
     let (am, dz) = (Buf::<T>::of(am), Buf::<T>::of(dz));
-    let act = ew.activation;
-    let scale = T::acc(ew.kept_scale());
-    let (dropout, threshold) = (ew.dropout, ew.dropout.map_or(0, |d| d.threshold()));
     for_each_chunk(n, |c| {
         let start = c * CHUNK;
         let len = CHUNK.min(n - start);
         // SAFETY: chunks are disjoint and inside both buffers.
         let (am, dz) = unsafe { (am.chunk(start, len), dz.chunk(start, len)) };
-        let inputs = h[start..start + len].iter().zip(&gb[start..start + len]);
-        for (j, ((a_out, dz_out), (&hv, &g))) in
-            am.iter_mut().zip(dz.iter_mut()).zip(inputs).enumerate()
-        {
-            let keep = dropout.is_none_or(|d| d.keeps((start + j) as u64, threshold));
-            let m = if keep { scale } else { T::Acc::zero() };
-            let (a, slope) = act.value_and_slope(hv.load());
-            *a_out = T::store(a * m);
-            *dz_out = T::store(g.load() * m * slope);
-        }
+        let (h, gb) = (&h[start..start + len], &gb[start..start + len]);
+        dispatch!(ew.activation, backward_chunk::<T>(h, gb, am, dz, start, ew))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Compute;
+
+    #[test]
+    fn fast_exp_is_accurate_and_keeps_the_limits() {
+        let mut worst = 0.0f64;
+        for i in 0..=200_000 {
+            let x = -87.0 + 175.0 * i as f32 / 200_000.0;
+            let exact = (x as f64).exp();
+            worst = worst.max(((Compute::exp(x) as f64) - exact).abs() / exact);
+        }
+        assert!(worst < 4e-7, "max relative error {worst}");
+        assert!(Compute::exp(f32::NAN).is_nan());
+        assert_eq!(Compute::exp(f32::INFINITY), f32::INFINITY);
+        assert_eq!(Compute::exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(Compute::exp(0.0f32), 1.0);
+    }
 }

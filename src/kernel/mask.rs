@@ -1,18 +1,21 @@
 //! Counter-based dropout mask.
 //!
 //! Whether element `i` of the `(N, r)` hidden matrix is kept depends only on
-//! `(seed, i)`: a SplitMix64 hash of the counter. The backward pass regenerates the
-//! mask from the seed instead of storing it, and the CPU loop and the tensor-op
-//! version (used on other devices) give the same bits.
+//! `(seed, i)`. The backward pass regenerates the mask from the seed instead of
+//! storing it, and the CPU loop and the tensor-op version (used on other devices) give
+//! the same bits. The hash is 32-bit (`lowbias32`, two multiplies) so the CPU loop
+//! vectorizes: `u = lowbias32(lo32(i) ^ key)` with a key mixed from the seed and the
+//! high 32 bits of `i`, and element `i` is kept when the top 24 bits of `u` reach
+//! `round(p * 2^24)`.
 
 use crate::error::Result;
 use tch::{Device, Kind, Tensor};
 
 /// Bits of the hash compared against the threshold.
 const UNIFORM_BITS: u32 = 24;
-const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
-const MIX1: u64 = 0xBF58_476D_1CE4_E5B9;
-const MIX2: u64 = 0x94D0_49BB_1331_11EB;
+const MUL1: u32 = 0x7FEB_352D;
+const MUL2: u32 = 0x846C_A68B;
+const LOW32: i64 = 0xFFFF_FFFF;
 
 /// A dropout draw: drop probability `p` and the seed the mask is derived from.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -23,8 +26,9 @@ pub struct Dropout {
 
 impl Dropout {
     /// Elements whose 24-bit uniform falls below this are dropped.
-    pub fn threshold(&self) -> u64 {
-        ((self.p * (1u64 << UNIFORM_BITS) as f64).round() as u64).min(1u64 << UNIFORM_BITS)
+    pub fn threshold(&self) -> u32 {
+        let scaled = (self.p * (1u64 << UNIFORM_BITS) as f64).round();
+        scaled.clamp(0.0, (1u32 << UNIFORM_BITS) as f64) as u32
     }
 
     /// Inverted-dropout scale applied to kept elements.
@@ -32,47 +36,66 @@ impl Dropout {
         1.0 / (1.0 - self.p)
     }
 
-    /// Whether element `index` is kept, for a precomputed `threshold()`.
+    /// The key of the elements whose index has `high` as its upper 32 bits.
     #[inline(always)]
-    pub fn keeps(&self, index: u64, threshold: u64) -> bool {
-        uniform24(self.seed, index) >= threshold
+    pub fn key(&self, high: u32) -> u32 {
+        lowbias32(self.seed as u32 ^ lowbias32((self.seed >> 32) as u32 ^ lowbias32(high)))
+    }
+
+    /// Whether the element with low index bits `low` is kept, given its `key` and
+    /// a precomputed `threshold()`.
+    #[inline(always)]
+    pub fn keeps(low: u32, key: u32, threshold: u32) -> bool {
+        lowbias32(low ^ key) >> (32 - UNIFORM_BITS) >= threshold
+    }
+
+    /// Whether element `index` is kept (the scalar form of the CPU loop).
+    pub fn keeps_index(&self, index: u64) -> bool {
+        Self::keeps(
+            index as u32,
+            self.key((index >> 32) as u32),
+            self.threshold(),
+        )
     }
 
     /// The keep mask of `numel` elements as a bool tensor on `device`, built from
-    /// the same hash with integer tensor ops (wrapping int64 arithmetic).
+    /// the same hash with int64 tensor ops (32-bit arithmetic by masking).
     pub fn keep_tensor(&self, numel: i64, device: Device) -> Result<Tensor> {
         let idx = Tensor::f_arange(numel, (Kind::Int64, device))?;
-        let z = idx
-            .f_add_scalar(1)?
-            .f_mul_scalar(GOLDEN as i64)?
-            .f_add_scalar(self.seed as i64)?;
-        let z = z
-            .f_bitwise_xor_tensor(&shift_right(&z, 30)?)?
-            .f_mul_scalar(MIX1 as i64)?;
-        let z = z
-            .f_bitwise_xor_tensor(&shift_right(&z, 27)?)?
-            .f_mul_scalar(MIX2 as i64)?;
-        let z = z.f_bitwise_xor_tensor(&shift_right(&z, 31)?)?;
-        let u = shift_right(&z, 64 - UNIFORM_BITS as i64)?;
-        Ok(u.f_ge(self.threshold() as i64)?)
+        let high = idx.f_bitwise_right_shift_tensor_scalar(32)?;
+        let seed_hi = i64::from((self.seed >> 32) as u32);
+        let seed_lo = i64::from(self.seed as u32);
+        let key = lowbias32_tensor(&lowbias32_tensor(&high)?.f_bitwise_xor(seed_hi)?)?;
+        let key = lowbias32_tensor(&key.f_bitwise_xor(seed_lo)?)?;
+        let low = idx.f_bitwise_and(LOW32)?;
+        let u = lowbias32_tensor(&low.f_bitwise_xor_tensor(&key)?)?;
+        let uniform = u.f_bitwise_right_shift_tensor_scalar(i64::from(32 - UNIFORM_BITS))?;
+        Ok(uniform.f_ge(i64::from(self.threshold()))?)
     }
 }
 
-/// Logical (unsigned) right shift of an int64 tensor.
-fn shift_right(z: &Tensor, bits: i64) -> Result<Tensor> {
-    let low_mask = ((1u64 << (64 - bits)) - 1) as i64;
-    Ok(z.f_bitwise_right_shift_tensor_scalar(bits)?
-        .f_bitwise_and(low_mask)?)
+/// Chris Wellons' lowbias32 integer hash: a bijection on u32 with low bias.
+#[inline(always)]
+fn lowbias32(mut z: u32) -> u32 {
+    z ^= z >> 16;
+    z = z.wrapping_mul(MUL1);
+    z ^= z >> 15;
+    z = z.wrapping_mul(MUL2);
+    z ^ (z >> 16)
 }
 
-/// SplitMix64 of the counter `index + 1` offset by `seed`, top 24 bits.
-#[inline(always)]
-fn uniform24(seed: u64, index: u64) -> u64 {
-    let mut z = seed.wrapping_add(index.wrapping_add(1).wrapping_mul(GOLDEN));
-    z = (z ^ (z >> 30)).wrapping_mul(MIX1);
-    z = (z ^ (z >> 27)).wrapping_mul(MIX2);
-    z ^= z >> 31;
-    z >> (64 - UNIFORM_BITS)
+/// `lowbias32` over an int64 tensor holding values in `[0, 2^32)`.
+fn lowbias32_tensor(z: &Tensor) -> Result<Tensor> {
+    let step = |z: &Tensor, shift: i64| -> Result<Tensor> {
+        Ok(z.f_bitwise_xor_tensor(&z.f_bitwise_right_shift_tensor_scalar(shift)?)?)
+    };
+    let z = step(z, 16)?
+        .f_mul_scalar(i64::from(MUL1))?
+        .f_bitwise_and(LOW32)?;
+    let z = step(&z, 15)?
+        .f_mul_scalar(i64::from(MUL2))?
+        .f_bitwise_and(LOW32)?;
+    step(&z, 16)
 }
 
 #[cfg(test)]
@@ -82,9 +105,8 @@ mod tests {
     #[test]
     fn keep_rate_matches_probability() {
         let d = Dropout { p: 0.3, seed: 42 };
-        let thr = d.threshold();
         let n = 200_000u64;
-        let kept = (0..n).filter(|&i| d.keeps(i, thr)).count() as f64 / n as f64;
+        let kept = (0..n).filter(|&i| d.keeps_index(i)).count() as f64 / n as f64;
         assert!((kept - 0.7).abs() < 0.005, "kept fraction {kept}");
     }
 
@@ -92,21 +114,31 @@ mod tests {
     fn tensor_mask_equals_loop() {
         for seed in [0u64, 1, 0xDEAD_BEEF_1234_5678, u64::MAX] {
             let d = Dropout { p: 0.25, seed };
-            let thr = d.threshold();
             let t = d.keep_tensor(10_000, Device::Cpu).unwrap();
             let from_tensor: Vec<bool> = Vec::<bool>::try_from(&t).unwrap();
-            let from_loop: Vec<bool> = (0..10_000).map(|i| d.keeps(i, thr)).collect();
+            let from_loop: Vec<bool> = (0..10_000).map(|i| d.keeps_index(i)).collect();
             assert_eq!(from_tensor, from_loop, "seed {seed}");
         }
     }
 
     #[test]
+    fn high_index_bits_change_the_mask() {
+        let d = Dropout { p: 0.5, seed: 9 };
+        let differ = (0..1000u64)
+            .filter(|&i| d.keeps_index(i) != d.keeps_index(i + (1 << 32)))
+            .count();
+        assert!(differ > 300, "only {differ} of 1000 differ");
+    }
+
+    #[test]
     fn different_seeds_give_different_masks() {
         let a = Dropout { p: 0.5, seed: 1 };
-        let b = Dropout { p: 0.5, seed: 2 };
-        let thr = a.threshold();
+        let b = Dropout {
+            p: 0.5,
+            seed: 1 << 40,
+        };
         let differ = (0..1000)
-            .filter(|&i| a.keeps(i, thr) != b.keeps(i, thr))
+            .filter(|&i| a.keeps_index(i) != b.keeps_index(i))
             .count();
         assert!(differ > 300, "only {differ} of 1000 differ");
     }
