@@ -94,24 +94,8 @@ pub fn backward(grad: &Tensor, saved: &Saved, needs: Needs) -> Result<Grads> {
             expected
         )));
     }
-    if grad.f_kind()? != x.f_kind()? || grad.device() != x.device() {
-        return Err(CeraError::DType(format!(
-            "grad_output is {:?} on {:?}, the branch output is {:?} on {:?}",
-            grad.f_kind()?,
-            grad.device(),
-            x.f_kind()?,
-            x.device()
-        )));
-    }
-    if h.f_kind()? != x.f_kind()? || h.device() != x.device() {
-        return Err(CeraError::DType(format!(
-            "saved hidden state is {:?} on {:?}, the inputs are {:?} on {:?}",
-            h.f_kind()?,
-            h.device(),
-            x.f_kind()?,
-            x.device()
-        )));
-    }
+    same_kind_and_device(grad, "grad_output", x, "the branch output")?;
+    same_kind_and_device(h, "the saved hidden state", x, "the inputs")?;
     if h.size() != [dims.n, dims.r] {
         return Err(CeraError::Shape(format!(
             "saved hidden state has shape {:?}, expected [{}, {}]",
@@ -137,6 +121,25 @@ pub fn backward(grad: &Tensor, saved: &Saved, needs: Needs) -> Result<Grads> {
         a: da,
         b: db,
     })
+}
+
+/// Errors unless `t` has the dtype and device of `like`; the CPU loops read buffers of
+/// one element type, so a mismatch must never reach them.
+pub(super) fn same_kind_and_device(
+    t: &Tensor,
+    what: &str,
+    like: &Tensor,
+    like_what: &str,
+) -> Result<()> {
+    let (kind, like_kind) = (t.f_kind()?, like.f_kind()?);
+    if kind != like_kind || t.device() != like.device() {
+        return Err(CeraError::DType(format!(
+            "{what} is {kind:?} on {:?}, {like_what} {like_kind:?} on {:?}",
+            t.device(),
+            like.device()
+        )));
+    }
+    Ok(())
 }
 
 fn out_shape(x: &Tensor, d_out: i64) -> Vec<i64> {

@@ -7,6 +7,7 @@
 //! devices the same formulas run as tensor ops. Half types compute in float32.
 
 use super::activation::Activation;
+use super::branch::same_kind_and_device;
 use super::mask::Dropout;
 use crate::error::{CeraError, Result};
 use crate::threads;
@@ -64,16 +65,7 @@ pub fn backward(h: &Tensor, gb: &Tensor, ew: &Elementwise) -> Result<(Tensor, Te
             gb.size()
         )));
     }
-    // The CPU loops read both buffers as one element type: the dtypes must agree.
-    if h.f_kind()? != gb.f_kind()? || h.device() != gb.device() {
-        return Err(CeraError::DType(format!(
-            "hidden is {:?} on {:?} but its gradient is {:?} on {:?}",
-            h.f_kind()?,
-            h.device(),
-            gb.f_kind()?,
-            gb.device()
-        )));
-    }
+    same_kind_and_device(gb, "the hidden gradient", h, "the hidden state")?;
     if h.device() != Device::Cpu {
         return backward_tensor_ops(h, gb, ew);
     }
