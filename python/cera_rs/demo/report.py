@@ -87,7 +87,7 @@ def findings(summary: dict) -> list[str]:
     if part2:
         for tier, rows in part2["tiers"].items():
             accs = ", ".join(f"{name} {row['test_accuracy']:.3f}" for name, row in rows.items())
-            out.append(f"MiniLM, {tier} (10 classes, chance 0.1): held-out accuracy {accs}.")
+            out.append(f"MiniLM, {tier} (balanced yes/no, chance 0.5): held-out accuracy {accs}.")
     return out
 
 
@@ -161,7 +161,8 @@ def markdown(summary: dict) -> str:
         parts += ["## Part 2: all-MiniLM-L6-v2 on arithmetic in two tiers", "",
                   f"{s['n_train']} training and {s['n_test']} held-out problems per tier, "
                   f"{s['steps']} AdamW steps of batch {s['batch']}, lr {s['lrs']}, adapter "
-                  f"dropout {s['dropout']}, adapters on query/value, classifier trained.", "",
+                  f"dropout {s['dropout']}, adapters on query/value, mean-pooling head "
+                  f"trained.", "",
                   arithmetic_table(summary["part2"]), ""]  # fmt: skip
     parts += ["## What was measured", ""] + [f"- {line}" for line in findings(summary)]
     return "\n".join(parts) + "\n"
