@@ -33,12 +33,12 @@ class Settings:
     n_test: int = 1000
     steps: int = 300
     batch: int = 32
-    lrs: tuple[float, ...] = (3e-3,)
+    lrs: tuple[float, ...] = (1e-3, 3e-3)
     dropout: float = 0.1
 
     @classmethod
     def quick(cls) -> Settings:
-        return cls(n_train=500, n_test=200, steps=10, batch=16)
+        return cls(n_train=500, n_test=200, steps=10, batch=16, lrs=(3e-3,))
 
     def methods(self) -> list[tuple[str, str, int]]:
         return [(f"CeRA r={self.r}", "cera", self.r), (f"LoRA r={self.r}", "lora", self.r),
