@@ -119,7 +119,9 @@ fn delta(
     scaling: f64,
 ) -> PyResult<PyObject> {
     let ew = elementwise(activation, scaling, 0.0, 0)?;
-    let y = run(py, move || kernel::infer(&x.0, &a.0, &b.0, &ew))?;
+    let y = run(py, move || {
+        kernel::forward(&x.0, &a.0, &b.0, &ew).map(|(y, _)| y)
+    })?;
     wrap(py, y)
 }
 

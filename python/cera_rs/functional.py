@@ -118,8 +118,6 @@ def cera_delta(
     for name, t in (("x", x), ("A", A), ("B", B)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.is_nested:
-            raise TypeError(f"{name} is a nested tensor; pass a regular (padded) tensor")
     if A.device != x.device or B.device != x.device:
         raise ValueError(f"mixed devices: x is on {x.device}, A on {A.device}, B on {B.device}")
     if not 0.0 <= dropout < 1.0:

@@ -70,11 +70,6 @@ pub fn forward(x: &Tensor, a: &Tensor, b: &Tensor, ew: &Elementwise) -> Result<(
     Ok((y, saved))
 }
 
-/// The forward without anything kept for backward: inference and decoding.
-pub fn infer(x: &Tensor, a: &Tensor, b: &Tensor, ew: &Elementwise) -> Result<Tensor> {
-    forward(x, a, b, ew).map(|(y, _)| y)
-}
-
 /// Gradients of `x`, `A` and `B` given the gradient of the branch output.
 pub fn backward(grad: &Tensor, saved: &Saved, needs: Needs) -> Result<Grads> {
     let _no_grad = tch::no_grad_guard();
