@@ -54,12 +54,13 @@ class CeraModel(PeftModel):
         **kwargs: Any,
     ) -> CeraModel:
         """Wraps ``model`` and loads the adapter saved in the folder ``model_id``."""
-        shapes = check_adapter_files(model_id)
+        header = check_adapter_files(model_id)
+        check_float_weights(model_id, header)
         config = read_config(model_id)
-        check_rank(model_id, config, shapes)
+        check_rank(model_id, config, header)
         config.inference_mode = not is_trainable
         wrapped = cls(model, config, adapter_name)
-        wrapped.load_adapter(model_id, adapter_name, is_trainable=is_trainable, **kwargs)
+        wrapped._load_weights(model_id, adapter_name, is_trainable, **kwargs)
         return wrapped
 
     def load_adapter(
@@ -67,13 +68,19 @@ class CeraModel(PeftModel):
         **kwargs: Any,
     ) -> Any:  # fmt: skip
         """Loads a saved CeRA adapter under ``adapter_name``; refuses incomplete files."""
-        shapes = check_adapter_files(model_id)
-        check_float_weights(model_id)
+        header = check_adapter_files(model_id)
+        check_float_weights(model_id, header)
         if adapter_name not in self.peft_config:
             config = read_config(model_id)
-            check_rank(model_id, config, shapes)
+            check_rank(model_id, config, header)
             config.inference_mode = not is_trainable
             self.add_adapter(adapter_name, config)
+        return self._load_weights(model_id, adapter_name, is_trainable, **kwargs)
+
+    def _load_weights(
+        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool, **kwargs: Any
+    ) -> Any:
+        """PEFT's load of already checked files into the existing adapter ``adapter_name``."""
         try:
             result = super().load_adapter(
                 str(model_id), adapter_name, is_trainable=is_trainable, **kwargs
@@ -124,10 +131,10 @@ def _replace_all(staging: Path, files: list[Path], target: Path) -> None:
         raise
 
 
-def check_adapter_files(model_id: str | os.PathLike) -> dict[str, list[int]]:
+def check_adapter_files(model_id: str | os.PathLike) -> dict[str, tuple[str, list[int]]]:
     """A local adapter folder with a readable config and safetensors file, or an error
     naming what is missing or broken (PEFT would otherwise try to download it).
-    Returns the shape of each tensor in the safetensors file (read from its header)."""
+    Returns the dtype and shape of each tensor in the safetensors file (its header)."""
     folder = Path(model_id)
     if not folder.is_dir():
         raise FileNotFoundError(f"adapter folder {folder} does not exist")
@@ -137,18 +144,22 @@ def check_adapter_files(model_id: str | os.PathLike) -> dict[str, list[int]]:
     weights = folder / SAFETENSORS_WEIGHTS_NAME
     try:
         with safe_open(weights, framework="pt") as f:
-            return {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
+            header = {}
+            for key in f.keys():
+                tensor = f.get_slice(key)
+                header[key] = (tensor.get_dtype(), list(tensor.get_shape()))
+            return header
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{weights} is not a valid safetensors file: {err}") from None
 
 
 def check_rank(
-    model_id: str | os.PathLike, config: CeraConfig, shapes: dict[str, list[int]]
+    model_id: str | os.PathLike, config: CeraConfig, header: dict[str, tuple[str, list[int]]]
 ) -> None:
     """Compares the config's rank with the saved A (r, d_in) and B (d_out, r) before
     any adapter is allocated: a corrupted r must not allocate r x d_in weights."""
     ranks = {key: shape[0] if ".cera_A." in key else shape[-1]
-             for key, shape in shapes.items()
+             for key, (_, shape) in header.items()
              if (".cera_A." in key or ".cera_B." in key) and len(shape) == 2}  # fmt: skip
     if not ranks:
         raise ValueError(
@@ -164,18 +175,17 @@ def check_rank(
         )
 
 
-def check_float_weights(model_id: str | os.PathLike) -> None:
+def check_float_weights(
+    model_id: str | os.PathLike, header: dict[str, tuple[str, list[int]]]
+) -> None:
     """Refuses adapter tensors that are not floating point (load_state_dict would
     silently cast integers or booleans into the weights)."""
-    weights = Path(model_id) / SAFETENSORS_WEIGHTS_NAME
-    with safe_open(weights, framework="pt") as f:
-        for key in f.keys():
-            dtype = f.get_slice(key).get_dtype()
-            if (".cera_A." in key or ".cera_B." in key) and dtype not in _FLOAT_DTYPES:
-                raise ValueError(
-                    f"{weights} holds {dtype} adapter weights ({key}); CeRA weights are "
-                    "floating point"
-                )
+    for key, (dtype, _) in header.items():
+        if (".cera_A." in key or ".cera_B." in key) and dtype not in _FLOAT_DTYPES:
+            raise ValueError(
+                f"{Path(model_id) / SAFETENSORS_WEIGHTS_NAME} holds {dtype} adapter weights "
+                f"({key}); CeRA weights are floating point"
+            )
 
 
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
