@@ -3,9 +3,9 @@
 An input is one mode byte, then bytes for the files that mode fuzzes (the other
 files are valid ones, from a fixed tiny model):
 
-- 0: ``adapter_config.json`` (valid weights) -> ``CeraModel.from_pretrained``
-- 1: ``adapter_model.safetensors`` (valid config) -> ``CeraModel.from_pretrained``
-- 2: both, split at the first ``SPLIT`` -> ``CeraModel.from_pretrained``
+- 0: ``adapter_config.json`` (valid weights) -> ``PeftModel.from_pretrained``
+- 1: ``adapter_model.safetensors`` (valid config) -> ``PeftModel.from_pretrained``
+- 2: both, split at the first ``SPLIT`` -> ``PeftModel.from_pretrained``
 - 3: a reference checkpoint ``.safetensors`` -> ``load_reference_checkpoint``
 - 4: the valid config with fields set to values of any JSON type (built from the
   bytes with ``FuzzedDataProvider``: byte-level mutation rarely keeps JSON valid)
@@ -15,6 +15,12 @@ content: bad JSON, bad UTF-8, a broken safetensors header, shapes or ranks that 
 fit), TypeError (a config field of the wrong type) or FileNotFoundError. Any other
 exception (KeyError, AttributeError, RuntimeError, ...), a native crash or a hang is a
 finding. A successful load must give a model whose forward pass runs.
+
+``PeftModel.from_pretrained`` first reads ``peft_type`` from the JSON itself
+(``PeftConfig._get_peft_type``, PEFT's code, which raises KeyError or RecursionError on
+some malformed files) and, for ``"CERA"``, calls ``CeraConfig.from_pretrained``; the
+target makes that call itself and passes the config on, so the fuzzing covers CeRA's
+checks and the rest of PEFT's load, not PEFT's own dispatch.
 
 Run: ``python fuzz/fuzz_adapter.py -runs=2000 -seed=1 NEW_DIR fuzz/corpus`` (libFuzzer
 flags; it writes new inputs to the first folder, so keep fuzz/corpus second).
@@ -33,13 +39,14 @@ import warnings
 from pathlib import Path
 
 import atheris
+from peft import PeftModel
 
 with atheris.instrument_imports(include=["cera_rs", "peft.config"]):
     import torch
     from safetensors.torch import save
     from torch import nn
 
-    from cera_rs import CeraConfig, CeraModel, get_cera_model, load_reference_checkpoint
+    from cera_rs import CeraConfig, get_cera_model, load_reference_checkpoint
 
 ALLOWED = (ValueError, TypeError, FileNotFoundError)
 SPLIT = b"\n--weights--\n"
@@ -83,7 +90,7 @@ X = torch.randn(3, 8)
 def load_adapter(config: bytes, weights: bytes) -> None:
     (WORK / "adapter_config.json").write_bytes(config)
     (WORK / "adapter_model.safetensors").write_bytes(weights)
-    model = CeraModel.from_pretrained(Tiny(), WORK)
+    model = PeftModel.from_pretrained(Tiny(), WORK, config=CeraConfig.from_pretrained(WORK))
     with torch.no_grad():
         model(X)
 

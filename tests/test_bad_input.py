@@ -25,13 +25,13 @@ from pathlib import Path
 import pytest
 import torch
 from models import tiny_llama
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cera_rs import (
     CeraConfig,
     CeraLinear,
-    CeraModel,
     cera_delta,
     get_cera_model,
     load_reference_checkpoint,
@@ -402,8 +402,9 @@ def copy_of(saved: Path, tmp_path: Path, *, config=None, weights=None, name="ada
     return folder
 
 
-def load(folder) -> CeraModel:
-    return CeraModel.from_pretrained(tiny_llama(), folder)
+def load(folder) -> PeftModel:
+    """PEFT's own entry point: it reads peft_type, then calls CeraConfig.from_pretrained."""
+    return PeftModel.from_pretrained(tiny_llama(), folder)
 
 
 def test_load_a_valid_copy_works(saved, tmp_path):
@@ -412,21 +413,32 @@ def test_load_a_valid_copy_works(saved, tmp_path):
     assert sum(isinstance(m, CeraLinear) for m in model.modules()) == 4
 
 
-@pytest.mark.parametrize("missing", ["adapter_config.json", "adapter_model.safetensors"])
-def test_load_folder_missing_a_file(saved, tmp_path, missing):
+# PEFT reads adapter_config.json itself (for peft_type) before CeRA's checks run, and
+# raises its own ValueError when the file is absent.
+@pytest.mark.parametrize(
+    "missing,error,match",
+    [
+        ("adapter_config.json", ValueError, r"Can't find 'adapter_config.json' at '{folder}'"),
+        ("adapter_model.safetensors", FileNotFoundError,
+         r"{folder} has no adapter_model.safetensors \(or adapter_model.bin\)"),
+    ],
+)  # fmt: skip
+def test_load_folder_missing_a_file(saved, tmp_path, missing, error, match):
     folder = copy_of(saved, tmp_path)
     (folder / missing).unlink()
-    with pytest.raises(FileNotFoundError, match=rf"{folder} has no {missing}"):
+    with pytest.raises(error, match=match.format(folder=folder)):
         load(folder)
     model = get_cera_model(tiny_llama(), CeraConfig(r=4, target_modules=TARGETS))
-    with pytest.raises(FileNotFoundError, match=rf"has no {missing}"):
+    with pytest.raises(error, match=match.format(folder=folder)):
         model.load_adapter(folder, "second")
     assert "second" not in model.peft_config
 
 
 def test_load_folder_that_does_not_exist(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"adapter folder .*nowhere does not exist"):
+    with pytest.raises(ValueError, match=r"Can't find 'adapter_config.json' at '.*nowhere'"):
         load(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"adapter folder .*nowhere does not exist"):
+        CeraConfig.from_pretrained(tmp_path / "nowhere")
 
 
 @pytest.mark.parametrize(
@@ -442,9 +454,14 @@ def test_load_folder_that_does_not_exist(tmp_path):
     ids=["syntax", "empty", "bad_utf", "deep_nesting", "list", "null"],
 )
 def test_load_config_that_is_not_json(saved, tmp_path, content, match):
+    """CeraConfig.from_pretrained names the file; PEFT's own peft_type lookup, which
+    reads the file first in PeftModel.from_pretrained, raises json's bare errors."""
     folder = copy_of(saved, tmp_path, config=content)
     with pytest.raises(ValueError, match=rf"adapter_config.json {match}"):
-        load(folder)
+        CeraConfig.from_pretrained(folder)
+    if content in (b"{not json", b""):
+        with pytest.raises(ValueError, match=r"Expecting"):
+            load(folder)
 
 
 @pytest.mark.parametrize(
@@ -463,9 +480,8 @@ def test_load_config_that_is_not_json(saved, tmp_path, content, match):
         ({"layers_to_transform": "x"}, TypeError, r"layers_to_transform"),
         ({"bias": 3}, ValueError, r"bias must be one of"),
         ({"task_type": "NOPE"}, ValueError, r"Invalid task type: 'NOPE'"),
-        ({"peft_type": "LORA"}, ValueError, r"describes a 'LORA' adapter, not a CeRA one"),
-        ({"peft_type": "NOPE"}, ValueError, r"describes a 'NOPE' adapter"),
-        ({"peft_type": ["CERA"]}, ValueError, r"describes a \['CERA'\] adapter"),
+        ({"rank_pattern": {"q_proj": 0}}, ValueError, r"rank_pattern\['q_proj'\] must be >= 1"),
+        ({"lora_alpha": 16}, TypeError, r"does not take 'lora_alpha'.*scaling"),
     ],
 )
 def test_load_config_with_wrong_types(saved, tmp_path, change, error, match):
@@ -474,9 +490,23 @@ def test_load_config_with_wrong_types(saved, tmp_path, change, error, match):
         load(folder)
 
 
+@pytest.mark.parametrize(
+    "peft_type,match",
+    [("LORA", r"describes a 'LORA' adapter, not a CeRA one"),
+     ("NOPE", r"describes a 'NOPE' adapter"),
+     (["CERA"], r"describes a \['CERA'\] adapter")],
+)  # fmt: skip
+def test_load_config_of_another_method(saved, tmp_path, peft_type, match):
+    """PeftModel.from_pretrained dispatches on peft_type (a LORA file loads as LoRA);
+    CeRA's own config refuses another method's file."""
+    folder = copy_of(saved, tmp_path, config={"peft_type": peft_type})
+    with pytest.raises(ValueError, match=rf"adapter_config.json {match}"):
+        CeraConfig.from_pretrained(folder)
+
+
 def test_load_config_asking_for_weights_the_file_lacks(saved, tmp_path):
     folder = copy_of(saved, tmp_path, config={"modules_to_save": ["lm_head"]})
-    with pytest.raises(ValueError, match=r"safetensors lacks '.*lm_head.*', which its adapter_c"):
+    with pytest.raises(ValueError, match=r"safetensors lacks weights for lm_head, which its adapt"):
         load(folder)
 
 
@@ -492,6 +522,9 @@ def test_load_config_rank_that_disagrees_with_the_weights(saved, tmp_path):
         folder = copy_of(saved, tmp_path, config={"r": r}, name=str(r))
         with pytest.raises(ValueError, match=rf"says r={r}, but .* holds rank-4 weights"):
             load(folder)
+    folder = copy_of(saved, tmp_path, config={"rank_pattern": {"v_proj": 10**9}}, name="pattern")
+    with pytest.raises(ValueError, match=r"says r=1000000000, but .* rank-4 .*v_proj"):
+        load(folder)
 
 
 @pytest.mark.parametrize(
@@ -512,7 +545,7 @@ def test_load_safetensors_with_wrong_shapes(saved, tmp_path, part):
     key = f"base_model.model.model.layers.1.self_attn.v_proj.cera_{part}.weight"
     state[key] = torch.zeros(4, 65) if part == "A" else torch.zeros(65, 4)
     folder = copy_of(saved, tmp_path, weights=state)
-    with pytest.raises(ValueError, match=r"(?s)do not fit the model.*size mismatch.*v_proj"):
+    with pytest.raises(ValueError, match=r"do not fit the model: size mismatch for .*v_proj"):
         load(folder)
 
 
@@ -522,14 +555,14 @@ def test_load_safetensors_with_non_float_weights(saved, tmp_path, dtype):
     key = "base_model.model.model.layers.0.self_attn.v_proj.cera_B.weight"
     state[key] = state[key].to(dtype)
     folder = copy_of(saved, tmp_path, weights=state)
-    with pytest.raises(ValueError, match=r"holds [A-Z0-9]+ adapter weights \(.*v_proj.cera_B"):
+    with pytest.raises(ValueError, match=rf"holds {dtype} adapter weights \(.*v_proj.cera_B"):
         load(folder)
 
 
 def test_load_safetensors_without_some_or_any_adapter_weights(saved, tmp_path):
     state = load_file(str(saved / "adapter_model.safetensors"))
     some = {k: v for k, v in state.items() if "layers.0.self_attn.q_proj" not in k}
-    with pytest.raises(ValueError, match=r"lacks weights for 2 adapter tensors.*q_proj"):
+    with pytest.raises(ValueError, match=r"'default' lack 2 of its 8 adapter tensors.*q_proj"):
         load(copy_of(saved, tmp_path, weights=some, name="some"))
     foreign = {"lm_head.weight": torch.zeros(2, 2)}
     with pytest.raises(ValueError, match=r"holds no CeRA adapter weights"):
@@ -540,7 +573,7 @@ def test_failed_load_leaves_the_base_model_untouched(saved, tmp_path):
     folder = copy_of(saved, tmp_path, config=b"{")
     base = tiny_llama()
     with pytest.raises(ValueError):
-        CeraModel.from_pretrained(base, folder)
+        PeftModel.from_pretrained(base, folder)
     assert not any(isinstance(m, CeraLinear) for m in base.modules())
 
 

@@ -55,6 +55,6 @@ def test_the_target_lets_only_clean_exceptions_through(monkeypatch):
     def broken(*args, **kwargs):
         raise KeyError("peft_type")
 
-    monkeypatch.setattr(target.CeraModel, "from_pretrained", broken)
+    monkeypatch.setattr(target.CeraConfig, "from_pretrained", broken)
     with pytest.raises(KeyError):
         target.fuzz_one_input(b"\x00{}")

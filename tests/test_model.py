@@ -1,4 +1,4 @@
-"""CeraConfig / get_cera_model / CeraModel as a drop-in for PEFT's LoRA."""
+"""CeraModel (the BaseTuner) through PEFT's own entry points, as a drop-in for LoRA."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ import pytest
 import torch
 from models import CASES, Case, tiny_llama
 from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForSequenceClassification
 
 from cera_rs import CeraConfig, CeraLinear, CeraMergeError, CeraModel, get_cera_model
 
 R = 4
 
 
-def adapted(case: Case, seed: int = 0, **config) -> CeraModel:
+def adapted(case: Case, seed: int = 0, **config) -> peft.PeftModel:
     config = {"r": R, "target_modules": case.targets, "cera_dropout": 0.0, **config}
     return get_cera_model(case.build(seed), CeraConfig(**config))
 
@@ -63,7 +64,8 @@ def test_save_reload_disable_generate_unload(case, tmp_path):
     ]  # fmt: skip
     assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "CERA"
 
-    reloaded = CeraModel.from_pretrained(case.build(0), tmp_path)
+    reloaded = peft.PeftModel.from_pretrained(case.build(0), tmp_path)
+    assert isinstance(reloaded.base_model, CeraModel)
     assert torch.equal(case.output(reloaded), logits)
     with reloaded.disable_adapter():
         assert torch.equal(case.output(reloaded), reference)
@@ -139,25 +141,145 @@ def test_modules_to_save_and_bias():
     assert any("lm_head.modules_to_save" in n for n in trainable)
 
 
-@pytest.mark.parametrize(
-    "kwargs,error,match",
-    [
-        ({"r": 0}, ValueError, "r must be >= 1"),
-        ({"cera_dropout": 1.0}, ValueError, r"dropout must be in \[0, 1\)"),
-        ({"activation": "gelu"}, ValueError, "unknown activation"),
-        ({"bias": "lora_only"}, ValueError, "bias must be one of"),
-        ({"target_modules": [1, 2]}, TypeError, "target_modules must hold strings"),
-    ],
-)
-def test_config_validates_on_construction(kwargs, error, match):
-    with pytest.raises(error, match=match):
-        CeraConfig(**kwargs)
+# --------------------------------------------------------------------------------------
+# One entry path: PEFT's and transformers' loaders dispatch on PeftType.CERA
+# --------------------------------------------------------------------------------------
 
 
-def test_config_round_trips_through_json(tmp_path):
-    config = CeraConfig(r=16, target_modules=["q_proj"], cera_dropout=0.2, activation="relu",
-                        scaling=0.5, task_type="CAUSAL_LM")  # fmt: skip
-    config.save_pretrained(tmp_path)
-    loaded = CeraConfig.from_pretrained(str(tmp_path))
-    assert loaded.to_dict() == config.to_dict()
-    assert loaded.peft_type == "CERA"
+def trained_llama(**config) -> peft.PeftModel:
+    config = {"r": R, "target_modules": ["q_proj", "v_proj"], "init_weights": False, **config}
+    return peft.get_peft_model(tiny_llama(), CeraConfig(**config)).eval()
+
+
+def llama_logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+IDS = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+
+
+def test_transformers_and_auto_classes_load_a_cera_adapter(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    tiny_llama().save_pretrained(base_dir)
+    model = peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_dir),
+        CeraConfig(r=R, target_modules=["q_proj", "v_proj"], init_weights=False,
+                   task_type="CAUSAL_LM"),
+    ).eval()  # fmt: skip
+    model.save_pretrained(adapter_dir)
+    saved = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "CERA" and saved["base_model_name_or_path"] == str(base_dir)
+    expected = llama_logits(model)
+    reference = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir),
+                                               adapter_dir)  # fmt: skip
+    assert torch.equal(llama_logits(reference), expected)
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    base.load_adapter(str(adapter_dir))  # transformers' PEFT integration
+    assert isinstance(base.model.layers[0].self_attn.q_proj, CeraLinear)
+    assert torch.equal(llama_logits(base), expected)
+    direct = AutoModelForCausalLM.from_pretrained(adapter_dir)  # finds the base model itself
+    assert torch.equal(llama_logits(direct), expected)
+    auto = peft.AutoPeftModelForCausalLM.from_pretrained(adapter_dir)
+    assert isinstance(auto.base_model, CeraModel)
+    assert torch.equal(llama_logits(auto), expected)
+    assert isinstance(peft.PeftConfig.from_pretrained(adapter_dir), CeraConfig)
+
+
+def test_mixed_models_refuse_cera_cleanly():
+    with pytest.raises(ValueError, match=r"'CERA' is not compatible with the `PeftMixedModel`"):
+        peft.get_peft_model(tiny_llama(), CeraConfig(r=R), mixed=True)
+
+
+def test_seq_cls_task_trains_and_saves_its_head(tmp_path):
+    def classifier() -> LlamaForSequenceClassification:
+        torch.manual_seed(0)
+        return LlamaForSequenceClassification(LlamaConfig(
+            vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_labels=3, pad_token_id=0)).eval()  # fmt: skip
+
+    config = CeraConfig(r=R, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS")
+    model = peft.get_peft_model(classifier(), config)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.endswith("score.modules_to_save.default.weight") for n in trainable)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(std=0.05)
+    expected = llama_logits(model.eval())
+    model.save_pretrained(tmp_path)
+    reloaded = peft.PeftModel.from_pretrained(classifier(), tmp_path)
+    assert isinstance(reloaded, peft.PeftModelForSequenceClassification)
+    assert torch.equal(llama_logits(reloaded), expected)
+
+
+def test_adapter_dtype_follows_autocast_adapter_dtype():
+    for autocast, dtype in ((True, torch.float32), (False, torch.bfloat16)):
+        model = peft.get_peft_model(tiny_llama().to(torch.bfloat16), CeraConfig(r=R),
+                                    autocast_adapter_dtype=autocast)  # fmt: skip
+        assert {p.dtype for n, p in model.named_parameters() if ".cera_" in n} == {dtype}
+        assert llama_logits(model).dtype == torch.bfloat16
+
+
+def test_low_cpu_mem_usage_creates_on_meta_then_loads(tmp_path):
+    model = trained_llama()
+    model.save_pretrained(tmp_path)
+    empty = peft.get_peft_model(tiny_llama(), CeraConfig(r=R), low_cpu_mem_usage=True)
+    assert {p.device.type for n, p in empty.named_parameters() if ".cera_" in n} == {"meta"}
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path, low_cpu_mem_usage=True)
+    assert all(p.device.type == "cpu" for p in loaded.parameters())
+    assert torch.equal(llama_logits(loaded), llama_logits(model))
+
+
+def test_from_pretrained_uses_the_config_passed(tmp_path):
+    model = trained_llama()
+    model.save_pretrained(tmp_path)
+    config = CeraConfig(r=R, target_modules=["q_proj", "v_proj"], scaling=3.0, cera_dropout=0.0)
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path, config=config)
+    layers = [m for m in loaded.modules() if isinstance(m, CeraLinear)]
+    assert layers and all(m.scaling["default"] == 3.0 for m in layers)
+    assert loaded.peft_config["default"] is config
+    assert not torch.allclose(llama_logits(loaded), llama_logits(model))
+
+
+def test_bin_format_saves_and_loads_and_is_checked_first(tmp_path):
+    model = trained_llama()
+    model.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").is_file()
+    assert not (tmp_path / "adapter_model.safetensors").exists()
+    assert torch.equal(llama_logits(peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)),
+                       llama_logits(model))  # fmt: skip
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "r": 10**9}))
+    with pytest.raises(ValueError, match=r"says r=1000000000, but .*model.bin holds rank-4"):
+        peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_load_adapter_is_trainable_leaves_the_new_adapter_trainable(tmp_path):
+    trained_llama().save_pretrained(tmp_path)
+    model = trained_llama()
+    model.load_adapter(tmp_path, "second", is_trainable=True)
+    second = [p for n, p in model.named_parameters() if ".cera_" in n and ".second." in n]
+    assert second and all(p.requires_grad for p in second)
+    model.load_adapter(tmp_path, "frozen")
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".frozen." in n)
+
+
+def test_unmerge_warns_and_weighted_adapters_are_refused():
+    model = trained_llama()
+    with pytest.warns(UserWarning, match="Already unmerged. Nothing to do."):
+        model.unmerge_adapter()
+    with pytest.raises(CeraMergeError, match=r"add_weighted_adapter is impossible.*non-linear"):
+        model.add_weighted_adapter(["default"], [1.0], "mix")
+    with pytest.raises(CeraMergeError, match=r"non-linear"):
+        model.merge_adapter()
+    assert "mix" not in model.peft_config
+
+
+def test_get_cera_model_is_get_peft_model_for_cera_configs():
+    model = get_cera_model(tiny_llama(), CeraConfig(r=R, task_type="CAUSAL_LM"))
+    assert isinstance(model, peft.PeftModelForCausalLM) and isinstance(model.base_model, CeraModel)
+    with pytest.raises(TypeError, match="needs a CeraConfig, got LoraConfig"):
+        get_cera_model(tiny_llama(), peft.LoraConfig())

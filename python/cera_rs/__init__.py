@@ -15,9 +15,8 @@ from cera_rs import registration  # noqa: E402
 from cera_rs.config import CeraConfig  # noqa: E402
 from cera_rs.functional import cera_delta  # noqa: E402
 from cera_rs.layer import CeraLinear, CeraMergeError  # noqa: E402
-from cera_rs.model import CeraModel, get_cera_model  # noqa: E402
+from cera_rs.model import CeraModel, get_cera_model, save_pretrained  # noqa: E402
 from cera_rs.reference import load_reference_checkpoint  # noqa: E402
-from cera_rs.tuner import CeraTuner  # noqa: E402
 
 registration.register()
 
@@ -26,10 +25,10 @@ __all__ = [
     "CeraLinear",
     "CeraMergeError",
     "CeraModel",
-    "CeraTuner",
     "cera_delta",
     "get_cera_model",
     "load_reference_checkpoint",
+    "save_pretrained",
     "torch",
 ]
 __version__ = "0.1.0"

@@ -1,25 +1,83 @@
-"""``CeraConfig``: PEFT's ``LoraConfig`` vocabulary for CeRA adapters.
+"""``CeraConfig``: PEFT's ``LoraConfig`` vocabulary for CeRA adapters, and the checks
+an adapter folder passes before PEFT allocates anything for it.
 
-A ``peft.PeftConfig`` dataclass, so PEFT's own ``get_peft_model`` and
-``PeftModel.from_pretrained`` accept it once ``cera_rs`` is imported. It serialises to
-``adapter_config.json`` with ``"peft_type": "CERA"``.
+The bottom of the Python layer: it imports nothing of ours. A ``peft.PeftConfig``
+dataclass whose ``peft_type`` is a real ``peft.PeftType`` member (``PeftType.CERA``,
+added at import, see ``_cera_peft_type``), so PEFT and transformers dispatch on it as
+on LoRA; it serialises to ``adapter_config.json`` with ``"peft_type": "CERA"``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
+import os
+import pickle
 import re
+import warnings
+import zipfile
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
+import torch
 from peft.config import PeftConfig
+from peft.tuners.lora import LoraConfig
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, PeftType
+from peft.utils.constants import CONFIG_NAME
+from peft.utils.other import get_pattern_key
+from safetensors import SafetensorError, safe_open
 
-from cera_rs.layer import check_adapter_args
-
-PEFT_TYPE = "CERA"
-"""PEFT 0.21's ``PeftType`` enum has no CeRA member; PEFT's registries are keyed by
-plain strings as well as by enum members (it is a ``str`` enum), so this is the key."""
-
+ACTIVATIONS = ("silu", "relu", "identity")
 BIAS_OPTIONS = ("none", "all", "cera_only")
+
+
+def _cera_peft_type() -> PeftType:
+    """``PeftType.CERA``, added to PEFT's enum if it lacks it (PEFT 0.21 does).
+
+    ``register_peft_method``, ``PeftModel``, transformers' ``load_adapter`` (which reads
+    ``peft_type.value``) and PEFT's mixed-model check all need a real member. Python has
+    no public API to extend an enum, so this builds the member as ``EnumType`` builds its
+    own (a ``str`` instance of the class with ``_name_``/``_value_``) and enters it in
+    the class attribute and the three tables behind ``PeftType.CERA``, ``PeftType["CERA"]``,
+    ``PeftType("CERA")``, iteration and ``in``. Idempotent: a reload, or a PEFT that has
+    the member already, reuses the existing one.
+    """
+    existing = PeftType._value2member_map_.get("CERA")
+    if existing is not None:
+        return existing
+    member = str.__new__(PeftType, "CERA")
+    member._name_ = member._value_ = "CERA"
+    member.__objclass__ = PeftType
+    member._sort_order_ = len(PeftType._member_names_)
+    PeftType.CERA = member  # before the tables: EnumType refuses to rebind a member
+    PeftType._member_names_.append("CERA")
+    PeftType._member_map_["CERA"] = member
+    PeftType._value2member_map_["CERA"] = member
+    return member
+
+
+PEFT_TYPE = _cera_peft_type()
+
+# LoraConfig keywords users bring along, and what CeRA has instead. Any other LoraConfig
+# field CeraConfig lacks is refused as a LoRA-only option with no CeRA counterpart.
+_LORA_ONLY = {
+    "lora_alpha": "CeRA has no alpha/r factor: the branch is multiplied by `scaling` "
+    "(default 1.0)",
+    "alpha_pattern": "use scaling_pattern (per-module scaling; CeRA has no alpha)",
+    "use_rslora": "CeRA has no alpha/r factor to rescale: set `scaling`",
+    "lora_dropout": "use cera_dropout",
+    "init_lora_weights": "use init_weights (True: the paper's Kaiming-normal A and zero B; "
+    "False: non-zero B too, for tests)",
+    "use_dora": "CeRA has no DoRA variant",
+    "fan_in_fan_out": "not needed: CeRA recognises transformers' Conv1D layers itself",
+    "lora_bias": "CeRA's B has no bias; bias='all' or 'cera_only' trains the base layers' biases",
+}
+# LoraConfig fields from_lora_config carries over under the same name.
+_CARRIED = ("r", "target_modules", "exclude_modules", "modules_to_save", "layers_to_transform",
+            "layers_pattern", "rank_pattern", "task_type", "base_model_name_or_path",
+            "revision", "inference_mode")  # fmt: skip
 
 
 @dataclass
@@ -34,9 +92,17 @@ class CeraConfig(PeftConfig):
         cera_dropout: dropout on the activated hidden vector (inverted scaling).
         activation: ``"silu"`` (the paper's), ``"relu"`` or ``"identity"`` (ablations).
         scaling: factor on the branch; LoRA's ``alpha / r`` does not apply.
+        rank_pattern: per-module ``r``, keyed by a name suffix or regex (as in LoRA).
+        scaling_pattern: per-module ``scaling``, keyed the same way.
+        init_weights: ``True``: the paper's init (Kaiming-normal ``A``, zero ``B``), a new
+            adapter leaves the output unchanged; ``False``: ``B`` random too (for tests,
+            as LoRA's ``init_lora_weights=False``).
         layers_to_transform, layers_pattern: restrict to some layer indices, as in PEFT.
         modules_to_save: modules besides the adapters to train and save (e.g. a head).
         bias: ``"none"``, ``"all"`` or ``"cera_only"`` (biases of adapted layers).
+
+    LoRA-only keywords (``lora_alpha``, ``lora_dropout``, ...) raise a TypeError naming
+    the CeRA equivalent; ``CeraConfig.from_lora_config`` converts a whole ``LoraConfig``.
     """
 
     r: int = field(default=8, metadata={"help": "CeRA rank"})
@@ -51,6 +117,15 @@ class CeraConfig(PeftConfig):
         default="silu", metadata={"help": "Activation of the branch"}
     )
     scaling: float = field(default=1.0, metadata={"help": "Factor on the branch output"})
+    rank_pattern: dict[str, int] = field(
+        default_factory=dict, metadata={"help": "Per-module r: {name or regex: r}"}
+    )
+    scaling_pattern: dict[str, float] = field(
+        default_factory=dict, metadata={"help": "Per-module scaling: {name or regex: scaling}"}
+    )
+    init_weights: bool = field(
+        default=True, metadata={"help": "True: Kaiming-normal A, zero B; False: random B too"}
+    )
     layers_to_transform: list[int] | int | None = field(
         default=None, metadata={"help": "Layer indices to adapt"}
     )
@@ -64,12 +139,23 @@ class CeraConfig(PeftConfig):
         default="none", metadata={"help": "Which biases to train"}
     )
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> CeraConfig:
+        # Before the dataclass __init__, whose message ("unexpected keyword argument")
+        # would not say what to use instead.
+        for name in kwargs:
+            if name in _LORA_ONLY or (name in _LORA_FIELDS and name not in _CERA_FIELDS):
+                hint = _LORA_ONLY.get(name, "a LoRA-only option with no CeRA counterpart")
+                raise TypeError(f"CeraConfig does not take {name!r}: {hint}")
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PEFT_TYPE
         check_adapter_args(self.r, self.cera_dropout, self.activation, self.scaling)
         if self.bias not in BIAS_OPTIONS:
             raise ValueError(f"bias must be one of {BIAS_OPTIONS}, got {self.bias!r}")
+        if not isinstance(self.init_weights, bool):
+            raise TypeError(f"init_weights must be a bool, got {self.init_weights!r}")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple, set)):
@@ -81,9 +167,16 @@ class CeraConfig(PeftConfig):
         _check_optional("modules_to_save", self.modules_to_save, (list, tuple), str)
         _check_optional("layers_to_transform", self.layers_to_transform, (list, tuple, int), int)
         _check_optional("layers_pattern", self.layers_pattern, (list, tuple, str), str)
+        for name, check in (("rank_pattern", _check_rank), ("scaling_pattern", _check_scaling)):
+            pattern = getattr(self, name)
+            if not isinstance(pattern, dict) or not all(isinstance(k, str) for k in pattern):
+                raise TypeError(f"{name} must be a dict from module names, got {pattern!r}")
+            for key, value in pattern.items():
+                check(f"{name}[{key!r}]", value)
         # PEFT matches these as regular expressions (target/exclude only when a str);
         # a broken one would raise re.error, not a ValueError, deep inside wrapping.
-        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
+        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern",
+                     "rank_pattern", "scaling_pattern"):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, str):
                 value = [value]
@@ -99,6 +192,120 @@ class CeraConfig(PeftConfig):
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern needs layers_to_transform as well")
 
+    def rank_for(self, module_name: str) -> int:
+        """``r`` of the adapter on ``module_name``: ``rank_pattern`` matched as LoRA does."""
+        return self.rank_pattern.get(get_pattern_key(self.rank_pattern, module_name), self.r)
+
+    def scaling_for(self, module_name: str) -> float:
+        """``scaling`` of the adapter on ``module_name`` (``scaling_pattern``, else ``scaling``)."""
+        key = get_pattern_key(self.scaling_pattern, module_name)
+        return float(self.scaling_pattern.get(key, self.scaling))
+
+    @classmethod
+    def from_lora_config(cls, lora_config: LoraConfig, **overrides: Any) -> CeraConfig:
+        """The CeRA counterpart of a user's ``LoraConfig``: same rank, targets, exclusions,
+        ``modules_to_save``, layers, ``rank_pattern``, task and bias (``lora_only`` ->
+        ``cera_only``); ``lora_dropout`` becomes ``cera_dropout``. ``overrides`` set or
+        replace fields (e.g. ``scaling=2.0``). Warns naming each LoRA setting it cannot
+        carry: ``lora_alpha`` always (CeRA's branch has no alpha/r, ``scaling`` is 1 unless
+        overridden), and every other LoRA-only option that is not at its default."""
+        if not isinstance(lora_config, LoraConfig):
+            kind = type(lora_config).__name__
+            raise TypeError(f"from_lora_config needs a LoraConfig, got {kind}")
+        kwargs: dict[str, Any] = {name: getattr(lora_config, name) for name in _CARRIED}
+        kwargs["cera_dropout"] = lora_config.lora_dropout
+        kwargs["bias"] = {"lora_only": "cera_only"}.get(lora_config.bias, lora_config.bias)
+        for name in ("target_modules", "exclude_modules"):
+            if isinstance(kwargs[name], set):
+                kwargs[name] = sorted(kwargs[name])
+        defaults = LoraConfig()
+        dropped = [f"lora_alpha={lora_config.lora_alpha}"]
+        for name in sorted(_LORA_FIELDS - _CERA_FIELDS - {"lora_alpha", "lora_dropout"}):
+            value = getattr(lora_config, name)
+            if value != getattr(defaults, name):
+                dropped.append(f"{name}={value!r}")
+        warnings.warn(
+            f"CeraConfig.from_lora_config could not carry over {', '.join(dropped)}: CeRA has "
+            "no alpha/r factor (its branch is multiplied by `scaling`) and no counterpart "
+            "for LoRA-only options",
+            stacklevel=2,
+        )
+        return cls(**{**kwargs, **overrides})
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,
+        **kwargs: Any,
+    ) -> CeraConfig:  # fmt: skip
+        """The config of a saved CeRA adapter, checked together with its weights file.
+
+        PEFT calls this (``PeftModel.from_pretrained``, ``load_adapter``,
+        ``AutoPeftModel*``) before it allocates the adapter: the folder must be local and
+        hold ``adapter_config.json`` and ``adapter_model.safetensors`` (or ``.bin``), the
+        JSON must describe a CeRA adapter, and the weights' header (dtypes and shapes,
+        read without loading the tensors) must hold floating-point CeRA weights of the
+        config's ranks. Errors name the file and what is wrong; nothing is downloaded.
+        """
+        folder = Path(pretrained_model_name_or_path, subfolder or "")
+        if not folder.is_dir():
+            raise FileNotFoundError(f"adapter folder {folder} does not exist")
+        path = folder / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"adapter folder {folder} has no {CONFIG_NAME}")
+        try:
+            raw = json.loads(path.read_bytes())
+        except (ValueError, RecursionError) as err:  # bad JSON, bad UTF-8, absurd nesting
+            raise ValueError(f"{path} is not valid JSON: {err}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+        # PEFT picks the config class from peft_type: another method's file would
+        # otherwise build that method's adapters (or fail with a KeyError).
+        if raw.get("peft_type", PEFT_TYPE.value) != PEFT_TYPE.value:
+            raise ValueError(
+                f"{path} describes a {raw['peft_type']!r} adapter, not a CeRA one "
+                f"(peft_type {PEFT_TYPE.value!r})"
+            )
+        weights, header = read_weights_header(folder)
+        try:
+            config = super().from_pretrained(os.fspath(pretrained_model_name_or_path), subfolder,
+                                             **kwargs)  # fmt: skip
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+        except TypeError as err:
+            raise TypeError(f"{path}: {err}") from None
+        check_weights_header(path, weights, config, header)
+        return config
+
+
+_LORA_FIELDS = frozenset(f.name for f in dataclasses.fields(LoraConfig))
+_CERA_FIELDS = frozenset(f.name for f in dataclasses.fields(CeraConfig))
+
+
+def check_adapter_args(r: Any, dropout: Any, activation: Any, scaling: Any) -> None:
+    """Raises ValueError/TypeError naming the first bad hyper-parameter."""
+    _check_rank("r", r)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+        raise TypeError(f"dropout must be a float, got {type(dropout).__name__} {dropout!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}: expected one of {ACTIVATIONS}")
+    _check_scaling("scaling", scaling)
+
+
+def _check_rank(name: str, r: Any) -> None:
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise TypeError(f"{name} must be an int, got {type(r).__name__} {r!r}")
+    if r < 1:
+        raise ValueError(f"{name} must be >= 1, got {r}")
+
+
+def _check_scaling(name: str, scaling: Any) -> None:
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(scaling).__name__} {scaling!r}")
+    if not math.isfinite(scaling):
+        raise ValueError(f"{name} must be finite, got {scaling}")
+
 
 def _check_optional(name: str, value: object, kinds: tuple[type, ...], item: type) -> None:
     """TypeError naming ``name`` unless ``value`` is None, a bare ``item`` (when ``item`` is
@@ -111,3 +318,95 @@ def _check_optional(name: str, value: object, kinds: tuple[type, ...], item: typ
     if isinstance(value, (list, tuple)) and all(ok(v) for v in value):
         return
     raise TypeError(f"{name} must be None or a {item.__name__} or list of them, got {value!r}")
+
+
+# safetensors' dtype names, as torch names them (the messages use torch's names).
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool, "C64": torch.complex64,
+}  # fmt: skip
+
+Header = dict[str, tuple["torch.dtype | str", tuple[int, ...]]]
+
+# The heads PEFT's PeftModelForSequenceClassification (etc.) add to modules_to_save.
+_TASK_HEADS = {"SEQ_CLS": {"classifier", "score"}, "TOKEN_CLS": {"classifier", "score"},
+               "QUESTION_ANS": {"qa_outputs"}}  # fmt: skip
+
+
+def _saved(module: str, header: Header) -> bool:
+    """Whether ``header`` holds a tensor of a module named (or ending in) ``module``."""
+    return any(f".{module}." in f".{key}" for key in header)
+
+
+def read_weights_header(folder: Path) -> tuple[Path, Header]:
+    """The weights file PEFT will load from ``folder`` (safetensors first, as PEFT) and
+    the dtype and shape of each tensor in it, read without loading the tensors: the
+    safetensors header, or a memory-mapped ``torch.load`` of a ``.bin`` file."""
+    weights = folder / SAFETENSORS_WEIGHTS_NAME
+    if weights.is_file():
+        try:
+            with safe_open(weights, framework="pt") as f:
+                header = {}
+                for key in f.keys():
+                    part = f.get_slice(key)
+                    dtype = part.get_dtype()
+                    header[key] = (_SAFETENSORS_DTYPES.get(dtype, dtype), tuple(part.get_shape()))
+                return weights, header
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{weights} is not a valid safetensors file: {err}") from None
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(
+            f"adapter folder {folder} has no {SAFETENSORS_WEIGHTS_NAME} (or {WEIGHTS_NAME})"
+        )
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError,
+            zipfile.BadZipFile) as err:  # fmt: skip
+        raise ValueError(f"{weights} is not a state dict torch.load can read: {err}") from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise ValueError(f"{weights} must hold a dict from names to tensors")
+    return weights, {key: (t.dtype, tuple(t.shape)) for key, t in state.items()}
+
+
+def check_weights_header(
+    config_path: Path, weights: Path, config: CeraConfig, header: Header
+) -> None:
+    """Refuses a weights file without CeRA weights, with non-float ones (loading would
+    cast them silently), or with ranks other than the config's: a corrupted ``r`` must
+    not allocate ``r x d_in`` weights."""
+    parts = {key: shape for key, (_, shape) in header.items()
+             if (".cera_A." in key or ".cera_B." in key) and len(shape) == 2}  # fmt: skip
+    if not parts:
+        raise ValueError(
+            f"{weights} holds no CeRA adapter weights (2-D tensors named *.cera_A.* / *.cera_B.*)"
+        )
+    for key, (dtype, _) in header.items():
+        floating = isinstance(dtype, torch.dtype) and dtype.is_floating_point
+        if (".cera_A." in key or ".cera_B." in key) and not floating:
+            raise ValueError(
+                f"{weights} holds {dtype} adapter weights ({key}); CeRA weights are floating point"
+            )
+    # PEFT looks these up by name and fails with a bare KeyError when one is absent. The
+    # heads PeftModelFor<task> adds by itself are alternatives: one of them suffices.
+    wanted = set(config.modules_to_save or ())
+    heads = wanted & _TASK_HEADS.get(config.task_type, set())
+    absent = [name for name in sorted(wanted - heads) if not _saved(name, header)]
+    if heads and not any(_saved(name, header) for name in heads):
+        absent.append(" or ".join(sorted(heads)))
+    if absent:
+        raise ValueError(
+            f"{weights} lacks weights for {', '.join(absent)}, which its {CONFIG_NAME} asks "
+            "for (modules_to_save)"
+        )
+    for key, shape in parts.items():
+        module, part = key.split(".cera_", 1)
+        r = shape[0] if part.startswith("A.") else shape[1]
+        expected = config.rank_for(module.removeprefix("base_model.model."))
+        if r != expected:
+            raise ValueError(
+                f"{config_path} says r={expected}, but {weights} holds rank-{r} weights ({key})"
+            )

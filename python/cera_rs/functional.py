@@ -14,8 +14,7 @@ import torch
 from torch import Tensor
 
 from cera_rs import _native
-
-ACTIVATIONS = ("silu", "relu", "identity")
+from cera_rs.config import ACTIVATIONS
 
 # Seeds are drawn from torch's default generator, so torch.manual_seed fixes the mask.
 _SEED_HIGH = 2**62

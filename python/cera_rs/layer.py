@@ -7,7 +7,7 @@ Mirrors PEFT's LoRA layers (``peft.tuners.lora.layer``): the wrapped layer is
 
 from __future__ import annotations
 
-import math
+import warnings
 from typing import Any
 
 import torch
@@ -15,7 +15,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from cera_rs.functional import ACTIVATIONS, cera_delta
+from cera_rs.config import check_adapter_args
+from cera_rs.functional import cera_delta
 
 
 class CeraMergeError(NotImplementedError):
@@ -34,30 +35,13 @@ def base_features(base_layer: nn.Module) -> tuple[int, int]:
     )
 
 
-def check_adapter_args(r: Any, dropout: Any, activation: Any, scaling: Any) -> None:
-    """Raises ValueError/TypeError naming the first bad hyper-parameter."""
-    if isinstance(r, bool) or not isinstance(r, int):
-        raise TypeError(f"r must be an int, got {type(r).__name__} {r!r}")
-    if r < 1:
-        raise ValueError(f"r must be >= 1, got {r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
-        raise TypeError(f"dropout must be a float, got {type(dropout).__name__} {dropout!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}: expected one of {ACTIVATIONS}")
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
-        raise TypeError(f"scaling must be a float, got {type(scaling).__name__} {scaling!r}")
-    if not math.isfinite(scaling):
-        raise ValueError(f"scaling must be finite, got {scaling}")
-
-
 class CeraLinear(nn.Module, BaseTunerLayer):
     """``base_layer(x) + scaling * B · Dropout(act(A x))`` for each active adapter.
 
     ``A`` (``cera_A[name]``, nn.Linear d_in -> r) starts Kaiming-normal as in the
     paper's reference, ``B`` (``cera_B[name]``, r -> d_out) at zero, so a new adapter
-    leaves the layer's output unchanged. The base layer's parameters are frozen.
+    leaves the layer's output unchanged (``init_weights=False``: B random as well, for
+    tests). The base layer's parameters are frozen.
     """
 
     adapter_layer_names = ("cera_A", "cera_B")
@@ -71,6 +55,7 @@ class CeraLinear(nn.Module, BaseTunerLayer):
         dropout: float = 0.1,
         activation: str = "silu",
         scaling: float = 1.0,
+        init_weights: bool = True,
         adapter_name: str = "default",
     ) -> None:
         super().__init__()
@@ -87,7 +72,8 @@ class CeraLinear(nn.Module, BaseTunerLayer):
         self._active_adapter = adapter_name
         for param in self.base_layer.parameters():
             param.requires_grad_(False)
-        self.update_layer(adapter_name, r, dropout=dropout, activation=activation, scaling=scaling)
+        self.update_layer(adapter_name, r, dropout=dropout, activation=activation, scaling=scaling,
+                          init_weights=init_weights)  # fmt: skip
 
     def update_layer(
         self,
@@ -97,6 +83,7 @@ class CeraLinear(nn.Module, BaseTunerLayer):
         dropout: float = 0.1,
         activation: str = "silu",
         scaling: float = 1.0,
+        init_weights: bool = True,
     ) -> None:
         """Adds (or replaces) the adapter ``adapter_name`` with fresh weights."""
         check_adapter_args(r, dropout, activation, scaling)
@@ -109,14 +96,18 @@ class CeraLinear(nn.Module, BaseTunerLayer):
         self.cera_dropout[adapter_name] = float(dropout)
         self.activation[adapter_name] = activation
         self.scaling[adapter_name] = float(scaling)
-        self.reset_cera_parameters(adapter_name)
+        self.reset_cera_parameters(adapter_name, init_weights)
         self.set_adapter(self.active_adapters)
 
-    def reset_cera_parameters(self, adapter_name: str) -> None:
-        """A: Kaiming normal (fan_in, ReLU gain, std sqrt(2 / d_in)); B: zeros."""
-        a = self.cera_A[adapter_name].weight
+    def reset_cera_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
+        """A: Kaiming normal (fan_in, ReLU gain, std sqrt(2 / d_in)); B: zeros, or with
+        ``init_weights=False`` Kaiming normal too (fan_in r), so the adapter acts at once."""
+        a, b = self.cera_A[adapter_name].weight, self.cera_B[adapter_name].weight
         nn.init.kaiming_normal_(a, mode="fan_in", nonlinearity="relu")
-        nn.init.zeros_(self.cera_B[adapter_name].weight)
+        if init_weights:
+            nn.init.zeros_(b)
+        else:
+            nn.init.kaiming_normal_(b, mode="fan_in", nonlinearity="linear")
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise CeraMergeError(
@@ -125,7 +116,8 @@ class CeraLinear(nn.Module, BaseTunerLayer):
         )
 
     def unmerge(self) -> None:
-        raise CeraMergeError("CeRA adapters are never merged, so there is nothing to unmerge")
+        # As LoRA's layers do when nothing is merged (and a CeRA adapter never is).
+        warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)

@@ -1,104 +1,167 @@
-"""``CeraModel`` and ``get_cera_model``: the user-facing wrapper, a ``peft.PeftModel``.
+"""``CeraModel``: PEFT's ``BaseTuner`` for CeRA, the counterpart of PEFT's ``LoraModel``.
 
-Everything PEFT users call (``print_trainable_parameters``, ``save_pretrained``,
-``from_pretrained``, ``load_adapter``, ``add_adapter``, ``set_adapter``,
-``disable_adapter()``, ``unload``, ``generate`` pass-through) is PEFT's. What this adds:
-saving that a crash cannot half-write, loading that checks its files before PEFT
-would reach for a model hub, and a clear refusal of ``merge_and_unload``.
+Registered with ``peft.register_peft_method``, it is what ``peft.get_peft_model``,
+``PeftModel.from_pretrained``, ``load_adapter`` and transformers' ``load_adapter``
+build: it finds the target modules, swaps each for a ``CeraLinear`` and freezes the
+rest; matching, ``modules_to_save``, bias handling, adapter switching, state-dict keys
+and ``unload`` are PEFT's own machinery. Loading is checked twice: the folder and the
+weights' header by ``CeraConfig.from_pretrained`` before anything is allocated, and
+every state dict loaded into the model by ``_check_adapter_state`` before any weight
+is copied. ``save_pretrained`` here is PEFT's save made atomic.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from peft import PeftModel
-from peft.utils import SAFETENSORS_WEIGHTS_NAME
+import peft
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from peft.utils.constants import CONFIG_NAME
-from safetensors import SafetensorError, safe_open
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from cera_rs.config import PEFT_TYPE, CeraConfig
+from cera_rs.config import CeraConfig
+from cera_rs.layer import CeraLinear, CeraMergeError, base_features
 
 
-class CeraModel(PeftModel):
-    """A model with CeRA adapters; behaves as PEFT's ``PeftModel`` does."""
+class CeraModel(BaseTuner):
+    """Adds CeRA adapters to a model; built by ``peft.get_peft_model(model, CeraConfig(...))``."""
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """PEFT's save, written to a temporary folder beside ``save_directory`` and moved
-        into place file by file (``os.replace``): a failed write leaves the old files
-        intact, and a failure while moving puts back the files already replaced."""
-        target = Path(save_directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            super().save_pretrained(staging, **kwargs)
-            # Weights before config: a reader never sees a new config with old weights.
-            files = sorted(p for p in staging.rglob("*") if p.is_file())
-            files.sort(key=lambda p: p.name == CONFIG_NAME)
-            _replace_all(staging, files, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    prefix: str = "cera_"
+    tuner_layer_cls = CeraLinear
+    # The paper adapts the attention's query and value projections, as LoRA's defaults do.
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
-    @classmethod
-    def from_pretrained(
-        cls,
-        model: nn.Module,
-        model_id: str | os.PathLike,
-        adapter_name: str = "default",
-        is_trainable: bool = False,
+    def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str, **kwargs: Any):
+        super().__init__(model, peft_config, adapter_name, **kwargs)
+        self.register_load_state_dict_pre_hook(_check_adapter_state)
+
+    def _create_and_replace(
+        self,
+        config: CeraConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
         **kwargs: Any,
-    ) -> CeraModel:
-        """Wraps ``model`` and loads the adapter saved in the folder ``model_id``."""
-        header = check_adapter_files(model_id)
-        check_float_weights(model_id, header)
-        config = read_config(model_id)
-        check_rank(model_id, config, header)
-        config.inference_mode = not is_trainable
-        wrapped = cls(model, config, adapter_name)
-        wrapped._load_weights(model_id, adapter_name, is_trainable, **kwargs)
-        return wrapped
-
-    def load_adapter(
-        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-        **kwargs: Any,
-    ) -> Any:  # fmt: skip
-        """Loads a saved CeRA adapter under ``adapter_name``; refuses incomplete files."""
-        header = check_adapter_files(model_id)
-        check_float_weights(model_id, header)
-        if adapter_name not in self.peft_config:
-            config = read_config(model_id)
-            check_rank(model_id, config, header)
-            config.inference_mode = not is_trainable
-            self.add_adapter(adapter_name, config)
-        return self._load_weights(model_id, adapter_name, is_trainable, **kwargs)
-
-    def _load_weights(
-        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool, **kwargs: Any
-    ) -> Any:
-        """PEFT's load of already checked files into the existing adapter ``adapter_name``."""
-        try:
-            result = super().load_adapter(
-                str(model_id), adapter_name, is_trainable=is_trainable, **kwargs
+    ) -> None:
+        r = config.rank_for(current_key)
+        args = {"dropout": config.cera_dropout, "activation": config.activation,
+                "scaling": config.scaling_for(current_key),
+                "init_weights": config.init_weights}  # fmt: skip
+        if isinstance(target, CeraLinear):
+            target.update_layer(adapter_name, r, **args)
+            return
+        if isinstance(target, BaseTunerLayer):
+            raise TypeError(
+                f"{current_key} already holds a {type(target).__name__} adapter; "
+                "CeRA cannot stack on another PEFT method's layer"
             )
-        except RuntimeError as err:  # load_state_dict's size mismatch
-            raise ValueError(f"adapter weights in {model_id} do not fit the model: {err}") from None
-        except KeyError as err:  # PEFT looks up modules_to_save weights the file lacks
+        try:
+            base_features(target)
+        except TypeError as err:
+            raise TypeError(f"target module {current_key!r}: {err}") from None
+        new_module = CeraLinear(target, r, adapter_name=adapter_name, **args)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any):
+        try:
+            return super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except ValueError as err:
+            if "not found in the base model" not in str(err):
+                raise
+            candidates = sorted(
+                {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                 if isinstance(module, (nn.Linear, Conv1D))}
+            )  # fmt: skip
             raise ValueError(
-                f"{Path(model_id) / SAFETENSORS_WEIGHTS_NAME} lacks {err}, which its "
-                f"{CONFIG_NAME} asks for (modules_to_save)"
+                f"{err} Layers CeRA can adapt in this model are named: {', '.join(candidates)}"
             ) from None
-        missing = [k for k in result.missing_keys if ".cera_" in k and f".{adapter_name}." in k]
+
+    def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
+        raise CeraMergeError(
+            "merge_and_unload is impossible for CeRA: the branch B·act(A x) is non-linear in "
+            "x, so it cannot be folded into the base weight. Keep the adapter at inference, "
+            "or use unload() to get the base model back without it."
+        )
+
+    def merge_adapter(self, *args: Any, **kwargs: Any) -> None:
+        self.merge_and_unload()
+
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        raise CeraMergeError(
+            "add_weighted_adapter is impossible for CeRA: it combines adapters by weighting "
+            "their linear updates B·A, but a CeRA branch B·act(A x) is non-linear in x, so "
+            "no weighted sum of weights equals a weighted sum of branches. Load the adapters "
+            "side by side instead and pick one with set_adapter (or per row with adapter_names=)."
+        )
+
+
+def _check_adapter_state(
+    tuner: CeraModel, state_dict: dict[str, Any], prefix: str, *args: Any
+) -> None:
+    """A ``load_state_dict`` pre-hook on the tuner: for each adapter the state dict holds
+    CeRA weights of, every adapted layer's A and B must be there, floating point and of
+    the model's shapes. Runs before any weight is copied, so a bad file changes nothing
+    (PEFT would only warn about missing weights and leave them at their initial values)."""
+    expected: dict[str, list[tuple[str, nn.Parameter]]] = {}
+    for name, module in tuner.named_modules(prefix=prefix.removesuffix(".")):
+        if isinstance(module, CeraLinear):
+            for part in ("cera_A", "cera_B"):
+                for adapter, linear in getattr(module, part).items():
+                    key = f"{name}.{part}.{adapter}.weight"
+                    expected.setdefault(adapter, []).append((key, linear.weight))
+    for adapter, params in expected.items():
+        present = [(key, p) for key, p in params if key in state_dict]
+        if not present:
+            continue  # this load does not touch the adapter
+        missing = [key for key, p in params if key not in state_dict]
         if missing:
             raise ValueError(
-                f"{Path(model_id) / SAFETENSORS_WEIGHTS_NAME} lacks weights for "
-                f"{len(missing)} adapter tensors, e.g. {missing[0]}"
+                f"the weights loaded for adapter {adapter!r} lack {len(missing)} of its "
+                f"{len(params)} adapter tensors, e.g. {missing[0]}"
             )
-        return result
+        for key, param in present:
+            value = state_dict[key]
+            if not value.is_floating_point():
+                raise ValueError(
+                    f"the weights loaded hold {value.dtype} adapter weights ({key}); CeRA "
+                    "weights are floating point"
+                )
+            if value.shape != param.shape:
+                raise ValueError(
+                    f"adapter weights do not fit the model: size mismatch for {key}: the "
+                    f"checkpoint holds {tuple(value.shape)}, the model {tuple(param.shape)}"
+                )
+
+
+def save_pretrained(
+    model: peft.PeftModel, save_directory: str | os.PathLike, **kwargs: Any
+) -> None:
+    """``model.save_pretrained(save_directory, **kwargs)``, atomic: PEFT's save writes into
+    a staging folder beside ``save_directory``, and the files are moved into place one
+    by one (``os.replace``). A failed write leaves the old files intact; a failure while
+    moving puts back the files already replaced. (``PeftModel.save_pretrained`` itself
+    writes in place, and no tuner hook spans its whole save.)"""
+    target = Path(save_directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(staging, **kwargs)
+        # Weights before config: a reader never sees a new config with old weights.
+        files = sorted(p for p in staging.rglob("*") if p.is_file())
+        files.sort(key=lambda p: p.name == CONFIG_NAME)
+        _replace_all(staging, files, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _replace_all(staging: Path, files: list[Path], target: Path) -> None:
@@ -131,96 +194,11 @@ def _replace_all(staging: Path, files: list[Path], target: Path) -> None:
         raise
 
 
-def check_adapter_files(model_id: str | os.PathLike) -> dict[str, tuple[str, list[int]]]:
-    """A local adapter folder with a readable config and safetensors file, or an error
-    naming what is missing or broken (PEFT would otherwise try to download it).
-    Returns the dtype and shape of each tensor in the safetensors file (its header)."""
-    folder = Path(model_id)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"adapter folder {folder} does not exist")
-    for name in (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"adapter folder {folder} has no {name}")
-    weights = folder / SAFETENSORS_WEIGHTS_NAME
-    try:
-        with safe_open(weights, framework="pt") as f:
-            header = {}
-            for key in f.keys():
-                tensor = f.get_slice(key)
-                header[key] = (tensor.get_dtype(), list(tensor.get_shape()))
-            return header
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{weights} is not a valid safetensors file: {err}") from None
-
-
-def check_rank(
-    model_id: str | os.PathLike, config: CeraConfig, header: dict[str, tuple[str, list[int]]]
-) -> None:
-    """Compares the config's rank with the saved A (r, d_in) and B (d_out, r) before
-    any adapter is allocated: a corrupted r must not allocate r x d_in weights."""
-    ranks = {key: shape[0] if ".cera_A." in key else shape[-1]
-             for key, (_, shape) in header.items()
-             if (".cera_A." in key or ".cera_B." in key) and len(shape) == 2}  # fmt: skip
-    if not ranks:
-        raise ValueError(
-            f"{Path(model_id) / SAFETENSORS_WEIGHTS_NAME} holds no CeRA adapter weights "
-            "(2-D tensors named *.cera_A.* / *.cera_B.*)"
-        )
-    wrong = {key: r for key, r in ranks.items() if r != config.r}
-    if wrong:
-        key, r = next(iter(wrong.items()))
-        raise ValueError(
-            f"{Path(model_id) / CONFIG_NAME} says r={config.r}, but "
-            f"{Path(model_id) / SAFETENSORS_WEIGHTS_NAME} holds rank-{r} weights ({key})"
-        )
-
-
-def check_float_weights(
-    model_id: str | os.PathLike, header: dict[str, tuple[str, list[int]]]
-) -> None:
-    """Refuses adapter tensors that are not floating point (load_state_dict would
-    silently cast integers or booleans into the weights)."""
-    for key, (dtype, _) in header.items():
-        if (".cera_A." in key or ".cera_B." in key) and dtype not in _FLOAT_DTYPES:
-            raise ValueError(
-                f"{Path(model_id) / SAFETENSORS_WEIGHTS_NAME} holds {dtype} adapter weights "
-                f"({key}); CeRA weights are floating point"
-            )
-
-
-_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
-
-
-def read_config(model_id: str | os.PathLike) -> CeraConfig:
-    """The ``CeraConfig`` in ``model_id/adapter_config.json``, with the file named on error."""
-    path = Path(model_id) / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"adapter folder {model_id} has no {CONFIG_NAME}")
-    try:
-        raw = json.loads(path.read_bytes())
-    except (ValueError, RecursionError) as err:  # bad JSON, bad UTF-8, absurd nesting
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}")
-    # PEFT picks the config class from peft_type: another method's file would
-    # otherwise build that method's adapters (or fail with a KeyError).
-    if raw.get("peft_type", PEFT_TYPE) != PEFT_TYPE:
-        raise ValueError(
-            f"{path} describes a {raw['peft_type']!r} adapter, not a CeRA one "
-            f"(peft_type {PEFT_TYPE!r})"
-        )
-    try:
-        return CeraConfig.from_pretrained(str(model_id))
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
-    except TypeError as err:
-        raise TypeError(f"{path}: {err}") from None
-
-
 def get_cera_model(
-    model: nn.Module, config: CeraConfig, adapter_name: str = "default"
-) -> CeraModel:
-    """Adds CeRA adapters to ``model`` as ``peft.get_peft_model`` adds LoRA ones."""
+    model: nn.Module, config: CeraConfig, adapter_name: str = "default", **kwargs: Any
+) -> peft.PeftModel:
+    """``peft.get_peft_model`` for a ``CeraConfig`` (a thin alias that refuses other
+    configs); ``kwargs`` are get_peft_model's (``autocast_adapter_dtype``, ...)."""
     if not isinstance(config, CeraConfig):
         raise TypeError(f"get_cera_model needs a CeraConfig, got {type(config).__name__}")
-    return CeraModel(model, config, adapter_name)
+    return peft.get_peft_model(model, config, adapter_name=adapter_name, **kwargs)

@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 
 from cera_rs.layer import CeraLinear
-from cera_rs.model import CeraModel
 
 _ADAPTER_KEY = re.compile(r"^(?P<module>.+)\.cera\.(?P<part>A|B|down_proj|up_proj)\.weight$")
 _PART = {"A": "A", "down_proj": "A", "B": "B", "up_proj": "B"}
@@ -25,7 +25,7 @@ _BASE_PREFIXES = ("base_model.model.", "module.", "model.")
 
 
 def load_reference_checkpoint(
-    model: CeraModel,
+    model: PeftModel,
     checkpoint: Mapping[str, torch.Tensor] | str | os.PathLike,
     adapter_name: str = "default",
 ) -> list[str]:

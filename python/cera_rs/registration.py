@@ -1,27 +1,27 @@
-"""Makes PEFT itself accept ``CeraConfig``: after ``import cera_rs``,
-``peft.get_peft_model(model, CeraConfig(...))`` and ``PeftModel.from_pretrained`` work.
-
-PEFT 0.21's ``register_peft_method`` insists on a member of its ``PeftType`` enum,
-which has none for CeRA and cannot be extended without patching the enum. The
-registries it fills are plain dicts looked up with ``config.peft_type``; since
-``PeftType`` is a ``str`` enum, a plain-string key is looked up the same way. So this
-fills those registries directly, as ``register_peft_method`` would, and nothing else.
+"""Makes PEFT itself accept ``CeraConfig``: registers CeRA through PEFT's public
+``register_peft_method`` (name ``"cera"``, prefix ``"cera_"``), after which
+``peft.get_peft_model(model, CeraConfig(...))``, ``PeftModel.from_pretrained``,
+``AutoPeftModel*``, ``PeftConfig.from_pretrained`` and transformers' ``load_adapter``
+dispatch on ``PeftType.CERA`` as they do on LoRA. ``register_peft_method`` needs the
+enum member, which ``cera_rs.config`` adds to PEFT's ``PeftType``.
 """
 
 from __future__ import annotations
 
-from peft.mapping import (
-    PEFT_TYPE_TO_CONFIG_MAPPING,
-    PEFT_TYPE_TO_PREFIX_MAPPING,
-    PEFT_TYPE_TO_TUNER_MAPPING,
-)
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+from peft.utils import register_peft_method
 
 from cera_rs.config import PEFT_TYPE, CeraConfig
-from cera_rs.tuner import CeraTuner
+from cera_rs.model import CeraModel
 
 
 def register() -> None:
-    """Idempotent: importing cera_rs twice (or reloading it) registers once."""
-    PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = CeraConfig
-    PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = CeraTuner
-    PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = CeraTuner.prefix
+    """Idempotent: importing (or reloading) cera_rs again registers nothing twice
+    (``register_peft_method`` refuses a second registration)."""
+    if PEFT_TYPE in PEFT_TYPE_TO_CONFIG_MAPPING:
+        return
+    # Not mixed-compatible: PeftMixedModel only combines the tuners it knows (LoRA, LoHa, ...).
+    register_peft_method(
+        name="cera", config_cls=CeraConfig, model_cls=CeraModel, prefix=CeraModel.prefix,
+        is_mixed_compatible=False,
+    )  # fmt: skip
