@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 
+import huggingface_hub.constants
 import peft
+import peft.utils.save_and_load
 import pytest
 import torch
+from huggingface_hub.errors import LocalEntryNotFoundError
 from models import CASES, Case, tiny_llama
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForSequenceClassification
 
+import cera_rs.config
 from cera_rs import CeraConfig, CeraLinear, CeraMergeError, CeraModel, get_cera_model
 
 R = 4
@@ -283,3 +287,33 @@ def test_get_cera_model_is_get_peft_model_for_cera_configs():
     assert isinstance(model, peft.PeftModelForCausalLM) and isinstance(model.base_model, CeraModel)
     with pytest.raises(TypeError, match="needs a CeraConfig, got LoraConfig"):
         get_cera_model(tiny_llama(), peft.LoraConfig())
+
+
+def test_hub_adapter_is_checked_then_loaded_from_the_cache(tmp_path, monkeypatch):
+    """A name that is not a local folder is a Hub repository. A stand-in for the Hub
+    (a local folder served through hf_hub_download, in offline mode) serves a saved
+    adapter: it loads, and a corrupted rank is refused from the cached header."""
+    hub, cache = tmp_path / "hub", tmp_path / "cache"
+    model = trained_llama()
+    model.save_pretrained(hub / "user" / "cera-adapter")
+
+    def hf_hub_download(repo_id, filename, subfolder=None, **kwargs):
+        source = hub / repo_id / (subfolder or "") / filename
+        if not source.is_file():
+            raise LocalEntryNotFoundError(f"{repo_id}/{filename}")
+        target = cache / repo_id / (subfolder or "") / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(source.read_bytes())
+        return str(target)
+
+    for module in (peft.config, peft.utils.save_and_load, cera_rs.config):
+        monkeypatch.setattr(module, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(), "user/cera-adapter")
+    assert torch.equal(llama_logits(loaded), llama_logits(model))
+    with pytest.raises(FileNotFoundError, match=r"no Hub repository 'user/other' with an adapter"):
+        CeraConfig.from_pretrained("user/other")
+    config = hub / "user" / "cera-adapter" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "r": 10**9}))
+    with pytest.raises(ValueError, match=r"cache/user/cera-adapter/adapter_config.json says r=10"):
+        peft.PeftModel.from_pretrained(tiny_llama(), "user/cera-adapter")

@@ -10,6 +10,7 @@ on LoRA; it serialises to ``adapter_config.json`` with ``"peft_type": "CERA"``.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
 from peft.config import PeftConfig
 from peft.tuners.lora import LoraConfig
 from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, PeftType
@@ -240,15 +243,18 @@ class CeraConfig(PeftConfig):
         """The config of a saved CeRA adapter, checked together with its weights file.
 
         PEFT calls this (``PeftModel.from_pretrained``, ``load_adapter``,
-        ``AutoPeftModel*``) before it allocates the adapter: the folder must be local and
-        hold ``adapter_config.json`` and ``adapter_model.safetensors`` (or ``.bin``), the
-        JSON must describe a CeRA adapter, and the weights' header (dtypes and shapes,
-        read without loading the tensors) must hold floating-point CeRA weights of the
-        config's ranks. Errors name the file and what is wrong; nothing is downloaded.
+        ``AutoPeftModel*``) before it allocates the adapter: the folder must hold
+        ``adapter_config.json`` and ``adapter_model.safetensors`` (or ``.bin``), the JSON
+        must describe a CeRA adapter, and the weights' header (dtypes and shapes, read
+        without loading the tensors) must hold floating-point CeRA weights of the config's
+        ranks. Errors name the file and what is wrong. A name that is not a local folder
+        is a Hub repository: its two files are downloaded into the Hub cache first (where
+        PEFT's load then finds them), as PEFT would download them.
         """
         folder = Path(pretrained_model_name_or_path, subfolder or "")
         if not folder.is_dir():
-            raise FileNotFoundError(f"adapter folder {folder} does not exist")
+            folder = _hub_folder(os.fspath(pretrained_model_name_or_path), subfolder, kwargs)
+            pretrained_model_name_or_path, subfolder = folder, None
         path = folder / CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"adapter folder {folder} has no {CONFIG_NAME}")
@@ -275,6 +281,25 @@ class CeraConfig(PeftConfig):
             raise TypeError(f"{path}: {err}") from None
         check_weights_header(path, weights, config, header)
         return config
+
+
+def _hub_folder(repo_id: str, subfolder: str | None, kwargs: dict[str, Any]) -> Path:
+    """The cached folder of the Hub adapter ``repo_id`` after downloading its config and
+    weights (safetensors, else ``.bin``) with ``kwargs``' download options."""
+    accepted = inspect.signature(hf_hub_download).parameters.keys() - {"filename", "subfolder"}
+    options = {k: v for k, v in kwargs.items() if k in accepted}
+    try:
+        config = hf_hub_download(repo_id, CONFIG_NAME, subfolder=subfolder, **options)
+        try:
+            hf_hub_download(repo_id, SAFETENSORS_WEIGHTS_NAME, subfolder=subfolder, **options)
+        except EntryNotFoundError:
+            hf_hub_download(repo_id, WEIGHTS_NAME, subfolder=subfolder, **options)
+    except (OSError, ValueError, EntryNotFoundError) as err:  # no such folder, repo or file
+        raise FileNotFoundError(
+            f"adapter folder {Path(repo_id, subfolder or '')} does not exist, and no Hub "
+            f"repository {repo_id!r} with an adapter could be read ({type(err).__name__})"
+        ) from None
+    return Path(config).parent
 
 
 _LORA_FIELDS = frozenset(f.name for f in dataclasses.fields(LoraConfig))
