@@ -4,6 +4,15 @@ With autograd, a call goes ``autograd.Function`` -> ``torch.library`` custom op 
 ``_native`` -> Rust; the custom ops carry fake implementations so ``torch.compile``
 keeps them in its graph. Without autograd (inference, decoding one token at a time)
 the Rust forward is called directly, with no bookkeeping.
+
+Under ``torch.autocast`` the branch follows what autocast does for ``F.linear`` (so
+PEFT LoRA's ``lora_B(lora_A(x))``): its floating inputs other than float64 are cast
+to the autocast dtype outside the autograd Function, where autograd records the casts
+(float32 master weights get float32 gradients), and the kernel runs with autocast off,
+its GEMMs in that dtype and its fused elementwise pass in float32.
+``torch.library.register_autocast`` does not fit: it fixes one cast dtype per device
+type when registered, where autocast's dtype is the caller's choice, and it would cast
+inside the Function, out of autograd's sight.
 """
 
 from __future__ import annotations
@@ -22,6 +31,33 @@ _SEED_HIGH = 2**62
 
 def _draw_seed() -> Tensor:
     return torch.randint(0, _SEED_HIGH, (), dtype=torch.int64)
+
+
+# Device types with an autocast mode, found once: torch.compile cannot trace
+# torch.amp.is_autocast_available, and torch.is_autocast_enabled raises for the
+# others (meta, lazy, ...).
+_AUTOCAST_DEVICE_TYPES = frozenset(
+    kind
+    for kind in ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia", "maia", "ipu",
+                 torch._C._get_privateuse1_backend_name())
+    if torch.amp.is_autocast_available(kind)
+)  # fmt: skip
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs a linear layer in on ``device``, or None when
+    autocast is off there."""
+    kind = device.type
+    if kind not in _AUTOCAST_DEVICE_TYPES or not torch.is_autocast_enabled(kind):
+        return None
+    return torch.get_autocast_dtype(kind)
+
+
+def _autocast_cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    # Autocast's own eligibility rule: floating point, and float64 is left alone.
+    if t.is_floating_point() and t.dtype != torch.float64:
+        return t.to(dtype)
+    return t
 
 
 def _eager_forward(
@@ -93,7 +129,13 @@ class _CeraBranch(torch.autograd.Function):
         x, a, b, h, seed = ctx.saved_tensors
         needs = list(ctx.needs_input_grad[:3])
         op = _branch_backward if torch.compiler.is_compiling() else _eager_backward
-        grads = op(grad, x, a, b, h, seed, *ctx.config, needs)
+        # The forward ran with autocast off; a backward called inside an autocast
+        # region runs the same way (what torch.amp.custom_bwd does).
+        if autocast_dtype(x.device) is None:
+            grads = op(grad, x, a, b, h, seed, *ctx.config, needs)
+        else:
+            with torch.autocast(x.device.type, enabled=False):
+                grads = op(grad, x, a, b, h, seed, *ctx.config, needs)
         dx, da, db = (g if need else None for g, need in zip(grads, needs))
         return dx, da, db, None, None, None, None
 
@@ -111,7 +153,8 @@ def cera_delta(
     """``scaling * B · Dropout(act(A x))`` for every row of ``x``.
 
     ``x`` is ``(..., d_in)``, ``A`` is ``(r, d_in)`` and ``B`` is ``(d_out, r)``; the
-    result is ``(..., d_out)`` in ``x``'s dtype. Dropout applies only when
+    result is ``(..., d_out)`` in ``x``'s dtype, or in the autocast dtype inside a
+    ``torch.autocast`` region (as ``F.linear``'s). Dropout applies only when
     ``training`` is true, with inverted scaling ``1 / (1 - dropout)``.
     """
     for name, t in (("x", x), ("A", A), ("B", B)):
@@ -124,15 +167,23 @@ def cera_delta(
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}: expected one of {ACTIVATIONS}")
     p = float(dropout) if training else 0.0
+    dtype = autocast_dtype(x.device)
+    if dtype is None:
+        return _branch(x, A, B, activation, float(scaling), p)
+    x, A, B = (_autocast_cast(t, dtype) for t in (x, A, B))
+    with torch.autocast(x.device.type, enabled=False):
+        return _branch(x, A, B, activation, float(scaling), p)
+
+
+def _branch(x: Tensor, A: Tensor, B: Tensor, activation: str, scaling: float, p: float) -> Tensor:
     needs_grad = x.requires_grad or A.requires_grad or B.requires_grad
     wants_graph = torch.is_grad_enabled() and needs_grad
     if wants_graph or torch.compiler.is_compiling():
         seed = _draw_seed() if p > 0 else torch.zeros((), dtype=torch.int64)
-        return _CeraBranch.apply(x, A, B, seed, activation, float(scaling), p)
+        return _CeraBranch.apply(x, A, B, seed, activation, scaling, p)
     if p > 0:
         y, _ = _native.forward(
-            x, A, B, activation=activation, scaling=float(scaling), dropout=p,
-            seed=int(_draw_seed()),
-        )  # fmt: skip
+            x, A, B, activation=activation, scaling=scaling, dropout=p, seed=int(_draw_seed())
+        )
         return y
-    return _native.delta(x, A, B, activation=activation, scaling=float(scaling))
+    return _native.delta(x, A, B, activation=activation, scaling=scaling)

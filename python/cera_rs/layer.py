@@ -8,15 +8,22 @@ Mirrors PEFT's LoRA layers (``peft.tuners.lora.layer``): the wrapped layer is
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from cera_rs.config import check_adapter_args
 from cera_rs.functional import cera_delta
+
+BASE_ADAPTER = "__base__"
+"""The name in ``adapter_names`` of rows that get no adapter (PEFT LoRA's)."""
 
 
 class CeraMergeError(NotImplementedError):
@@ -120,24 +127,100 @@ class CeraLinear(nn.Module, BaseTunerLayer):
         warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None and len(x) != len(adapter_names):
+            raise ValueError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {len(x)} respectively."
+            )
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             return result
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, result, adapter_names)
         for name in self.active_adapters:
-            if name not in self.cera_A:
+            if name in self.cera_A:
+                result = result + self._delta(name, x).to(result.dtype)
+        return result
+
+    def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        a = self.cera_A[name].weight
+        return cera_delta(
+            x.to(a.dtype),
+            a,
+            self.cera_B[name].weight,
+            dropout=self.cera_dropout[name],
+            activation=self.activation[name],
+            training=self.training,
+            scaling=self.scaling[name],
+        )
+
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, result: torch.Tensor, adapter_names: Sequence[str]
+    ) -> torch.Tensor:
+        """Row ``i`` of the batch gets adapter ``adapter_names[i]`` (``"__base__"``: none),
+        as PEFT LoRA's mixed adapter batches; names this layer lacks add nothing."""
+        for name in dict.fromkeys(adapter_names):
+            if name == BASE_ADAPTER or name not in self.cera_A:
                 continue
-            a = self.cera_A[name].weight
-            delta = cera_delta(
-                x.to(a.dtype),
-                a,
-                self.cera_B[name].weight,
-                dropout=self.cera_dropout[name],
-                activation=self.activation[name],
-                training=self.training,
-                scaling=self.scaling[name],
-            )
-            result = result + delta.to(result.dtype)
+            rows = [i for i, n in enumerate(adapter_names) if n == name]
+            index = torch.tensor(rows, device=x.device)
+            delta = self._delta(name, x.index_select(0, index))
+            result = result.index_add(0, index, delta.to(result.dtype))
         return result
 
     def __repr__(self) -> str:
         return "cera." + super().__repr__()
+
+
+@contextmanager
+def route_adapter_names(
+    model: nn.Module, adapter_names: Sequence[str] | None, num_beams: Any = None
+) -> Iterator[None]:
+    """Hands ``adapter_names`` to every CeRA layer and ``modules_to_save`` wrapper of
+    ``model`` for one forward or generate call, with PEFT LoRA's checks: inference
+    only, and every name an adapter of the model (or ``"__base__"``)."""
+    if adapter_names is None:
+        yield
+        return
+    if model.training:
+        raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+        raise TypeError(f"Got adapter names of type {type(adapter_names)}, expected a list of str.")
+    known = set()
+    for module in model.modules():
+        if isinstance(module, CeraLinear):
+            known |= module.cera_A.keys()
+    unknown = {name for name in adapter_names if name != BASE_ADAPTER} - known
+    if unknown:
+        missing = ", ".join(sorted(unknown))
+        raise ValueError(f"Trying to infer with non-existing adapter(s): {missing}")
+    # Beam search repeats each input num_beams times, but an encoder still sees the
+    # original batch: its layers get the original names (their hooks run last).
+    beams = num_beams if isinstance(num_beams, int) and num_beams > 1 else 1
+    handles = _register_names(model, [n for n in adapter_names for _ in range(beams)])
+    wrapped = getattr(model, "model", model)
+    if beams > 1 and hasattr(wrapped, "get_encoder"):
+        encoder = wrapped.get_encoder()  # transformers 5: the model itself when it has none
+        if encoder is not wrapped:
+            handles += _register_names(encoder, list(adapter_names))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _register_names(model: nn.Module, adapter_names: list[str]) -> list:
+    hook = partial(_inject_adapter_names, adapter_names=adapter_names)
+    return [
+        module.register_forward_pre_hook(hook, with_kwargs=True)
+        for module in model.modules()
+        if isinstance(module, (CeraLinear, AuxiliaryTrainingWrapper))
+    ]
+
+
+def _inject_adapter_names(
+    module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]
+) -> tuple[tuple, dict]:
+    return args, {**kwargs, "adapter_names": adapter_names}

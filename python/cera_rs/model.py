@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from cera_rs.config import CeraConfig
-from cera_rs.layer import CeraLinear, CeraMergeError, base_features
+from cera_rs.layer import CeraLinear, CeraMergeError, base_features, route_adapter_names
 
 
 class CeraModel(BaseTuner):
@@ -85,6 +87,13 @@ class CeraModel(BaseTuner):
             raise ValueError(
                 f"{err} Layers CeRA can adapt in this model are named: {', '.join(candidates)}"
             ) from None
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """PEFT calls this around forward and generate: mixed adapter batches."""
+        names = kwargs.pop("adapter_names", None)
+        with route_adapter_names(self, names, kwargs.get("num_beams")):
+            yield
 
     def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
         raise CeraMergeError(
