@@ -15,7 +15,9 @@ from cera_rs import CeraConfig, CeraLinear
 
 
 def two_adapter_llama():
-    config = CeraConfig(r=4, target_modules=["q_proj", "v_proj"], cera_dropout=0.1)
+    config = CeraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], cera_dropout=0.1, task_type="CAUSAL_LM"
+    )
     model = get_peft_model(tiny_llama(), config, "first")
     model.add_adapter("second", CeraConfig(r=2, target_modules=["v_proj"], activation="relu"))
     gen = torch.Generator().manual_seed(3)
@@ -90,3 +92,32 @@ def test_errors_match_lora_and_leave_no_hooks():
     with pytest.raises(ValueError, match="Cannot pass `adapter_names` when the model is in train"):
         model(input_ids=ids, adapter_names=["first", "second"])
     assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_beam_search_on_an_encoder_decoder_keeps_the_encoder_batch():
+    """With beams the decoder sees each input num_beams times, the encoder once."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                      decoder_start_token_id=0, pad_token_id=0)  # fmt: skip
+    cera = CeraConfig(r=4, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM")
+    model = get_peft_model(T5ForConditionalGeneration(config), cera, "first")
+    model.add_adapter("second", CeraConfig(r=2, target_modules=["v"], task_type="SEQ_2_SEQ_LM"))
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, CeraLinear):
+                for b in module.cera_B.values():
+                    nn.init.normal_(b.weight, std=2.0)
+    model.eval()
+    ids = torch.randint(1, 64, (3, 7), generator=torch.Generator().manual_seed(1))
+    names = ["second", "first", "__base__"]
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "num_beams": 2}
+    out = model.generate(input_ids=ids, adapter_names=names, **kwargs)
+    alone = []
+    for i, name in enumerate(names):
+        with only(model, name):
+            alone.append(model.generate(input_ids=ids[i : i + 1], **kwargs)[0])
+        assert torch.equal(out[i, : len(alone[-1])], alone[-1]), name
+    with only(model, "first"):  # the adapters do change what is generated
+        assert not torch.equal(model.generate(input_ids=ids[:1], **kwargs)[0], alone[0])
