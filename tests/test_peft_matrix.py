@@ -62,6 +62,10 @@ ROWS = [
     ("mlp bias cera_only scaled", "mlp", {"target_modules": ["lin1"], "bias": "cera_only",
                                           "scaling": 0.5}),
     ("mlp exclude", "mlp", {"target_modules": r"lin\d", "exclude_modules": ["lin2"], "r": 2}),
+    ("mlp rank and scaling patterns", "mlp", {"target_modules": ["lin0", "lin1", "lin2"], "r": 6,
+                                              "rank_pattern": {"lin1": 2, "lin2": 3},
+                                              "scaling_pattern": {"lin0": 0.25}}),
+    ("mlp init_weights False", "mlp", {"target_modules": ["lin1"], "init_weights": False}),
     ("conv1d one target", "conv1d", {"target_modules": ["conv0"]}),
     ("conv1d both relu", "conv1d", {"target_modules": ["conv0", "conv1"], "activation": "relu",
                                     "cera_dropout": 0.0, "r": 3}),
@@ -115,9 +119,13 @@ def output(model: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
 
 
 def test_new_adapter_leaves_outputs_unchanged(model_id, config_kwargs):
+    """Unless ``init_weights=False``, as LoRA's ``init_lora_weights=False``."""
     x = inputs(model_id)
     expected = output(base(model_id), x)
     model = get_peft_model(base(model_id), CeraConfig(**config_kwargs)).eval()
+    if not config_kwargs.get("init_weights", True):
+        assert max_rel(output(model, x), expected) > 1e-3
+        return
     torch.testing.assert_close(output(model, x), expected, rtol=0, atol=0)
     randomize(model, "default", 0)
     assert max_rel(output(model, x), expected) > 1e-3
