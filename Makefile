@@ -1,6 +1,7 @@
 # The README's two commands: `make demo` (the main job) and `make test` (all tests).
 # Both create or reuse .venv, install the pinned dependencies from pyproject.toml
-# and build the Rust extension (release) before running.
+# and build the Rust extension (release) before running. `make wheel` builds the
+# wheel users install (dist/).
 
 SHELL := /bin/bash
 VENV := .venv
@@ -14,7 +15,7 @@ export PATH := $(VIRTUAL_ENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 TORCH_LIB = $(shell $(PY) -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 
-.PHONY: all demo test test-rust test-python lint bench clean
+.PHONY: all demo test test-rust test-python lint bench wheel clean
 
 all: $(NATIVE)
 
@@ -22,13 +23,22 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
-	  print("\n".join(p["dependencies"] + p["optional-dependencies"]["dev"]))' > $(VENV)/requirements.txt
+	  x = p["optional-dependencies"]; print("\n".join(p["dependencies"] + x["demo"] + x["dev"]))' \
+	  > $(VENV)/requirements.txt
 	$(PY) -m pip install --quiet --requirement $(VENV)/requirements.txt
 	touch $@
 
 $(NATIVE): $(VENV)/.installed $(RUST_SRC)
 	maturin develop --release --quiet
 	touch $@
+
+# `maturin build --release` as pyproject.toml's [tool.maturin] configures it: an abi3
+# wheel tagged manylinux for the glibc its binary needs, no library copied into it.
+# Same interpreter and features as `maturin develop --release`, so cargo reuses the
+# build `make` did and only packs it.
+wheel: $(VENV)/.installed
+	rm -f dist/cera_rs-*.whl
+	maturin build --release --out dist --interpreter $(PY)
 
 demo: $(NATIVE)
 	$(VENV)/bin/cera-rs demo
@@ -51,4 +61,4 @@ test-python: $(NATIVE)
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf target $(NATIVE)
+	rm -rf target dist $(NATIVE)

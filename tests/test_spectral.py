@@ -407,5 +407,5 @@ def test_cli_analyze_cera_dir(tmp_path, capsys):
     dense = np.linalg.svd(0.5 * (b.double() @ a.double()).numpy(), compute_uv=False)
     np.testing.assert_allclose(report[ADAPTED[2]].spectrum.singular_values, dense, rtol=1e-9,
                                atol=1e-12 * dense[0])  # fmt: skip
-    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+    with pytest.raises(FileNotFoundError, match="missing does not exist"):
         adapter_dir_spectrum(tmp_path / "missing")

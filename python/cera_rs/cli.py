@@ -1,56 +1,97 @@
-"""The ``cera-rs`` command: ``demo`` (the main job), ``bench`` and ``analyze``."""
+"""The ``cera-rs`` command: ``demo`` (the main job), ``bench`` and ``analyze``.
+
+A user's mistake (a wrong path, an unreadable adapter, a missing optional dependency,
+a bad option) is one line on stderr and exit status 2; ``--debug`` shows its
+traceback. A demo part that fails is one line and exit status 1. Anything else is a
+bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
+import cera_rs
+from cera_rs.atomic import check_writable
+from cera_rs.extras import MATPLOTLIB, MissingDependency, require
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cera-rs", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+USER_ERRORS = (OSError, ValueError, MissingDependency)
+RESULTS = Path("results")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's usage errors: one line too
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _parser() -> argparse.ArgumentParser:
+    from cera_rs.demo import PARTS
+
+    version = f"cera-rs {cera_rs.__version__} (built for torch {cera_rs._native.TORCH_VERSION})"
+    parser = _Parser(prog="cera-rs", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=version)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+    # Also accepted after the command; SUPPRESS keeps it from resetting the flag above.
+    debug = _Parser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks of user errors")  # fmt: skip
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     demo = commands.add_parser(
-        "demo", help="measure the linear ceiling: CeRA against LoRA, DoRA, on toy and MiniLM"
-    )
+        "demo", parents=[debug],
+        help="measure the linear ceiling: CeRA against LoRA, DoRA, on toy and MiniLM",
+    )  # fmt: skip
     demo.add_argument("--quick", action="store_true", help="a short run (about 2 minutes)")
-    demo.add_argument("--part", type=int, choices=(1, 2), action="append",
-                      help="run only this part (1: linear ceiling, 2: MiniLM)")  # fmt: skip
-    demo.add_argument("--out", type=Path, default=Path("results/demo"),
-                      help="output folder (default: %(default)s)")  # fmt: skip
+    demo.add_argument("--part", type=int, choices=sorted(PARTS), action="append",
+                      help="run only this part: " + ", ".join(
+                          f"{n}: {p.title}" for n, p in PARTS.items()))  # fmt: skip
+    demo.add_argument("--out", type=Path, default=RESULTS / "demo",
+                      help="output folder, created if missing (default: %(default)s)")  # fmt: skip
     bench = commands.add_parser(
-        "bench", help="time cera_rs against plain PyTorch, torch.compile and PEFT LoRA"
-    )
+        "bench", parents=[debug],
+        help="time cera_rs against plain PyTorch, torch.compile and PEFT LoRA",
+    )  # fmt: skip
     bench.add_argument("--quick", action="store_true", help="tiny shapes, to check it runs")
     bench.add_argument("--headline", action="store_true",
                        help="only the targets' shape (N=4096, d=2048, r=64)")  # fmt: skip
-    bench.add_argument("--json", type=Path, default=Path("results/bench/bench.json"),
-                       help="where to write the results (default: %(default)s)")  # fmt: skip
+    bench.add_argument("--json", type=Path,
+                       help="where to write the results (default: results/bench/bench.json, "
+                            "or spectral.json with --spectral)")  # fmt: skip
     bench.add_argument("--spectral", action="store_true",
-                       help="streaming spectra against concatenate-then-SVD instead "
-                            "(JSON default: spectral.json beside bench.json)")  # fmt: skip
+                       help="streaming spectra against concatenate-then-SVD instead")
     analyze = commands.add_parser(
-        "analyze", help="weight-level spectra of a saved adapter directory (CeRA or PEFT LoRA)"
-    )
+        "analyze", parents=[debug],
+        help="weight-level spectra of a saved adapter folder (CeRA or PEFT LoRA)",
+    )  # fmt: skip
     analyze.add_argument("adapter_dir", type=Path)
     analyze.add_argument("--json", type=Path, help="write the report here")
     analyze.add_argument("--plot", type=Path, help="save a figure here (PNG, PDF, SVG)")
-    args = parser.parse_args(argv)
+    return parser
 
-    if args.command == "demo":
-        from cera_rs import demo as demo_job
 
-        demo_job.run(parts=tuple(args.part or (1, 2)), quick=args.quick, out_dir=args.out)
-    elif args.command == "bench" and args.spectral:
+def _demo(args: argparse.Namespace) -> None:
+    from cera_rs import demo
+
+    demo.run(parts=tuple(args.part or sorted(demo.PARTS)), quick=args.quick, out_dir=args.out)
+
+
+def _bench(args: argparse.Namespace) -> None:
+    default = RESULTS / "bench" / ("spectral.json" if args.spectral else "bench.json")
+    path = args.json or default
+    if args.json is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(path)  # before minutes of timing, not after
+    if args.spectral:
         from cera_rs.bench import spectral
 
         results = spectral.run(**(spectral.QUICK if args.quick else {}))
         print(spectral.format_table(results))
-        path = args.json
-        if path == bench.get_default("json"):
-            path = path.with_name("spectral.json")
         spectral.write_json(results, path)
-        print(f"\nwritten: {path}")
-    elif args.command == "bench":
+    else:
         from cera_rs.bench import suite
 
         grid = suite.Grid.quick() if args.quick else suite.Grid()
@@ -58,17 +99,49 @@ def main(argv: list[str] | None = None) -> int:
             grid.ds, grid.rs, grid.infer_ns = (2048,), (64,), (1, 16, 4096)
         results = suite.run(grid)
         print(suite.format_table(results))
-        suite.write_json(results, args.json)
-        print(f"\nwritten: {args.json}")
-    elif args.command == "analyze":
-        from cera_rs.spectral import adapter_dir_spectrum
+        suite.write_json(results, path)
+    print(f"\nwritten: {path}")
 
-        report = adapter_dir_spectrum(args.adapter_dir)
-        print(report)
-        if args.json:
-            report.to_json(args.json)
-        if args.plot:
-            report.plot(args.plot)
+
+def _analyze(args: argparse.Namespace) -> None:
+    from cera_rs.spectral.adapter_dir import adapter_dir_spectrum, adapter_subfolders
+
+    for path in (args.json, args.plot):
+        if path is not None:
+            check_writable(path)
+    if args.plot is not None:
+        require("cera-rs analyze --plot", [MATPLOTLIB])
+    report = adapter_dir_spectrum(args.adapter_dir)
+    print(report)
+    others = adapter_subfolders(args.adapter_dir)
+    if others:
+        print(f"note: {args.adapter_dir} also holds adapters in the subfolders "
+              f"{', '.join(others)}; pass one of them to analyze it", file=sys.stderr)  # fmt: skip
+    if args.json is not None:
+        report.to_json(args.json)
+    if args.plot is not None:
+        report.plot(args.plot)
+
+
+COMMANDS = {"demo": _demo, "bench": _bench, "analyze": _analyze}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cera_rs.demo import PartFailed
+
+    args = _parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except PartFailed as err:
+        if args.debug:
+            raise
+        print(f"cera-rs: error: {_one_line(err)} (--debug shows the traceback)", file=sys.stderr)
+        return 1
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        print(f"cera-rs: error: {_one_line(err)}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -93,7 +93,8 @@ impl Spectrum {
         self.normalized().map_or(0.0, |x| {
             let squares: Vec<f64> = x.map(|v| v * v).collect();
             let total: f64 = squares.iter().sum();
-            squares.iter().skip(r).sum::<f64>() / total
+            // Folded from +0.0: `sum` starts at -0.0, and an empty tail printed as "-0".
+            squares.iter().skip(r).fold(0.0, |acc, v| acc + v) / total
         })
     }
 }

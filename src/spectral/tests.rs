@@ -70,6 +70,10 @@ fn metrics_follow_their_definitions() {
     assert_eq!(spectrum.energy_rank(1.0).unwrap(), 5);
     assert!(rel(spectrum.tail_energy(2), 2.25 / sq) < 1e-12);
     assert_eq!(spectrum.tail_energy(6), 0.0);
+    assert!(
+        spectrum.tail_energy(6).is_sign_positive(),
+        "no negative zero"
+    );
     assert!(matches!(
         spectrum.energy_rank(0.0),
         Err(CeraError::Value(_))

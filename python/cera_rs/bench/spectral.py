@@ -15,14 +15,14 @@ times, the two methods alternating, and reports its median time.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import date
 from pathlib import Path
+
+from cera_rs.atomic import atomic_file
 
 METHODS = ("streaming", "reference")
 QUICK = {"ns": (1024, 2048), "d": 64, "batch": 256, "r": 4, "repeats": 1}
@@ -129,12 +129,8 @@ def format_table(results: dict) -> str:
 
 
 def write_json(results: dict, path: Path) -> None:
-    """Atomic: written beside ``path`` and moved into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
+    with atomic_file(path) as f:
         json.dump(results, f, indent=2)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

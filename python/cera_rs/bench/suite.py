@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from cera_rs.atomic import atomic_file
 from cera_rs.bench import cases
 from cera_rs.bench.cases import Shape
 from cera_rs.bench.measure import median_times, peak_rss_growth, saved_bytes
@@ -178,11 +178,7 @@ def format_table(results: Results) -> str:
 
 
 def write_json(results: Results, path: Path) -> None:
-    """Atomic: written beside ``path`` and moved into place."""
     data = {"machine": results.machine, "date": results.date, "rows": results.rows,
             "targets": targets(results)}  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
+    with atomic_file(path) as f:
         json.dump(data, f, indent=2)
-    os.replace(tmp, path)

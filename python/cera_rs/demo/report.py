@@ -4,8 +4,6 @@ the table on stdout. Every sentence of the report is computed from the measureme
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -14,34 +12,28 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+from cera_rs.atomic import atomic_file  # noqa: E402
 
 
-def write_json(summary: dict, path: Path) -> None:
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+def _spread(mean: float, std: float, seeds: int) -> str:
+    """``mean ± std`` over seeds; one seed has no spread to show."""
+    return f"{mean:.3f} ± {std:.3f}" if seeds > 1 else f"{mean:.3f}"
 
 
 def ceiling_table(part1: dict) -> str:
     lines = ["| family | method | trainable params | held-out unexplained (mean ± std) | "
              "eff. rank of delta | tail energy > r=16 | lr |",
              "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    seeds = len(part1["settings"]["seeds"])
+    if seeds == 1:
+        lines[0] = lines[0].replace(" (mean ± std)", "")
     for family, block in part1["families"].items():
         lines.append(f"| {family} | least-squares linear ceiling | - | "
                      f"{block['least_squares_ceiling']:.3f} | - | - | - |")  # fmt: skip
         for name, row in block["methods"].items():
             lines.append(
                 f"| {family} | {name} | {row['trainable_params']:,} | "
-                f"{row['test_error_mean']:.3f} ± {row['test_error_std']:.3f} | "
+                f"{_spread(row['test_error_mean'], row['test_error_std'], seeds)} | "
                 f"{row['effective_rank']:.1f} | {row['tail_energy']:.4f} | {row['lr']:g} |"
             )
     return "\n".join(lines)
@@ -117,7 +109,8 @@ def plot_ceiling(part1: dict, path: Path) -> None:
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -139,7 +132,8 @@ def plot_spectra(part1: dict, path: Path, r: int = 16) -> None:
         ax.set_ylabel("s_i / s_1")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -164,17 +158,31 @@ def markdown(summary: dict) -> str:
                   f"dropout {s['dropout']}, adapters on query/value, mean-pooling head "
                   f"trained.", "",
                   arithmetic_table(summary["part2"]), ""]  # fmt: skip
+    if "failed" in summary:
+        parts += ["## Not finished", "", summary["failed"], ""]
     parts += ["## What was measured", ""] + [f"- {line}" for line in findings(summary)]
     return "\n".join(parts) + "\n"
 
 
-def write_all(summary: dict, out_dir: Path) -> list[Path]:
-    written = [out_dir / "summary.json", out_dir / "report.md"]
-    write_json(summary, written[0])
-    if "part1" in summary:
-        written += [out_dir / "linear_ceiling.png", out_dir / "spectra.png"]
-        plot_ceiling(summary["part1"], written[2])
-        plot_spectra(summary["part1"], written[3])
-    text = markdown(summary)
-    _atomic_write(written[1], lambda tmp: Path(tmp).write_text(text))
-    return written
+TABLES = {"part1": ceiling_table, "part2": arithmetic_table}
+FIGURES = {"part1": (("linear_ceiling.png", plot_ceiling), ("spectra.png", plot_spectra))}
+"""Each part's table, and its figures: (file name, function of its results and a path)."""
+
+
+def table(key: str, results: dict) -> str:
+    return TABLES[key](results)
+
+
+def write(summary: dict, out_dir: Path, figures_of: str | None = None) -> list[Path]:
+    """Writes the figures of part ``figures_of`` (the one just finished), then
+    ``summary.json`` and ``report.md`` with every part so far, each file atomically;
+    returns the files of every part in ``summary``."""
+    for name, plot in FIGURES.get(figures_of, ()):
+        plot(summary[figures_of], out_dir / name)
+    with atomic_file(out_dir / "summary.json") as f:
+        json.dump(summary, f, indent=2)
+    with atomic_file(out_dir / "report.md") as f:
+        f.write(markdown(summary))
+    figures = [out_dir / name for key in TABLES if key in summary
+               for name, _ in FIGURES.get(key, ())]  # fmt: skip
+    return [out_dir / "summary.json", out_dir / "report.md", *figures]

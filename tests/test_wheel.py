@@ -1,0 +1,114 @@
+"""The wheel users install: built by `make wheel`, checked (tag, size, linked
+libraries), installed into a fresh venv as a user would, and run there: the README
+quick start without the demo extra, the demo refusing to start without it, then the
+demo with it. Several minutes (torch alone is a 4.7 GB install), so it runs once."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+MAX_BYTES = 5 * 2**20
+
+
+def sh(*args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, **kwargs)
+
+
+def ok(*args, **kwargs) -> str:
+    run = sh(*args, **kwargs)
+    assert run.returncode == 0, f"{args}:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    return run.stdout
+
+
+def glibc_needed(binary: Path) -> tuple[int, int]:
+    """The newest GLIBC_x.y symbol version the binary needs."""
+    found = re.findall(r"GLIBC_(\d+)\.(\d+)", ok("objdump", "-T", str(binary)))
+    return max((int(a), int(b)) for a, b in found)
+
+
+@pytest.fixture(scope="module")
+def wheel() -> Path:
+    # The venv `make test` set up is the running interpreter's: reuse it as it is (-o).
+    venv = Path(sys.prefix)
+    ok("make", "--no-print-directory", f"VENV={venv}", "-o", f"{venv}/.installed", "wheel",
+       cwd=ROOT, timeout=900)  # fmt: skip
+    wheels = sorted((ROOT / "dist").glob("cera_rs-*.whl"))
+    assert len(wheels) == 1, wheels
+    return wheels[0]
+
+
+@pytest.fixture(scope="module")
+def unpacked(wheel, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("unpacked")
+    zipfile.ZipFile(wheel).extractall(out)
+    return out
+
+
+def test_wheel_tag_size_and_libraries(wheel, unpacked):
+    binaries = [p for p in unpacked.rglob("*.so*")]
+    assert [p.relative_to(unpacked).as_posix() for p in binaries] == ["cera_rs/_native.abi3.so"]
+    major, minor = glibc_needed(binaries[0])
+    expected = f"cera_rs-{PROJECT['version']}-cp39-abi3-manylinux_{major}_{minor}_x86_64.whl"
+    assert wheel.name == expected
+    assert wheel.stat().st_size < MAX_BYTES
+    dynamic = ok("readelf", "-d", str(binaries[0]))
+    needed = re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", dynamic)
+    # libtorch by soname, found through the torch that is imported first; nothing bundled
+    assert {"libtorch_cpu.so", "libc10.so"} <= set(needed)
+    assert not [n for n in needed if "/" in n]
+    assert "RPATH" not in dynamic and "RUNPATH" not in dynamic
+    assert not [n for n in zipfile.ZipFile(wheel).namelist() if ".libs/" in n]
+
+
+def test_fresh_venv_install(wheel, tmp_path_factory):
+    root = tmp_path_factory.mktemp("user")
+    venv = root / "venv"
+    try:
+        _install_and_run(wheel, root, venv)
+    finally:
+        shutil.rmtree(venv, ignore_errors=True)  # several GB: never left behind
+
+
+def _install_and_run(wheel: Path, root: Path, venv: Path) -> None:
+    ok(sys.executable, "-m", "venv", str(venv))
+    py, cli = venv / "bin" / "python", venv / "bin" / "cera-rs"
+    # The dev pins: the same versions `make test` uses (and pip's cache holds).
+    constraints = root / "constraints.txt"
+    constraints.write_text("\n".join(PROJECT["optional-dependencies"]["dev"]) + "\n")
+    pip = (str(py), "-m", "pip", "install", "--quiet", "-c", str(constraints))
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env['PATH']}"
+    ok(*pip, str(wheel), env=env, timeout=1200)
+
+    # The core package: no matplotlib, and the README quick start runs as written.
+    assert sh(str(py), "-c", "import matplotlib", env=env).returncode == 1
+    readme = (ROOT / "README.md").read_text()
+    quick_start = re.findall(r"```python\n(.*?)```", readme, flags=re.S)[0]
+    out = ok(str(py), "-c", quick_start, cwd=root, env=env, timeout=300)
+    assert "trainable params" in out and "step 2: loss" in out
+    assert (root / "cera-adapter" / "adapter_model.safetensors").is_file()
+    assert ok(str(cli), "--version", env=env).startswith("cera-rs ")
+
+    # Without the demo extra the demo stops at once, naming the line that installs it.
+    run = sh(str(cli), "demo", "--quick", "--out", str(root / "demo"), env=env, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.count("\n") == 1 and 'pip install "cera_rs[demo]"' in run.stderr
+    assert not (root / "demo").exists()
+
+    ok(*pip, f"{wheel}[demo]", env=env, timeout=900)
+    # about 1.5 minutes on 2 quiet cores; the limit leaves room for a busy machine
+    ok(str(cli), "demo", "--quick", "--part", "1", "--out", str(root / "demo"), env=env,
+       timeout=1500)  # fmt: skip
+    for name in ("summary.json", "report.md", "linear_ceiling.png", "spectra.png"):
+        assert (root / "demo" / name).stat().st_size > 0, name
