@@ -93,8 +93,13 @@ impl Spectrum {
         self.normalized().map_or(0.0, |x| {
             let squares: Vec<f64> = x.map(|v| v * v).collect();
             let total: f64 = squares.iter().sum();
-            // Folded from +0.0: `sum` starts at -0.0, and an empty tail printed as "-0".
-            squares.iter().skip(r).fold(0.0, |acc, v| acc + v) / total
+            let tail: f64 = squares.iter().skip(r).sum();
+            // An empty `sum` is -0.0, which reports printed as "-0": give +0.0 instead.
+            if tail > 0.0 {
+                tail / total
+            } else {
+                0.0
+            }
         })
     }
 }
