@@ -2,10 +2,13 @@
 //!
 //! Converts torch tensors to and from `tch::Tensor`, releases the GIL while the
 //! kernels run, keeps Rust panics from crossing into Python, and maps each
-//! `CeraError` variant to one Python exception type.
+//! `CeraError` variant to one Python exception type: shape and value errors to
+//! ValueError, dtype errors to TypeError, device errors to `DeviceError` (a
+//! ValueError subclass: a wrong argument, as a shape is, yet told apart from one),
+//! resource and libtorch failures to RuntimeError.
 
 use crate::error::CeraError;
-use crate::kernel::{self, Activation, Dropout, Elementwise, Needs, Saved};
+use crate::kernel::{self, Activation, Dropout, DropoutPosition, Elementwise, Needs, Saved};
 use crate::spectral::{self, Gram};
 use numpy::PyArray1;
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
@@ -15,14 +18,21 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Mutex, MutexGuard};
 use tch::{Device, Tensor};
 
+pyo3::create_exception!(
+    cera_rs,
+    DeviceError,
+    PyValueError,
+    "Tensors on a device cera_rs cannot use, or on different devices."
+);
+
 impl From<CeraError> for PyErr {
     fn from(err: CeraError) -> PyErr {
         let message = err.to_string();
         match err {
-            CeraError::Shape(_)
-            | CeraError::Value(_)
-            | CeraError::Device(_)
-            | CeraError::NonFinite(_) => PyValueError::new_err(message),
+            CeraError::Shape(_) | CeraError::Value(_) | CeraError::NonFinite(_) => {
+                PyValueError::new_err(message)
+            }
+            CeraError::Device(_) => DeviceError::new_err(message),
             CeraError::DType(_) => PyTypeError::new_err(message),
             CeraError::Runtime(_) | CeraError::Torch(_) => PyRuntimeError::new_err(message),
         }
@@ -90,7 +100,7 @@ fn elementwise(activation: &str, scaling: f64, dropout: f64, seed: u64) -> PyRes
 
 /// Training forward: returns `(delta, h)`; `h` is what `backward` needs.
 #[pyfunction]
-#[pyo3(signature = (x, a, b, *, activation, scaling, dropout, seed))]
+#[pyo3(signature = (x, a, b, *, activation, scaling, dropout, seed, dropout_position = "hidden"))]
 #[allow(clippy::too_many_arguments)]
 fn forward(
     py: Python<'_>,
@@ -101,9 +111,11 @@ fn forward(
     scaling: f64,
     dropout: f64,
     seed: u64,
+    dropout_position: &str,
 ) -> PyResult<(PyObject, PyObject)> {
     let ew = elementwise(activation, scaling, dropout, seed)?;
-    let (y, saved) = run(py, move || kernel::forward(&x.0, &a.0, &b.0, &ew))?;
+    let position: DropoutPosition = dropout_position.parse()?;
+    let (y, saved) = run(py, move || kernel::forward(&x.0, &a.0, &b.0, &ew, position))?;
     Ok((wrap(py, y)?, wrap(py, saved.h)?))
 }
 
@@ -120,14 +132,17 @@ fn delta(
 ) -> PyResult<PyObject> {
     let ew = elementwise(activation, scaling, 0.0, 0)?;
     let y = run(py, move || {
-        kernel::forward(&x.0, &a.0, &b.0, &ew).map(|(y, _)| y)
+        kernel::forward(&x.0, &a.0, &b.0, &ew, DropoutPosition::Hidden).map(|(y, _)| y)
     })?;
     wrap(py, y)
 }
 
 /// Backward: `(dx, dA, dB)`, each `None` unless asked for.
 #[pyfunction]
-#[pyo3(signature = (grad, x, a, b, h, *, activation, scaling, dropout, seed, needs_x, needs_a, needs_b))]
+#[pyo3(signature = (
+    grad, x, a, b, h, *, activation, scaling, dropout, seed, needs_x, needs_a, needs_b,
+    dropout_position = "hidden"
+))]
 #[allow(clippy::too_many_arguments)]
 fn backward(
     py: Python<'_>,
@@ -143,6 +158,7 @@ fn backward(
     needs_x: bool,
     needs_a: bool,
     needs_b: bool,
+    dropout_position: &str,
 ) -> PyResult<(PyObject, PyObject, PyObject)> {
     let saved = Saved {
         x: x.0,
@@ -150,6 +166,7 @@ fn backward(
         b: b.0,
         h: h.0,
         elementwise: elementwise(activation, scaling, dropout, seed)?,
+        position: dropout_position.parse()?,
     };
     let needs = Needs {
         x: needs_x,
@@ -322,6 +339,7 @@ fn gram_spectra(py: Python<'_>, grams: Vec<Bound<'_, PyGram>>) -> PyResult<Vec<P
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TORCH_VERSION", env!("CERA_RS_TORCH_VERSION"))?;
+    m.add("DeviceError", m.py().get_type::<DeviceError>())?;
     m.add_function(wrap_pyfunction!(forward, m)?)?;
     m.add_function(wrap_pyfunction!(delta, m)?)?;
     m.add_function(wrap_pyfunction!(backward, m)?)?;

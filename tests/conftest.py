@@ -38,14 +38,22 @@ def seed_after_manual_seed(s: int) -> int:
     return int(torch.randint(0, SEED_HIGH, (), dtype=torch.int64))
 
 
-def plain_branch(x, a, b, *, activation="silu", scaling=1.0, p=0.0, seed=0):
-    """scaling * B · Dropout(act(A x)) with plain torch ops and the kernel's mask."""
+def dropped(t, p, seed):
+    """``t`` times the kernel's scaled keep mask over its elements in row-major order."""
+    keep = mask_keep(seed, t.numel(), p).reshape(t.shape)
+    return t * torch.from_numpy(keep).to(t.dtype) / (1 - p)
+
+
+def plain_branch(x, a, b, *, activation="silu", scaling=1.0, p=0.0, seed=0, position="hidden"):
+    """scaling * B · Dropout(act(A x)) with plain torch ops and the kernel's mask; with
+    position="input", scaling * B · act(A Dropout(x)), the mask over x's elements."""
+    if p > 0 and position == "input":
+        x = dropped(x, p, seed)
     h = x @ a.T
     act = {"silu": torch.nn.functional.silu, "relu": torch.relu, "identity": lambda t: t}
     out = act[activation](h)
-    if p > 0:
-        keep = mask_keep(seed, h.numel(), p).reshape(h.shape)
-        out = out * torch.from_numpy(keep).to(out.dtype) / (1 - p)
+    if p > 0 and position == "hidden":
+        out = dropped(out, p, seed)
     return scaling * (out @ b.T)
 
 

@@ -152,6 +152,34 @@ def backward_hidden_wrong_dtype():
     native_backward(torch.randn(4096, 4), x, a, b, torch.randn(4096, 3, dtype=torch.float64))
 
 
+def backward_grad_wrong_dtype():
+    x, a, b = inputs()
+    _, h = _native.forward(x, a, b, dropout=0.0, seed=0, **KW)
+    native_backward(torch.randn(5, 4, dtype=torch.bfloat16), x, a, b, h)
+
+
+def backward_grad_on_meta():
+    x, a, b = inputs()
+    _, h = _native.forward(x, a, b, dropout=0.0, seed=0, **KW)
+    native_backward(torch.randn(5, 4, device="meta"), x, a, b, h)
+
+
+def backward_meta_inputs_cpu_grad():
+    x, a, b = (t.to("meta") for t in inputs())
+    _, h = _native.forward(x, a, b, dropout=0.0, seed=0, **KW)
+    native_backward(torch.randn(5, 4), x, a, b, h)
+
+
+def forward_mixed_devices_native():
+    x, a, b = inputs()
+    _native.forward(x, a.to("meta"), b, dropout=0.0, seed=0, **KW)
+
+
+def bad_dropout_position_native():
+    x, a, b = inputs()
+    _native.forward(x, a, b, dropout=0.5, seed=3, dropout_position="output", **KW)
+
+
 def custom_op_bad_activation():
     x, a, b = inputs()
     seed = torch.zeros((), dtype=torch.int64)
@@ -217,6 +245,8 @@ CASES = {f.__name__: f for f in (
     nested_x, nested_x_native, sparse_x, scalar_x, bool_tensors, complex_tensors, quantized_x,
     huge_allocation, meta_tensors, stride_zero_x_and_grad, channels_last_4d, zero_width,
     negative_seed, seed_too_large, not_a_tensor, backward_grad_wrong_shape,
+    backward_grad_wrong_dtype, backward_grad_on_meta, backward_meta_inputs_cpu_grad,
+    forward_mixed_devices_native, bad_dropout_position_native,
     backward_hidden_wrong_shape, backward_hidden_wrong_dtype, custom_op_bad_activation,
     custom_op_backward_bad_grad, nested_matrix_spectrum, nested_rows_streaming,
     accumulator_survives_a_failed_update, gram_dim_overflow, huge_matrix_spectrum,

@@ -45,6 +45,7 @@ def test_peft_type_is_a_real_enum_member_registered_once():
         ({"scaling_pattern": {"q": float("inf")}}, ValueError, r"scaling_pattern\['q'\] must be"),
         ({"scaling_pattern": {"((": 1.0}}, ValueError, r"scaling_pattern: '\(\(' is not a valid"),
         ({"init_weights": "gaussian"}, TypeError, "init_weights must be a bool"),
+        ({"dropout_position": "output"}, ValueError, "unknown dropout_position 'output'"),
     ],
 )
 def test_config_validates_on_construction(kwargs, error, match):
@@ -122,7 +123,8 @@ def test_init_weights_true_is_the_identity_false_acts_at_once():
 def test_config_round_trips_through_json(tmp_path):
     config = CeraConfig(r=16, target_modules=["q_proj"], cera_dropout=0.2, activation="relu",
                         scaling=0.5, task_type="CAUSAL_LM", rank_pattern={"q_proj": 2},
-                        scaling_pattern={"q_proj": 3.0}, init_weights=False)  # fmt: skip
+                        scaling_pattern={"q_proj": 3.0}, init_weights=False,
+                        dropout_position="input")  # fmt: skip
     config.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "CERA"
     with warnings.catch_warnings():

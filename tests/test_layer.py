@@ -11,7 +11,7 @@ from transformers.pytorch_utils import Conv1D
 
 from cera_rs import CeraLinear
 from cera_rs.layer import CeraMergeError
-from conftest import max_rel, plain_branch
+from conftest import max_rel, plain_branch, seed_after_manual_seed
 
 
 def make_layer(**kwargs):
@@ -45,6 +45,17 @@ def test_forward_equals_formula_in_eval_mode():
     a, b = layer.cera_A["default"].weight, layer.cera_B["default"].weight
     expected = layer.base_layer(x) + plain_branch(x, a, b, activation="relu", scaling=0.5)
     assert max_rel(layer(x), expected) < 1e-5
+
+
+def test_input_dropout_position_in_training_mode():
+    layer = make_layer(dropout=0.4, dropout_position="input", scaling=1.5)
+    nn.init.normal_(layer.cera_B["default"].weight)
+    x = torch.randn(2, 7, 64)
+    seed = seed_after_manual_seed(2)
+    torch.manual_seed(2)
+    a, b = layer.cera_A["default"].weight, layer.cera_B["default"].weight
+    branch = plain_branch(x, a, b, scaling=1.5, p=0.4, seed=seed, position="input")
+    assert max_rel(layer(x), layer.base_layer(x) + branch) < 1e-5
 
 
 def test_training_reduces_loss_and_moves_only_adapter_weights():
@@ -117,6 +128,7 @@ def test_merge_is_refused():
         ({"dropout": 1.5}, ValueError, r"dropout must be in \[0, 1\), got 1.5"),
         ({"activation": "tanh"}, ValueError, r"unknown activation 'tanh'"),
         ({"scaling": float("nan")}, ValueError, r"scaling must be finite"),
+        ({"dropout_position": "output"}, ValueError, r"unknown dropout_position 'output'"),
     ],
 )
 def test_bad_hyperparameters(kwargs, error, match):

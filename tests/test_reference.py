@@ -1,13 +1,161 @@
-"""Loading checkpoints saved by the paper's plain-PyTorch reference modules."""
+"""Importing checkpoints saved by the CeRA authors' reference code (tests/authors_format.py
+writes them as their trainer does)."""
 
 from __future__ import annotations
 
+import copy
+
+import authors_format as authors
 import pytest
 import torch
 from models import tiny_llama
 from safetensors.torch import save_file
 
-from cera_rs import CeraConfig, CeraLinear, get_cera_model, load_reference_checkpoint
+from cera_rs import (
+    CeraConfig,
+    CeraLinear,
+    get_cera_model,
+    load_reference_checkpoint,
+    load_reference_model,
+    reference_config,
+)
+from conftest import plain_branch, seed_after_manual_seed
+
+IDS = torch.tensor([[3, 17, 40, 2, 99, 5, 61]])
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+@pytest.mark.parametrize("variant", ["legacy", "peft_aligned"])
+@pytest.mark.parametrize("legacy_names", [False, True], ids=["A_B", "up_down"])
+@pytest.mark.parametrize("wrapped", [True, False], ids=["wrapped", "flat"])
+def test_import_gives_the_authors_logits(tmp_path, variant, legacy_names, wrapped):
+    settings = {"variant": variant, "act_fn": "silu", "alpha": 8, "dropout": 0.2,
+                "targets": ("q_proj", "v_proj", "down_proj")}  # fmt: skip
+    theirs = authors.adapt(tiny_llama(), **settings).eval()
+    path = tmp_path / "cera_ckpt_640.pt"
+    authors.save(theirs, path, config=authors.config_of(**settings),
+                 legacy_names=legacy_names, wrapped=wrapped)  # fmt: skip
+    # A plain state dict carries no config: what it cannot say is passed in.
+    peft_aligned = {"dropout_position": "input", "scaling": 2.0}
+    overrides = {} if wrapped or variant == "legacy" else peft_aligned
+    ours = load_reference_model(tiny_llama(), path, **overrides)
+    torch.testing.assert_close(logits(ours), logits(theirs), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits(ours), logits(tiny_llama()), atol=1e-3)
+    config = ours.peft_config["default"]
+    assert config.r == 4 and set(config.target_modules) == {"q_proj", "v_proj", "down_proj"}
+    if wrapped:
+        position = "input" if variant == "peft_aligned" else "hidden"
+        assert (config.dropout_position, config.cera_dropout) == (position, 0.2)
+        assert config.scaling == (2.0 if variant == "peft_aligned" else 1.0)
+    assert not ours.training
+    assert not any(p.requires_grad for p in ours.parameters())
+
+
+def test_adapter_dtype_and_activation_come_from_the_file(tmp_path):
+    settings = {"variant": "peft_aligned", "act_fn": "relu", "alpha": 4}
+    theirs = authors.adapt(tiny_llama(), dtype=torch.bfloat16, **settings).eval()
+    path = tmp_path / "ckpt.pt"
+    authors.save(theirs, path, config=authors.config_of(dtype="bfloat16", **settings))
+    ours = load_reference_model(tiny_llama(), path, is_trainable=True)
+    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.cera_A["default"].weight.dtype == torch.bfloat16
+    assert layer.activation["default"] == "relu"
+    ours.eval()
+    torch.testing.assert_close(logits(ours), logits(theirs), rtol=1e-4, atol=1e-4)
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert trainable and all(".cera_" in n for n in trainable)
+
+
+def test_peft_aligned_adapters_train_with_input_dropout(tmp_path):
+    """The imported peft_aligned adapter drops out the input, as the authors' module does:
+    the training-mode output equals their module's with the mask cera_rs drew."""
+    settings = {"variant": "peft_aligned", "act_fn": "silu", "dropout": 0.3, "alpha": 8}
+    theirs = authors.adapt(tiny_llama(), **settings)
+    path = tmp_path / "ckpt.pt"
+    authors.save(theirs, path, config=authors.config_of(**settings))
+    model = load_reference_model(tiny_llama(), path, is_trainable=True).train()
+    layer = model.base_model.model.model.layers[0].self_attn.v_proj
+    x = torch.randn(2, 5, 64)
+    seed = seed_after_manual_seed(6)
+    torch.manual_seed(6)
+    y = layer(x)
+    a, b = layer.cera_A["default"].weight, layer.cera_B["default"].weight
+    expected = layer.base_layer(x) + plain_branch(
+        x, a, b, scaling=2.0, p=0.3, seed=seed, position="input"
+    )
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_config_reads_the_files_own_settings(tmp_path):
+    settings = {"variant": "peft_aligned", "act_fn": "identity", "dropout": 0.05, "alpha": 16,
+                "targets": ("q_proj", "k_proj")}  # fmt: skip
+    theirs = authors.adapt(tiny_llama(), **settings)
+    path = tmp_path / "ckpt.pt"
+    authors.save(theirs, path, config=authors.config_of(**settings))
+    config = reference_config(path, cera_dropout=0.0)
+    assert isinstance(config, CeraConfig)
+    assert (config.r, config.activation, config.scaling, config.dropout_position) == (
+        4, "identity", 4.0, "input")  # fmt: skip
+    assert config.cera_dropout == 0.0 and set(config.target_modules) == {"q_proj", "k_proj"}
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"recurrent_steps": 2}, r"recurrent CeRA \(recurrent_steps=2\).*does not implement"),
+        ({"cera_format_version": 4}, r"cera_format_version 4 is not one cera_rs reads"),
+        ({"cera_variant": "gated"}, r"unknown cera_variant 'gated'"),
+        ({"scale": 0.5}, r"a legacy CeRA checkpoint has scale 1, this one says 0.5"),
+        ({"dropout_position": "input"}, r"dropout_position 'input' contradicts .*'legacy'"),
+        ({"rank_mode": "expansion"}, r"rank_mode 'expansion' is not supported"),
+        ({"model_type": "LoRA"}, r"model_type is 'LoRA', not 'CeRA'"),
+        ({"adapter_dtype": "float64"}, r"adapter_dtype 'float64' is not one of"),
+        ({"act_fn": "gelu"}, r"unknown activation 'gelu'"),
+        ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
+    ],
+)
+def test_what_cera_rs_does_not_implement_is_refused(tmp_path, change, match):
+    theirs = authors.adapt(tiny_llama())
+    path = tmp_path / "ckpt.pt"
+    authors.save(theirs, path, config={**authors.config_of(), **change})
+    with pytest.raises(ValueError, match=match):
+        load_reference_model(tiny_llama(), path)
+
+
+def test_extension_parameters_and_other_methods_are_refused(tmp_path):
+    theirs = authors.adapt(tiny_llama())
+    state = authors.save(theirs, tmp_path / "a.pt")
+    key = "model.layers.0.self_attn.q_proj.cera.recurrent_inner.weight"
+    with pytest.raises(ValueError, match=r"extension cera_rs does not implement.*recurrent_inner"):
+        load_reference_model(tiny_llama(), {**state, key: torch.zeros(4, 4)})
+    lora = {"model_type": "LoRA", "model_state_dict": {}, "step": 1}
+    with pytest.raises(ValueError, match=r"a 'LoRA' checkpoint of the reference, not a CeRA"):
+        load_reference_model(tiny_llama(), lora)
+
+
+def test_loading_into_an_existing_adapter_checks_the_branch(tmp_path):
+    settings = {"variant": "peft_aligned", "alpha": 8}
+    theirs = authors.adapt(tiny_llama(), **settings).eval()
+    path = tmp_path / "ckpt.pt"
+    authors.save(theirs, path, config=authors.config_of(**settings))
+    model = cera_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"branch has scaling=2.0, the model's adapter 1.0"):
+        load_reference_checkpoint(model, path)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    matching = get_cera_model(tiny_llama(), CeraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], scaling=2.0, dropout_position="input"))
+    assert len(load_reference_checkpoint(matching, path)) == 4
+    torch.testing.assert_close(logits(matching.eval()), logits(theirs), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# Loading into an existing model: plain state dicts, both key namings
+# --------------------------------------------------------------------------------------
 
 
 def reference_state(model, names=("A", "B"), r=4, shape_fix=0):
@@ -30,7 +178,7 @@ def cera_model():
     return get_cera_model(tiny_llama(), CeraConfig(r=4, target_modules=["q_proj", "v_proj"]))
 
 
-@pytest.mark.parametrize("names", [("A", "B"), ("down_proj", "up_proj")])
+@pytest.mark.parametrize("names", [("A", "B"), ("up_proj", "down_proj")])
 def test_loads_current_and_older_key_names(names, tmp_path):
     model = cera_model()
     state = reference_state(model, names)
@@ -44,6 +192,15 @@ def test_loads_current_and_older_key_names(names, tmp_path):
             a, b = (state[f"{key}.cera.{n}.weight"] for n in names)
             assert torch.equal(module.cera_A["default"].weight, a)
             assert torch.equal(module.cera_B["default"].weight, b)
+
+
+def test_both_namings_of_one_module_are_refused():
+    model = cera_model()
+    state = reference_state(model)
+    key = next(k for k in state if k.endswith(".cera.A.weight"))
+    state[key.replace(".cera.A.", ".cera.up_proj.")] = state[key]
+    with pytest.raises(ValueError, match=r"'s A twice, under both key namings"):
+        load_reference_checkpoint(model, state)
 
 
 def test_torch_save_file(tmp_path):
@@ -75,3 +232,14 @@ def test_missing_modules_are_refused():
     state = {k: v for k, v in reference_state(model).items() if dropped not in k}
     with pytest.raises(ValueError, match=r"lacks A and B weights for 1 adapted modules"):
         load_reference_checkpoint(model, state)
+
+
+def test_a_model_is_not_changed_by_a_failed_build(tmp_path):
+    base = tiny_llama()
+    pristine = copy.deepcopy(base.state_dict())
+    theirs = authors.adapt(tiny_llama())
+    path = tmp_path / "ckpt.pt"
+    authors.save(theirs, path, config={**authors.config_of(), "recurrent_steps": 1})
+    with pytest.raises(ValueError, match="recurrent"):
+        load_reference_model(base, path)
+    assert all(torch.equal(v, pristine[k]) for k, v in base.state_dict().items())

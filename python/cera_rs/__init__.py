@@ -10,13 +10,18 @@ import torch  # first: the extension links the libtorch that importing torch loa
 from cera_rs._torch_check import load_native
 
 _native = load_native()
+DeviceError = _native.DeviceError  # tensors on unusable or mismatched devices (a ValueError)
 
 from cera_rs import registration  # noqa: E402
 from cera_rs.config import CeraConfig  # noqa: E402
 from cera_rs.functional import cera_delta  # noqa: E402
 from cera_rs.layer import CeraLinear, CeraMergeError  # noqa: E402
 from cera_rs.model import CeraModel, get_cera_model, save_pretrained  # noqa: E402
-from cera_rs.reference import load_reference_checkpoint  # noqa: E402
+from cera_rs.reference import (  # noqa: E402
+    load_reference_checkpoint,
+    load_reference_model,
+    reference_config,
+)
 
 registration.register()
 
@@ -25,9 +30,12 @@ __all__ = [
     "CeraLinear",
     "CeraMergeError",
     "CeraModel",
+    "DeviceError",
     "cera_delta",
     "get_cera_model",
     "load_reference_checkpoint",
+    "load_reference_model",
+    "reference_config",
     "save_pretrained",
     "torch",
 ]

@@ -8,6 +8,9 @@ from torch import Tensor
 TORCH_VERSION: str
 """The ``torch.__version__`` the extension was compiled against."""
 
+class DeviceError(ValueError):
+    """Tensors on a device cera_rs cannot use, or on different devices."""
+
 def forward(
     x: Tensor,
     a: Tensor,
@@ -17,8 +20,10 @@ def forward(
     scaling: float,
     dropout: float,
     seed: int,
+    dropout_position: str = "hidden",
 ) -> tuple[Tensor, Tensor]:
-    """Training forward: ``(delta, h)`` with ``h = x A^T`` flattened to ``(N, r)``."""
+    """Training forward: ``(delta, h)`` with ``h = x A^T`` flattened to ``(N, r)``
+    (``(x ⊙ m) A^T`` with the dropout on the input)."""
 
 def delta(x: Tensor, a: Tensor, b: Tensor, *, activation: str, scaling: float) -> Tensor:
     """Inference forward: the delta alone, without dropout."""
@@ -37,6 +42,7 @@ def backward(
     needs_x: bool,
     needs_a: bool,
     needs_b: bool,
+    dropout_position: str = "hidden",
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """``(dx, dA, dB)``, each ``None`` unless asked for."""
 

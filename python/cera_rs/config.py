@@ -33,6 +33,9 @@ from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError, safe_open
 
 ACTIVATIONS = ("silu", "relu", "identity")
+DROPOUT_POSITIONS = ("hidden", "input")
+"""Where dropout applies: ``"hidden"`` on ``act(A x)`` (the paper's), ``"input"`` on ``x``
+before ``A`` (LoRA's, and the CeRA authors' ``peft_aligned`` variant)."""
 BIAS_OPTIONS = ("none", "all", "cera_only")
 
 
@@ -92,7 +95,11 @@ class CeraConfig(PeftConfig):
         target_modules: module name suffixes, a regex matched against full names, or
             ``"all-linear"``; ``None`` picks the model type's defaults (q/v projections).
         exclude_modules: names or a regex to leave alone.
-        cera_dropout: dropout on the activated hidden vector (inverted scaling).
+        cera_dropout: dropout probability (inverted scaling), on the activated hidden
+            vector or on the input, as ``dropout_position`` says.
+        dropout_position: ``"hidden"`` (the paper's: ``B · Dropout(act(A x))``) or
+            ``"input"`` (LoRA's: ``B · act(A Dropout(x))``, the CeRA authors'
+            ``peft_aligned`` variant).
         activation: ``"silu"`` (the paper's), ``"relu"`` or ``"identity"`` (ablations).
         scaling: factor on the branch; LoRA's ``alpha / r`` does not apply.
         rank_pattern: per-module ``r``, keyed by a name suffix or regex (as in LoRA).
@@ -115,7 +122,11 @@ class CeraConfig(PeftConfig):
     exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Names or a regex to exclude"}
     )
-    cera_dropout: float = field(default=0.1, metadata={"help": "Dropout after the activation"})
+    cera_dropout: float = field(default=0.1, metadata={"help": "Dropout probability"})
+    dropout_position: Literal["hidden", "input"] = field(
+        default="hidden",
+        metadata={"help": "'hidden': after the activation (the paper's); 'input': on x"},
+    )
     activation: Literal["silu", "relu", "identity"] = field(
         default="silu", metadata={"help": "Activation of the branch"}
     )
@@ -154,7 +165,9 @@ class CeraConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PEFT_TYPE
-        check_adapter_args(self.r, self.cera_dropout, self.activation, self.scaling)
+        check_adapter_args(
+            self.r, self.cera_dropout, self.activation, self.scaling, self.dropout_position
+        )
         if self.bias not in BIAS_OPTIONS:
             raise ValueError(f"bias must be one of {BIAS_OPTIONS}, got {self.bias!r}")
         if not isinstance(self.init_weights, bool):
@@ -306,7 +319,9 @@ _LORA_FIELDS = frozenset(f.name for f in dataclasses.fields(LoraConfig))
 _CERA_FIELDS = frozenset(f.name for f in dataclasses.fields(CeraConfig))
 
 
-def check_adapter_args(r: Any, dropout: Any, activation: Any, scaling: Any) -> None:
+def check_adapter_args(
+    r: Any, dropout: Any, activation: Any, scaling: Any, dropout_position: Any = "hidden"
+) -> None:
     """Raises ValueError/TypeError naming the first bad hyper-parameter."""
     _check_rank("r", r)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
@@ -316,6 +331,14 @@ def check_adapter_args(r: Any, dropout: Any, activation: Any, scaling: Any) -> N
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}: expected one of {ACTIVATIONS}")
     _check_scaling("scaling", scaling)
+    check_dropout_position(dropout_position)
+
+
+def check_dropout_position(position: Any) -> None:
+    if position not in DROPOUT_POSITIONS:
+        raise ValueError(
+            f"unknown dropout_position {position!r}: expected one of {DROPOUT_POSITIONS}"
+        )
 
 
 def _check_rank(name: str, r: Any) -> None:

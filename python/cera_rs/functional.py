@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from cera_rs import _native
-from cera_rs.config import ACTIVATIONS
+from cera_rs.config import ACTIVATIONS, check_dropout_position
 
 # Seeds are drawn from torch's default generator, so torch.manual_seed fixes the mask.
 _SEED_HIGH = 2**62
@@ -61,11 +61,19 @@ def _autocast_cast(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _eager_forward(
-    x: Tensor, a: Tensor, b: Tensor, seed: Tensor, activation: str, scaling: float, dropout: float
+    x: Tensor,
+    a: Tensor,
+    b: Tensor,
+    seed: Tensor,
+    activation: str,
+    scaling: float,
+    dropout: float,
+    dropout_position: str = "hidden",
 ) -> tuple[Tensor, Tensor]:
     return _native.forward(
-        x, a, b, activation=activation, scaling=scaling, dropout=dropout, seed=int(seed)
-    )
+        x, a, b, activation=activation, scaling=scaling, dropout=dropout, seed=int(seed),
+        dropout_position=dropout_position,
+    )  # fmt: skip
 
 
 _branch_forward = torch.library.custom_op(
@@ -74,7 +82,7 @@ _branch_forward = torch.library.custom_op(
 
 
 @_branch_forward.register_fake
-def _(x, a, b, seed, activation, scaling, dropout):
+def _(x, a, b, seed, activation, scaling, dropout, dropout_position="hidden"):
     rows = math.prod(x.shape[:-1])
     return x.new_empty((*x.shape[:-1], b.shape[0])), x.new_empty((rows, a.shape[0]))
 
@@ -90,11 +98,13 @@ def _eager_backward(
     scaling: float,
     dropout: float,
     needs: list[bool],
+    dropout_position: str = "hidden",
 ) -> tuple[Tensor, Tensor, Tensor]:
     grads = _native.backward(
         grad, x, a, b, h,
         activation=activation, scaling=scaling, dropout=dropout, seed=int(seed),
         needs_x=needs[0], needs_a=needs[1], needs_b=needs[2],
+        dropout_position=dropout_position,
     )  # fmt: skip
     # Custom ops return tensors: an empty one stands for "not asked for".
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
@@ -106,7 +116,7 @@ _branch_backward = torch.library.custom_op(
 
 
 @_branch_backward.register_fake
-def _(grad, x, a, b, h, seed, activation, scaling, dropout, needs):
+def _(grad, x, a, b, h, seed, activation, scaling, dropout, needs, dropout_position="hidden"):
     shapes = (x.shape, a.shape, b.shape)
     return tuple(x.new_empty(s if need else 0) for s, need in zip(shapes, needs))
 
@@ -115,13 +125,14 @@ class _CeraBranch(torch.autograd.Function):
     """Saves only x, A, B (inputs, not copies), h and the seed for backward."""
 
     @staticmethod
-    def forward(ctx, x, a, b, seed, activation, scaling, dropout):
+    def forward(ctx, x, a, b, seed, activation, scaling, dropout, dropout_position):
         # Eager calls skip the custom op's Python dispatch (tens of microseconds a call);
         # torch.compile traces the custom op, which it can keep in its graph.
         op = _branch_forward if torch.compiler.is_compiling() else _eager_forward
-        y, h = op(x, a, b, seed, activation, scaling, dropout)
+        y, h = op(x, a, b, seed, activation, scaling, dropout, dropout_position)
         ctx.save_for_backward(x, a, b, h, seed)
         ctx.config = (activation, scaling, dropout)
+        ctx.dropout_position = dropout_position
         return y
 
     @staticmethod
@@ -132,12 +143,12 @@ class _CeraBranch(torch.autograd.Function):
         # The forward ran with autocast off; a backward called inside an autocast
         # region runs the same way (what torch.amp.custom_bwd does).
         if autocast_dtype(x.device) is None:
-            grads = op(grad, x, a, b, h, seed, *ctx.config, needs)
+            grads = op(grad, x, a, b, h, seed, *ctx.config, needs, ctx.dropout_position)
         else:
             with torch.autocast(x.device.type, enabled=False):
-                grads = op(grad, x, a, b, h, seed, *ctx.config, needs)
+                grads = op(grad, x, a, b, h, seed, *ctx.config, needs, ctx.dropout_position)
         dx, da, db = (g if need else None for g, need in zip(grads, needs))
-        return dx, da, db, None, None, None, None
+        return dx, da, db, None, None, None, None, None
 
 
 def cera_delta(
@@ -149,41 +160,50 @@ def cera_delta(
     activation: str = "silu",
     training: bool = True,
     scaling: float = 1.0,
+    dropout_position: str = "hidden",
 ) -> Tensor:
     """``scaling * B · Dropout(act(A x))`` for every row of ``x``.
 
     ``x`` is ``(..., d_in)``, ``A`` is ``(r, d_in)`` and ``B`` is ``(d_out, r)``; the
     result is ``(..., d_out)`` in ``x``'s dtype, or in the autocast dtype inside a
     ``torch.autocast`` region (as ``F.linear``'s). Dropout applies only when
-    ``training`` is true, with inverted scaling ``1 / (1 - dropout)``.
+    ``training`` is true, with inverted scaling ``1 / (1 - dropout)``; with
+    ``dropout_position="input"`` it drops elements of ``x`` instead:
+    ``scaling * B · act(A Dropout(x))``.
     """
     for name, t in (("x", x), ("A", A), ("B", B)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if A.device != x.device or B.device != x.device:
-        raise ValueError(f"mixed devices: x is on {x.device}, A on {A.device}, B on {B.device}")
+        raise _native.DeviceError(
+            f"device error: mixed devices: x is on {x.device}, A on {A.device}, B on {B.device}"
+        )
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}: expected one of {ACTIVATIONS}")
+    check_dropout_position(dropout_position)
     p = float(dropout) if training else 0.0
     dtype = autocast_dtype(x.device)
     if dtype is None:
-        return _branch(x, A, B, activation, float(scaling), p)
+        return _branch(x, A, B, activation, float(scaling), p, dropout_position)
     x, A, B = (_autocast_cast(t, dtype) for t in (x, A, B))
     with torch.autocast(x.device.type, enabled=False):
-        return _branch(x, A, B, activation, float(scaling), p)
+        return _branch(x, A, B, activation, float(scaling), p, dropout_position)
 
 
-def _branch(x: Tensor, A: Tensor, B: Tensor, activation: str, scaling: float, p: float) -> Tensor:
+def _branch(
+    x: Tensor, A: Tensor, B: Tensor, activation: str, scaling: float, p: float, position: str
+) -> Tensor:
     needs_grad = x.requires_grad or A.requires_grad or B.requires_grad
     wants_graph = torch.is_grad_enabled() and needs_grad
     if wants_graph or torch.compiler.is_compiling():
         seed = _draw_seed() if p > 0 else torch.zeros((), dtype=torch.int64)
-        return _CeraBranch.apply(x, A, B, seed, activation, scaling, p)
+        return _CeraBranch.apply(x, A, B, seed, activation, scaling, p, position)
     if p > 0:
         y, _ = _native.forward(
-            x, A, B, activation=activation, scaling=scaling, dropout=p, seed=int(_draw_seed())
-        )
+            x, A, B, activation=activation, scaling=scaling, dropout=p, seed=int(_draw_seed()),
+            dropout_position=position,
+        )  # fmt: skip
         return y
     return _native.delta(x, A, B, activation=activation, scaling=scaling)

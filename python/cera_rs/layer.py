@@ -43,7 +43,8 @@ def base_features(base_layer: nn.Module) -> tuple[int, int]:
 
 
 class CeraLinear(nn.Module, BaseTunerLayer):
-    """``base_layer(x) + scaling * B · Dropout(act(A x))`` for each active adapter.
+    """``base_layer(x) + scaling * B · Dropout(act(A x))`` for each active adapter (or
+    ``scaling * B · act(A Dropout(x))`` with ``dropout_position="input"``).
 
     ``A`` (``cera_A[name]``, nn.Linear d_in -> r) starts Kaiming-normal as in the
     paper's reference, ``B`` (``cera_B[name]``, r -> d_out) at zero, so a new adapter
@@ -52,7 +53,7 @@ class CeraLinear(nn.Module, BaseTunerLayer):
     """
 
     adapter_layer_names = ("cera_A", "cera_B")
-    other_param_names = ("r", "cera_dropout", "activation", "scaling")
+    other_param_names = ("r", "cera_dropout", "activation", "scaling", "dropout_position")
 
     def __init__(
         self,
@@ -63,6 +64,7 @@ class CeraLinear(nn.Module, BaseTunerLayer):
         activation: str = "silu",
         scaling: float = 1.0,
         init_weights: bool = True,
+        dropout_position: str = "hidden",
         adapter_name: str = "default",
     ) -> None:
         super().__init__()
@@ -74,13 +76,16 @@ class CeraLinear(nn.Module, BaseTunerLayer):
         self.cera_dropout: dict[str, float] = {}
         self.activation: dict[str, str] = {}
         self.scaling: dict[str, float] = {}
+        self.dropout_position: dict[str, str] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._active_adapter = adapter_name
         for param in self.base_layer.parameters():
             param.requires_grad_(False)
-        self.update_layer(adapter_name, r, dropout=dropout, activation=activation, scaling=scaling,
-                          init_weights=init_weights)  # fmt: skip
+        self.update_layer(
+            adapter_name, r, dropout=dropout, activation=activation, scaling=scaling,
+            init_weights=init_weights, dropout_position=dropout_position,
+        )  # fmt: skip
 
     def update_layer(
         self,
@@ -91,9 +96,10 @@ class CeraLinear(nn.Module, BaseTunerLayer):
         activation: str = "silu",
         scaling: float = 1.0,
         init_weights: bool = True,
+        dropout_position: str = "hidden",
     ) -> None:
         """Adds (or replaces) the adapter ``adapter_name`` with fresh weights."""
-        check_adapter_args(r, dropout, activation, scaling)
+        check_adapter_args(r, dropout, activation, scaling, dropout_position)
         weight = self.base_layer.weight
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         factory = {"device": weight.device, "dtype": dtype}
@@ -103,6 +109,7 @@ class CeraLinear(nn.Module, BaseTunerLayer):
         self.cera_dropout[adapter_name] = float(dropout)
         self.activation[adapter_name] = activation
         self.scaling[adapter_name] = float(scaling)
+        self.dropout_position[adapter_name] = dropout_position
         self.reset_cera_parameters(adapter_name, init_weights)
         self.set_adapter(self.active_adapters)
 
@@ -153,6 +160,7 @@ class CeraLinear(nn.Module, BaseTunerLayer):
             activation=self.activation[name],
             training=self.training,
             scaling=self.scaling[name],
+            dropout_position=self.dropout_position[name],
         )
 
     def _mixed_batch_forward(

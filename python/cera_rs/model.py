@@ -56,7 +56,8 @@ class CeraModel(BaseTuner):
         r = config.rank_for(current_key)
         args = {"dropout": config.cera_dropout, "activation": config.activation,
                 "scaling": config.scaling_for(current_key),
-                "init_weights": config.init_weights}  # fmt: skip
+                "init_weights": config.init_weights,
+                "dropout_position": config.dropout_position}  # fmt: skip
         if isinstance(target, CeraLinear):
             target.update_layer(adapter_name, r, **args)
             return

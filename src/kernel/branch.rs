@@ -1,11 +1,19 @@
 //! Forward and backward of the CeRA branch `delta = scaling * B · Dropout(act(A x))`.
 //!
 //! GEMMs go through libtorch; the elementwise work between them is one fused pass
-//! each way (`elementwise`). Backward needs only the pre-activation `h = x A^T` and
-//! the dropout seed: the mask, `act(h)` and `act'(h)` are recomputed in the pass.
+//! each way (`elementwise`). Backward needs only the pre-activation `h` and the
+//! dropout seed: the mask, `act(h)` and `act'(h)` are recomputed in the pass.
+//!
+//! With the dropout on the input (`DropoutPosition::Input`, as LoRA does it) the
+//! branch is `scaling * B · act(A (x ⊙ m))`: the mask `m` over `x`'s `(N, d_in)` elements
+//! comes from the same counter hash and seed, applied by the same fused pass (identity
+//! activation), and backward regenerates `x ⊙ m` instead of keeping it.
 
+use super::activation::Activation;
 use super::elementwise::{self, Elementwise};
-use crate::error::{CeraError, Result};
+use super::mask::Dropout;
+use crate::error::{device_name, same_device, tensor_dtype_name, CeraError, Result};
+use std::str::FromStr;
 use tch::{Kind, Tensor};
 
 /// Which gradients the caller wants; the GEMMs of the others are skipped.
@@ -24,14 +32,39 @@ impl Needs {
     };
 }
 
+/// Where the dropout mask applies: on the activated hidden vector (the paper's) or
+/// on the input before `A` (LoRA's, and the reference's `peft_aligned` variant).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DropoutPosition {
+    #[default]
+    Hidden,
+    Input,
+}
+
+impl FromStr for DropoutPosition {
+    type Err = CeraError;
+
+    fn from_str(name: &str) -> Result<Self> {
+        match name {
+            "hidden" => Ok(Self::Hidden),
+            "input" => Ok(Self::Input),
+            other => Err(CeraError::Value(format!(
+                "unknown dropout position {other:?}: expected \"hidden\" or \"input\""
+            ))),
+        }
+    }
+}
+
 /// What backward needs: the inputs (shared, not copied), `h` and the config.
 pub struct Saved {
     pub x: Tensor,
     pub a: Tensor,
     pub b: Tensor,
-    /// The pre-activation `x A^T`, shape `(N, r)` with `N` the flattened leading dims.
+    /// The pre-activation `x A^T` (or `(x ⊙ m) A^T`), shape `(N, r)` with `N` the
+    /// flattened leading dims.
     pub h: Tensor,
     pub elementwise: Elementwise,
+    pub position: DropoutPosition,
 }
 
 /// Gradients of the branch's inputs; `None` where not asked for.
@@ -50,15 +83,22 @@ struct Dims {
     d_out: i64,
 }
 
-/// `scaling * B · Dropout(act(A x))` for every row of `x` (any leading shape),
-/// returned with the state backward needs.
-pub fn forward(x: &Tensor, a: &Tensor, b: &Tensor, ew: &Elementwise) -> Result<(Tensor, Saved)> {
+/// `scaling * B · Dropout(act(A x))` (or `scaling * B · act(A Dropout(x))`) for every
+/// row of `x` (any leading shape), returned with the state backward needs.
+pub fn forward(
+    x: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    ew: &Elementwise,
+    position: DropoutPosition,
+) -> Result<(Tensor, Saved)> {
     let _no_grad = tch::no_grad_guard();
     let dims = check_inputs(x, a, b)?;
     check_elementwise(ew)?;
-    let x2 = x.f_reshape([dims.n, dims.d_in])?;
+    let (hidden, input) = split(ew, position);
+    let x2 = dropped_input(&x.f_reshape([dims.n, dims.d_in])?, input)?;
     let h = x2.f_mm(&a.f_tr()?)?;
-    let act = elementwise::forward(&h, ew)?;
+    let act = elementwise::forward(&h, &hidden)?;
     let y = act.f_mm(&b.f_tr()?)?.f_reshape(out_shape(x, dims.d_out))?;
     let saved = Saved {
         x: x.shallow_clone(),
@@ -66,6 +106,7 @@ pub fn forward(x: &Tensor, a: &Tensor, b: &Tensor, ew: &Elementwise) -> Result<(
         b: b.shallow_clone(),
         h,
         elementwise: *ew,
+        position,
     };
     Ok((y, saved))
 }
@@ -79,6 +120,7 @@ pub fn backward(grad: &Tensor, saved: &Saved, needs: Needs) -> Result<Grads> {
         b,
         h,
         elementwise: ew,
+        position,
     } = saved;
     let dims = check_inputs(x, a, b)?;
     let expected = out_shape(x, dims.d_out);
@@ -89,8 +131,8 @@ pub fn backward(grad: &Tensor, saved: &Saved, needs: Needs) -> Result<Grads> {
             expected
         )));
     }
-    same_kind_and_device(grad, "grad_output", x, "the branch output")?;
-    same_kind_and_device(h, "the saved hidden state", x, "the inputs")?;
+    same_kind_and_device(grad, "grad_output", x, "the branch's inputs")?;
+    same_kind_and_device(h, "the saved hidden state", x, "the branch's inputs")?;
     if h.size() != [dims.n, dims.r] {
         return Err(CeraError::Shape(format!(
             "saved hidden state has shape {:?}, expected [{}, {}]",
@@ -99,23 +141,57 @@ pub fn backward(grad: &Tensor, saved: &Saved, needs: Needs) -> Result<Grads> {
             dims.r
         )));
     }
+    let (hidden, input) = split(ew, *position);
     let g2 = grad.f_reshape([dims.n, dims.d_out])?;
     let gb = g2.f_mm(b)?;
-    let (am, dz) = elementwise::backward(h, &gb, ew)?;
+    let (am, dz) = elementwise::backward(h, &gb, &hidden)?;
     let db = needs.b.then(|| g2.f_tr()?.f_mm(&am)).transpose()?;
     let da = needs
         .a
-        .then(|| dz.f_tr()?.f_mm(&x.f_reshape([dims.n, dims.d_in])?))
+        .then(|| {
+            let x2 = dropped_input(&x.f_reshape([dims.n, dims.d_in])?, input)?;
+            Ok::<_, CeraError>(dz.f_tr()?.f_mm(&x2)?)
+        })
         .transpose()?;
     let dx = needs
         .x
-        .then(|| dz.f_mm(a)?.f_reshape(x.size()))
+        .then(|| Ok::<_, CeraError>(dropped_input(&dz.f_mm(a)?, input)?.f_reshape(x.size())?))
         .transpose()?;
     Ok(Grads {
         x: dx,
         a: da,
         b: db,
     })
+}
+
+/// The hidden pass's config and the input's dropout, for the dropout's position.
+fn split(ew: &Elementwise, position: DropoutPosition) -> (Elementwise, Option<Dropout>) {
+    match position {
+        DropoutPosition::Hidden => (*ew, None),
+        DropoutPosition::Input => (
+            Elementwise {
+                dropout: None,
+                ..*ew
+            },
+            ew.dropout,
+        ),
+    }
+}
+
+/// `t ⊙ m` for the input mask `m` over `t`'s `(N, d_in)` elements (the forward's
+/// `x ⊙ m` and backward's `(dz A) ⊙ m` draw the same mask), or `t` itself.
+fn dropped_input(t: &Tensor, dropout: Option<Dropout>) -> Result<Tensor> {
+    match dropout {
+        None => Ok(t.shallow_clone()),
+        Some(d) => elementwise::forward(
+            t,
+            &Elementwise {
+                activation: Activation::Identity,
+                scaling: 1.0,
+                dropout: Some(d),
+            },
+        ),
+    }
 }
 
 /// Errors unless `t` has the dtype and device of `like`; the CPU loops read buffers of
@@ -126,12 +202,18 @@ pub(super) fn same_kind_and_device(
     like: &Tensor,
     like_what: &str,
 ) -> Result<()> {
-    let (kind, like_kind) = (t.f_kind()?, like.f_kind()?);
-    if kind != like_kind || t.device() != like.device() {
+    if !same_device(t, like) {
+        return Err(CeraError::Device(format!(
+            "{what} is on {}, {like_what} on {}",
+            device_name(t),
+            device_name(like)
+        )));
+    }
+    if t.f_kind()? != like.f_kind()? {
         return Err(CeraError::DType(format!(
-            "{what} is {kind:?} on {:?}, {like_what} {like_kind:?} on {:?}",
-            t.device(),
-            like.device()
+            "{what} is {}, {like_what} {}",
+            tensor_dtype_name(t),
+            tensor_dtype_name(like)
         )));
     }
     Ok(())
@@ -189,27 +271,31 @@ fn check_inputs(x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Dims> {
             bs[1]
         )));
     }
+    if !same_device(a, x) || !same_device(b, x) {
+        return Err(CeraError::Device(format!(
+            "mixed devices: x is on {}, A on {}, B on {}",
+            device_name(x),
+            device_name(a),
+            device_name(b)
+        )));
+    }
     let kinds = [x.f_kind()?, a.f_kind()?, b.f_kind()?];
     if !matches!(
         kinds[0],
         Kind::Float | Kind::Double | Kind::BFloat16 | Kind::Half
     ) {
         return Err(CeraError::DType(format!(
-            "x has dtype {:?}: expected float32, float64, bfloat16 or float16",
-            kinds[0]
+            "x has dtype {}: expected torch.float32, torch.float64, torch.bfloat16 or \
+             torch.float16",
+            tensor_dtype_name(x)
         )));
     }
     if kinds[1] != kinds[0] || kinds[2] != kinds[0] {
         return Err(CeraError::DType(format!(
-            "mixed dtypes: x is {:?}, A is {:?}, B is {:?}",
-            kinds[0], kinds[1], kinds[2]
-        )));
-    }
-    let devices = [x.device(), a.device(), b.device()];
-    if devices[1] != devices[0] || devices[2] != devices[0] {
-        return Err(CeraError::Device(format!(
-            "mixed devices: x is on {:?}, A on {:?}, B on {:?}",
-            devices[0], devices[1], devices[2]
+            "mixed dtypes: x is {}, A is {}, B is {}",
+            tensor_dtype_name(x),
+            tensor_dtype_name(a),
+            tensor_dtype_name(b)
         )));
     }
     let n = xs[..xs.len() - 1].iter().product();

@@ -9,7 +9,7 @@
 use super::activation::Activation;
 use super::branch::same_kind_and_device;
 use super::mask::Dropout;
-use crate::error::{CeraError, Result};
+use crate::error::{dtype_name, CeraError, Result};
 use crate::threads;
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -129,7 +129,9 @@ fn compute_kind(kind: Kind) -> Kind {
 
 fn unsupported(kind: Kind) -> CeraError {
     CeraError::DType(format!(
-        "unsupported dtype {kind:?}: expected float32, float64, bfloat16 or float16"
+        "unsupported dtype {}: expected torch.float32, torch.float64, torch.bfloat16 or \
+         torch.float16",
+        dtype_name(kind)
     ))
 }
 

@@ -7,7 +7,7 @@ pub mod elementwise;
 pub mod mask;
 
 pub use activation::Activation;
-pub use branch::{backward, forward, Grads, Needs, Saved};
+pub use branch::{backward, forward, DropoutPosition, Grads, Needs, Saved};
 pub use elementwise::Elementwise;
 pub use mask::Dropout;
 

@@ -19,33 +19,56 @@ fn inputs(kind: Kind) -> (Tensor, Tensor, Tensor) {
     (x, a, b)
 }
 
-/// The same formula with autograd over plain tch ops, the mask taken from `Dropout`.
-fn reference(x: &Tensor, a: &Tensor, b: &Tensor, ew: &Elementwise, g: &Tensor) -> [Tensor; 4] {
+/// The keep mask of `like`'s elements in its dtype, scaled by `1 / (1 - p)`.
+fn scaled_mask(d: &Dropout, like: &Tensor) -> Tensor {
+    d.keep_tensor(like.numel() as i64, Device::Cpu)
+        .unwrap()
+        .reshape(like.size())
+        .to_kind(like.kind())
+        * d.keep_scale()
+}
+
+/// The same formula with autograd over plain tch ops, the mask taken from `Dropout`
+/// and applied to the hidden vector or to the input rows.
+fn reference(
+    x: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    ew: &Elementwise,
+    position: DropoutPosition,
+    g: &Tensor,
+) -> [Tensor; 4] {
     let x = x.detach().set_requires_grad(true);
     let a = a.detach().set_requires_grad(true);
     let b = b.detach().set_requires_grad(true);
-    let h = x.matmul(&a.tr());
+    let d_in = *x.size().last().unwrap();
+    let rows = x.reshape([-1, d_in]);
+    let rows = match (ew.dropout, position) {
+        (Some(d), DropoutPosition::Input) => &rows * scaled_mask(&d, &rows),
+        _ => rows,
+    };
+    let h = rows.matmul(&a.tr());
     let act = match ew.activation {
         Activation::Silu => h.silu(),
         Activation::Relu => h.relu(),
         Activation::Identity => h.shallow_clone(),
     };
-    let m = match ew.dropout {
-        Some(d) => {
-            d.keep_tensor(h.numel() as i64, Device::Cpu)
-                .unwrap()
-                .reshape(h.size())
-                .to_kind(h.kind())
-                * d.keep_scale()
-        }
-        None => h.ones_like(),
+    let act = match (ew.dropout, position) {
+        (Some(d), DropoutPosition::Hidden) => &act * scaled_mask(&d, &act),
+        _ => act,
     };
-    let y = (act * m).matmul(&b.tr()) * ew.scaling;
+    let y = act.matmul(&b.tr()).reshape(g.size()) * ew.scaling;
     (&y * g).sum(y.kind()).backward();
     [y.detach(), x.grad(), a.grad(), b.grad()]
 }
 
-fn check(kind: Kind, activation: Activation, dropout: Option<Dropout>, tol: f64) {
+fn check(
+    kind: Kind,
+    activation: Activation,
+    dropout: Option<Dropout>,
+    position: DropoutPosition,
+    tol: f64,
+) {
     let (x, a, b) = inputs(kind);
     let ew = Elementwise {
         activation,
@@ -53,10 +76,10 @@ fn check(kind: Kind, activation: Activation, dropout: Option<Dropout>, tol: f64)
         dropout,
     };
     let g = Tensor::randn([3, 50, 16], (kind, Device::Cpu));
-    let (y, saved) = forward(&x, &a, &b, &ew).unwrap();
+    let (y, saved) = forward(&x, &a, &b, &ew, position).unwrap();
     let grads = backward(&g, &saved, Needs::ALL).unwrap();
-    let [ry, rdx, rda, rdb] = reference(&x, &a, &b, &ew, &g);
-    let label = format!("{kind:?} {activation:?} {dropout:?}");
+    let [ry, rdx, rda, rdb] = reference(&x, &a, &b, &ew, position, &g);
+    let label = format!("{kind:?} {activation:?} {dropout:?} {position:?}");
     assert!(max_rel_diff(&y, &ry) < tol, "forward {label}");
     assert!(max_rel_diff(&grads.x.unwrap(), &rdx) < tol, "dx {label}");
     assert!(max_rel_diff(&grads.a.unwrap(), &rda) < tol, "dA {label}");
@@ -67,8 +90,10 @@ fn check(kind: Kind, activation: Activation, dropout: Option<Dropout>, tol: f64)
 fn forward_backward_match_tch_composition() {
     for activation in [Activation::Silu, Activation::Relu, Activation::Identity] {
         for dropout in [None, Some(Dropout { p: 0.3, seed: 11 })] {
-            check(Kind::Double, activation, dropout, 1e-12);
-            check(Kind::Float, activation, dropout, 1e-5);
+            for position in [DropoutPosition::Hidden, DropoutPosition::Input] {
+                check(Kind::Double, activation, dropout, position, 1e-12);
+                check(Kind::Float, activation, dropout, position, 1e-5);
+            }
         }
     }
 }
@@ -140,7 +165,7 @@ fn empty_batch_gives_empty_outputs() {
         scaling: 1.0,
         dropout: None,
     };
-    let (y, saved) = forward(&x, &a, &b, &ew).unwrap();
+    let (y, saved) = forward(&x, &a, &b, &ew, DropoutPosition::Hidden).unwrap();
     assert_eq!(y.size(), [0, 16]);
     let grads = backward(&y.zeros_like(), &saved, Needs::ALL).unwrap();
     assert_eq!(grads.x.unwrap().size(), [0, 24]);
@@ -157,22 +182,22 @@ fn bad_inputs_are_errors_not_panics() {
     };
     let wrong_d_in = Tensor::zeros([4, 23], (Kind::Float, Device::Cpu));
     assert!(matches!(
-        forward(&wrong_d_in, &a, &b, &ew),
+        forward(&wrong_d_in, &a, &b, &ew, DropoutPosition::Hidden),
         Err(crate::CeraError::Shape(_))
     ));
     let wrong_rank = Tensor::zeros([16, 7], (Kind::Float, Device::Cpu));
     assert!(matches!(
-        forward(&x, &a, &wrong_rank, &ew),
+        forward(&x, &a, &wrong_rank, &ew, DropoutPosition::Hidden),
         Err(crate::CeraError::Shape(_))
     ));
     let ints = Tensor::zeros([4, 24], (Kind::Int64, Device::Cpu));
     assert!(matches!(
-        forward(&ints, &a, &b, &ew),
+        forward(&ints, &a, &b, &ew, DropoutPosition::Hidden),
         Err(crate::CeraError::DType(_))
     ));
     let mixed = a.to_kind(Kind::Double);
     assert!(matches!(
-        forward(&x, &mixed, &b, &ew),
+        forward(&x, &mixed, &b, &ew, DropoutPosition::Hidden),
         Err(crate::CeraError::DType(_))
     ));
     let bad_p = Elementwise {
@@ -180,11 +205,63 @@ fn bad_inputs_are_errors_not_panics() {
         ..ew
     };
     assert!(matches!(
-        forward(&x, &a, &b, &bad_p),
+        forward(&x, &a, &b, &bad_p, DropoutPosition::Hidden),
         Err(crate::CeraError::Value(_))
     ));
     assert!(matches!(
         "gelu".parse::<Activation>(),
+        Err(crate::CeraError::Value(_))
+    ));
+}
+
+#[test]
+fn input_dropout_drops_input_elements_not_hidden_ones() {
+    // With A = I and identity activation the branch returns its (dropped) input, so
+    // the zeros land exactly where the input mask says, at the input's rate.
+    let x = Tensor::ones([300, 40], (Kind::Double, Device::Cpu));
+    let eye = Tensor::eye(40, (Kind::Double, Device::Cpu));
+    let d = Dropout { p: 0.25, seed: 9 };
+    let ew = Elementwise {
+        activation: Activation::Identity,
+        scaling: 1.0,
+        dropout: Some(d),
+    };
+    let (y, saved) = forward(&x, &eye, &eye, &ew, DropoutPosition::Input).unwrap();
+    let mask = scaled_mask(&d, &x);
+    assert_eq!(max_rel_diff(&y, &mask), 0.0);
+    // Backward masks dx with the same mask: d(sum y)/dx = m.
+    let grads = backward(&y.ones_like(), &saved, Needs::ALL).unwrap();
+    assert_eq!(max_rel_diff(&grads.x.unwrap(), &mask), 0.0);
+    let dropped = y.eq(0.0).to_kind(Kind::Double).mean(Kind::Double);
+    assert!((dropped.double_value(&[]) - 0.25).abs() < 0.02);
+}
+
+#[test]
+fn mismatches_are_told_apart_and_named_as_torch_does() {
+    let (x, a, b) = inputs(Kind::Float);
+    let ew = Elementwise {
+        activation: Activation::Silu,
+        scaling: 1.0,
+        dropout: None,
+    };
+    let (y, saved) = forward(&x, &a, &b, &ew, DropoutPosition::Hidden).unwrap();
+    let Err(crate::CeraError::DType(msg)) =
+        backward(&y.to_kind(Kind::BFloat16), &saved, Needs::ALL)
+    else {
+        panic!("a bfloat16 grad_output must be a dtype error");
+    };
+    assert_eq!(
+        msg,
+        "grad_output is torch.bfloat16, the branch's inputs torch.float32"
+    );
+    let Err(crate::CeraError::DType(msg)) =
+        forward(&x.to_kind(Kind::Int), &a, &b, &ew, DropoutPosition::Hidden)
+    else {
+        panic!("int32 x must be a dtype error");
+    };
+    assert!(msg.starts_with("x has dtype torch.int32"), "{msg}");
+    assert!(matches!(
+        "sideways".parse::<DropoutPosition>(),
         Err(crate::CeraError::Value(_))
     ));
 }

@@ -4,7 +4,7 @@
 //! tch's `size()` panics on tensors without sizes (nested ones), so shapes are read
 //! only after `real_f64`, whose fallible ops reject such tensors first.
 
-use crate::error::{CeraError, Result};
+use crate::error::{dtype_name, CeraError, Result};
 use tch::{Kind, Tensor};
 
 /// `t` detached and converted to float64 on its own device, after checking that it
@@ -13,7 +13,8 @@ pub fn real_f64(t: &Tensor, what: &str) -> Result<Tensor> {
     let kind = t.f_kind()?;
     if !(t.is_floating_point() || is_integral(kind)) {
         return Err(CeraError::DType(format!(
-            "{what} must hold real numbers, got {kind:?}"
+            "{what} must hold real numbers, got {}",
+            dtype_name(kind)
         )));
     }
     let t = t.f_detach()?.f_to_kind(Kind::Double)?;
