@@ -274,7 +274,7 @@ def test_cuda_autocast_matches_lora_shaped_composition(make_inputs, dtype):
     for g, g_ref in zip(grads, grads_ref):
         assert g.dtype == torch.float32
         assert max_rel(g, g_ref) < tol
-    layer, plain = _cera_and_lora_shaped(dropout=0.1)
+    layer, _ = _cera_and_lora_shaped(dropout=0.1)
     layer.cuda()
     with torch.autocast("cuda", dtype=dtype):
         out = torch.compile(layer, backend="aot_eager", fullgraph=True)(x[..., :32])
