@@ -5,6 +5,7 @@
 //! the `cera_rs._native` extension module.
 
 pub mod error;
+pub mod export;
 pub mod kernel;
 pub mod spectral;
 mod threads;

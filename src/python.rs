@@ -8,6 +8,7 @@
 //! resource and libtorch failures to RuntimeError.
 
 use crate::error::CeraError;
+use crate::export::{self, Moments, MomentsState};
 use crate::kernel::{self, Activation, Dropout, DropoutPosition, Elementwise, Needs, Saved};
 use crate::spectral::{self, Gram};
 use numpy::PyArray1;
@@ -241,10 +242,25 @@ fn lowrank_spectra(py: Python<'_>, pairs: Vec<(PyTensor, PyTensor)>) -> PyResult
 #[pyclass(name = "GramAccumulator", module = "cera_rs._native", frozen)]
 struct PyGram(Mutex<Gram>);
 
-fn lock(gram: &Mutex<Gram>) -> crate::Result<MutexGuard<'_, Gram>> {
-    gram.lock().map_err(|_| {
+fn lock<T>(accumulator: &Mutex<T>) -> crate::Result<MutexGuard<'_, T>> {
+    accumulator.lock().map_err(|_| {
         CeraError::Runtime("the accumulator was left unusable by an earlier internal error".into())
     })
+}
+
+/// Locks two distinct accumulators in address order, so two threads merging a pair
+/// in opposite directions cannot deadlock; returns `(mine, theirs)`.
+fn lock_pair<'a, T>(
+    mine: &'a Mutex<T>,
+    theirs: &'a Mutex<T>,
+) -> crate::Result<(MutexGuard<'a, T>, MutexGuard<'a, T>)> {
+    if (mine as *const Mutex<T>) < (theirs as *const Mutex<T>) {
+        let mine = lock(mine)?;
+        Ok((mine, lock(theirs)?))
+    } else {
+        let theirs = lock(theirs)?;
+        Ok((lock(mine)?, theirs))
+    }
 }
 
 /// `"cpu"`, `"cuda"`, `"cuda:N"` or `"mps"`, as `str(torch.device)` writes them.
@@ -292,8 +308,7 @@ impl PyGram {
         run(py, move || lock(&self.0)?.update(&x.0))
     }
 
-    /// Adds `other`'s rows. Locks in address order so two threads merging a pair in
-    /// opposite directions cannot deadlock.
+    /// Adds `other`'s rows.
     fn merge(&self, py: Python<'_>, other: &Self) -> PyResult<()> {
         if std::ptr::eq(self, other) {
             return Err(PyValueError::new_err(
@@ -301,13 +316,7 @@ impl PyGram {
             ));
         }
         run(py, || {
-            let (mut mine, theirs) = if (self as *const Self) < (other as *const Self) {
-                let mine = lock(&self.0)?;
-                (mine, lock(&other.0)?)
-            } else {
-                let theirs = lock(&other.0)?;
-                (lock(&self.0)?, theirs)
-            };
+            let (mut mine, theirs) = lock_pair(&self.0, &other.0)?;
             mine.merge(&theirs)
         })
     }
@@ -336,6 +345,151 @@ fn gram_spectra(py: Python<'_>, grams: Vec<Bound<'_, PyGram>>) -> PyResult<Vec<P
     Ok(spectra.into_iter().map(PySpectrum).collect())
 }
 
+/// Streaming moments of `(x, y)` token pairs for the linear export; thread-safe
+/// like `GramAccumulator`.
+#[pyclass(name = "RegressionAccumulator", module = "cera_rs._native", frozen)]
+struct PyMoments(Mutex<Moments>);
+
+#[pymethods]
+impl PyMoments {
+    #[new]
+    #[pyo3(signature = (d_in, d_out, device = "cpu"))]
+    fn new(d_in: i64, d_out: i64, device: &str) -> PyResult<Self> {
+        let moments = Moments::new(d_in, d_out, parse_device(device)?)?;
+        Ok(PyMoments(Mutex::new(moments)))
+    }
+
+    /// Loads a summed state: `(xx, yx, sum_x, sum_y, sum_yy, tokens)` as `state` gives.
+    #[staticmethod]
+    #[allow(clippy::too_many_arguments)]
+    fn from_state(
+        py: Python<'_>,
+        xx: PyTensor,
+        yx: PyTensor,
+        sum_x: PyTensor,
+        sum_y: PyTensor,
+        sum_yy: PyTensor,
+        tokens: u64,
+    ) -> PyResult<Self> {
+        let state = MomentsState {
+            xx: xx.0,
+            yx: yx.0,
+            sum_x: sum_x.0,
+            sum_y: sum_y.0,
+            sum_yy: sum_yy.0,
+            tokens,
+        };
+        let moments = run(py, move || Moments::from_state(&state))?;
+        Ok(PyMoments(Mutex::new(moments)))
+    }
+
+    #[getter]
+    fn d_in(&self) -> PyResult<i64> {
+        Ok(lock(&self.0)?.d_in())
+    }
+
+    #[getter]
+    fn d_out(&self) -> PyResult<i64> {
+        Ok(lock(&self.0)?.d_out())
+    }
+
+    #[getter]
+    fn tokens_seen(&self) -> PyResult<u64> {
+        Ok(lock(&self.0)?.tokens())
+    }
+
+    fn update(&self, py: Python<'_>, x: PyTensor, y: PyTensor) -> PyResult<()> {
+        run(py, move || lock(&self.0)?.update(&x.0, &y.0))
+    }
+
+    fn merge(&self, py: Python<'_>, other: &Self) -> PyResult<()> {
+        if std::ptr::eq(self, other) {
+            return Err(PyValueError::new_err(
+                "cannot merge an accumulator into itself",
+            ));
+        }
+        run(py, || {
+            let (mut mine, theirs) = lock_pair(&self.0, &other.0)?;
+            mine.merge(&theirs)
+        })
+    }
+
+    /// `(xx, yx, sum_x, sum_y, sum_yy, tokens)`: copies, float64, `xx` full.
+    #[allow(clippy::type_complexity)]
+    fn state(
+        &self,
+        py: Python<'_>,
+    ) -> PyResult<(PyObject, PyObject, PyObject, PyObject, PyObject, u64)> {
+        let s = run(py, || lock(&self.0)?.state())?;
+        Ok((
+            wrap(py, s.xx)?,
+            wrap(py, s.yx)?,
+            wrap(py, s.sum_x)?,
+            wrap(py, s.sum_y)?,
+            wrap(py, s.sum_yy)?,
+            s.tokens,
+        ))
+    }
+}
+
+/// One layer's solved regression: `W*`, the linearity of every rank, the factors.
+/// Behind a mutex because tensors may be shared between threads but not used from
+/// two at once.
+#[pyclass(name = "RegressionFit", module = "cera_rs._native", frozen)]
+struct PyFit(Mutex<export::Fit>);
+
+#[pymethods]
+impl PyFit {
+    #[getter]
+    fn weight(&self, py: Python<'_>) -> PyResult<PyObject> {
+        let weight = lock(&self.0)?
+            .weight()
+            .f_detach_copy()
+            .map_err(CeraError::from)?;
+        wrap(py, weight)
+    }
+
+    #[getter]
+    fn linearity<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<f64>>> {
+        Ok(PyArray1::from_slice(py, lock(&self.0)?.linearity()))
+    }
+
+    #[getter]
+    fn mean_square(&self) -> PyResult<f64> {
+        Ok(lock(&self.0)?.mean_square())
+    }
+
+    #[getter]
+    fn tokens(&self) -> PyResult<u64> {
+        Ok(lock(&self.0)?.tokens())
+    }
+
+    fn fitted_spectrum(&self) -> PyResult<PySpectrum> {
+        Ok(PySpectrum(lock(&self.0)?.fitted_spectrum()?))
+    }
+
+    /// `(B, A, bias or None)` of the rank-`k` map.
+    fn factors(&self, py: Python<'_>, k: usize) -> PyResult<(PyObject, PyObject, PyObject)> {
+        let (b, a, bias) = run(py, || lock(&self.0)?.factors(k))?;
+        Ok((wrap(py, b)?, wrap(py, a)?, wrap_optional(py, bias)?))
+    }
+}
+
+/// Solves many accumulators' regressions in parallel.
+#[pyfunction]
+#[pyo3(signature = (accumulators, *, ridge, bias))]
+fn solve_regressions(
+    py: Python<'_>,
+    accumulators: Vec<Bound<'_, PyMoments>>,
+    ridge: f64,
+    bias: bool,
+) -> PyResult<Vec<PyFit>> {
+    let how = export::Solve { ridge, bias };
+    let all: Vec<&Mutex<Moments>> = accumulators.iter().map(|m| &m.get().0).collect();
+    let fits = run(py, move || spectral::par_map(all, |m| lock(m)?.solve(how)))?;
+    Ok(fits.into_iter().map(|f| PyFit(Mutex::new(f))).collect())
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TORCH_VERSION", env!("CERA_RS_TORCH_VERSION"))?;
@@ -348,5 +502,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(spectrum, m)?)?;
     m.add_function(wrap_pyfunction!(lowrank_spectra, m)?)?;
     m.add_function(wrap_pyfunction!(gram_spectra, m)?)?;
+    m.add_class::<PyMoments>()?;
+    m.add_class::<PyFit>()?;
+    m.add_function(wrap_pyfunction!(solve_regressions, m)?)?;
     Ok(())
 }

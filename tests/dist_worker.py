@@ -11,6 +11,7 @@ rank with one process.
   Llama with CeRA adapters for a few AdamW steps on this rank's half of each batch;
   the mean loss over ranks at each step and the final adapter weights.
 - spectral: a StreamingSpectrum per rank over its own rows, summed with all_reduce.
+- regression: the same for a StreamingRegression (the linear export's moments).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from cera_rs import CeraConfig, get_cera_model
+from cera_rs.export import StreamingRegression
 from cera_rs.spectral import StreamingSpectrum
 
 BATCH, LENGTH, FSDP_STEPS = 4, 12, 4
@@ -125,13 +127,33 @@ def spectral(rank: int, world: int) -> dict:
     }
 
 
+def regression(rank: int, world: int) -> dict:
+    def pairs(r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = rows_of(r)
+        return x, torch.nn.functional.silu(x[:, :3]) + x[:, 5:8]
+
+    stream = StreamingRegression(16, 3)
+    stream.update(*pairs(rank))
+    stream.all_reduce()
+    one_process = StreamingRegression(16, 3)
+    for r in range(world):
+        one_process.update(*pairs(r))
+    return {
+        "tokens_seen": stream.tokens_seen,
+        "reference_tokens": one_process.tokens_seen,
+        "linearity": torch.from_numpy(stream.solve().linearity.copy()),
+        "reference_linearity": torch.from_numpy(one_process.solve().linearity.copy()),
+    }
+
+
 def main(out: Path) -> None:
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {"world": world}
-    for name, scenario in (("ddp", ddp), ("fsdp", fsdp), ("spectral", spectral)):
+    for name, scenario in (("ddp", ddp), ("fsdp", fsdp), ("spectral", spectral),
+                           ("regression", regression)):
         results[name] = scenario(rank, world)
         dist.barrier()
     torch.save(results, out / f"rank{rank}.pt")

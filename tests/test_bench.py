@@ -24,3 +24,15 @@ def test_quick_bench_writes_every_row(tmp_path, capsys):
     # what the kernel keeps is h (N x r) and the seed, never the plain composition's three
     assert train["saved_bytes"]["cera_rs"] < train["saved_bytes"]["plain"]
     assert "CeRA branch, forward+backward" in capsys.readouterr().out
+
+
+def test_quick_export_bench_compares_both_routes(tmp_path, capsys):
+    out = tmp_path / "export.json"
+    assert main(["bench", "--export", "--quick", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["layers"]) for r in rows] == [
+        ("reference", 2), ("streaming", 2), ("streaming", 3), ("streaming", 3)]
+    assert all(r["seconds"] > 0 and math.isfinite(r["peak_mib"]) for r in rows)
+    # both routes solve the same least-squares problem, in float64
+    assert rows[1]["max_diff_vs_reference"] < 1e-8
+    assert "streaming float64 moments" in capsys.readouterr().out

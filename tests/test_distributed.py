@@ -1,5 +1,6 @@
 """Two processes on this machine's CPU (gloo), launched by torchrun on 127.0.0.1:
-DDP, FSDP2 and StreamingSpectrum's all-reduce against one process on all the data.
+DDP, FSDP2 and the all-reduce of StreamingSpectrum and StreamingRegression against one
+process on all the data.
 
 One torchrun launch runs every scenario (``dist_worker.py``); each test checks one.
 """
@@ -74,4 +75,13 @@ def test_streaming_spectrum_states_merge_across_ranks_with_all_reduce(ranks):
         run = rank["spectral"]
         assert run["tokens_seen"] == run["reference_tokens"] == 30 + 37
         torch.testing.assert_close(run["values"], run["reference_values"], rtol=1e-10,
+                                   atol=1e-12)  # fmt: skip
+
+
+def test_streaming_regression_states_merge_across_ranks_with_all_reduce(ranks):
+    for rank in ranks:
+        run = rank["regression"]
+        assert run["tokens_seen"] == run["reference_tokens"] == 30 + 37
+        assert 0.5 < run["linearity"][-1] < 1  # silu of 3 features is not linear
+        torch.testing.assert_close(run["linearity"], run["reference_linearity"], rtol=0,
                                    atol=1e-12)  # fmt: skip

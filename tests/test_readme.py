@@ -12,7 +12,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_readme_python_blocks_run(tmp_path):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert len(blocks) == 2, "README: the quick start and the spectral example"
+    assert len(blocks) == 3, "README: the quick start, the spectral and the export examples"
     # The blocks continue one another, as cells of a notebook would.
     run = subprocess.run(
         [sys.executable, "-c", "\n".join(blocks)], cwd=tmp_path, capture_output=True,
@@ -20,6 +20,7 @@ def test_readme_python_blocks_run(tmp_path):
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     assert "trainable params" in run.stdout and "step 2: loss" in run.stdout
-    assert "eff.rank" in run.stdout
-    for name in ("cera-adapter/adapter_model.safetensors", "spectra.png", "spectra.json"):
+    assert "eff.rank" in run.stdout and "lin@k" in run.stdout
+    for name in ("cera-adapter/adapter_model.safetensors", "spectra.png", "spectra.json",
+                 "lora-adapter/adapter_model.safetensors"):
         assert (tmp_path / name).is_file(), name

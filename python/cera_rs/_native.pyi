@@ -87,3 +87,47 @@ def lowrank_spectra(pairs: list[tuple[Tensor, Tensor]]) -> list[Spectrum]:
 
 def gram_spectra(grams: list[GramAccumulator]) -> list[Spectrum]:
     """Spectra of many accumulators, in parallel."""
+
+# Linear export (``src/export``). Call it through ``cera_rs.export``.
+
+class RegressionAccumulator:
+    """Streaming float64 moments of ``(x, y)`` token pairs; thread-safe."""
+
+    def __init__(self, d_in: int, d_out: int, device: str = "cpu") -> None: ...
+    @staticmethod
+    def from_state(
+        xx: Tensor, yx: Tensor, sum_x: Tensor, sum_y: Tensor, sum_yy: Tensor, tokens: int
+    ) -> RegressionAccumulator: ...
+    @property
+    def d_in(self) -> int: ...
+    @property
+    def d_out(self) -> int: ...
+    @property
+    def tokens_seen(self) -> int: ...
+    def update(self, x: Tensor, y: Tensor) -> None: ...
+    def merge(self, other: RegressionAccumulator) -> None: ...
+    def state(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, int]:
+        """Copies of ``(sum x x^T, sum y x^T, sum x, sum y, sum ||y||^2)`` and the token count."""
+
+class RegressionFit:
+    """One layer's least-squares map ``W*`` and the linearity of every rank."""
+
+    @property
+    def weight(self) -> Tensor:
+        """``W*``, ``(d_out, d_in)``, float64 (a copy)."""
+    @property
+    def linearity(self) -> npt.NDArray[np.float64]:
+        """``1 - E||y - W_k x||^2 / E||y||^2`` for ``k = 0 .. min(d_in, d_out)``."""
+    @property
+    def mean_square(self) -> float: ...
+    @property
+    def tokens(self) -> int: ...
+    def fitted_spectrum(self) -> Spectrum:
+        """Singular values (per token) of the fitted outputs ``W* x``."""
+    def factors(self, k: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(B, A, bias)``, float64, with ``B A`` the best rank-``k`` map."""
+
+def solve_regressions(
+    accumulators: list[RegressionAccumulator], *, ridge: float, bias: bool
+) -> list[RegressionFit]:
+    """Solves each accumulator's regression, in parallel."""

@@ -1,4 +1,5 @@
-"""The ``cera-rs`` command: ``demo`` (the main job), ``bench`` and ``analyze``.
+"""The ``cera-rs`` command: ``demo`` (the main job), ``bench``, ``analyze`` and
+``export-lora``.
 
 A user's mistake (a wrong path, an unreadable adapter, a missing optional dependency,
 a bad option) is one line on stderr and exit status 2; ``--debug`` shows its
@@ -59,10 +60,14 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--headline", action="store_true",
                        help="only the targets' shape (N=4096, d=2048, r=64)")  # fmt: skip
     bench.add_argument("--json", type=Path,
-                       help="where to write the results (default: results/bench/bench.json, "
-                            "or spectral.json with --spectral)")  # fmt: skip
-    bench.add_argument("--spectral", action="store_true",
-                       help="streaming spectra against concatenate-then-SVD instead")
+                       help="where to write the results (default: results/bench/bench.json; "
+                            "spectral.json, export.json with --spectral, --export)")  # fmt: skip
+    kind = bench.add_mutually_exclusive_group()
+    kind.add_argument("--spectral", action="store_true",
+                      help="streaming spectra against concatenate-then-SVD instead")
+    kind.add_argument("--export", action="store_true",
+                      help="the linear export (export-lora's engine) against torch.linalg.lstsq "
+                           "on kept deltas instead")  # fmt: skip
     analyze = commands.add_parser(
         "analyze", parents=[debug],
         help="weight-level spectra of a saved adapter folder (CeRA or PEFT LoRA)",
@@ -70,6 +75,32 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("adapter_dir", type=Path)
     analyze.add_argument("--json", type=Path, help="write the report here")
     analyze.add_argument("--plot", type=Path, help="save a figure here (PNG, PDF, SVG)")
+    export = commands.add_parser(
+        "export-lora", parents=[debug],
+        help="a saved CeRA adapter as the best PEFT LoRA of a given rank, fitted on token ids",
+    )  # fmt: skip
+    export.add_argument("adapter_dir", type=Path)
+    export.add_argument("out_dir", type=Path, help="where to write the LoRA adapter folder")
+    export.add_argument("--data", type=Path, required=True,
+                        help="token ids: .npy or .pt (2-D: a sequence per row; 1-D: cut into "
+                             "--seq-len pieces) or .txt (a sequence per line)")  # fmt: skip
+    target = export.add_mutually_exclusive_group(required=True)
+    target.add_argument("--rank", type=int, help="the LoRA rank of every layer")
+    target.add_argument("--energy", type=float,
+                        help="per layer, the smallest rank keeping this share of the best "
+                             "linear map's output energy (e.g. 0.99)")  # fmt: skip
+    export.add_argument("--ridge", type=float, default=0.0,
+                        help="ridge, relative to E[x x^T]'s mean eigenvalue (default: 0, "
+                             "least squares)")  # fmt: skip
+    export.add_argument("--bias", action="store_true", help="fit a bias too (lora_bias)")
+    export.add_argument("--base", type=Path,
+                        help="base model folder (default: the adapter config's "
+                             "base_model_name_or_path)")  # fmt: skip
+    export.add_argument("--batch-size", type=int, default=8)
+    export.add_argument("--seq-len", type=int, default=512,
+                        help="piece length for 1-D token ids (default: %(default)s)")  # fmt: skip
+    export.add_argument("--json", type=Path, help="write the linearity report here")
+    export.add_argument("--plot", type=Path, help="save the linearity figure here")
     return parser
 
 
@@ -80,7 +111,8 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    default = RESULTS / "bench" / ("spectral.json" if args.spectral else "bench.json")
+    name = "spectral" if args.spectral else "export" if args.export else "bench"
+    default = RESULTS / "bench" / f"{name}.json"
     path = args.json or default
     if args.json is None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,6 +122,12 @@ def _bench(args: argparse.Namespace) -> None:
 
         results = spectral.run(**(spectral.QUICK if args.quick else {}))
         print(spectral.format_table(results))
+        spectral.write_json(results, path)
+    elif args.export:
+        from cera_rs.bench import export, spectral
+
+        results = export.run(**(export.QUICK if args.quick else export.FULL))
+        print(export.format_table(results))
         spectral.write_json(results, path)
     else:
         from cera_rs.bench import suite
@@ -123,7 +161,28 @@ def _analyze(args: argparse.Namespace) -> None:
         report.plot(args.plot)
 
 
-COMMANDS = {"demo": _demo, "bench": _bench, "analyze": _analyze}
+def _export_lora(args: argparse.Namespace) -> None:
+    from cera_rs.export.adapter_dir import export_adapter_dir
+
+    for path in (args.json, args.plot):
+        if path is not None:
+            check_writable(path)
+    if args.plot is not None:
+        require("cera-rs export-lora --plot", [MATPLOTLIB])
+    exported = export_adapter_dir(
+        args.adapter_dir, args.data, args.out_dir, rank=args.rank, energy=args.energy,
+        ridge=args.ridge, bias=args.bias, base=args.base, batch_size=args.batch_size,
+        seq_len=args.seq_len,
+    )  # fmt: skip
+    print(exported.report)
+    if args.json is not None:
+        exported.report.to_json(args.json)
+    if args.plot is not None:
+        exported.report.plot(args.plot)
+    print(f"\nwritten: {args.out_dir}")
+
+
+COMMANDS = {"demo": _demo, "bench": _bench, "analyze": _analyze, "export-lora": _export_lora}
 
 
 def main(argv: list[str] | None = None) -> int:

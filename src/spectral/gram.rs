@@ -49,21 +49,8 @@ impl Gram {
                 "a Gram matrix must be square and non-empty, got {size:?}"
             )));
         }
-        // Summation order may differ between (i, j) and (j, i) in an all-reduce, so
-        // symmetry is checked to rounding, not bit for bit.
-        let scale = full.f_abs()?.f_max()?.f_double_value(&[])?;
-        let skew = full
-            .f_sub(&full.f_tr()?)?
-            .f_abs()?
-            .f_max()?
-            .f_double_value(&[])?;
-        if skew > 1e-9 * scale {
-            return Err(CeraError::Value(format!(
-                "a Gram matrix must be symmetric; max |G - G^T| is {skew:e} for max |G| {scale:e}"
-            )));
-        }
         // `tril` copies: the caller's tensor is never written to.
-        let lower = full.f_tril(0)?;
+        let lower = symmetric_lower(&full, "a Gram matrix")?;
         Ok(Gram {
             dim: size[0],
             lower,
@@ -102,12 +89,7 @@ impl Gram {
         if n == 0 {
             return Ok(());
         }
-        for (start, width) in blocks(self.dim) {
-            let end = start + width;
-            let panel = rows.f_narrow(1, start, width)?;
-            let mut g = self.lower.f_narrow(0, start, width)?.f_narrow(1, 0, end)?;
-            let _ = g.f_addmm_(&panel.f_tr()?, &rows.f_narrow(1, 0, end)?)?;
-        }
+        add_lower_gram(&self.lower, &rows)?;
         self.tokens += n as u64;
         Ok(())
     }
@@ -131,7 +113,7 @@ impl Gram {
     /// The full symmetric Gram matrix (a copy, float64, on the accumulator's device).
     pub fn matrix(&self) -> Result<Tensor> {
         let _no_grad = tch::no_grad_guard();
-        Ok(self.lower.f_tril(0)? + self.lower.f_tril(-1)?.f_tr()?)
+        symmetric_from_lower(&self.lower)
     }
 
     /// The singular values of all rows seen: `sqrt` of `G`'s eigenvalues, the tiny
@@ -151,6 +133,43 @@ impl Gram {
             .f_to_device(Device::Cpu)?;
         Spectrum::new(Vec::<f64>::try_from(&values)?)
     }
+}
+
+/// The lower triangle (a copy) of `full`, a square float64 matrix that must be
+/// symmetric. Summation order may differ between (i, j) and (j, i) in an
+/// all-reduce, so symmetry is checked to rounding, not bit for bit.
+pub(crate) fn symmetric_lower(full: &Tensor, what: &str) -> Result<Tensor> {
+    let scale = full.f_abs()?.f_max()?.f_double_value(&[])?;
+    let skew = full
+        .f_sub(&full.f_tr()?)?
+        .f_abs()?
+        .f_max()?
+        .f_double_value(&[])?;
+    if skew > 1e-9 * scale {
+        return Err(CeraError::Value(format!(
+            "{what} must be symmetric; max |G - G^T| is {skew:e} for max |G| {scale:e}"
+        )));
+    }
+    Ok(full.f_tril(0)?)
+}
+
+/// The full symmetric matrix whose lower triangle `lower` holds.
+pub(crate) fn symmetric_from_lower(lower: &Tensor) -> Result<Tensor> {
+    Ok(lower.f_tril(0)? + lower.f_tril(-1)?.f_tr()?)
+}
+
+/// Adds `rows^T rows` (rows: `(n, dim)` float64, on `lower`'s device) into the
+/// lower triangle and diagonal blocks of `lower`, one row panel per GEMM; entries
+/// above the diagonal blocks are left as they were.
+pub(crate) fn add_lower_gram(lower: &Tensor, rows: &Tensor) -> Result<()> {
+    let dim = lower.size()[0];
+    for (start, width) in blocks(dim) {
+        let end = start + width;
+        let panel = rows.f_narrow(1, start, width)?;
+        let mut g = lower.f_narrow(0, start, width)?.f_narrow(1, 0, end)?;
+        let _ = g.f_addmm_(&panel.f_tr()?, &rows.f_narrow(1, 0, end)?)?;
+    }
+    Ok(())
 }
 
 /// `(start, width)` of each row panel.

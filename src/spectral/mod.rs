@@ -10,7 +10,7 @@
 
 pub mod dense;
 pub mod gram;
-mod input;
+pub(crate) mod input;
 pub mod lowrank;
 pub mod metrics;
 

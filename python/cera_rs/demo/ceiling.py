@@ -22,6 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cera_rs import CeraConfig, get_cera_model
+from cera_rs.demo import linearity
 from cera_rs.spectral import spectrum
 
 FAMILIES = ("linear", "gated", "quadratic")
@@ -169,13 +170,19 @@ def run(s: Settings, progress: bool = True) -> dict:
                 val[lr] = (unexplained(train(method, task, s, lr, s.seeds[0]), task, "val"))
                 bar.update()
             lr = min(val, key=val.get)
-            errors, spectra = [], []
+            errors, spectra, exported, lin = [], [], [], []
             for seed in s.seeds:
                 model = train(method, task, s, lr, seed)
                 if seed != s.seeds[0]:
                     bar.update()
                 errors.append(unexplained(model, task, "test"))
                 spectra.append(delta_spectrum(model, task, s.spectrum_rank, method.r))
+                if method.kind == "cera":
+                    merged, report = linearity.export_and_merge(
+                        model, nn.Sequential(task.base), task.splits["train"][0].split(2048),
+                        method.r)  # fmt: skip
+                    exported.append(unexplained(merged, task, "test"))
+                    lin.append(linearity.summary(report))
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             rows[method.name] = {
                 "kind": method.kind, "r": method.r, "lr": lr, "trainable_params": trainable,
@@ -187,6 +194,12 @@ def run(s: Settings, progress: bool = True) -> dict:
                 "tail_energy_beyond_own_r": float(np.mean([sp["tail_beyond_r"] for sp in spectra])),
                 "singular_values": spectra[0]["singular_values"],
             }  # fmt: skip
+            if lin:  # CeRA: its linearity and its best same-rank LoRA, merged
+                rows[method.name].update({
+                    "linearity": linearity.mean_over_seeds(lin),
+                    "exported_lora_test_error": exported,
+                    "exported_lora_test_error_mean": float(np.mean(exported)),
+                })  # fmt: skip
         results["families"][family] = {"least_squares_ceiling": least_squares_ceiling(task),
                                        "methods": rows}  # fmt: skip
     bar.close()

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cera_rs.atomic import atomic_file  # noqa: E402
+from cera_rs.demo import linearity  # noqa: E402
 
 
 def _spread(mean: float, std: float, seeds: int) -> str:
@@ -75,6 +76,7 @@ def findings(summary: dict) -> list[str]:
             f"{own_tail:.1e} here (DoRA's magnitude rescaling is not rank-limited). CeRA's gain "
             f"is in what it fits inside those r directions, not in energy beyond them."
         )
+        out += linearity.ceiling_findings(part1)
     part2 = summary.get("part2")
     if part2:
         for tier, rows in part2["tiers"].items():
@@ -148,6 +150,10 @@ def markdown(summary: dict) -> str:
                   f"{s['batch']}, learning rate chosen per method from {s['lrs']} on a "
                   f"validation split, seeds {s['seeds']}, dropout 0 for every method.", "",
                   ceiling_table(summary["part1"]), "",
+                  "How linear each CeRA adapter is (the share of its output energy the best "
+                  "linear map of its rank reproduces, over the training inputs) and that map "
+                  "exported as a PEFT LoRA and merged (`cera_rs.export`):", "",
+                  linearity.ceiling_table(summary["part1"]), "",
                   "![linear ceiling](linear_ceiling.png)", "",
                   "![spectra](spectra.png)", ""]  # fmt: skip
     if "part2" in summary:

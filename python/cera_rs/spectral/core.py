@@ -191,12 +191,18 @@ class StreamingSpectrum:
     def all_reduce(self, group: Any = None) -> None:
         """Sums the state over a ``torch.distributed`` process group, in place: after
         it every process holds the spectrum of all rows seen anywhere."""
-        import torch.distributed as dist
-
-        state = self.state()
-        for tensor in state.values():
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-        self.load_state(state)
+        all_reduce_state(self, group)
 
     def __repr__(self) -> str:
         return f"StreamingSpectrum(dim={self.dim}, tokens_seen={self.tokens_seen})"
+
+
+def all_reduce_state(accumulator: Any, group: Any = None) -> None:
+    """Sums ``accumulator.state()`` (a dict of tensors that add) over a
+    ``torch.distributed`` process group and loads the sum back, in place."""
+    import torch.distributed as dist
+
+    state = accumulator.state()
+    for tensor in state.values():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    accumulator.load_state(state)

@@ -7,7 +7,7 @@ import html
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,35 @@ def _cell(value: Any, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def _layer_index(name: str) -> int | None:
+def _cells(columns: Sequence[tuple[str, str, str]], rows: list[dict[str, Any]]) -> list[list[str]]:
+    return [[_cell(row[key], fmt) for _, key, fmt in columns] for row in rows]
+
+
+def text_table(columns: Sequence[tuple[str, str, str]], rows: list[dict[str, Any]]) -> str:
+    """``rows`` as an aligned text table; ``columns`` are ``(header, row key, format)``."""
+    headers = [h for h, _, _ in columns]
+    cells = _cells(columns, rows)
+    widths = [max(len(c) for c in col) for col in zip(headers, *cells)]
+    align = ["<" if fmt == "s" else ">" for _, _, fmt in columns]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(f"{v:{a}{w}}" for v, a, w in zip(values, align, widths)).rstrip()
+
+    rule = line(["-" * w for w in widths])
+    return "\n".join([line(headers), rule] + [line(c) for c in cells])
+
+
+def html_table(columns: Sequence[tuple[str, str, str]], rows: list[dict[str, Any]]) -> str:
+    """``rows`` as an HTML table, for Jupyter's ``_repr_html_``."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h, _, _ in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
+        for cells in _cells(columns, rows)
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def layer_index(name: str) -> int | None:
     """The first number between dots in a module name: its layer."""
     match = re.search(r"\.(\d+)\.", f".{name}.")
     return int(match.group(1)) if match else None
@@ -108,30 +136,13 @@ class ModelSpectrum:
         with atomic_file(path) as f:
             json.dump(self.to_dict(), f, indent=2)
 
-    def _cells(self) -> list[list[str]]:
-        return [[_cell(row[key], fmt) for _, key, fmt in COLUMNS] for row in self.rows()]
-
     def __str__(self) -> str:
-        headers = [h for h, _, _ in COLUMNS]
-        cells = self._cells()
-        widths = [max(len(c) for c in col) for col in zip(headers, *cells)]
-        align = ["<" if fmt == "s" else ">" for _, _, fmt in COLUMNS]
-
-        def line(values: list[str]) -> str:
-            return "  ".join(f"{v:{a}{w}}" for v, a, w in zip(values, align, widths)).rstrip()
-
-        rule = line(["-" * w for w in widths])
-        return "\n".join([line(headers), rule] + [line(c) for c in cells])
+        return text_table(COLUMNS, self.rows())
 
     __repr__ = __str__
 
     def _repr_html_(self) -> str:
-        head = "".join(f"<th>{html.escape(h)}</th>" for h, _, _ in COLUMNS)
-        body = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
-            for cells in self._cells()
-        )
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        return html_table(COLUMNS, self.rows())
 
     def plot(self, path: str | os.PathLike) -> None:
         """Saves a figure (atomically; the format from the file's suffix): each
@@ -167,7 +178,7 @@ class ModelSpectrum:
         series: dict[str, list[tuple[int, float]]] = {}
         for position, m in enumerate(self.modules):
             kind = m.name.rsplit(".", 1)[-1]
-            layer = _layer_index(m.name)
+            layer = layer_index(m.name)
             series.setdefault(f"{kind} ({m.method})", []).append(
                 (position if layer is None else layer, m.spectrum.effective_rank)
             )

@@ -1,0 +1,26 @@
+"""Export CeRA adapters to the best LoRA of a given rank, and measure how linear
+each adapted layer really is.
+
+- ``to_lora`` / ``save_lora``: fit the best rank-``k`` linear map of each layer's
+  CeRA branch over calibration batches and write it as a PEFT LoRA adapter folder,
+  which plain PEFT loads and ``merge_and_unload()`` merges.
+- ``LinearityReport``: per layer, the share of the branch's output energy the best
+  rank-``k`` map reproduces, for every ``k`` (table, JSON, figure).
+- ``StreamingRegression``: the streaming float64 moments underneath, mergeable
+  across processes; ``LinearFit``: one layer's solution at every rank.
+"""
+
+from cera_rs.export.lora import LoraExport, save_lora, to_lora
+from cera_rs.export.regression import LinearFit, StreamingRegression, solve_all
+from cera_rs.export.report import LinearityReport, ModuleLinearity
+
+__all__ = [
+    "LinearFit",
+    "LinearityReport",
+    "LoraExport",
+    "ModuleLinearity",
+    "StreamingRegression",
+    "save_lora",
+    "solve_all",
+    "to_lora",
+]

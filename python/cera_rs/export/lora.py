@@ -1,0 +1,157 @@
+"""``to_lora``: the best LoRA of a given rank for a model's CeRA adapters, fitted on
+calibration batches, and ``save_lora``: a standard PEFT LoRA adapter folder of it.
+
+CeRA's branch ``B·act(A x)`` cannot be merged into the base weight; the linear map
+``W_k`` (rank ``k``) that best reproduces it over real inputs can. One pass over the
+batches streams each adapted layer's input ``x`` and branch output ``y`` (eval mode:
+dropout off) into float64 moments; one solve per layer gives every rank's map and
+its linearity (``cera_rs.export.regression``). The export is an ordinary LoRA
+(``lora_alpha = r``, so scaling 1): ``PeftModel.from_pretrained(base, folder)`` loads
+it and ``merge_and_unload()`` folds it into the base weights.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from cera_rs.export.regression import StreamingRegression, solve_all
+from cera_rs.export.report import LinearityReport, ModuleLinearity
+from cera_rs.model import save_pretrained
+from cera_rs.spectral.adapters import PEFT_PREFIX, Adapter, find_adapters
+from cera_rs.spectral.deltas import stream_deltas
+
+
+@dataclass
+class LoraExport:
+    """What ``to_lora`` returns: the PEFT ``config``, the ``state_dict`` in PEFT's saved
+    naming (``base_model.model.<module>.lora_A.weight``, ...), and the ``report`` of
+    each layer's linearity and exported rank. ``save_lora`` writes it as an adapter
+    folder."""
+
+    config: LoraConfig
+    state_dict: dict[str, Tensor]
+    report: LinearityReport
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Writes the two files into ``directory`` in place, as PEFT's own
+        ``save_pretrained`` does; ``save_lora`` is the atomic save."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(self.state_dict, directory / SAFETENSORS_WEIGHTS_NAME, metadata={"format": "pt"})
+        self.config.save_pretrained(str(directory))
+
+
+def check_target(rank: Any, energy: Any) -> None:
+    if (rank is None) == (energy is None):
+        raise ValueError("pass exactly one of rank= (an int) or energy= (a share in (0, 1])")
+    if rank is not None:
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise TypeError(f"rank must be an int, got {type(rank).__name__} {rank!r}")
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+    else:
+        if isinstance(energy, bool) or not isinstance(energy, (int, float)):
+            raise TypeError(f"energy must be a float, got {type(energy).__name__} {energy!r}")
+        if not (math.isfinite(energy) and 0 < energy <= 1):
+            raise ValueError(f"energy must be in (0, 1], got {energy}")
+
+
+def _factor_dtype(adapter: Adapter) -> torch.dtype:
+    weight = adapter.module.base_layer.weight
+    return weight.dtype if weight.dtype.is_floating_point else torch.float32
+
+
+def _lora_config(model: nn.Module, adapters: list[Adapter], ranks: dict[str, int],
+                 bias: bool) -> LoraConfig:  # fmt: skip
+    """One ``r`` for most layers; ``rank_pattern`` / ``alpha_pattern`` (full module
+    names, which PEFT matches exactly) for the others, alpha = rank throughout."""
+    common = Counter(ranks.values()).most_common(1)[0][0]
+    others = {name: k for name, k in ranks.items() if k != common}
+    source = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
+    return LoraConfig(
+        r=common, lora_alpha=common, rank_pattern=dict(others), alpha_pattern=dict(others),
+        target_modules=sorted(ranks), lora_dropout=0.0, lora_bias=bias,
+        fan_in_fan_out=any(isinstance(a.module.base_layer, Conv1D) for a in adapters),
+        base_model_name_or_path=getattr(source, "base_model_name_or_path", None),
+        task_type=getattr(source, "task_type", None),
+    )  # fmt: skip
+
+
+def to_lora(
+    model: nn.Module,
+    batches: Iterable[Any],
+    rank: int | None = None,
+    energy: float | None = None,
+    ridge: float = 0.0,
+    bias: bool = False,
+    modules: Iterable[str] | None = None,
+    progress: bool = True,
+) -> LoraExport:
+    """The best LoRA for ``model``'s adapters over the tokens of ``batches``.
+
+    Args:
+        model: a model with CeRA adapters (``CeraModel``, or any model holding
+            ``CeraLinear`` layers; PEFT LoRA/DoRA layers work too).
+        batches: calibration inputs, run through ``model`` as ``cera_rs.spectral.analyze``
+            runs them (dicts as keyword arguments; ``attention_mask`` drops padding).
+        rank: the same rank ``k`` for every layer; it must not exceed a layer's
+            ``min(d_in, d_out)``.
+        energy: instead of ``rank``, each layer's smallest rank whose map keeps this
+            share of the best full-rank map's output energy (e.g. 0.99).
+        ridge: 0 for least squares (pseudo-inverse); > 0 adds ``ridge`` times the mean
+            eigenvalue of ``E[x x^T]`` to its diagonal, for ill-conditioned inputs.
+        bias: also fit a bias per layer (PEFT's ``lora_bias``; the base layers need
+            a bias of their own for PEFT to merge it).
+        modules: adapted layers to export, by name or name suffix (default: all).
+    """
+    check_target(rank, energy)
+    adapters = find_adapters(model, modules)
+    streams = {a.name: StreamingRegression(a.module.in_features, a.out_features, a.device)
+               for a in adapters}  # fmt: skip
+    stream_deltas(model, batches, adapters, lambda a, x, y: streams[a.name].update(x, y),
+                  progress=progress, desc="to_lora")  # fmt: skip
+    empty = [a.name for a in adapters if streams[a.name].tokens_seen == 0]
+    if empty:
+        raise ValueError(f"no tokens reached {empty[0]}: batches gave nothing to fit")
+    fits = solve_all([streams[a.name] for a in adapters], ridge=ridge, bias=bias)
+    state: dict[str, Tensor] = {}
+    ranks: dict[str, int] = {}
+    rows = []
+    for adapter, fit in zip(adapters, fits):
+        k = rank if rank is not None else fit.energy_rank(energy)
+        if k > fit.max_rank:
+            raise ValueError(
+                f"rank {k} exceeds {adapter.name}'s min(d_in, d_out) = {fit.max_rank}"
+            )
+        b, a, b_bias = fit.factors(k)
+        dtype, key = _factor_dtype(adapter), PEFT_PREFIX + adapter.name
+        state[f"{key}.lora_A.weight"] = a.to("cpu", dtype).contiguous()
+        state[f"{key}.lora_B.weight"] = b.to("cpu", dtype).contiguous()
+        if b_bias is not None:
+            state[f"{key}.lora_B.bias"] = b_bias.to("cpu", dtype).contiguous()
+        ranks[adapter.name] = k
+        rows.append(ModuleLinearity(adapter.name, adapter.method, adapter.rank, k, fit.tokens,
+                                    fit.linearity))  # fmt: skip
+    return LoraExport(_lora_config(model, adapters, ranks, bias), state, LinearityReport(rows))
+
+
+def save_lora(export: LoraExport, directory: str | os.PathLike) -> None:
+    """Writes ``export`` as a PEFT LoRA adapter folder (``adapter_config.json`` and
+    ``adapter_model.safetensors``), atomically as ``cera_rs.save_pretrained`` saves:
+    staged beside ``directory`` and moved into place, weights first, all or none."""
+    if not isinstance(export, LoraExport):
+        raise TypeError(f"save_lora takes what to_lora returns, got {type(export).__name__}")
+    save_pretrained(export, directory)
