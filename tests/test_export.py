@@ -386,3 +386,21 @@ def test_cli_export_lora_from_saved_adapter_and_token_ids(tmp_path, capsys):
                      str(tmp_path / "ids.txt"), "--rank", "2"]) == 2
     assert "--base" in capsys.readouterr().err
     assert not (tmp_path / "lora3").exists()
+
+
+def test_demo_export_and_merge_leaves_the_shared_base_alone():
+    from cera_rs.demo.linearity import export_and_merge, summary
+
+    cera, base = cera_toy(), plain_base()
+    before = {n: p.clone() for n, p in base.state_dict().items()}
+    merged, report = export_and_merge(cera, base, toy_batches(), rank=3)
+    for name, value in base.state_dict().items():
+        assert torch.equal(value, before[name]), f"{name} of the shared base was written"
+    assert merged[0].bias is base[0].bias  # what the merge does not write is shared
+    state = to_lora(cera, toy_batches(), rank=3, progress=False).state_dict
+    for layer in (0, 1):
+        b = state[f"base_model.model.{layer}.lora_B.weight"]
+        a = state[f"base_model.model.{layer}.lora_A.weight"]
+        torch.testing.assert_close(merged[layer].weight, base[layer].weight + b @ a)
+    assert set(summary(report)) == {"linearity_at_r", "linearity_full_rank", "layers"}
+    assert 0 < summary(report)["linearity_at_r"] <= summary(report)["linearity_full_rank"] < 1

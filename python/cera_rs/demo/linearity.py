@@ -29,7 +29,8 @@ def export_and_merge(model: nn.Module, base: nn.Module, batches: Iterable[Any],
     so ``base`` (often shared by other runs) is never modified and little is copied.
     """
     export = to_lora(model, batches, rank=rank, progress=False)
-    written = {f"{m.name}.{p}" for m in export.report for p in ("weight", "bias")}
+    kinds = ("weight", "bias") if export.config.lora_bias else ("weight",)
+    written = {f"{m.name}.{kind}" for m in export.report for kind in kinds}
     memo = {id(p): p for n, p in base.named_parameters() if n not in written}
     with tempfile.TemporaryDirectory(prefix="cera-rs-export-") as folder:
         save_lora(export, folder)
