@@ -282,16 +282,40 @@ fn parse_device(name: &str) -> crate::Result<Device> {
 #[pymethods]
 impl PyGram {
     #[new]
-    #[pyo3(signature = (dim, device = "cpu"))]
-    fn new(dim: i64, device: &str) -> PyResult<Self> {
-        Ok(PyGram(Mutex::new(Gram::new(dim, parse_device(device)?)?)))
+    #[pyo3(signature = (dim, device = "cpu", center = false))]
+    fn new(dim: i64, device: &str, center: bool) -> PyResult<Self> {
+        let device = parse_device(device)?;
+        let gram = if center {
+            Gram::centred(dim, device)?
+        } else {
+            Gram::new(dim, device)?
+        };
+        Ok(PyGram(Mutex::new(gram)))
     }
 
-    /// Loads a summed state: a symmetric Gram matrix and its row count.
+    /// Loads a summed state: a symmetric Gram matrix, its row count and, for a
+    /// centred accumulator, the column sums.
     #[staticmethod]
-    fn from_state(py: Python<'_>, gram: PyTensor, tokens: u64) -> PyResult<Self> {
-        let gram = run(py, move || Gram::from_matrix(&gram.0, tokens))?;
+    #[pyo3(signature = (gram, tokens, column_sums = None))]
+    fn from_state(
+        py: Python<'_>,
+        gram: PyTensor,
+        tokens: u64,
+        column_sums: Option<PyTensor>,
+    ) -> PyResult<Self> {
+        let gram = run(py, move || {
+            let gram = Gram::from_matrix(&gram.0, tokens)?;
+            match column_sums {
+                Some(sums) => gram.with_column_sums(&sums.0),
+                None => Ok(gram),
+            }
+        })?;
         Ok(PyGram(Mutex::new(gram)))
+    }
+
+    #[getter]
+    fn center(&self) -> PyResult<bool> {
+        Ok(lock(&self.0)?.is_centred())
     }
 
     #[getter]
@@ -321,13 +345,14 @@ impl PyGram {
         })
     }
 
-    /// `(gram, tokens)`: a copy of the full symmetric Gram matrix, and the row count.
-    fn state(&self, py: Python<'_>) -> PyResult<(PyObject, u64)> {
-        let (gram, tokens) = run(py, || {
+    /// `(gram, tokens, column_sums)`: copies of the full symmetric Gram matrix and
+    /// (centred only, else `None`) the column sums, and the row count.
+    fn state(&self, py: Python<'_>) -> PyResult<(PyObject, u64, PyObject)> {
+        let (gram, tokens, sums) = run(py, || {
             let g = lock(&self.0)?;
-            Ok((g.matrix()?, g.tokens()))
+            Ok((g.matrix()?, g.tokens(), g.column_sums()?))
         })?;
-        Ok((wrap(py, gram)?, tokens))
+        Ok((wrap(py, gram)?, tokens, wrap_optional(py, sums)?))
     }
 
     fn spectrum(&self, py: Python<'_>) -> PyResult<PySpectrum> {

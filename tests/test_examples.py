@@ -39,7 +39,8 @@ def _numbers(value):
 
 def test_quick_demo_writes_a_complete_finite_summary(tmp_path):
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
-    for name in ("summary.json", "report.md", "linear_ceiling.png", "spectra.png"):
+    for name in ("summary.json", "report.md", "linear_ceiling.png", "spectra.png",
+                 "lm_spectra.png"):  # fmt: skip
         assert (tmp_path / name).stat().st_size > 0, name
     summary = json.loads((tmp_path / "summary.json").read_text())
     families = summary["part1"]["families"]
@@ -49,7 +50,13 @@ def test_quick_demo_writes_a_complete_finite_summary(tmp_path):
         for row in block["methods"].values():
             assert {"trainable_params", "test_error_mean", "effective_rank",
                     "tail_energy"} <= set(row)  # fmt: skip
-    tiers = summary["part2"]["tiers"]
-    assert set(tiers) == {"one step", "nested"}
-    assert all(0 <= row["test_accuracy"] <= 1 for rows in tiers.values() for row in rows.values())
+    part2 = summary["part2"]
+    assert "Q4_1" in part2["model"] and set(part2["tiers"]) == {"easy", "hard"}
+    for block in part2["tiers"].values():
+        assert 0 <= block["zero_shot_exact_match"] <= 1
+        for row in block["methods"].values():
+            low, high = row["wilson95"]
+            assert 0 <= low <= row["test_exact_match_mean"] <= high <= 1
+            assert row["spectra"]["effective_rank"] >= 1 and row["spectra"]["dim90"] >= 1
+            assert row["trainable_params"] > 0 and row["lr"] in part2["settings"]["lrs"]
     assert all(math.isfinite(x) for x in _numbers(summary))

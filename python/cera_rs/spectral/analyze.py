@@ -20,6 +20,7 @@ def analyze(
     batches: Iterable[Any],
     modules: Iterable[str] | None = None,
     progress: bool = True,
+    center: bool = False,
 ) -> ModelSpectrum:
     """Runs ``batches`` through ``model`` (eval mode, no grad; its mode is restored)
     and returns the spectrum of each adapter's output delta over all their tokens.
@@ -27,9 +28,11 @@ def analyze(
     Works on CeRA layers and on PEFT's LoRA and DoRA layers. Batches move to the
     model's device; a dict is passed as keyword arguments (a tokenizer's output), a
     tuple as positional ones. ``modules`` selects layers by name or name suffix.
+    ``center=True`` centres each output column over the tokens first (the CeRA
+    authors' recipe), exactly and in the same single pass.
     """
     adapters = find_adapters(model, modules)
-    streams = {a.name: StreamingSpectrum(a.out_features, a.device) for a in adapters}
+    streams = {a.name: StreamingSpectrum(a.out_features, a.device, center) for a in adapters}
     stream_deltas(model, batches, adapters, lambda a, x, delta: streams[a.name].update(delta),
                   progress=progress)  # fmt: skip
     spectra = _native.gram_spectra([streams[a.name]._native for a in adapters])

@@ -131,15 +131,22 @@ class StreamingSpectrum:
     """The spectrum of every row fed to ``update``, in memory that does not grow with
     the rows: a float64 ``dim x dim`` Gram matrix accumulates batch by batch.
 
-    Accumulators over disjoint rows merge by summing Gram matrices: ``merge`` in one
-    process, ``state`` / ``load_state`` (or ``all_reduce``) across processes.
+    ``center=True`` gives the spectrum of the rows minus their mean (each column
+    centred, as the CeRA authors' analysis does), exactly and in the same single pass:
+    the column sums accumulate beside the Gram matrix.
+
+    Accumulators over disjoint rows merge by summing Gram matrices (and column sums):
+    ``merge`` in one process, ``state`` / ``load_state`` (or ``all_reduce``) across
+    processes.
     """
 
-    def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, dim: int, device: torch.device | str = "cpu", center: bool = False) -> None:
         if isinstance(dim, bool) or not isinstance(dim, int):
             raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+        if not isinstance(center, bool):
+            raise TypeError(f"center must be a bool, got {type(center).__name__}")
         self._device = torch.device(device)
-        self._native = _native.GramAccumulator(dim, str(self._device))
+        self._native = _native.GramAccumulator(dim, str(self._device), center)
 
     @property
     def dim(self) -> int:
@@ -148,6 +155,11 @@ class StreamingSpectrum:
     @property
     def device(self) -> torch.device:
         return self._device
+
+    @property
+    def center(self) -> bool:
+        """Whether the spectrum is of the mean-centred rows."""
+        return self._native.center
 
     @property
     def tokens_seen(self) -> int:
@@ -174,19 +186,32 @@ class StreamingSpectrum:
         return Spectrum(self._native.spectrum(), rank)
 
     def state(self) -> dict[str, Tensor]:
-        """``{"gram": (dim, dim) float64, "tokens_seen": int64 scalar}``, copies on the
-        accumulator's device: both sum under ``torch.distributed.all_reduce``."""
-        gram, tokens = self._native.state()
-        return {"gram": gram, "tokens_seen": torch.tensor(tokens, device=gram.device)}
+        """``{"gram": (dim, dim) float64, "tokens_seen": int64 scalar}``, and for a
+        centred accumulator ``"column_sums": (dim,) float64``; copies on the
+        accumulator's device: all of them sum under ``torch.distributed.all_reduce``."""
+        gram, tokens, sums = self._native.state()
+        state = {"gram": gram, "tokens_seen": torch.tensor(tokens, device=gram.device)}
+        if sums is not None:
+            state["column_sums"] = sums
+        return state
 
     def load_state(self, state: dict[str, Tensor]) -> None:
-        """Replaces the accumulated rows with ``state`` (e.g. an all-reduced one)."""
+        """Replaces the accumulated rows with ``state`` (e.g. an all-reduced one); a
+        centred accumulator needs the state of a centred one."""
         gram, tokens = state["gram"], int(state["tokens_seen"])
         if tokens < 0:
             raise ValueError(f"tokens_seen must be >= 0, got {tokens}")
         if tuple(gram.shape) != (self.dim, self.dim):
             raise ValueError(f"gram must be ({self.dim}, {self.dim}), got {tuple(gram.shape)}")
-        self._native = _native.GramAccumulator.from_state(gram.to(self._device), tokens)
+        sums = state.get("column_sums")
+        if (sums is not None) != self.center:
+            raise ValueError(
+                "a centred accumulator needs a state with column_sums, an uncentred one "
+                f"a state without (center={self.center})"
+            )
+        if sums is not None:
+            sums = sums.to(self._device)
+        self._native = _native.GramAccumulator.from_state(gram.to(self._device), tokens, sums)
 
     def all_reduce(self, group: Any = None) -> None:
         """Sums the state over a ``torch.distributed`` process group, in place: after
@@ -194,7 +219,10 @@ class StreamingSpectrum:
         all_reduce_state(self, group)
 
     def __repr__(self) -> str:
-        return f"StreamingSpectrum(dim={self.dim}, tokens_seen={self.tokens_seen})"
+        return (
+            f"StreamingSpectrum(dim={self.dim}, tokens_seen={self.tokens_seen}, "
+            f"center={self.center})"
+        )
 
 
 def all_reduce_state(accumulator: Any, group: Any = None) -> None:
