@@ -1,5 +1,6 @@
 """The demo's outputs: summary.json, linear_ceiling.png, spectra.png, lm_spectra.png,
-report.md and the tables on stdout. Every sentence of the report is computed from the measurements."""
+report.md and the tables on stdout. Every sentence of the report is computed from the
+measurements."""
 
 from __future__ import annotations
 
