@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from cera_rs.cli import main
-from cera_rs.demo import arithmetic, ceiling, report
+from cera_rs.demo import ceiling, lm_math, report
 
 
 def tiny(cls):
@@ -27,12 +27,12 @@ def test_a_failing_part_keeps_the_finished_ones(monkeypatch, tmp_path, capsys):
         seen_before_part2.update(json.loads((tmp_path / "summary.json").read_text()))
         raise RuntimeError("out of memory\nsecond line of the message")
 
-    monkeypatch.setattr(arithmetic, "run", part2_fails)
+    monkeypatch.setattr(lm_math, "run", part2_fails)
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 1
     captured = capsys.readouterr()
     assert "part1" in seen_before_part2 and "part2" not in seen_before_part2
     assert captured.err.splitlines()[-1] + "\n" == (  # above it: part 1's progress bar
-        "cera-rs: error: demo part 2 (all-MiniLM-L6-v2 on arithmetic) failed: RuntimeError: "
+        "cera-rs: error: demo part 2 (SmolLM2-135M on arithmetic) failed: RuntimeError: "
         f"out of memory; the parts finished before it are in {tmp_path} "
         "(--debug shows the traceback)\n"
     )
