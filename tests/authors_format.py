@@ -91,12 +91,15 @@ def config_of(*, rank=4, targets=("q_proj", "v_proj"), variant="legacy", act_fn=
     return config
 
 
-def save(model, path, *, config=None, legacy_names=False, wrapped=True):
-    """Writes the adapted model's trainable parameters as their trainer does."""
+def save(model, path, *, config=None, legacy_names=False, wrapped=True, write=True):
+    """Writes the adapted model's trainable parameters as their trainer does; returns
+    the state dict (alone: ``write=False`` writes nothing)."""
     state = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     if legacy_names:
         state = {name.replace(".cera.A.", ".cera.up_proj.").replace(".cera.B.", ".cera.down_proj."):
                  value for name, value in state.items()}  # fmt: skip
+    if not write:
+        return state
     if wrapped:
         payload = {"step": 10, "data_count": 640, "model_type": "CeRA",
                    "model_state_dict": state, "metrics": {"test_loss": 1.5}}  # fmt: skip

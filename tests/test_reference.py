@@ -116,6 +116,7 @@ def test_reference_config_reads_the_files_own_settings(tmp_path):
         ({"adapter_dtype": "float64"}, r"adapter_dtype 'float64' is not one of"),
         ({"act_fn": "gelu"}, r"unknown activation 'gelu'"),
         ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
+        ({"rank": 2**40}, r"config says rank 1099511627776, its A weights have rank \[4\]"),
     ],
 )
 def test_what_cera_rs_does_not_implement_is_refused(tmp_path, change, match):
@@ -124,6 +125,27 @@ def test_what_cera_rs_does_not_implement_is_refused(tmp_path, change, match):
     authors.save(theirs, path, config={**authors.config_of(), **change})
     with pytest.raises(ValueError, match=match):
         load_reference_model(tiny_llama(), path)
+
+
+def test_odd_config_values_raise_only_clean_errors():
+    """A config comes out of a pickle: every field of any type gives a CeraConfig, a
+    ValueError or a TypeError, never another exception."""
+    state = authors.save(authors.adapt(tiny_llama()), None, wrapped=False, write=False)
+    odd = [None, True, -1, 0, 2**2000, float("nan"), float("inf"), "", "q_proj", [], [1],
+           {}, torch.ones(3), b"\xff"]  # fmt: skip
+    valid = authors.config_of(variant="peft_aligned", alpha=8)
+    outcomes = set()
+    for key in valid:
+        for value in odd:
+            checkpoint = {"model_state_dict": state, "config": {**valid, key: value}}
+            try:
+                outcomes.add(type(reference_config(checkpoint)).__name__)
+            except (ValueError, TypeError) as err:
+                outcomes.add(type(err).__name__)
+    for config in odd:
+        with pytest.raises((ValueError, TypeError)):
+            reference_config({"model_state_dict": state, "config": config, "model_type": config})
+    assert outcomes == {"CeraConfig", "ValueError", "TypeError"}
 
 
 def test_extension_parameters_and_other_methods_are_refused(tmp_path):

@@ -75,7 +75,7 @@ def read_reference_checkpoint(
     config = None
     if "model_state_dict" in loaded:
         method = loaded.get("model_type", "CeRA")
-        if method != "CeRA":
+        if not isinstance(method, str) or method != "CeRA":
             raise ValueError(f"this is a {method!r} checkpoint of the reference, not a CeRA one")
         config = loaded.get("config")
         if config is not None and not isinstance(config, Mapping):
@@ -132,6 +132,11 @@ def load_reference_model(
     if not isinstance(checkpoint, ReferenceCheckpoint):
         checkpoint = read_reference_checkpoint(checkpoint)
     config = reference_config(checkpoint, **overrides)
+    # Checked before anything is allocated: a corrupted rank must not allocate r x d_in.
+    ranks = _ranks_of_weights(_adapter_weights(checkpoint.state))
+    if not config.rank_pattern and ranks - {config.r}:
+        raise ValueError(f"the checkpoint's config says rank {config.r}, its A weights have "
+                         f"rank {sorted(ranks)}")  # fmt: skip
     config.inference_mode = not is_trainable
     dtype = _adapter_dtype(checkpoint)
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
@@ -233,38 +238,42 @@ def _adapter_weights(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, t
 
 def _settings_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """``CeraConfig`` fields from a versioned reference config, checked as the
-    reference checks its own files."""
+    reference checks its own files. Values come from a pickle: any type is possible."""
     version = config["cera_format_version"]
-    if version not in _FORMAT_VERSIONS or isinstance(version, bool):
+    if not _is_int(version) or version not in _FORMAT_VERSIONS:
         raise ValueError(f"cera_format_version {version!r} is not one cera_rs reads "
                          f"(it reads {_FORMAT_VERSIONS})")  # fmt: skip
-    if config.get("model_type", "CeRA") != "CeRA":
-        raise ValueError(f"the checkpoint's model_type is {config['model_type']!r}, not 'CeRA'")
-    if config.get("rank_mode", "fixed") != "fixed":
-        raise ValueError(f"rank_mode {config['rank_mode']!r} is not supported: cera_rs "
-                         "imports fixed-rank checkpoints")  # fmt: skip
-    steps = config.get("recurrent_steps") or 0
-    if not _is_int(steps) or steps < 0:
+    model_type = _optional_str(config, "model_type") or "CeRA"
+    if model_type != "CeRA":
+        raise ValueError(f"the checkpoint's model_type is {model_type!r}, not 'CeRA'")
+    rank_mode = _optional_str(config, "rank_mode") or "fixed"
+    if rank_mode != "fixed":
+        raise ValueError(f"rank_mode {rank_mode!r} is not supported: cera_rs imports "
+                         "fixed-rank checkpoints")  # fmt: skip
+    steps = config.get("recurrent_steps")
+    if steps is not None and (not _is_int(steps) or steps < 0):
         raise ValueError(f"recurrent_steps must be a non-negative int, got {steps!r}")
     if steps:
         raise ValueError(
             f"this checkpoint is recurrent CeRA (recurrent_steps={steps}), an experimental "
             "extension of the reference that cera_rs does not implement"
         )
-    variant = config.get("cera_variant") or "legacy"
+    variant = _optional_str(config, "cera_variant") or "legacy"
     if variant not in _VARIANTS:
         raise ValueError(f"unknown cera_variant {variant!r}: cera_rs reads {sorted(_VARIANTS)}")
     position = _VARIANTS[variant]
-    saved_position = config.get("dropout_position")
+    saved_position = _optional_str(config, "dropout_position")
     if saved_position is not None and _POSITION_NAMES.get(saved_position) != position:
         raise ValueError(f"the config's dropout_position {saved_position!r} contradicts its "
                          f"cera_variant {variant!r}")  # fmt: skip
     rank = _field(config, "rank", _is_int)
+    if rank < 1:
+        raise ValueError(f"the checkpoint's config has rank {rank}; a rank is >= 1")
     scaling = _scaling(config, variant, rank)
     targets = _field(config, "target_modules", lambda v: isinstance(v, (str, list, tuple)))
     if isinstance(targets, str):
         targets = [name.strip() for name in targets.split(",") if name.strip()]
-    dtype = config.get("adapter_dtype")
+    dtype = _optional_str(config, "adapter_dtype")
     if dtype is not None and dtype not in _DTYPES:
         raise ValueError(f"adapter_dtype {dtype!r} is not one of {sorted(_DTYPES)}")
     return {
@@ -282,7 +291,7 @@ def _scaling(config: Mapping[str, Any], variant: str, rank: int) -> float:
     when the file has none, as the reference does)."""
     scale = config.get("scale")
     if scale is not None and not _is_number(scale):
-        raise TypeError(f"the config's scale must be a number, got {scale!r}")
+        raise TypeError(f"the config's scale must be a finite number, got {scale!r}")
     if variant == "legacy":
         if scale is not None and scale != 1.0:
             raise ValueError(f"a legacy CeRA checkpoint has scale 1, this one says {scale}")
@@ -291,10 +300,14 @@ def _scaling(config: Mapping[str, Any], variant: str, rank: int) -> float:
     if alpha is None:
         return float(scale) if scale is not None else 1.0
     if not _is_number(alpha):
-        raise TypeError(f"the config's alpha must be a number, got {alpha!r}")
-    if scale is not None and not math.isclose(scale, alpha / rank, rel_tol=1e-12):
+        raise TypeError(f"the config's alpha must be a finite number, got {alpha!r}")
+    try:
+        scaling = float(alpha) / rank
+    except OverflowError:  # a rank beyond float's range
+        raise ValueError(f"the config's rank {rank} is out of range") from None
+    if scale is not None and not math.isclose(scale, scaling, rel_tol=1e-12):
         raise ValueError(f"the config's scale {scale} is not alpha / rank = {alpha} / {rank}")
-    return alpha / rank
+    return scaling
 
 
 def _check_branch_matches(
@@ -314,8 +327,10 @@ def _check_branch_matches(
 
 
 def _adapter_dtype(checkpoint: ReferenceCheckpoint) -> torch.dtype:
-    """The config's adapter_dtype, or else the dtype the weights were saved in."""
-    name = (checkpoint.config or {}).get("adapter_dtype")
+    """The versioned config's adapter_dtype (checked by ``reference_config``), or else
+    the dtype the weights were saved in."""
+    config = checkpoint.config or {}
+    name = config.get("adapter_dtype") if "cera_format_version" in config else None
     if name is not None:
         return _DTYPES[name]
     dtypes = {parts[p].dtype for parts in _adapter_weights(checkpoint.state).values()
@@ -327,9 +342,13 @@ def _adapter_dtype(checkpoint: ReferenceCheckpoint) -> torch.dtype:
     return dtypes.pop()
 
 
+def _ranks_of_weights(adapters: Mapping[str, Mapping[str, torch.Tensor]]) -> set[int]:
+    return {parts["A"].shape[0] for parts in adapters.values()
+            if "A" in parts and parts["A"].dim() == 2}  # fmt: skip
+
+
 def _rank_of_weights(adapters: Mapping[str, Mapping[str, torch.Tensor]]) -> int:
-    ranks = {tuple(parts["A"].shape)[0] for parts in adapters.values()
-             if "A" in parts and parts["A"].dim() == 2}  # fmt: skip
+    ranks = _ranks_of_weights(adapters)
     if len(ranks) != 1:
         found = sorted(ranks) if ranks else "none"
         raise ValueError(f"cannot tell the rank from the checkpoint's A weights (ranks: {found}); "
@@ -351,7 +370,20 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float (not a bool), within float range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float's range
+        return False
+
+
+def _optional_str(config: Mapping[str, Any], key: str) -> str | None:
+    value = config.get(key)
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"the checkpoint's config has {key}={value!r}, not a string")
+    return value
 
 
 def _bare(path: str) -> str:
