@@ -13,19 +13,21 @@ from torch import nn
 
 from cera_rs import CeraConfig, CeraLinear, cera_delta
 from cera_rs.functional import autocast_dtype
-from conftest import mask_keep, max_rel, seed_after_manual_seed
+from conftest import dropped, max_rel, seed_after_manual_seed
 
 LOW = [torch.bfloat16, torch.float16]
 ACT = {"silu": F.silu, "relu": torch.relu, "identity": lambda t: t}
 
 
-def lora_shaped(x, a, b, *, activation="silu", p=0.0, seed=0, scaling=1.0):
+def lora_shaped(x, a, b, *, activation="silu", p=0.0, seed=0, scaling=1.0, position="hidden"):
     """The branch as PEFT LoRA composes its own: two F.linear calls (which autocast
-    casts), the activation and the kernel's dropout mask between them."""
+    casts), the activation between them, the kernel's dropout mask on the hidden
+    vector or (as LoRA's lora_dropout) on the input."""
+    if p > 0 and position == "input":
+        x = dropped(x, p, seed)
     out = ACT[activation](F.linear(x, a))
-    if p > 0:
-        keep = torch.from_numpy(mask_keep(seed, out.numel(), p)).reshape(out.shape)
-        out = out * keep.to(out.dtype) / (1 - p)
+    if p > 0 and position == "hidden":
+        out = dropped(out, p, seed)
     return scaling * F.linear(out, b)
 
 
@@ -42,12 +44,19 @@ def run(fn, x, a, b, device_type, dtype, **kwargs):
 
 
 @pytest.mark.parametrize("dtype", LOW)
-@pytest.mark.parametrize("activation, p", [("silu", 0.0), ("silu", 0.2), ("relu", 0.0)])
-def test_matches_lora_shaped_composition_under_cpu_autocast(make_inputs, dtype, activation, p):
+@pytest.mark.parametrize(
+    "activation, p, position",
+    [("silu", 0.0, "hidden"), ("silu", 0.2, "hidden"), ("silu", 0.2, "input"),
+     ("relu", 0.0, "hidden")],  # fmt: skip
+)
+def test_matches_lora_shaped_composition_under_cpu_autocast(
+    make_inputs, dtype, activation, p, position
+):
     x, a, b = make_inputs()
     kwargs = {"activation": activation, "scaling": 0.5}
-    y, grads = run(cera_delta, x, a, b, "cpu", dtype, dropout=p, **kwargs)
-    y_ref, grads_ref = run(lora_shaped, x, a, b, "cpu", dtype, p=p, **kwargs)
+    y, grads = run(cera_delta, x, a, b, "cpu", dtype, dropout=p, dropout_position=position,
+                   **kwargs)  # fmt: skip
+    y_ref, grads_ref = run(lora_shaped, x, a, b, "cpu", dtype, p=p, position=position, **kwargs)
     assert y.dtype == y_ref.dtype == dtype
     # The kernel's activation runs in float32, LoRA's composition in the low dtype:
     # they differ by a rounding or two of that dtype.
@@ -58,7 +67,8 @@ def test_matches_lora_shaped_composition_under_cpu_autocast(make_inputs, dtype, 
         assert max_rel(g, g_ref) < tol
     # And both sit within the low dtype's precision of the float32 branch (ReLU's
     # gradient flips where h rounds across zero, for LoRA's composition as for CeRA).
-    y32, grads32 = run(cera_delta, x, a, b, "cpu", None, dropout=p, **kwargs)
+    y32, grads32 = run(cera_delta, x, a, b, "cpu", None, dropout=p, dropout_position=position,
+                       **kwargs)  # fmt: skip
     assert max_rel(y, y32) < tol
     if activation != "relu":
         assert all(max_rel(g, g32) < tol for g, g32 in zip(grads, grads32))

@@ -66,6 +66,8 @@ ROWS = [
                                               "rank_pattern": {"lin1": 2, "lin2": 3},
                                               "scaling_pattern": {"lin0": 0.25}}),
     ("mlp init_weights False", "mlp", {"target_modules": ["lin1"], "init_weights": False}),
+    ("mlp input dropout", "mlp", {"target_modules": ["lin0", "lin1"], "cera_dropout": 0.2,
+                                  "dropout_position": "input"}),
     ("conv1d one target", "conv1d", {"target_modules": ["conv0"]}),
     ("conv1d both relu", "conv1d", {"target_modules": ["conv0", "conv1"], "activation": "relu",
                                     "cera_dropout": 0.0, "r": 3}),
