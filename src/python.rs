@@ -89,19 +89,30 @@ fn run<T: Send>(py: Python<'_>, work: impl FnOnce() -> crate::Result<T> + Send) 
         .map_err(PyErr::from)
 }
 
-fn elementwise(activation: &str, scaling: f64, dropout: f64, seed: u64) -> PyResult<Elementwise> {
+/// `tensor_ops` forces the tensor-op path (other devices') on CPU: for tests only.
+fn elementwise(
+    activation: &str,
+    scaling: f64,
+    dropout: f64,
+    seed: u64,
+    tensor_ops: bool,
+) -> PyResult<Elementwise> {
     let activation: Activation = activation.parse()?;
     let dropout = (dropout != 0.0).then_some(Dropout { p: dropout, seed });
     Ok(Elementwise {
         activation,
         scaling,
         dropout,
+        tensor_ops,
     })
 }
 
-/// Training forward: returns `(delta, h)`; `h` is what `backward` needs.
+/// Training forward: returns `(delta, h, keep)`; `h` and `keep` (the tensor-op path's
+/// dropout mask, else `None`) are what `backward` needs.
 #[pyfunction]
-#[pyo3(signature = (x, a, b, *, activation, scaling, dropout, seed, dropout_position = "hidden"))]
+#[pyo3(signature = (
+    x, a, b, *, activation, scaling, dropout, seed, dropout_position = "hidden", tensor_ops = false
+))]
 #[allow(clippy::too_many_arguments)]
 fn forward(
     py: Python<'_>,
@@ -113,16 +124,21 @@ fn forward(
     dropout: f64,
     seed: u64,
     dropout_position: &str,
-) -> PyResult<(PyObject, PyObject)> {
-    let ew = elementwise(activation, scaling, dropout, seed)?;
+    tensor_ops: bool,
+) -> PyResult<(PyObject, PyObject, PyObject)> {
+    let ew = elementwise(activation, scaling, dropout, seed, tensor_ops)?;
     let position: DropoutPosition = dropout_position.parse()?;
     let (y, saved) = run(py, move || kernel::forward(&x.0, &a.0, &b.0, &ew, position))?;
-    Ok((wrap(py, y)?, wrap(py, saved.h)?))
+    Ok((
+        wrap(py, y)?,
+        wrap(py, saved.h)?,
+        wrap_optional(py, saved.keep)?,
+    ))
 }
 
 /// Inference forward: the delta alone, no dropout, nothing kept for backward.
 #[pyfunction]
-#[pyo3(signature = (x, a, b, *, activation, scaling))]
+#[pyo3(signature = (x, a, b, *, activation, scaling, tensor_ops = false))]
 fn delta(
     py: Python<'_>,
     x: PyTensor,
@@ -130,8 +146,9 @@ fn delta(
     b: PyTensor,
     activation: &str,
     scaling: f64,
+    tensor_ops: bool,
 ) -> PyResult<PyObject> {
-    let ew = elementwise(activation, scaling, 0.0, 0)?;
+    let ew = elementwise(activation, scaling, 0.0, 0, tensor_ops)?;
     let y = run(py, move || {
         kernel::forward(&x.0, &a.0, &b.0, &ew, DropoutPosition::Hidden).map(|(y, _)| y)
     })?;
@@ -142,7 +159,7 @@ fn delta(
 #[pyfunction]
 #[pyo3(signature = (
     grad, x, a, b, h, *, activation, scaling, dropout, seed, needs_x, needs_a, needs_b,
-    dropout_position = "hidden"
+    dropout_position = "hidden", keep = None, tensor_ops = false
 ))]
 #[allow(clippy::too_many_arguments)]
 fn backward(
@@ -160,13 +177,16 @@ fn backward(
     needs_a: bool,
     needs_b: bool,
     dropout_position: &str,
+    keep: Option<PyTensor>,
+    tensor_ops: bool,
 ) -> PyResult<(PyObject, PyObject, PyObject)> {
     let saved = Saved {
         x: x.0,
         a: a.0,
         b: b.0,
         h: h.0,
-        elementwise: elementwise(activation, scaling, dropout, seed)?,
+        keep: keep.map(|k| k.0),
+        elementwise: elementwise(activation, scaling, dropout, seed, tensor_ops)?,
         position: dropout_position.parse()?,
     };
     let needs = Needs {

@@ -9,6 +9,16 @@ import torch
 SEED_HIGH = 2**62
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` (``pytest -m cuda``) need a GPU: skipped without one."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (scripts/gpu-check.sh runs these)")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
+
+
 def _lowbias32(z: np.ndarray) -> np.ndarray:
     z = z.astype(np.uint32)
     with np.errstate(over="ignore"):

@@ -93,7 +93,7 @@ def meta_tensors():
 def stride_zero_x_and_grad():
     _, a, b = inputs()
     x = torch.randn(1, 8).expand(5, 8)
-    y, h = _native.forward(x, a, b, dropout=0.0, seed=0, **KW)
+    y, h, _ = _native.forward(x, a, b, dropout=0.0, seed=0, **KW)
     assert torch.allclose(y, plain(x, a, b), rtol=1e-5, atol=1e-6)
     grad = torch.ones(1, 1).expand(5, 4)
     dx, da, db = native_backward(grad, x, a, b, h)
@@ -154,19 +154,19 @@ def backward_hidden_wrong_dtype():
 
 def backward_grad_wrong_dtype():
     x, a, b = inputs()
-    _, h = _native.forward(x, a, b, dropout=0.0, seed=0, **KW)
+    _, h, _ = _native.forward(x, a, b, dropout=0.0, seed=0, **KW)
     native_backward(torch.randn(5, 4, dtype=torch.bfloat16), x, a, b, h)
 
 
 def backward_grad_on_meta():
     x, a, b = inputs()
-    _, h = _native.forward(x, a, b, dropout=0.0, seed=0, **KW)
+    _, h, _ = _native.forward(x, a, b, dropout=0.0, seed=0, **KW)
     native_backward(torch.randn(5, 4, device="meta"), x, a, b, h)
 
 
 def backward_meta_inputs_cpu_grad():
     x, a, b = (t.to("meta") for t in inputs())
-    _, h = _native.forward(x, a, b, dropout=0.0, seed=0, **KW)
+    _, h, _ = _native.forward(x, a, b, dropout=0.0, seed=0, **KW)
     native_backward(torch.randn(5, 4), x, a, b, h)
 
 
@@ -189,9 +189,9 @@ def custom_op_bad_activation():
 def custom_op_backward_bad_grad():
     x, a, b = inputs()
     seed = torch.zeros((), dtype=torch.int64)
-    _, h = torch.ops.cera_rs.branch_forward(x, a, b, seed, "silu", 1.0, 0.0)
+    _, h, keep = torch.ops.cera_rs.branch_forward(x, a, b, seed, "silu", 1.0, 0.0)
     grad = torch.randn(5, 7)
-    torch.ops.cera_rs.branch_backward(grad, x, a, b, h, seed, "silu", 1.0, 0.0, [True] * 3)
+    torch.ops.cera_rs.branch_backward(grad, x, a, b, h, keep, seed, "silu", 1.0, 0.0, [True] * 3)
 
 
 def nested_matrix_spectrum():

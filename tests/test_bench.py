@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
+import pytest
+import torch
+
+from cera_rs.bench import suite
+from cera_rs.bench.cases import Shape
 from cera_rs.cli import main
 
 
@@ -36,3 +42,39 @@ def test_quick_export_bench_compares_both_routes(tmp_path, capsys):
     # both routes solve the same least-squares problem, in float64
     assert rows[1]["max_diff_vs_reference"] < 1e-8
     assert "streaming float64 moments" in capsys.readouterr().out
+
+def test_gpu_grid_code_path_runs_on_cpu_and_checkpoints(tmp_path):
+    """``--device cuda``'s grid (kinds, methods, decode, per-shape JSON) at tiny shapes
+    on CPU; torch.compile is left out here (inductor's CPU build takes a minute)."""
+    grid = dataclasses.replace(suite.Grid.cuda_quick(), device="cpu", compiled=False)
+    path = tmp_path / "bench.json"
+    results = suite.run(grid, progress=False, checkpoint=path)
+    data = json.loads(path.read_text())
+    assert data["device"] == "cpu" and len(data["rows"]) == len(results.rows) == 3
+    assert [row["kind"] for row in data["rows"]] == ["branch_train", "layer_train", "branch_infer"]
+    for row in data["rows"]:
+        assert row["vs_plain"]["plain"] == 1.0 and math.isfinite(row["vs_plain"]["cera_rs"])
+    assert data["rows"][0]["peak_bytes"].keys() == {"cera_rs", "plain", "lora_p0", "lora_p0.1"}
+
+
+def test_cuda_target_is_the_branch_against_plain_at_the_headline_shape():
+    results = suite.Results(machine="test", date="today", device="cuda")
+    times = {"cera_rs": 1.05, "plain": 1.0, "lora_p0": 0.9, "floor": 0.8}
+    memory = {"saved_bytes": {"cera_rs": 2**20, "plain": 2**21}, "peak_bytes": {}}
+    results.add("branch_train", Shape(8192, 4096, 64, torch.bfloat16), dict(times), **memory)
+    results.add("branch_train", Shape(8192, 4096, 16, torch.bfloat16), {**times, "cera_rs": 2.0},
+                **memory)  # fmt: skip
+    (check,) = suite.targets(results)
+    assert check["met"] and check["ratio"] == pytest.approx(1.05) and check["bound"] == 1.10
+    table = suite.format_table(results)
+    assert "headline shape N=8192 d=4096 r=64" in table and "2.000x" in table
+
+
+@pytest.mark.cuda
+def test_cuda_bench_quick(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--device", "cuda", "--quick", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["device"] == "cuda" and len(data["rows"]) == 3
+    train = data["rows"][0]
+    assert "plain_compiled" in train["ms"] and train["peak_bytes"]["cera_rs"] > 0

@@ -108,7 +108,7 @@ def test_the_measurement_catches_one_leaked_hidden_state_per_step():
     kept = []
 
     def leaky() -> None:
-        _, h = _native.forward(x, a, b, activation="silu", scaling=1.0, dropout=0.0, seed=0)
+        _, h, _ = _native.forward(x, a, b, activation="silu", scaling=1.0, dropout=0.0, seed=0)
         kept.append(h)
 
     assert growth_mb(leaky) > LIMIT_MB

@@ -92,7 +92,7 @@ def gil_cases():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(8192, 512, generator=gen)
     a, b = 0.05 * torch.randn(384, 512, generator=gen), torch.randn(512, 384, generator=gen)
-    y, h = _native.forward(x, a, b, activation="silu", scaling=1.0, dropout=0.1, seed=3)
+    y, h, _ = _native.forward(x, a, b, activation="silu", scaling=1.0, dropout=0.1, seed=3)
     grad = torch.randn_like(y)
     stream = StreamingSpectrum(512)
     return {

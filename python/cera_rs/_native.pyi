@@ -21,11 +21,17 @@ def forward(
     dropout: float,
     seed: int,
     dropout_position: str = "hidden",
-) -> tuple[Tensor, Tensor]:
-    """Training forward: ``(delta, h)`` with ``h = x A^T`` flattened to ``(N, r)``
-    (``(x ⊙ m) A^T`` with the dropout on the input)."""
+    tensor_ops: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Training forward: ``(delta, h, keep)`` with ``h = x A^T`` flattened to ``(N, r)``
+    (``(x ⊙ m) A^T`` with the dropout on the input) and ``keep`` the bool ``(N, r)``
+    hidden dropout mask the tensor-op path built (``None`` on the CPU loops, without
+    dropout or with it on the input). ``tensor_ops=True`` takes the tensor-op path
+    (every non-CPU device's) on CPU too: for tests."""
 
-def delta(x: Tensor, a: Tensor, b: Tensor, *, activation: str, scaling: float) -> Tensor:
+def delta(
+    x: Tensor, a: Tensor, b: Tensor, *, activation: str, scaling: float, tensor_ops: bool = False
+) -> Tensor:
     """Inference forward: the delta alone, without dropout."""
 
 def backward(
@@ -43,8 +49,11 @@ def backward(
     needs_a: bool,
     needs_b: bool,
     dropout_position: str = "hidden",
+    keep: Tensor | None = None,
+    tensor_ops: bool = False,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """``(dx, dA, dB)``, each ``None`` unless asked for."""
+    """``(dx, dA, dB)``, each ``None`` unless asked for. ``keep``: forward's mask, which
+    also selects the tensor-op path; without it that path builds the mask again."""
 
 # Spectral analysis (``src/spectral``). Call it through ``cera_rs.spectral``.
 

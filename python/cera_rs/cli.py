@@ -58,7 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     bench.add_argument("--quick", action="store_true", help="tiny shapes, to check it runs")
     bench.add_argument("--headline", action="store_true",
-                       help="only the targets' shape (N=4096, d=2048, r=64)")  # fmt: skip
+                       help="only the targets' shape (N=4096, d=2048, r=64; on CUDA "
+                            "N=8192, d=4096, r=64)")  # fmt: skip
+    bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                       help="cuda: the GPU grid (d 2048/4096, N=8192, r 16/64/256, bf16 "
+                            "and fp32) (default: %(default)s)")  # fmt: skip
     bench.add_argument("--json", type=Path,
                        help="where to write the results (default: results/bench/bench.json; "
                             "spectral.json, export.json with --spectral, --export)")  # fmt: skip
@@ -132,10 +136,15 @@ def _bench(args: argparse.Namespace) -> None:
     else:
         from cera_rs.bench import suite
 
-        grid = suite.Grid.quick() if args.quick else suite.Grid()
-        if args.headline:
+        if args.device == "cuda":
+            grid = suite.Grid.cuda_quick() if args.quick else suite.Grid.cuda()
+        else:
+            grid = suite.Grid.quick() if args.quick else suite.Grid()
+        if args.headline and args.device == "cuda":
+            grid.ds, grid.rs = (suite.CUDA_HEADLINE["d"],), (suite.CUDA_HEADLINE["r"],)
+        elif args.headline:
             grid.ds, grid.rs, grid.infer_ns = (2048,), (64,), (1, 16, 4096)
-        results = suite.run(grid)
+        results = suite.run(grid, checkpoint=path)
         print(suite.format_table(results))
         suite.write_json(results, path)
     print(f"\nwritten: {path}")

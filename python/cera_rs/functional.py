@@ -13,11 +13,16 @@ its GEMMs in that dtype and its fused elementwise pass in float32.
 ``torch.library.register_autocast`` does not fit: it fixes one cast dtype per device
 type when registered, where autocast's dtype is the caller's choice, and it would cast
 inside the Function, out of autograd's sight.
+
+Setting the environment variable ``CERA_RS_TENSOR_OPS=1`` before import sends CPU
+tensors down the tensor-op path that CUDA and other devices take instead of the fused
+CPU loops: a testing switch (``_TENSOR_OPS``, read once), not a user option.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import Tensor
@@ -27,6 +32,15 @@ from cera_rs.config import ACTIVATIONS, check_dropout_position
 
 # Seeds are drawn from torch's default generator, so torch.manual_seed fixes the mask.
 _SEED_HIGH = 2**62
+
+_TENSOR_OPS = os.environ.get("CERA_RS_TENSOR_OPS") == "1"
+
+
+def _keeps_mask(x: Tensor, dropout: float, dropout_position: str) -> bool:
+    """Whether the Rust forward returns a dropout mask: the tensor-op path does for the
+    hidden one."""
+    on_tensor_ops = _TENSOR_OPS or x.device.type != "cpu"
+    return dropout > 0 and dropout_position == "hidden" and on_tensor_ops
 
 
 def _draw_seed() -> Tensor:
@@ -69,11 +83,13 @@ def _eager_forward(
     scaling: float,
     dropout: float,
     dropout_position: str = "hidden",
-) -> tuple[Tensor, Tensor]:
-    return _native.forward(
+) -> tuple[Tensor, Tensor, Tensor]:
+    y, h, keep = _native.forward(
         x, a, b, activation=activation, scaling=scaling, dropout=dropout, seed=int(seed),
-        dropout_position=dropout_position,
+        dropout_position=dropout_position, tensor_ops=_TENSOR_OPS,
     )  # fmt: skip
+    # Custom ops return tensors: an empty one stands for "no mask kept".
+    return y, h, keep if keep is not None else x.new_empty(0, dtype=torch.bool)
 
 
 _branch_forward = torch.library.custom_op(
@@ -84,7 +100,9 @@ _branch_forward = torch.library.custom_op(
 @_branch_forward.register_fake
 def _(x, a, b, seed, activation, scaling, dropout, dropout_position="hidden"):
     rows = math.prod(x.shape[:-1])
-    return x.new_empty((*x.shape[:-1], b.shape[0])), x.new_empty((rows, a.shape[0]))
+    keep_shape = (rows, a.shape[0]) if _keeps_mask(x, dropout, dropout_position) else (0,)
+    return (x.new_empty((*x.shape[:-1], b.shape[0])), x.new_empty((rows, a.shape[0])),
+            x.new_empty(keep_shape, dtype=torch.bool))  # fmt: skip
 
 
 def _eager_backward(
@@ -93,6 +111,7 @@ def _eager_backward(
     a: Tensor,
     b: Tensor,
     h: Tensor,
+    keep: Tensor,
     seed: Tensor,
     activation: str,
     scaling: float,
@@ -105,6 +124,7 @@ def _eager_backward(
         activation=activation, scaling=scaling, dropout=dropout, seed=int(seed),
         needs_x=needs[0], needs_a=needs[1], needs_b=needs[2],
         dropout_position=dropout_position,
+        keep=keep if keep.dim() == 2 else None, tensor_ops=_TENSOR_OPS,
     )  # fmt: skip
     # Custom ops return tensors: an empty one stands for "not asked for".
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
@@ -116,37 +136,38 @@ _branch_backward = torch.library.custom_op(
 
 
 @_branch_backward.register_fake
-def _(grad, x, a, b, h, seed, activation, scaling, dropout, needs, dropout_position="hidden"):
+def _(grad, x, a, b, h, keep, seed, activation, scaling, dropout, needs, dropout_position="hidden"):
     shapes = (x.shape, a.shape, b.shape)
     return tuple(x.new_empty(s if need else 0) for s, need in zip(shapes, needs))
 
 
 class _CeraBranch(torch.autograd.Function):
-    """Saves only x, A, B (inputs, not copies), h and the seed for backward."""
+    """Saves only x, A, B (inputs, not copies), h, the seed and, on the tensor-op path,
+    the bool dropout mask for backward."""
 
     @staticmethod
     def forward(ctx, x, a, b, seed, activation, scaling, dropout, dropout_position):
         # Eager calls skip the custom op's Python dispatch (tens of microseconds a call);
         # torch.compile traces the custom op, which it can keep in its graph.
         op = _branch_forward if torch.compiler.is_compiling() else _eager_forward
-        y, h = op(x, a, b, seed, activation, scaling, dropout, dropout_position)
-        ctx.save_for_backward(x, a, b, h, seed)
+        y, h, keep = op(x, a, b, seed, activation, scaling, dropout, dropout_position)
+        ctx.save_for_backward(x, a, b, h, keep, seed)
         ctx.config = (activation, scaling, dropout)
         ctx.dropout_position = dropout_position
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, a, b, h, seed = ctx.saved_tensors
+        x, a, b, h, keep, seed = ctx.saved_tensors
         needs = list(ctx.needs_input_grad[:3])
         op = _branch_backward if torch.compiler.is_compiling() else _eager_backward
         # The forward ran with autocast off; a backward called inside an autocast
         # region runs the same way (what torch.amp.custom_bwd does).
         if autocast_dtype(x.device) is None:
-            grads = op(grad, x, a, b, h, seed, *ctx.config, needs, ctx.dropout_position)
+            grads = op(grad, x, a, b, h, keep, seed, *ctx.config, needs, ctx.dropout_position)
         else:
             with torch.autocast(x.device.type, enabled=False):
-                grads = op(grad, x, a, b, h, seed, *ctx.config, needs, ctx.dropout_position)
+                grads = op(grad, x, a, b, h, keep, seed, *ctx.config, needs, ctx.dropout_position)
         dx, da, db = (g if need else None for g, need in zip(grads, needs))
         return dx, da, db, None, None, None, None, None
 
@@ -201,9 +222,9 @@ def _branch(
         seed = _draw_seed() if p > 0 else torch.zeros((), dtype=torch.int64)
         return _CeraBranch.apply(x, A, B, seed, activation, scaling, p, position)
     if p > 0:
-        y, _ = _native.forward(
+        y, _, _ = _native.forward(
             x, A, B, activation=activation, scaling=scaling, dropout=p, seed=int(_draw_seed()),
-            dropout_position=position,
+            dropout_position=position, tensor_ops=_TENSOR_OPS,
         )  # fmt: skip
         return y
-    return _native.delta(x, A, B, activation=activation, scaling=scaling)
+    return _native.delta(x, A, B, activation=activation, scaling=scaling, tensor_ops=_TENSOR_OPS)

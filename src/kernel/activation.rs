@@ -27,7 +27,7 @@ impl FromStr for Activation {
 }
 
 impl Activation {
-    /// act(h) with tensor ops, for devices the Rust loops do not touch.
+    /// act(h) with tensor ops, for the tensor-op path (other devices).
     pub fn apply_tensor(self, h: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Self::Silu => h.f_silu()?,
@@ -36,16 +36,12 @@ impl Activation {
         })
     }
 
-    /// act'(h) with tensor ops.
-    pub fn slope_tensor(self, h: &Tensor) -> Result<Tensor> {
+    /// `grad * act'(h)` with one fused op (torch's own activation backward).
+    pub fn backward_tensor(self, grad: &Tensor, h: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            Self::Silu => {
-                let sig = h.f_sigmoid()?;
-                let one_minus = sig.f_neg()?.f_add_scalar(1.0)?;
-                sig.f_mul(&h.f_mul(&one_minus)?.f_add_scalar(1.0)?)?
-            }
-            Self::Relu => h.f_gt(0.0)?.f_to_kind(h.f_kind()?)?,
-            Self::Identity => h.f_ones_like()?,
+            Self::Silu => h.f_silu_backward(grad)?,
+            Self::Relu => h.f_threshold_backward(grad, 0.0)?,
+            Self::Identity => grad.shallow_clone(),
         })
     }
 }

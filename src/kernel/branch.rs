@@ -2,16 +2,17 @@
 //!
 //! GEMMs go through libtorch; the elementwise work between them is one fused pass
 //! each way (`elementwise`). Backward needs only the pre-activation `h` and the
-//! dropout seed: the mask, `act(h)` and `act'(h)` are recomputed in the pass.
+//! dropout seed: `act(h)` and `act'(h)` are recomputed in the pass, and so is the
+//! mask on CPU; the tensor-op path keeps the hidden mask it built in forward.
 //!
 //! With the dropout on the input (`DropoutPosition::Input`, as LoRA does it) the
 //! branch is `scaling * B · act(A (x ⊙ m))`: the mask `m` over `x`'s `(N, d_in)` elements
 //! comes from the same counter hash and seed, applied by the same fused pass (identity
-//! activation), and backward regenerates `x ⊙ m` instead of keeping it.
+//! activation), and backward regenerates `x ⊙ m` instead of keeping it (on every path:
+//! a kept mask would cost `N * d_in` bytes, `d_in / r` times the hidden one).
 
 use super::activation::Activation;
 use super::elementwise::{self, Elementwise};
-use super::mask::Dropout;
 use crate::error::{device_name, same_device, tensor_dtype_name, CeraError, Result};
 use std::str::FromStr;
 use tch::{Kind, Tensor};
@@ -63,6 +64,9 @@ pub struct Saved {
     /// The pre-activation `x A^T` (or `(x ⊙ m) A^T`), shape `(N, r)` with `N` the
     /// flattened leading dims.
     pub h: Tensor,
+    /// The tensor-op path's dropout keep mask, bool `(N, r)`; `None` on the CPU loops
+    /// (they hash the bits again) and without dropout.
+    pub keep: Option<Tensor>,
     pub elementwise: Elementwise,
     pub position: DropoutPosition,
 }
@@ -98,13 +102,14 @@ pub fn forward(
     let (hidden, input) = split(ew, position);
     let x2 = dropped_input(&x.f_reshape([dims.n, dims.d_in])?, input)?;
     let h = x2.f_mm(&a.f_tr()?)?;
-    let act = elementwise::forward(&h, &hidden)?;
+    let (act, keep) = elementwise::forward(&h, &hidden)?;
     let y = act.f_mm(&b.f_tr()?)?.f_reshape(out_shape(x, dims.d_out))?;
     let saved = Saved {
         x: x.shallow_clone(),
         a: a.shallow_clone(),
         b: b.shallow_clone(),
         h,
+        keep,
         elementwise: *ew,
         position,
     };
@@ -119,6 +124,7 @@ pub fn backward(grad: &Tensor, saved: &Saved, needs: Needs) -> Result<Grads> {
         a,
         b,
         h,
+        keep,
         elementwise: ew,
         position,
     } = saved;
@@ -144,7 +150,7 @@ pub fn backward(grad: &Tensor, saved: &Saved, needs: Needs) -> Result<Grads> {
     let (hidden, input) = split(ew, *position);
     let g2 = grad.f_reshape([dims.n, dims.d_out])?;
     let gb = g2.f_mm(b)?;
-    let (am, dz) = elementwise::backward(h, &gb, &hidden)?;
+    let (am, dz) = elementwise::backward(h, &gb, &hidden, keep.as_ref())?;
     let db = needs.b.then(|| g2.f_tr()?.f_mm(&am)).transpose()?;
     let da = needs
         .a
@@ -165,7 +171,7 @@ pub fn backward(grad: &Tensor, saved: &Saved, needs: Needs) -> Result<Grads> {
 }
 
 /// The hidden pass's config and the input's dropout, for the dropout's position.
-fn split(ew: &Elementwise, position: DropoutPosition) -> (Elementwise, Option<Dropout>) {
+fn split(ew: &Elementwise, position: DropoutPosition) -> (Elementwise, Option<Elementwise>) {
     match position {
         DropoutPosition::Hidden => (*ew, None),
         DropoutPosition::Input => (
@@ -173,24 +179,22 @@ fn split(ew: &Elementwise, position: DropoutPosition) -> (Elementwise, Option<Dr
                 dropout: None,
                 ..*ew
             },
-            ew.dropout,
+            ew.dropout.map(|d| Elementwise {
+                activation: Activation::Identity,
+                scaling: 1.0,
+                dropout: Some(d),
+                tensor_ops: ew.tensor_ops,
+            }),
         ),
     }
 }
 
 /// `t ⊙ m` for the input mask `m` over `t`'s `(N, d_in)` elements (the forward's
 /// `x ⊙ m` and backward's `(dz A) ⊙ m` draw the same mask), or `t` itself.
-fn dropped_input(t: &Tensor, dropout: Option<Dropout>) -> Result<Tensor> {
-    match dropout {
+fn dropped_input(t: &Tensor, input: Option<Elementwise>) -> Result<Tensor> {
+    match input {
         None => Ok(t.shallow_clone()),
-        Some(d) => elementwise::forward(
-            t,
-            &Elementwise {
-                activation: Activation::Identity,
-                scaling: 1.0,
-                dropout: Some(d),
-            },
-        ),
+        Some(ew) => Ok(elementwise::forward(t, &ew)?.0),
     }
 }
 

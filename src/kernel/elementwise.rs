@@ -3,8 +3,14 @@
 //! Forward: `a = scaling * mask * act(h)` in one pass over `h`.
 //! Backward: `am = scaling * mask * act(h)` (for dB) and
 //! `dz = scaling * mask * act'(h) * gB` (for dA and dx) in one pass over `h`, `gB`.
-//! On CPU these are Rust loops over the buffers, parallel with rayon; on other
-//! devices the same formulas run as tensor ops. Half types compute in float32.
+//! On CPU these are Rust loops over the buffers, parallel with rayon, that hash the
+//! mask bits on the fly; half types compute in float32. On other devices (and on CPU
+//! when `tensor_ops` forces it, for tests) the same formulas run as few tensor ops:
+//! the mask is built once in forward (14 int32 ops, `Dropout::keep_tensor`) and kept
+//! for backward as a bool tensor, 1 byte an element against the 4 bytes and 14 ops
+//! per element of building it again; then forward is 2 ops (act, masked scale) and
+//! backward 4 (act, two masked scales, act's backward), each fused by torch and run
+//! in the input dtype with float32 math inside, as the plain composition's ops are.
 
 use super::activation::Activation;
 use super::branch::same_kind_and_device;
@@ -30,6 +36,9 @@ pub struct Elementwise {
     pub scaling: f64,
     /// `None` in eval mode or when p = 0.
     pub dropout: Option<Dropout>,
+    /// Run the tensor-op path on CPU too: how tests check, without a GPU, the path
+    /// every other device takes. Not part of the user API.
+    pub tensor_ops: bool,
 }
 
 impl Elementwise {
@@ -37,11 +46,17 @@ impl Elementwise {
     fn kept_scale(&self) -> f64 {
         self.scaling * self.dropout.map_or(1.0, |d| d.keep_scale())
     }
+
+    /// Whether tensors on `device` take the tensor-op path.
+    pub fn uses_tensor_ops(&self, device: Device) -> bool {
+        self.tensor_ops || device != Device::Cpu
+    }
 }
 
-/// `scaling * mask * act(h)`.
-pub fn forward(h: &Tensor, ew: &Elementwise) -> Result<Tensor> {
-    if h.device() != Device::Cpu {
+/// `scaling * mask * act(h)`, and the keep mask when the tensor-op path built one
+/// (backward takes it back instead of building it again).
+pub fn forward(h: &Tensor, ew: &Elementwise) -> Result<(Tensor, Option<Tensor>)> {
+    if ew.uses_tensor_ops(h.device()) {
         return forward_tensor_ops(h, ew);
     }
     let h = h.f_contiguous()?;
@@ -53,11 +68,17 @@ pub fn forward(h: &Tensor, ew: &Elementwise) -> Result<Tensor> {
         Kind::Half => forward_cpu::<f16>(&h, &out, ew)?,
         other => return Err(unsupported(other)),
     }
-    Ok(out)
+    Ok((out, None))
 }
 
-/// `(scaling * mask * act(h), scaling * mask * act'(h) * gb)`.
-pub fn backward(h: &Tensor, gb: &Tensor, ew: &Elementwise) -> Result<(Tensor, Tensor)> {
+/// `(scaling * mask * act(h), scaling * mask * act'(h) * gb)`. A `keep` mask from
+/// forward sends the pass down the tensor-op path, which built it.
+pub fn backward(
+    h: &Tensor,
+    gb: &Tensor,
+    ew: &Elementwise,
+    keep: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
     if h.size() != gb.size() {
         return Err(CeraError::Shape(format!(
             "hidden {:?} and its gradient {:?} differ",
@@ -66,8 +87,8 @@ pub fn backward(h: &Tensor, gb: &Tensor, ew: &Elementwise) -> Result<(Tensor, Te
         )));
     }
     same_kind_and_device(gb, "the hidden gradient", h, "the hidden state")?;
-    if h.device() != Device::Cpu {
-        return backward_tensor_ops(h, gb, ew);
+    if keep.is_some() || ew.uses_tensor_ops(h.device()) {
+        return backward_tensor_ops(h, gb, ew, keep);
     }
     let h = h.f_contiguous()?;
     let gb = gb.f_contiguous()?;
@@ -83,48 +104,80 @@ pub fn backward(h: &Tensor, gb: &Tensor, ew: &Elementwise) -> Result<(Tensor, Te
     Ok((am, dz))
 }
 
-/// The forward pass as tensor ops: the path for CUDA and other devices.
-pub fn forward_tensor_ops(h: &Tensor, ew: &Elementwise) -> Result<Tensor> {
-    let kind = h.f_kind()?;
-    let hf = h.f_to_kind(compute_kind(kind))?;
-    let a = ew.activation.apply_tensor(&hf)?;
-    let scaled = match mask_tensor(h, ew)? {
-        Some(m) => a.f_mul(&m)?,
-        None => a.f_mul_scalar(ew.scaling)?,
-    };
-    Ok(scaled.f_to_kind(kind)?)
+/// The forward pass as tensor ops: the mask (if any), act, masked scale.
+fn forward_tensor_ops(h: &Tensor, ew: &Elementwise) -> Result<(Tensor, Option<Tensor>)> {
+    let keep = ew.dropout.map(|d| keep_like(&d, h)).transpose()?;
+    let out = masked_scale(&ew.activation.apply_tensor(h)?, keep.as_ref(), ew)?;
+    Ok((out, keep))
 }
 
-/// The backward pass as tensor ops: the path for CUDA and other devices.
-pub fn backward_tensor_ops(h: &Tensor, gb: &Tensor, ew: &Elementwise) -> Result<(Tensor, Tensor)> {
-    let kind = h.f_kind()?;
-    let hf = h.f_to_kind(compute_kind(kind))?;
-    let gbf = gb.f_to_kind(compute_kind(kind))?;
-    let a = ew.activation.apply_tensor(&hf)?;
-    let slope = ew.activation.slope_tensor(&hf)?.f_mul(&gbf)?;
-    let (am, dz) = match mask_tensor(h, ew)? {
-        Some(m) => (a.f_mul(&m)?, slope.f_mul(&m)?),
-        None => (a.f_mul_scalar(ew.scaling)?, slope.f_mul_scalar(ew.scaling)?),
+/// The backward pass as tensor ops, with forward's mask, or the mask built again
+/// when the caller kept none.
+fn backward_tensor_ops(
+    h: &Tensor,
+    gb: &Tensor,
+    ew: &Elementwise,
+    keep: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    let built;
+    let keep = match (ew.dropout, keep) {
+        (None, _) => None,
+        (Some(_), Some(keep)) => {
+            check_keep(keep, h)?;
+            Some(keep)
+        }
+        (Some(d), None) => {
+            built = keep_like(&d, h)?;
+            Some(&built)
+        }
     };
-    Ok((am.f_to_kind(kind)?, dz.f_to_kind(kind)?))
+    let am = masked_scale(&ew.activation.apply_tensor(h)?, keep, ew)?;
+    let dz = ew
+        .activation
+        .backward_tensor(&masked_scale(gb, keep, ew)?, h)?;
+    Ok((am, dz))
 }
 
-/// The scaled keep mask (`kept_scale` or 0) in the compute dtype, if dropout is on.
-fn mask_tensor(h: &Tensor, ew: &Elementwise) -> Result<Option<Tensor>> {
-    let Some(d) = ew.dropout else { return Ok(None) };
+/// The keep mask of `d` shaped like `h`.
+fn keep_like(d: &Dropout, h: &Tensor) -> Result<Tensor> {
     let keep = d.keep_tensor(h.numel() as i64, h.device())?;
-    let m = keep
-        .f_reshape(h.size())?
-        .f_to_kind(compute_kind(h.f_kind()?))?
-        .f_mul_scalar(ew.kept_scale())?;
-    Ok(Some(m))
+    Ok(keep.f_view(h.size().as_slice())?)
 }
 
-fn compute_kind(kind: Kind) -> Kind {
-    match kind {
-        Kind::Half | Kind::BFloat16 => Kind::Float,
-        other => other,
+/// `t * kept_scale` where kept and 0 where dropped, in one op (torch's dropout
+/// backward), or `t * scaling` without dropout (no op at scaling 1).
+fn masked_scale(t: &Tensor, keep: Option<&Tensor>, ew: &Elementwise) -> Result<Tensor> {
+    Ok(match keep {
+        Some(keep) => Tensor::f_native_dropout_backward(t, keep, ew.kept_scale())?,
+        None if ew.scaling == 1.0 => t.shallow_clone(),
+        None => t.f_mul_scalar(ew.scaling)?,
+    })
+}
+
+/// Errors unless a mask handed back to backward is a bool tensor shaped and placed
+/// like `h`.
+fn check_keep(keep: &Tensor, h: &Tensor) -> Result<()> {
+    if keep.f_kind()? != Kind::Bool {
+        return Err(CeraError::DType(format!(
+            "the saved dropout mask is {:?}, expected Bool",
+            keep.f_kind()?
+        )));
     }
+    if keep.device() != h.device() {
+        return Err(CeraError::Device(format!(
+            "the saved dropout mask is on {:?}, the hidden state on {:?}",
+            keep.device(),
+            h.device()
+        )));
+    }
+    if keep.size() != h.size() {
+        return Err(CeraError::Shape(format!(
+            "the saved dropout mask has shape {:?}, the hidden state {:?}",
+            keep.size(),
+            h.size()
+        )));
+    }
+    Ok(())
 }
 
 fn unsupported(kind: Kind) -> CeraError {

@@ -1,12 +1,12 @@
 //! Counter-based dropout mask.
 //!
 //! Whether element `i` of the `(N, r)` hidden matrix is kept depends only on
-//! `(seed, i)`. The backward pass regenerates the mask from the seed instead of
-//! storing it, and the CPU loop and the tensor-op version (used on other devices) give
-//! the same bits. The hash is 32-bit (`lowbias32`, two multiplies) so the CPU loop
+//! `(seed, i)`. The hash is 32-bit (`lowbias32`, two multiplies) so the CPU loop
 //! vectorizes: `u = lowbias32(lo32(i) ^ key)` with a key mixed from the seed and the
 //! high 32 bits of `i`, and element `i` is kept when the top 24 bits of `u` reach
-//! `round(p * 2^24)`.
+//! `round(p * 2^24)`. The CPU loops regenerate the bits in backward instead of
+//! storing them; the tensor-op path (other devices) builds them once as a bool
+//! tensor with the same bits (`keep_tensor`) and backward reuses it.
 
 use crate::error::Result;
 use tch::{Device, Kind, Tensor};
@@ -15,7 +15,10 @@ use tch::{Device, Kind, Tensor};
 const UNIFORM_BITS: u32 = 24;
 const MUL1: u32 = 0x7FEB_352D;
 const MUL2: u32 = 0x846C_A68B;
-const LOW32: i64 = 0xFFFF_FFFF;
+const SIGN: u32 = 0x8000_0000;
+/// Indices per piece of the tensor-op mask: below 2^31 they fit int32, and a piece
+/// never straddles a change of the key (every 2^32 indices).
+const PIECE: u64 = 1 << 31;
 
 /// A dropout draw: drop probability `p` and the seed the mask is derived from.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -58,44 +61,81 @@ impl Dropout {
         )
     }
 
-    /// The keep mask of `numel` elements as a bool tensor on `device`, built from
-    /// the same hash with int64 tensor ops (32-bit arithmetic by masking).
+    /// The keep mask of `numel` elements as a bool tensor on `device`: the same bits as
+    /// `keeps_index`, from 14 int32 tensor ops (see `keep_piece`).
     pub fn keep_tensor(&self, numel: i64, device: Device) -> Result<Tensor> {
-        let idx = Tensor::f_arange(numel, (Kind::Int64, device))?;
-        let high = idx.f_bitwise_right_shift_tensor_scalar(32)?;
-        let seed_hi = i64::from((self.seed >> 32) as u32);
-        let seed_lo = i64::from(self.seed as u32);
-        let key = lowbias32_tensor(&lowbias32_tensor(&high)?.f_bitwise_xor(seed_hi)?)?;
-        let key = lowbias32_tensor(&key.f_bitwise_xor(seed_lo)?)?;
-        let low = idx.f_bitwise_and(LOW32)?;
-        let u = lowbias32_tensor(&low.f_bitwise_xor_tensor(&key)?)?;
-        let uniform = u.f_bitwise_right_shift_tensor_scalar(i64::from(32 - UNIFORM_BITS))?;
-        Ok(uniform.f_ge(i64::from(self.threshold()))?)
+        self.keep_range(0, numel.max(0) as u64, device)
+    }
+
+    /// The keep bits of flat indices `start..start + len`, built piece by piece so that
+    /// every piece's indices fit int32 and share one key.
+    fn keep_range(&self, start: u64, len: u64, device: Device) -> Result<Tensor> {
+        let end = start + len;
+        let mut pieces = Vec::new();
+        let mut from = start;
+        while from < end {
+            let to = end.min((from / PIECE + 1) * PIECE);
+            pieces.push(self.keep_piece(from, to - from, device)?);
+            from = to;
+        }
+        Ok(match pieces.len() {
+            0 => Tensor::f_empty([0], (Kind::Bool, device))?,
+            1 => pieces.swap_remove(0),
+            _ => Tensor::f_cat(&pieces, 0)?,
+        })
+    }
+
+    /// The keep bits of `len` indices from `start`, all inside one `PIECE`.
+    ///
+    /// int32 tensors hold the hash state (torch has no usable uint32 ops), so a
+    /// logical right shift is an arithmetic one and a mask (2 ops), and the final
+    /// unsigned comparison flips the sign bit of both sides. The key enters after the
+    /// first xorshift (it is linear: `f(low ^ key) = f(low) ^ f(key)`), where the
+    /// indices are still non-negative and the shift needs no mask. In-place ops keep
+    /// two int32 buffers alive at most.
+    fn keep_piece(&self, start: u64, len: u64, device: Device) -> Result<Tensor> {
+        let threshold = self.threshold();
+        if threshold >> UNIFORM_BITS != 0 {
+            // p rounds to 1: no 24-bit uniform reaches 2^24.
+            return Ok(Tensor::f_zeros([len as i64], (Kind::Bool, device))?);
+        }
+        let low = (start % PIECE) as i64;
+        let mut z = Tensor::f_arange_start(low, low + len as i64, (Kind::Int, device))?;
+        let shifted = z.f_bitwise_right_shift_tensor_scalar(16)?;
+        // Indices from 2^31 on carry their bit 31 in the key instead of in `z`.
+        let key = self.key((start >> 32) as u32) ^ (start as u32 & SIGN);
+        let z = z
+            .f_bitwise_xor_tensor_(&shifted)?
+            .f_bitwise_xor_(as_i32(xorshift(key, 16)))?
+            .f_mul_scalar_(as_i32(MUL1))?;
+        let z = xorshift_tensor(z, 15)?.f_mul_scalar_(as_i32(MUL2))?;
+        let z = xorshift_tensor(z, 16)?.f_bitwise_xor_(as_i32(SIGN))?;
+        Ok(z.f_ge(as_i32((threshold << (32 - UNIFORM_BITS)) ^ SIGN))?)
     }
 }
 
 /// Chris Wellons' lowbias32 integer hash: a bijection on u32 with low bias.
 #[inline(always)]
-fn lowbias32(mut z: u32) -> u32 {
-    z ^= z >> 16;
-    z = z.wrapping_mul(MUL1);
-    z ^= z >> 15;
-    z = z.wrapping_mul(MUL2);
-    z ^ (z >> 16)
+fn lowbias32(z: u32) -> u32 {
+    let z = xorshift(z, 16).wrapping_mul(MUL1);
+    xorshift(xorshift(z, 15).wrapping_mul(MUL2), 16)
 }
 
-/// `lowbias32` over an int64 tensor holding values in `[0, 2^32)`.
-fn lowbias32_tensor(z: &Tensor) -> Result<Tensor> {
-    let step = |z: &Tensor, shift: i64| -> Result<Tensor> {
-        Ok(z.f_bitwise_xor_tensor(&z.f_bitwise_right_shift_tensor_scalar(shift)?)?)
-    };
-    let z = step(z, 16)?
-        .f_mul_scalar(i64::from(MUL1))?
-        .f_bitwise_and(LOW32)?;
-    let z = step(&z, 15)?
-        .f_mul_scalar(i64::from(MUL2))?
-        .f_bitwise_and(LOW32)?;
-    step(&z, 16)
+#[inline(always)]
+fn xorshift(z: u32, shift: u32) -> u32 {
+    z ^ (z >> shift)
+}
+
+/// `xorshift` in place on an int32 tensor holding u32 bits.
+fn xorshift_tensor(mut z: Tensor, shift: i64) -> Result<Tensor> {
+    let mut shifted = z.f_bitwise_right_shift_tensor_scalar(shift)?;
+    let shifted = shifted.f_bitwise_and_(i64::from(u32::MAX >> shift))?;
+    Ok(z.f_bitwise_xor_tensor_(&shifted)?)
+}
+
+/// The int32 scalar with the bits of `v`.
+fn as_i32(v: u32) -> i64 {
+    i64::from(v as i32)
 }
 
 #[cfg(test)]
@@ -119,6 +159,30 @@ mod tests {
             let from_loop: Vec<bool> = (0..10_000).map(|i| d.keeps_index(i)).collect();
             assert_eq!(from_tensor, from_loop, "seed {seed}");
         }
+    }
+
+    #[test]
+    fn tensor_mask_equals_loop_across_piece_and_key_boundaries() {
+        let d = Dropout { p: 0.4, seed: 77 };
+        for start in [PIECE - 300, 2 * PIECE - 300, 3 * PIECE - 10] {
+            let t = d.keep_range(start, 600, Device::Cpu).unwrap();
+            let from_tensor: Vec<bool> = Vec::<bool>::try_from(&t).unwrap();
+            let from_loop: Vec<bool> = (start..start + 600).map(|i| d.keeps_index(i)).collect();
+            assert_eq!(from_tensor, from_loop, "from {start}");
+        }
+    }
+
+    #[test]
+    fn probability_rounding_to_one_keeps_nothing_and_empty_is_empty() {
+        let d = Dropout {
+            p: 1.0 - 1e-9,
+            seed: 3,
+        };
+        let t = d.keep_tensor(1000, Device::Cpu).unwrap();
+        assert_eq!(t.f_sum(Kind::Int64).unwrap().int64_value(&[]), 0);
+        assert!((0..1000).all(|i| !d.keeps_index(i)));
+        let empty = d.keep_tensor(0, Device::Cpu).unwrap();
+        assert_eq!((empty.size(), empty.kind()), (vec![0], Kind::Bool));
     }
 
     #[test]

@@ -67,6 +67,7 @@ fn check(
     activation: Activation,
     dropout: Option<Dropout>,
     position: DropoutPosition,
+    tensor_ops: bool,
     tol: f64,
 ) {
     let (x, a, b) = inputs(kind);
@@ -74,12 +75,13 @@ fn check(
         activation,
         scaling: 0.5,
         dropout,
+        tensor_ops,
     };
     let g = Tensor::randn([3, 50, 16], (kind, Device::Cpu));
     let (y, saved) = forward(&x, &a, &b, &ew, position).unwrap();
     let grads = backward(&g, &saved, Needs::ALL).unwrap();
     let [ry, rdx, rda, rdb] = reference(&x, &a, &b, &ew, position, &g);
-    let label = format!("{kind:?} {activation:?} {dropout:?} {position:?}");
+    let label = format!("{kind:?} {activation:?} {dropout:?} {position:?} tensor_ops={tensor_ops}");
     assert!(max_rel_diff(&y, &ry) < tol, "forward {label}");
     assert!(max_rel_diff(&grads.x.unwrap(), &rdx) < tol, "dx {label}");
     assert!(max_rel_diff(&grads.a.unwrap(), &rda) < tol, "dA {label}");
@@ -91,8 +93,17 @@ fn forward_backward_match_tch_composition() {
     for activation in [Activation::Silu, Activation::Relu, Activation::Identity] {
         for dropout in [None, Some(Dropout { p: 0.3, seed: 11 })] {
             for position in [DropoutPosition::Hidden, DropoutPosition::Input] {
-                check(Kind::Double, activation, dropout, position, 1e-12);
-                check(Kind::Float, activation, dropout, position, 1e-5);
+                for tensor_ops in [false, true] {
+                    check(
+                        Kind::Double,
+                        activation,
+                        dropout,
+                        position,
+                        tensor_ops,
+                        1e-12,
+                    );
+                    check(Kind::Float, activation, dropout, position, tensor_ops, 1e-5);
+                }
             }
         }
     }
@@ -102,37 +113,99 @@ fn forward_backward_match_tch_composition() {
 fn fused_passes_match_tensor_ops() {
     for kind in [Kind::Float, Kind::Double, Kind::BFloat16, Kind::Half] {
         for activation in [Activation::Silu, Activation::Relu, Activation::Identity] {
-            let dropout = Some(Dropout { p: 0.2, seed: 3 });
-            let ew = Elementwise {
+            let fused = Elementwise {
                 activation,
                 scaling: 2.0,
-                dropout,
+                dropout: Some(Dropout { p: 0.2, seed: 3 }),
+                tensor_ops: false,
+            };
+            let ops = Elementwise {
+                tensor_ops: true,
+                ..fused
             };
             // Large enough to take the parallel path.
             let h = Tensor::randn([1100, 70], (kind, Device::Cpu));
             let gb = Tensor::randn([1100, 70], (kind, Device::Cpu));
-            let fused = elementwise::forward(&h, &ew).unwrap();
-            let ops = elementwise::forward_tensor_ops(&h, &ew).unwrap();
-            let (am, dz) = elementwise::backward(&h, &gb, &ew).unwrap();
-            let (am_ops, dz_ops) = elementwise::backward_tensor_ops(&h, &gb, &ew).unwrap();
+            let (out, no_keep) = elementwise::forward(&h, &fused).unwrap();
+            let (out_ops, keep) = elementwise::forward(&h, &ops).unwrap();
+            assert!(no_keep.is_none());
+            let keep = keep.expect("the tensor-op path keeps its mask");
+            assert_eq!((keep.kind(), keep.size()), (Kind::Bool, h.size()));
+            let (am, dz) = elementwise::backward(&h, &gb, &fused, None).unwrap();
+            let (am_ops, dz_ops) = elementwise::backward(&h, &gb, &ops, Some(&keep)).unwrap();
+            // Without the kept mask, the tensor-op backward builds the same one again.
+            let (am_re, dz_re) = elementwise::backward(&h, &gb, &ops, None).unwrap();
+            assert!(am_re.equal(&am_ops) && dz_re.equal(&dz_ops));
+            // Half types round after each tensor op, and once in the fused loop.
             let tol = if matches!(kind, Kind::Float | Kind::Double) {
                 1e-6
             } else {
                 1e-2
             };
-            assert!(
-                max_rel_diff(&fused, &ops) < tol,
-                "{kind:?} {activation:?} forward"
+            let label = format!("{kind:?} {activation:?}");
+            assert!(max_rel_diff(&out, &out_ops) < tol, "{label} forward");
+            assert!(max_rel_diff(&am, &am_ops) < tol, "{label} am");
+            assert!(max_rel_diff(&dz, &dz_ops) < tol, "{label} dz");
+            // Same mask bits: exactly the same elements are zero.
+            if activation != Activation::Relu {
+                assert!(out.eq(0.0).equal(&out_ops.eq(0.0)), "{label} mask bits");
+            }
+            assert_eq!(
+                (out_ops.kind(), am_ops.kind(), dz_ops.kind()),
+                (kind, kind, kind)
             );
-            assert!(
-                max_rel_diff(&am, &am_ops) < tol,
-                "{kind:?} {activation:?} am"
-            );
-            assert!(
-                max_rel_diff(&dz, &dz_ops) < tol,
-                "{kind:?} {activation:?} dz"
-            );
-            assert_eq!(fused.kind(), kind);
+        }
+    }
+}
+
+#[test]
+fn tensor_op_branch_keeps_its_mask_and_checks_it() {
+    let (x, a, b) = inputs(Kind::Float);
+    for dropout in [None, Some(Dropout { p: 0.3, seed: 11 })] {
+        let ew = Elementwise {
+            activation: Activation::Silu,
+            scaling: 0.5,
+            dropout,
+            tensor_ops: true,
+        };
+        let (y, saved) = forward(&x, &a, &b, &ew, DropoutPosition::Hidden).unwrap();
+        assert_eq!(saved.keep.is_some(), dropout.is_some());
+        let (y_loop, _) = forward(
+            &x,
+            &a,
+            &b,
+            &Elementwise {
+                tensor_ops: false,
+                ..ew
+            },
+            DropoutPosition::Hidden,
+        )
+        .unwrap();
+        assert!(max_rel_diff(&y, &y_loop) < 1e-6);
+        let g = y.ones_like();
+        backward(&g, &saved, Needs::ALL).unwrap();
+        if let Some(keep) = &saved.keep {
+            for (bad, is_right_error) in [
+                (keep.to_kind(Kind::Uint8), "dtype"),
+                (keep.narrow(0, 0, 10), "shape"),
+            ] {
+                let wrong = Saved {
+                    keep: Some(bad),
+                    x: x.shallow_clone(),
+                    a: a.shallow_clone(),
+                    b: b.shallow_clone(),
+                    h: saved.h.shallow_clone(),
+                    elementwise: ew,
+                    position: DropoutPosition::Hidden,
+                };
+                let err = backward(&g, &wrong, Needs::ALL).err().expect("refused");
+                let matched = match err {
+                    crate::CeraError::DType(_) => is_right_error == "dtype",
+                    crate::CeraError::Shape(_) => is_right_error == "shape",
+                    _ => false,
+                };
+                assert!(matched, "{err}");
+            }
         }
     }
 }
@@ -144,8 +217,9 @@ fn dropout_zeroes_the_masked_fraction() {
         activation: Activation::Identity,
         scaling: 1.0,
         dropout: Some(Dropout { p: 0.25, seed: 5 }),
+        tensor_ops: false,
     };
-    let out = elementwise::forward(&h, &ew).unwrap();
+    let (out, _) = elementwise::forward(&h, &ew).unwrap();
     let zeros = out
         .eq(0.0)
         .to_kind(Kind::Double)
@@ -164,6 +238,7 @@ fn empty_batch_gives_empty_outputs() {
         activation: Activation::Silu,
         scaling: 1.0,
         dropout: None,
+        tensor_ops: false,
     };
     let (y, saved) = forward(&x, &a, &b, &ew, DropoutPosition::Hidden).unwrap();
     assert_eq!(y.size(), [0, 16]);
@@ -179,6 +254,7 @@ fn bad_inputs_are_errors_not_panics() {
         activation: Activation::Silu,
         scaling: 1.0,
         dropout: None,
+        tensor_ops: false,
     };
     let wrong_d_in = Tensor::zeros([4, 23], (Kind::Float, Device::Cpu));
     assert!(matches!(
@@ -225,6 +301,7 @@ fn input_dropout_drops_input_elements_not_hidden_ones() {
         activation: Activation::Identity,
         scaling: 1.0,
         dropout: Some(d),
+        tensor_ops: false,
     };
     let (y, saved) = forward(&x, &eye, &eye, &ew, DropoutPosition::Input).unwrap();
     let mask = scaled_mask(&d, &x);
@@ -243,6 +320,7 @@ fn mismatches_are_told_apart_and_named_as_torch_does() {
         activation: Activation::Silu,
         scaling: 1.0,
         dropout: None,
+        tensor_ops: false,
     };
     let (y, saved) = forward(&x, &a, &b, &ew, DropoutPosition::Hidden).unwrap();
     let Err(crate::CeraError::DType(msg)) =

@@ -75,11 +75,11 @@ class Setup:
         return (self.x, self.a, self.b, self.base.weight, self.base.bias)
 
 
-def setup(shape: Shape, train: bool = True) -> Setup:
+def setup(shape: Shape, train: bool = True, device: str = "cpu") -> Setup:
     torch.manual_seed(0)
     n, d, r, dtype = shape.n, shape.d, shape.r, shape.dtype
-    base = nn.Linear(d, d).to(dtype).requires_grad_(False)
-    plain = PlainBranch(d, d, r, P).to(dtype)
+    base = nn.Linear(d, d).to(device, dtype).requires_grad_(False)
+    plain = PlainBranch(d, d, r, P).to(device, dtype)
     nn.init.normal_(plain.B.weight, std=0.02)
     cera_layer = CeraLinear(base, r, dropout=P)
     with torch.no_grad():
@@ -89,13 +89,13 @@ def setup(shape: Shape, train: bool = True) -> Setup:
     for p in (0.0, P):
         model = get_peft_model(nn.Sequential(base), LoraConfig(r=r, lora_alpha=r, lora_dropout=p,
                                                                target_modules=["0"]))  # fmt: skip
-        lora_layers[f"lora_p{p:g}"] = model.base_model.model[0].to(dtype)
+        lora_layers[f"lora_p{p:g}"] = model.base_model.model[0].to(device, dtype)
     for module in (plain, cera_layer, *lora_layers.values()):
         module.train(train)
     return Setup(
         shape=shape,
-        x=torch.randn(n, d, dtype=dtype, requires_grad=train),
-        grad=torch.randn(n, d, dtype=dtype),
+        x=torch.randn(n, d, dtype=dtype, device=device, requires_grad=train),
+        grad=torch.randn(n, d, dtype=dtype, device=device),
         base=base, a=cera_layer.cera_A["default"].weight, b=cera_layer.cera_B["default"].weight,
         plain=plain, cera_layer=cera_layer, lora_layers=lora_layers,
     )  # fmt: skip

@@ -13,18 +13,30 @@ from typing import Callable
 import torch
 
 
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """Waits for the work queued on ``device``: CUDA runs asynchronously, so a timer
+    stops only once the GPU is done; CPU work is done when the call returns."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
 def median_times(
-    cases: dict[str, Callable[[], object]], *, warmup: int = 2, repeats: int = 7
-) -> dict[str, float]:
-    """Median seconds per case; the cases run interleaved so machine noise hits all alike."""
+    cases: dict[str, Callable[[], object]], *, warmup: int = 2, repeats: int = 7,
+    sync: Callable[[], None] = lambda: None,
+) -> dict[str, float]:  # fmt: skip
+    """Median seconds per case; the cases run interleaved so machine noise hits all alike.
+    ``sync`` runs before and after each timed call (see ``synchronizer``)."""
     for _ in range(warmup):
         for fn in cases.values():
             fn()
     samples: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
         for name, fn in cases.items():
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(s) for name, s in samples.items()}
 
@@ -89,3 +101,17 @@ def peak_rss_growth(fn: Callable[[], object], interval: float = 2e-4) -> int:
         done.set()
         sampler.join()
     return max(peak, _rss_bytes()) - before
+
+
+def peak_growth(fn: Callable[[], object], device: torch.device) -> int:
+    """How far memory in use rises above its level before ``fn`` while ``fn`` runs: the
+    CUDA caching allocator's own peak counter on a GPU, the resident set on CPU."""
+    if device.type != "cuda":
+        return peak_rss_growth(fn)
+    fn()  # warm-up: lazy initialisations (cuBLAS workspaces) do not count
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
