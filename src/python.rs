@@ -514,6 +514,18 @@ impl PyFit {
     }
 
     /// `(B, A, bias or None)` of the rank-`k` map.
+    fn linearity_on<'py>(
+        &self,
+        py: Python<'py>,
+        held_out: &PyMoments,
+    ) -> PyResult<Bound<'py, PyArray1<f64>>> {
+        let curve = run(py, || {
+            let (fit, moments) = (lock(&self.0)?, lock(&held_out.0)?);
+            fit.linearity_on(&moments)
+        })?;
+        Ok(PyArray1::from_vec(py, curve))
+    }
+
     fn factors(&self, py: Python<'_>, k: usize) -> PyResult<(PyObject, PyObject, PyObject)> {
         let (b, a, bias) = run(py, || lock(&self.0)?.factors(k))?;
         Ok((wrap(py, b)?, wrap(py, a)?, wrap_optional(py, bias)?))

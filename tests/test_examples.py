@@ -59,4 +59,13 @@ def test_quick_demo_writes_a_complete_finite_summary(tmp_path):
             assert 0 <= low <= row["test_exact_match_mean"] <= high <= 1
             assert row["spectra"]["effective_rank"] >= 1 and row["spectra"]["dim90"] >= 1
             assert row["trainable_params"] > 0 and row["lr"] in part2["settings"]["lrs"]
+            if row["kind"] == "cera":  # its linearity and its exported, merged LoRA's score
+                lin = row["linearity"]
+                assert lin["layers"] == 2 * part2["settings"]["adapted_layers"]
+                assert 0 < lin["linearity_at_r"] <= lin["linearity_full_rank"] <= 1 + 1e-9
+                assert lin["held_out_linearity_at_r"] <= lin["held_out_linearity_full_rank"] + 1e-9
+                assert 0 <= row["exported_lora_test_exact_match"] <= 1
+                assert 0 <= row["exported_lora_same_verdict"] <= 1
+    report = (tmp_path / "report.md").read_text()
+    assert "exported LoRA (merged) exact match %" in report
     assert all(math.isfinite(x) for x in _numbers(summary))

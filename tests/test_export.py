@@ -343,6 +343,50 @@ def test_report_table_json_and_plot(tmp_path):
     assert (tmp_path / "linearity.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_held_out_linearity_is_the_exported_maps_error_on_other_tokens(tmp_path):
+    """``to_lora(held_out=...)``: each layer's held-out curve is one minus the direct
+    error of every rank's map on the held-out tokens, from the model's own layer inputs;
+    the table, JSON and figure carry it."""
+    cera = cera_toy(activation="silu", bias=True)
+    held_out = toy_batches(n=2, seed=7)
+    exported = to_lora(cera, toy_batches(n=1), rank=3, bias=True, held_out=held_out,
+                       progress=False)  # fmt: skip
+    b, a = (t.double().numpy() for t in cera_factors(cera, 0))
+
+    def layer0(batches):  # layer 0's inputs and CeRA deltas (eval: no dropout)
+        x = torch.cat(batches).double().numpy()
+        h = x @ a.T
+        return x, (h / (1 + np.exp(-h))) @ b.T
+
+    x, y = layer0(held_out)
+    fit = fitted(*layer0(toy_batches(n=1)), bias=True)
+    module = exported.report["0"]
+    assert module.held_out_tokens == 128 and module.tokens == 64
+    assert len(module.held_out) == len(module.linearity) == D + 1
+    for k in (1, 3, 12, D):
+        fb, fa, bias = fit.factors(k)
+        want = 1 - unexplained(x, y, (fb @ fa).numpy(), bias.numpy())
+        # The model's deltas are float32, this fit's float64.
+        assert module.at(k, held_out=True) == pytest.approx(want, abs=1e-6)
+        assert module.at(k) == pytest.approx(fit.linearity[k], abs=1e-6)
+    # 64 calibration tokens for 24 inputs: the full-rank map fits noise too.
+    assert module.at(D, held_out=True) < module.at(D) - 1e-3
+    row = exported.report.rows()[0]
+    assert row["held_out_linearity_at_rank"] == module.at(3, held_out=True)
+    assert "held-out" in str(exported.report) and "held-out" in exported.report._repr_html_()
+    exported.report.to_json(tmp_path / "linearity.json")
+    saved = json.loads((tmp_path / "linearity.json").read_text())["modules"][0]
+    assert saved["held_out_linearity"] == pytest.approx(module.held_out.tolist())
+    with pytest.raises(ValueError, match="no held-out tokens were measured"):
+        to_lora(cera, toy_batches(n=1), rank=3, progress=False).report["0"].at(3, held_out=True)
+    with pytest.raises(ValueError, match="held_out is empty: to_lora needs"):
+        to_lora(cera, toy_batches(n=1), rank=3, held_out=[], progress=False)
+    with pytest.raises(TypeError, match="StreamingRegression"):
+        fit.linearity_on("tokens")
+    with pytest.raises(ValueError, match="d_in=24, d_out=5"):
+        fit.linearity_on(StreamingRegression(D, 5))
+
+
 # ---- CLI -------------------------------------------------------------------------------
 
 
@@ -376,6 +420,18 @@ def test_cli_export_lora_from_saved_adapter_and_token_ids(tmp_path, capsys):
                      str(tmp_path / "ids.txt"), "--rank", "2", "--base", str(base_dir)]) == 0
     assert (tmp_path / "lora2" / "adapter_model.safetensors").read_bytes() == (
         out_dir / "adapter_model.safetensors").read_bytes()  # fmt: skip
+    # --held-out: the same LoRA, the report measured on other ids too.
+    np.save(tmp_path / "other.npy", torch.randint(0, 128, (3, 12)).numpy())
+    capsys.readouterr()
+    assert cli.main(["export-lora", str(adapter_dir), str(tmp_path / "lora4"), "--data",
+                     str(tmp_path / "ids.npy"), "--rank", "2", "--base", str(base_dir),
+                     "--held-out", str(tmp_path / "other.npy"), "--json",
+                     str(tmp_path / "lin4.json")]) == 0  # fmt: skip
+    assert "held-out lin@k" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "lin4.json").read_text())["modules"]
+    assert all(m["held_out_tokens"] == 36 and len(m["held_out_linearity"]) > 2 for m in saved)
+    assert (tmp_path / "lora4" / "adapter_model.safetensors").read_bytes() == (
+        out_dir / "adapter_model.safetensors").read_bytes()  # fmt: skip
     (tmp_path / "bad.txt").write_text("1 2 500\n")
     capsys.readouterr()
     assert cli.main(["export-lora", str(adapter_dir), str(tmp_path / "lora3"), "--data",
@@ -393,7 +449,8 @@ def test_demo_export_and_merge_leaves_the_shared_base_alone():
 
     cera, base = cera_toy(), plain_base()
     before = {n: p.clone() for n, p in base.state_dict().items()}
-    merged, report = export_and_merge(cera, base, toy_batches(), rank=3)
+    merged, report = export_and_merge(cera, base, toy_batches(), rank=3,
+                                      held_out=toy_batches(n=1, seed=7))  # fmt: skip
     for name, value in base.state_dict().items():
         assert torch.equal(value, before[name]), f"{name} of the shared base was written"
     assert merged[0].bias is base[0].bias  # what the merge does not write is shared
@@ -402,5 +459,8 @@ def test_demo_export_and_merge_leaves_the_shared_base_alone():
         b = state[f"base_model.model.{layer}.lora_B.weight"]
         a = state[f"base_model.model.{layer}.lora_A.weight"]
         torch.testing.assert_close(merged[layer].weight, base[layer].weight + b @ a)
-    assert set(summary(report)) == {"linearity_at_r", "linearity_full_rank", "layers"}
-    assert 0 < summary(report)["linearity_at_r"] <= summary(report)["linearity_full_rank"] < 1
+    means = summary(report)
+    assert set(means) == {"linearity_at_r", "linearity_full_rank", "held_out_linearity_at_r",
+                          "held_out_linearity_full_rank", "layers"}  # fmt: skip
+    assert 0 < means["linearity_at_r"] <= means["linearity_full_rank"] < 1
+    assert means["held_out_linearity_at_r"] == report.mean("held_out_linearity_at_adapter_rank")

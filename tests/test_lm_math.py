@@ -9,7 +9,7 @@ import socket
 import pytest
 import torch
 
-from cera_rs.demo import lm_math, smollm2
+from cera_rs.demo import linearity, lm_math, smollm2
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +80,73 @@ def test_dataset_keeps_held_out_problems_out_of_training():
             assert eval(prompt[:-1]) == int(answer)  # noqa: S307 (our own digits and +/-)
     with pytest.raises(ValueError, match="unknown tier"):
         lm_math.problem("medium", random.Random(0))
+
+
+def _adapted(base, activation: str, dropout: float, a_gain: float = 1.0):
+    """CeRA r=4 on the last 2 layers with a non-zero B (and A times ``a_gain``), as
+    if trained."""
+    method = lm_math.Method("CeRA", "cera", 4, activation=activation, dropout=dropout)
+    model = lm_math.build(base, method, lm_math.Settings(adapted_layers=2))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "cera_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+            elif "cera_A" in name:
+                p.mul_(a_gain)
+    return model.eval()
+
+
+def test_exported_lora_of_a_linear_cera_adapter_gives_its_logits(smol):
+    """Identity activation and no dropout: the adapter is exactly B A, so its rank-r
+    export, merged into a copy of the base, reproduces its logits on held-out problems,
+    and the base model is left untouched."""
+    base, tokenizer = smol
+    # More calibration tokens (~8 a problem) than q/v's 576 inputs: the fit is exact
+    # everywhere, not only on the span of too few inputs.
+    s = lm_math.Settings(n_train=120, n_val=8, n_test=16)
+    data = lm_math.dataset("hard", s)
+    calibration = lm_math.encode(tokenizer, data["train"])
+    test = lm_math.encode(tokenizer, data["test"])
+    before = {n: p.clone() for n, p in base.named_parameters() if "layers.29.self_attn" in n}
+    model = _adapted(base, "identity", 0.0)
+    merged, report = linearity.export_and_merge(model, base, lm_math.token_batches(calibration), 4,
+                                                held_out=lm_math.token_batches(test))  # fmt: skip
+    assert len(report) == 4
+    for column in ("linearity_at_adapter_rank", "held_out_linearity_at_adapter_rank"):
+        assert report.mean(column) > 1 - 1e-5, column
+    real = torch.arange(test.ids.shape[1]) < test.lengths[:, None]
+    with torch.no_grad():
+        want = model(input_ids=test.ids).logits[real]
+        got = merged(input_ids=test.ids).logits[real]
+        plain = base(input_ids=test.ids).logits[real]
+    assert (want - plain).abs().max() > 1e-2  # the adapter changes the output
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    for name, p in base.named_parameters():
+        if name in before:
+            assert torch.equal(p, before[name]), name
+
+    row = lm_math.exported_lora(base, model, calibration, test, 4, tokenizer,
+                                lm_math.generated(model, tokenizer, data["test"]))  # fmt: skip
+    assert row["exported_lora_same_verdict"] == 1.0
+    low, high = row["exported_lora_wilson95"]
+    assert low <= row["exported_lora_test_exact_match"] <= high
+
+
+def test_silu_cera_adapter_is_measured_below_linear(smol):
+    """Identity is linear to round-off (the test above); SiLU is measured below it,
+    on held-out tokens by more than on the tokens the map was fitted on. On these
+    inputs SiLU is close to linear (held-out ~0.9987 at its init scale, ~0.997 with A
+    ten times larger): the prompts' hidden states vary little around their mean, so
+    the branch works near one point of its curve."""
+    base, tokenizer = smol
+    s = lm_math.Settings(n_train=120, n_val=8, n_test=40)
+    data = lm_math.dataset("hard", s)
+    calibration, test = (lm_math.encode(tokenizer, data[k]) for k in ("train", "test"))
+    model = _adapted(base, "silu", 0.0, a_gain=10.0)
+    _, report = linearity.export_and_merge(model, base, lm_math.token_batches(calibration), 4,
+                                           held_out=lm_math.token_batches(test))  # fmt: skip
+    fitted, held_out = (report.mean(c) for c in ("linearity_at_adapter_rank",
+                                                 "held_out_linearity_at_adapter_rank"))  # fmt: skip
+    assert 0.9 < held_out < fitted < 1 - 1e-5 and held_out < 0.999
+    assert fitted <= report.mean("linearity_full_rank") + 1e-9

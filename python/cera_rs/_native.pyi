@@ -138,6 +138,9 @@ class RegressionFit:
     def tokens(self) -> int: ...
     def fitted_spectrum(self) -> Spectrum:
         """Singular values (per token) of the fitted outputs ``W* x``."""
+    def linearity_on(self, held_out: RegressionAccumulator) -> npt.NDArray[np.float64]:
+        """Every rank's linearity on the tokens of ``held_out``."""
+
     def factors(self, k: int) -> tuple[Tensor, Tensor, Tensor | None]:
         """``(B, A, bias)``, float64, with ``B A`` the best rank-``k`` map."""
 

@@ -88,6 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--data", type=Path, required=True,
                         help="token ids: .npy or .pt (2-D: a sequence per row; 1-D: cut into "
                              "--seq-len pieces) or .txt (a sequence per line)")  # fmt: skip
+    export.add_argument("--held-out", type=Path,
+                        help="token ids (as --data) to also measure each map's linearity on; "
+                             "--data's own linearity flatters the fit unless it holds many "
+                             "times a layer's input width in tokens")  # fmt: skip
     target = export.add_mutually_exclusive_group(required=True)
     target.add_argument("--rank", type=int, help="the LoRA rank of every layer")
     target.add_argument("--energy", type=float,
@@ -181,7 +185,7 @@ def _export_lora(args: argparse.Namespace) -> None:
     exported = export_adapter_dir(
         args.adapter_dir, args.data, args.out_dir, rank=args.rank, energy=args.energy,
         ridge=args.ridge, bias=args.bias, base=args.base, batch_size=args.batch_size,
-        seq_len=args.seq_len,
+        seq_len=args.seq_len, held_out=args.held_out,
     )  # fmt: skip
     print(exported.report)
     if args.json is not None:

@@ -184,6 +184,79 @@ impl Fit {
         Spectrum::new(self.fitted.iter().map(|m| m.sqrt()).collect())
     }
 
+    /// `linearity[k]` of every rank's map on other tokens, given as their moments
+    /// (a held-out split): the calibration's own linearity flatters the fit when the
+    /// tokens are not many times `d_in`, since `W*` then fits noise too. The same
+    /// sum over eigen-directions as `solve`, with the held-out moments taken about
+    /// the fit's means (zero without a bias); the denominator is the held-out
+    /// `E||y||^2`. It can fall below zero: a map worse than none.
+    pub fn linearity_on(&self, held_out: &Moments) -> Result<Vec<f64>> {
+        let _no_grad = tch::no_grad_guard();
+        let (d_out, d_in) = (self.weight.size()[0], self.weight.size()[1]);
+        if held_out.d_in() != d_in || held_out.d_out() != d_out {
+            return Err(CeraError::Shape(format!(
+                "held-out moments are for d_in={}, d_out={}; the fit maps d_in={d_in} to \
+                 d_out={d_out}",
+                held_out.d_in(),
+                held_out.d_out()
+            )));
+        }
+        let state = held_out.state()?;
+        if state.tokens == 0 {
+            return Err(CeraError::Value(
+                "no held-out tokens accumulated: nothing to score".into(),
+            ));
+        }
+        let device = self.weight.device();
+        let n = state.tokens as f64;
+        let per_token = |t: &Tensor| t.f_to_device(device)?.f_div_scalar(n);
+        let (exx, eyx) = (per_token(&state.xx)?, per_token(&state.yx)?);
+        let total = state.sum_yy.f_double_value(&[])? / n;
+        if total <= 0.0 {
+            return Err(CeraError::Value(
+                "the held-out deltas are all zero: linearity is undefined".into(),
+            ));
+        }
+        // E[x~ x~^T], E[y~ x~^T], E||y~||^2 for x~ = x - mx, y~ = y - my.
+        let (cxx, cyx, syy) = match &self.means {
+            None => (exx, eyx, total),
+            Some((mx, my)) => {
+                let (hx, hy) = (per_token(&state.sum_x)?, per_token(&state.sum_y)?);
+                let cxx = exx
+                    .f_sub(&hx.f_outer(mx)?)?
+                    .f_sub(&mx.f_outer(&hx)?)?
+                    .f_add(&mx.f_outer(mx)?)?;
+                let cyx = eyx
+                    .f_sub(&hy.f_outer(mx)?)?
+                    .f_sub(&my.f_outer(&hx)?)?
+                    .f_add(&my.f_outer(mx)?)?;
+                let syy = total - 2.0 * my.f_dot(&hy)?.f_double_value(&[])?
+                    + my.f_dot(my)?.f_double_value(&[])?;
+                (cxx, cyx, syy)
+            }
+        };
+        let cross = self.weight.f_mm(&cyx.f_tr()?)?;
+        let m = self.weight.f_mm(&cxx)?.f_mm(&self.weight.f_tr()?)?;
+        let diag = |t: &Tensor| -> Result<Vec<f64>> {
+            let d = self.basis.f_mul(&t.f_mm(&self.basis)?)?.f_sum_dim_intlist(
+                0,
+                false,
+                Kind::Double,
+            )?;
+            Ok(Vec::try_from(&d.f_to_device(Device::Cpu)?)?)
+        };
+        let (cross_diag, m_diag) = (diag(&cross)?, diag(&m)?);
+        let mut error = syy;
+        let mut linearity = Vec::with_capacity(self.linearity.len());
+        for k in 0..self.linearity.len() {
+            if k > 0 {
+                error -= 2.0 * cross_diag[k - 1] - m_diag[k - 1];
+            }
+            linearity.push(1.0 - error / total);
+        }
+        Ok(linearity)
+    }
+
     /// The rank-`k` map as LoRA factors `(B, A, b)`: `B A = W_k`, `B` `(d_out, k)`,
     /// `A` `(k, d_in)`, balanced (both carry the square roots of `W_k`'s singular
     /// values), and the bias `b` when the fit has one. Float64.

@@ -291,3 +291,44 @@ fn a_zero_delta_is_linear() {
     assert_eq!(fit.linearity(), &[1.0, 1.0, 1.0]);
     assert_eq!(max_abs(fit.weight()), 0.0);
 }
+
+#[test]
+fn held_out_linearity_equals_the_direct_error_of_every_rank() {
+    tch::manual_seed(9);
+    let (x, y) = silu_data(400, 14, 10);
+    let (train_x, test_x) = (x.narrow(0, 0, 120), x.narrow(0, 120, 280));
+    let (train_y, test_y) = (y.narrow(0, 0, 120), y.narrow(0, 120, 280));
+    let held_out = fitted(&test_x, &test_y);
+    for bias in [false, true] {
+        let fit = fitted(&train_x, &train_y)
+            .solve(Solve { ridge: 0.0, bias })
+            .unwrap();
+        let curve = fit.linearity_on(&held_out).unwrap();
+        assert_eq!(curve.len(), fit.linearity().len());
+        for (k, got) in curve.iter().enumerate().skip(1) {
+            let (b, a, b_bias) = fit.factors(k).unwrap();
+            let want = 1.0 - unexplained(&test_x, &test_y, &b.mm(&a), b_bias.as_ref());
+            assert!(
+                (got - want).abs() < 1e-9,
+                "bias {bias}, k {k}: {got} vs {want}"
+            );
+        }
+        // On its own tokens it is the calibration curve.
+        let own = fit.linearity_on(&fitted(&train_x, &train_y)).unwrap();
+        for (a, b) in own.iter().zip(fit.linearity()) {
+            assert!((a - b).abs() < 1e-9);
+        }
+        // 120 tokens for 14 inputs: the held-out curve is below the calibration one.
+        assert!(curve[10] < fit.linearity()[10]);
+    }
+}
+
+#[test]
+fn held_out_linearity_refuses_other_shapes_and_empty_moments() {
+    let (x, y) = silu_data(50, 8, 6);
+    let fit = fitted(&x, &y).solve(NO_RIDGE).unwrap();
+    let other = Moments::new(8, 7, Device::Cpu).unwrap();
+    assert!(matches!(fit.linearity_on(&other), Err(CeraError::Shape(_))));
+    let empty = Moments::new(8, 6, Device::Cpu).unwrap();
+    assert!(matches!(fit.linearity_on(&empty), Err(CeraError::Value(_))));
+}

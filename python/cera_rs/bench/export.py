@@ -7,7 +7,9 @@ the direct route keeps every layer's inputs and deltas, then runs
 Each case runs in a fresh subprocess, so its memory is its own: peak memory is the
 growth of the resident set's high-water mark (``VmHWM``, reset once the weights
 exist). Time counts the accumulation (or the copies kept) and the solves;
-generating the inputs and deltas is left out. The direct route holds
+generating the inputs and deltas is left out. The deltas are made one layer at a
+time, as a model's forward hooks see them, so the peak is the method's own state
+plus one layer's batch. The direct route holds
 ``L * N * 2d`` float32 values, 27.6 GB at 60 layers, d = 576 and 100k tokens, more
 than this machine has, so it runs on fewer layers (``ref_layers``), and cera_rs
 runs on those layers too, side by side; cera_rs also runs on all L layers and on a
@@ -43,22 +45,24 @@ def _case(method: str, layers: int, n: int, d: int, r: int, batch: int, out: str
     weights = [(torch.randn(r, d, generator=gen) * (2 / d) ** 0.5,
                 torch.randn(d, r, generator=gen) * 0.02) for _ in range(layers)]  # fmt: skip
 
-    def batches():
+    def pairs():
+        """Each layer's ``(x, delta)``, one layer at a time as a model's hooks see
+        them, so nothing but the method's own state outlives a layer's turn."""
         for i in range(0, n, batch):
             x = torch.randn(min(batch, n - i), d, generator=gen)
-            yield [(x, cera_delta(x, a, b, training=False)) for a, b in weights]
+            for layer, (a, b) in enumerate(weights):
+                yield layer, x, cera_delta(x, a, b, training=False)
 
-    next(batches())  # lazy initialisations before the baseline
+    next(pairs())  # lazy initialisations before the baseline
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current resident set
     baseline = _status_kib("VmRSS")
     seconds = 0.0
     if method == "streaming":
         streams = [StreamingRegression(d, d) for _ in range(layers)]
-        for pairs in batches():
+        for layer, x, y in pairs():
             start = time.perf_counter()
-            for stream, (x, y) in zip(streams, pairs):
-                stream.update(x, y)
+            streams[layer].update(x, y)
             seconds += time.perf_counter() - start
         start = time.perf_counter()
         fits = solve_all(streams)
@@ -67,10 +71,9 @@ def _case(method: str, layers: int, n: int, d: int, r: int, batch: int, out: str
         first = fits[0].weight
     else:
         kept: list[list[tuple]] = [[] for _ in range(layers)]
-        for pairs in batches():
+        for layer, x, y in pairs():
             start = time.perf_counter()
-            for store, (x, y) in zip(kept, pairs):
-                store.append((x.clone(), y.clone()))
+            kept[layer].append((x.clone(), y.clone()))
             seconds += time.perf_counter() - start
         start = time.perf_counter()
         for layer, store in enumerate(kept):

@@ -180,7 +180,7 @@ def run(s: Settings, progress: bool = True) -> dict:
                 if method.kind == "cera":
                     merged, report = linearity.export_and_merge(
                         model, nn.Sequential(task.base), task.splits["train"][0].split(2048),
-                        method.r)  # fmt: skip
+                        method.r, held_out=task.splits["test"][0].split(2048))  # fmt: skip
                     exported.append(unexplained(merged, task, "test"))
                     lin.append(linearity.summary(report))
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

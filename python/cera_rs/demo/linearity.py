@@ -18,17 +18,17 @@ from torch import nn
 from cera_rs.export import LinearityReport, save_lora, to_lora
 
 
-def export_and_merge(model: nn.Module, base: nn.Module, batches: Iterable[Any],
-                     rank: int) -> tuple[nn.Module, LinearityReport]:  # fmt: skip
+def export_and_merge(model: nn.Module, base: nn.Module, batches: Iterable[Any], rank: int,
+                     held_out: Iterable[Any]) -> tuple[nn.Module, LinearityReport]:  # fmt: skip
     """The rank-``rank`` LoRA of ``model``'s CeRA adapters fitted on ``batches``,
     written as a PEFT adapter folder, loaded by plain ``PeftModel.from_pretrained``
     onto a copy of ``base`` and merged (``merge_and_unload``): the model a LoRA-only
-    serving stack would run, and the linearity report.
+    serving stack would run, and the linearity report (on ``held_out`` too).
 
     The copy shares every parameter of ``base`` except the weights the merge writes,
     so ``base`` (often shared by other runs) is never modified and little is copied.
     """
-    export = to_lora(model, batches, rank=rank, progress=False)
+    export = to_lora(model, batches, rank=rank, held_out=held_out, progress=False)
     kinds = ("weight", "bias") if export.config.lora_bias else ("weight",)
     written = {f"{m.name}.{kind}" for m in export.report for kind in kinds}
     memo = {id(p): p for n, p in base.named_parameters() if n not in written}
@@ -39,29 +39,41 @@ def export_and_merge(model: nn.Module, base: nn.Module, batches: Iterable[Any],
     return merged, export.report
 
 
+SUMMARY = {"linearity_at_r": "linearity_at_adapter_rank",
+           "linearity_full_rank": "linearity_full_rank",
+           "held_out_linearity_at_r": "held_out_linearity_at_adapter_rank",
+           "held_out_linearity_full_rank": "held_out_linearity_full_rank"}  # fmt: skip
+"""Summary key: the report column averaged over layers."""
+
+
 def summary(report: LinearityReport) -> dict:
-    """Linearity at the adapter's own rank and at full rank, averaged over layers."""
-    return {"linearity_at_r": report.mean("linearity_at_adapter_rank"),
-            "linearity_full_rank": report.mean("linearity_full_rank"),
+    """Linearity at the adapter's own rank and at full rank, on the calibration and
+    the held-out tokens, averaged over layers."""
+    return {**{key: report.mean(column) for key, column in SUMMARY.items()},
             "layers": len(report)}  # fmt: skip
 
 
 def mean_over_seeds(summaries: list[dict]) -> dict:
-    return {key: float(np.mean([s[key] for s in summaries]))
-            for key in ("linearity_at_r", "linearity_full_rank")}  # fmt: skip
+    return {key: float(np.mean([s[key] for s in summaries])) for key in SUMMARY}
+
+
+def _pair(lin: dict) -> str:
+    """Two table cells: at r and at full rank, each "calibration / held out"."""
+    return (f"{lin['linearity_at_r']:.4f} / {lin['held_out_linearity_at_r']:.4f} | "
+            f"{lin['linearity_full_rank']:.4f} / {lin['held_out_linearity_full_rank']:.4f}")
 
 
 def ceiling_table(part1: dict) -> str:
     """Part 1: each CeRA adapter's linearity and its exported LoRA's held-out error."""
-    lines = ["| family | method | linearity at r | full-rank linearity | CeRA unexplained | "
-             "exported LoRA (merged) unexplained |", "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    lines = ["| family | method | linearity at r (train / held out) | full-rank linearity "
+             "(train / held out) | CeRA unexplained | exported LoRA (merged) unexplained |",
+             "|---|---|---:|---:|---:|---:|"]  # fmt: skip
     for family, block in part1["families"].items():
         for name, row in block["methods"].items():
             if "linearity" not in row:
                 continue
-            lin = row["linearity"]
-            lines.append(f"| {family} | {name} | {lin['linearity_at_r']:.3f} | "
-                         f"{lin['linearity_full_rank']:.3f} | {row['test_error_mean']:.3f} | "
+            lines.append(f"| {family} | {name} | {_pair(row['linearity'])} | "
+                         f"{row['test_error_mean']:.3f} | "
                          f"{row['exported_lora_test_error_mean']:.3f} |")  # fmt: skip
     return "\n".join(lines)
 
@@ -73,9 +85,52 @@ def ceiling_findings(part1: dict) -> list[str]:
         if not rows:
             continue
         parts = ", ".join(
-            f"{name} {row['linearity']['linearity_at_r']:.2f} (its merged LoRA leaves "
+            f"{name} {row['linearity']['held_out_linearity_at_r']:.2f} (its merged LoRA leaves "
             f"{row['exported_lora_test_error_mean']:.3f} unexplained against CeRA's "
             f"{row['test_error_mean']:.3f})" for name, row in rows)  # fmt: skip
-        out.append(f"{family}: share of each CeRA adapter's output energy that the best "
-                   f"linear map of its own rank reproduces: {parts}.")  # fmt: skip
+        out.append(f"{family}: share of each CeRA adapter's output energy on held-out "
+                   f"inputs that the best linear map of its rank reproduces: {parts}.")
+    return out
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _exported_rows(part2: dict):
+    for tier, block in part2["tiers"].items():
+        for name, row in block["methods"].items():
+            if "linearity" in row:
+                yield tier, name, row
+
+
+def lm_table(part2: dict) -> str:
+    """Part 2: each CeRA adapter's linearity (seed 0) and the exact match of its
+    exported, merged LoRA beside the adapter's own on the same seed."""
+    lines = ["| tier | method | linearity at r (train / test) | full-rank linearity (train / "
+             "test) | CeRA exact match % (seed 0) | exported LoRA (merged) exact match % | "
+             "Wilson 95 % | same verdict % |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for tier, name, row in _exported_rows(part2):
+        low, high = row["exported_lora_wilson95"]
+        lines.append(f"| {tier} | {name} | {_pair(row['linearity'])} | "
+                     f"{_pct(row['test_exact_match'][0])} | "
+                     f"{_pct(row['exported_lora_test_exact_match'])} | {_pct(low)}-{_pct(high)} | "
+                     f"{_pct(row['exported_lora_same_verdict'])} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def lm_findings(part2: dict) -> list[str]:
+    out = []
+    for tier, name, row in _exported_rows(part2):
+        cera, lora = row["test_exact_match"][0], row["exported_lora_test_exact_match"]
+        change = ("keeps" if lora == cera else "gains" if lora > cera else "loses")
+        out.append(
+            f"{tier} tier, {name}: the best linear map of rank {row['r']} leaves "
+            f"{1 - row['linearity']['held_out_linearity_at_r']:.1e} of the adapter's output "
+            f"energy on the test tokens unexplained ({1 - row['linearity']['linearity_at_r']:.1e}"
+            f" on the training tokens it was fitted on): the non-linear part. Exported as a "
+            f"LoRA and merged, it {change} exact match "
+            f"({_pct(cera)} % -> {_pct(lora)} %, same verdict on "
+            f"{_pct(row['exported_lora_same_verdict'])} % of the test problems).")  # fmt: skip
     return out

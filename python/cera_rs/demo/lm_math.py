@@ -25,7 +25,7 @@ from tqdm import tqdm
 from transformers.masking_utils import create_causal_mask
 
 from cera_rs import CeraConfig, get_cera_model
-from cera_rs.demo import smollm2
+from cera_rs.demo import linearity, smollm2
 from cera_rs.spectral import analyze
 
 TIERS = ("easy", "hard")
@@ -293,16 +293,22 @@ def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def delta_spectra(model: nn.Module, data: Encoded, batch: int = 128) -> dict:
-    """The paper's recipe: each adapter's output delta over the test tokens (padding
-    excluded), columns centred; effective rank and 90 %-energy dimension, averaged
-    over the adapted q/v layers."""
+def token_batches(data: Encoded, batch: int = 128) -> list[dict]:
+    """``data`` as model inputs whose ``attention_mask`` marks the padding, which
+    ``cera_rs.spectral`` and ``cera_rs.export`` leave out."""
     batches = []
     for i in range(0, len(data.ids), batch):
         ids = data.ids[i : i + batch]
         mask = torch.arange(ids.shape[1]) < data.lengths[i : i + batch, None]
         batches.append({"input_ids": ids, "attention_mask": mask.long()})
-    report = analyze(model, batches, progress=False, center=True)
+    return batches
+
+
+def delta_spectra(model: nn.Module, data: Encoded) -> dict:
+    """The paper's recipe: each adapter's output delta over the test tokens (padding
+    excluded), columns centred; effective rank and 90 %-energy dimension, averaged
+    over the adapted q/v layers."""
+    report = analyze(model, token_batches(data), progress=False, center=True)
     per_module = {m.name: {"effective_rank": m.spectrum.effective_rank,
                            "dim90": m.spectrum.energy_rank(0.9)}
                   for m in report.modules}  # fmt: skip
@@ -313,6 +319,21 @@ def delta_spectra(model: nn.Module, data: Encoded, batch: int = 128) -> dict:
         out[proj] = {key: float(np.mean([v[key] for v in rows])) for key in ("effective_rank",
                                                                              "dim90")}  # fmt: skip
     return out
+
+
+def exported_lora(base: nn.Module, model: nn.Module, calibration: Encoded, test: Encoded,
+                  r: int, tokenizer, cera_hits: np.ndarray) -> dict:  # fmt: skip
+    """The CeRA adapter's best rank-``r`` linear map, fitted on the training tokens
+    (its linearity measured on the test tokens too), exported as a PEFT LoRA, merged
+    into the base model and scored by greedy ``generate`` on the test problems beside
+    the CeRA adapter's own answers."""
+    merged, report = linearity.export_and_merge(model, base, token_batches(calibration), r,
+                                                held_out=token_batches(test))  # fmt: skip
+    hits = generated(merged, tokenizer, test.items)
+    return {"linearity": linearity.summary(report),
+            "exported_lora_test_exact_match": float(hits.mean()),
+            "exported_lora_wilson95": list(wilson(int(hits.sum()), len(hits))),
+            "exported_lora_same_verdict": float((hits == cera_hits).mean())}  # fmt: skip
 
 
 def _fit(base, method: Method, s: Settings, train_split: Split, lr: float, seed: int, bar):
@@ -326,7 +347,8 @@ def run(s: Settings, progress: bool = True) -> dict:
     """Hard tier first: each method's learning rate chosen by validation exact match
     (teacher-forced, seed 0), then the headline rows' other seeds; the easy tier
     reuses each method's rate. Test exact match by greedy ``generate`` for every
-    trained model (with the scorer's agreement), spectra of the seed-0 adapters."""
+    trained model (with the scorer's agreement), spectra of the seed-0 adapters, and
+    for CeRA (seed 0) its linearity and its exported, merged LoRA's exact match."""
     base, tokenizer = smollm2.load()
     prefix = Stack(base, s.adapted_layers)
     runs = sum(len(s.lrs) + len(s.seeds("hard", m)) - 1 for m in s.methods)
@@ -362,7 +384,7 @@ def run(s: Settings, progress: bool = True) -> dict:
                 first = fits[chosen[method.name]]
                 del fits
             lr = chosen[method.name]
-            hits, agree, spectra = [], [], None
+            hits, agree, spectra, export = [], [], None, None
             for seed in seeds:
                 if tier == "easy" or seed != seeds[0]:
                     bar.set_postfix_str(f"{tier}, {method.name}, seed {seed}")
@@ -373,6 +395,11 @@ def run(s: Settings, progress: bool = True) -> dict:
                 if spectra is None:
                     spectra = delta_spectra(model, splits["test"].data)
                     trainable, _ = model.get_nb_trainable_parameters()
+                    if method.kind == "cera":
+                        bar.set_postfix_str(f"{tier}, {method.name}, export to LoRA")
+                        export = exported_lora(base, model, splits["train"].data,
+                                               splits["test"].data, method.r, tokenizer,
+                                               hits[-1])  # fmt: skip
             em = np.stack(hits).mean(1)
             rows[method.name] = {
                 "kind": method.kind, "r": method.r, "activation": method.activation,
@@ -385,6 +412,8 @@ def run(s: Settings, progress: bool = True) -> dict:
                 "wilson95": list(wilson(int(np.sum(hits)), int(np.size(hits)))),
                 "scorer_agreement": float(np.mean(agree)), "spectra": spectra,
             }  # fmt: skip
+            if export is not None:
+                rows[method.name].update(export)
         results["tiers"][tier] = {"task": TIER_TASKS[tier],
                                   "zero_shot_exact_match": float(zero_shot.mean()),
                                   "methods": rows}  # fmt: skip

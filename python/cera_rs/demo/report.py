@@ -45,6 +45,11 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def _spread_pct(row: dict) -> str:
+    """The seeds' spread in points; one seed has none."""
+    return _pct(row["test_exact_match_spread"]) if len(row["test_exact_match"]) > 1 else "-"
+
+
 def lm_table(part2: dict) -> str:
     """Exact match per tier and method: mean over seeds, the seeds' spread, the
     Wilson 95 % interval of all seeds' answers pooled, and the centred spectra."""
@@ -60,7 +65,7 @@ def lm_table(part2: dict) -> str:
             lines.append(
                 f"| {tier} | {name} | {row['trainable_params']:,} | {row['lr']:g} | "
                 f"{len(row['test_exact_match'])} | {_pct(row['test_exact_match_mean'])} | "
-                f"{_pct(row['test_exact_match_spread'])} | {_pct(low)}-{_pct(high)} | "
+                f"{_spread_pct(row)} | {_pct(low)}-{_pct(high)} | "
                 f"{spectra['effective_rank']:.1f} | {spectra['dim90']:.1f} |"
             )
     return "\n".join(lines)
@@ -96,7 +101,7 @@ def findings(summary: dict) -> list[str]:
         out += linearity.ceiling_findings(part1)
     part2 = summary.get("part2")
     if part2:
-        out += lm_findings(part2)
+        out += lm_findings(part2) + linearity.lm_findings(part2)
     return out
 
 
@@ -259,6 +264,11 @@ def markdown(summary: dict) -> str:
                   f"columns centred; effective rank and 90 %-energy dimension averaged over "
                   f"the adapted layers (seed 0).", "",
                   lm_table(summary["part2"]), "",
+                  "How linear each CeRA adapter is (seed 0; the share of its output energy "
+                  "the best linear map of its rank reproduces over the training tokens) and "
+                  "that map exported as a PEFT LoRA, merged into the base model and scored by "
+                  "greedy generate on the same test problems (`cera_rs.export`):", "",
+                  linearity.lm_table(summary["part2"]), "",
                   "![spectra against rank](lm_spectra.png)", ""]  # fmt: skip
     if "failed" in summary:
         parts += ["## Not finished", "", summary["failed"], ""]

@@ -91,19 +91,23 @@ def export_adapter_dir(
     adapter_dir: str | os.PathLike, data: str | os.PathLike, out_dir: str | os.PathLike,
     rank: int | None = None, energy: float | None = None, ridge: float = 0.0,
     bias: bool = False, base: str | os.PathLike | None = None, batch_size: int = 8,
-    seq_len: int = 512, progress: bool = True,
+    seq_len: int = 512, held_out: str | os.PathLike | None = None, progress: bool = True,
 ) -> LoraExport:  # fmt: skip
     """Loads the CeRA adapter in ``adapter_dir`` onto its base model, fits the LoRA
-    on the token ids in ``data`` (``to_lora``) and saves it to ``out_dir``."""
+    on the token ids in ``data`` (``to_lora``; ``held_out``, another token id file,
+    measures the linearity on its tokens too) and saves it to ``out_dir``."""
     check_target(rank, energy)
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     adapter_dir = Path(adapter_dir)
     sequences = load_token_ids(data, seq_len)
+    held_out_sequences = None if held_out is None else load_token_ids(held_out, seq_len)
     model = PeftModel.from_pretrained(_base_model(adapter_dir, base), str(adapter_dir))
-    batches = batches_of(sequences, batch_size, model.get_input_embeddings().num_embeddings)
-    export = to_lora(model, batches, rank=rank, energy=energy, ridge=ridge, bias=bias,
-                     progress=progress)  # fmt: skip
+    vocab = model.get_input_embeddings().num_embeddings
+    export = to_lora(model, batches_of(sequences, batch_size, vocab), rank=rank, energy=energy,
+                     ridge=ridge, bias=bias, progress=progress,
+                     held_out=None if held_out_sequences is None
+                     else batches_of(held_out_sequences, batch_size, vocab))  # fmt: skip
     save_lora(export, out_dir)
     return export

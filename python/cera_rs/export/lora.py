@@ -90,6 +90,20 @@ def _lora_config(model: nn.Module, adapters: list[Adapter], ranks: dict[str, int
     )  # fmt: skip
 
 
+def _moments(model: nn.Module, batches: Iterable[Any], adapters: list[Adapter], progress: bool,
+             what: str) -> list[StreamingRegression]:  # fmt: skip
+    """Each adapter's input/delta moments over the tokens of ``batches``."""
+    streams = [StreamingRegression(a.module.in_features, a.out_features, a.device)
+               for a in adapters]  # fmt: skip
+    index = {a.name: i for i, a in enumerate(adapters)}
+    stream_deltas(model, batches, adapters, lambda a, x, y: streams[index[a.name]].update(x, y),
+                  progress=progress, desc="to_lora", what=what)  # fmt: skip
+    empty = [a.name for a, m in zip(adapters, streams) if m.tokens_seen == 0]
+    if empty:
+        raise ValueError(f"no tokens reached {empty[0]}: {what} gave nothing to fit")
+    return streams
+
+
 def to_lora(
     model: nn.Module,
     batches: Iterable[Any],
@@ -98,6 +112,7 @@ def to_lora(
     ridge: float = 0.0,
     bias: bool = False,
     modules: Iterable[str] | None = None,
+    held_out: Iterable[Any] | None = None,
     progress: bool = True,
 ) -> LoraExport:
     """The best LoRA for ``model``'s adapters over the tokens of ``batches``.
@@ -116,17 +131,20 @@ def to_lora(
         bias: also fit a bias per layer (PEFT's ``lora_bias``; the base layers need
             a bias of their own for PEFT to merge it).
         modules: adapted layers to export, by name or name suffix (default: all).
+        held_out: other inputs, given as ``batches`` are: the report then also holds
+            each map's linearity on their tokens. On calibration tokens alone the
+            linearity is optimistic unless they are many times a layer's ``d_in``
+            (the full-rank map fits noise too).
     """
     check_target(rank, energy)
     adapters = find_adapters(model, modules)
-    streams = {a.name: StreamingRegression(a.module.in_features, a.out_features, a.device)
-               for a in adapters}  # fmt: skip
-    stream_deltas(model, batches, adapters, lambda a, x, y: streams[a.name].update(x, y),
-                  progress=progress, desc="to_lora")  # fmt: skip
-    empty = [a.name for a in adapters if streams[a.name].tokens_seen == 0]
-    if empty:
-        raise ValueError(f"no tokens reached {empty[0]}: batches gave nothing to fit")
-    fits = solve_all([streams[a.name] for a in adapters], ridge=ridge, bias=bias)
+    streams = _moments(model, batches, adapters, progress, "batches")
+    fits = solve_all(streams, ridge=ridge, bias=bias)
+    curves: dict[str, Any] = {}
+    if held_out is not None:
+        tests = _moments(model, held_out, adapters, progress, "held_out")
+        curves = {a.name: (fit.linearity_on(test), test.tokens_seen)
+                  for a, fit, test in zip(adapters, fits, tests)}  # fmt: skip
     state: dict[str, Tensor] = {}
     ranks: dict[str, int] = {}
     rows = []
@@ -143,8 +161,9 @@ def to_lora(
         if b_bias is not None:
             state[f"{key}.lora_B.bias"] = b_bias.to("cpu", dtype).contiguous()
         ranks[adapter.name] = k
+        held_out_curve, held_out_tokens = curves.get(adapter.name, (None, 0))
         rows.append(ModuleLinearity(adapter.name, adapter.method, adapter.rank, k, fit.tokens,
-                                    fit.linearity))  # fmt: skip
+                                    fit.linearity, held_out_curve, held_out_tokens))  # fmt: skip
     return LoraExport(_lora_config(model, adapters, ranks, bias), state, LinearityReport(rows))
 
 

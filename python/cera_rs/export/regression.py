@@ -72,6 +72,16 @@ class LinearFit:
         outputs' energy ``E||W* x||^2``."""
         return max(1, self.fitted_spectrum().energy_rank(energy))
 
+    def linearity_on(self, held_out: StreamingRegression) -> np.ndarray:
+        """The linearity of every rank's map on the tokens ``held_out`` has seen (e.g.
+        a held-out split), index ``k`` rank ``k``. The calibration's own ``linearity``
+        flatters the fit unless the tokens are many times ``d_in``; this does not. It
+        can be negative: a map worse than none."""
+        if not isinstance(held_out, StreamingRegression):
+            raise TypeError(f"held_out must be a StreamingRegression, got "
+                            f"{type(held_out).__name__}")  # fmt: skip
+        return self._native.linearity_on(held_out._native)
+
     def factors(self, k: int) -> tuple[Tensor, Tensor, Tensor | None]:
         """``(B, A, bias)`` in float64: ``B A`` is the best rank-``k`` map, ``B``
         ``(d_out, k)`` and ``A`` ``(k, d_in)`` balanced; ``bias`` is None unless the

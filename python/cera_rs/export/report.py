@@ -5,9 +5,7 @@ Jupyter), JSON and a figure, as the spectral reports have."""
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from cera_rs.atomic import atomic_file
-from cera_rs.spectral.report import METHOD_COLORS, html_table, layer_index, text_table
+from cera_rs.table import METHOD_COLORS, Columns, ModuleTable, layer_index
 
 COLUMNS = (
     ("module", "module", "s"),
@@ -28,6 +26,13 @@ COLUMNS = (
     ("lin full", "linearity_full_rank", ".4f"),
 )
 """(header, row key, format) of each table column."""
+HELD_OUT_COLUMNS = (
+    ("held-out tokens", "held_out_tokens", "d"),
+    ("held-out lin@k", "held_out_linearity_at_rank", ".4f"),
+    ("held-out lin@r", "held_out_linearity_at_adapter_rank", ".4f"),
+    ("held-out lin full", "held_out_linearity_full_rank", ".4f"),
+)
+"""The columns added when the report was measured on held-out tokens too."""
 
 
 @dataclass(frozen=True)
@@ -41,63 +46,58 @@ class ModuleLinearity:
     rank: int
     tokens: int
     linearity: np.ndarray
+    held_out: np.ndarray | None = None
+    """The same maps' linearity on held-out tokens, when measured."""
+    held_out_tokens: int = 0
 
-    def at(self, k: int) -> float:
-        """Linearity of the best rank-``k`` map (ranks past the last are the last)."""
-        return float(self.linearity[min(k, len(self.linearity) - 1)])
+    def at(self, k: int, held_out: bool = False) -> float:
+        """Linearity of the best rank-``k`` map (ranks past the last are the last), on
+        the calibration tokens or (``held_out``) the held-out ones."""
+        curve = self.linearity if not held_out else self.held_out
+        if curve is None:
+            raise ValueError(f"{self.name}: no held-out tokens were measured")
+        return float(curve[min(k, len(curve) - 1)])
 
     def row(self) -> dict[str, Any]:
-        return {"module": self.name, "method": self.method, "adapter_rank": self.adapter_rank,
-                "tokens": self.tokens, "rank": self.rank,
-                "linearity_at_rank": self.at(self.rank),
-                "linearity_at_adapter_rank": self.at(self.adapter_rank),
-                "linearity_full_rank": self.at(len(self.linearity) - 1)}  # fmt: skip
+        full = len(self.linearity) - 1
+        row = {"module": self.name, "method": self.method, "adapter_rank": self.adapter_rank,
+               "tokens": self.tokens, "rank": self.rank,
+               "linearity_at_rank": self.at(self.rank),
+               "linearity_at_adapter_rank": self.at(self.adapter_rank),
+               "linearity_full_rank": self.at(full)}  # fmt: skip
+        if self.held_out is not None:
+            row.update({"held_out_tokens": self.held_out_tokens,
+                        "held_out_linearity_at_rank": self.at(self.rank, True),
+                        "held_out_linearity_at_adapter_rank": self.at(self.adapter_rank, True),
+                        "held_out_linearity_full_rank": self.at(full, True)})  # fmt: skip
+        return row
 
 
 @dataclass(repr=False)
-class LinearityReport:
+class LinearityReport(ModuleTable):
     """Linearity of a model's adapted layers, one ``ModuleLinearity`` each, in model
     order. ``lin@k``: the exported rank's; ``lin@r``: at the adapter's own rank;
-    ``lin full``: of the best full-rank linear map (what is left is non-linear)."""
+    ``lin full``: of the best full-rank linear map (what is left is non-linear);
+    ``held-out ...``: the same maps on held-out tokens, when ``to_lora`` had some."""
 
     modules: list[ModuleLinearity]
-
-    def __len__(self) -> int:
-        return len(self.modules)
-
-    def __iter__(self) -> Iterator[ModuleLinearity]:
-        return iter(self.modules)
-
-    def __getitem__(self, name: str) -> ModuleLinearity:
-        for m in self.modules:
-            if m.name == name:
-                return m
-        raise KeyError(f"no module named {name!r}")
-
-    def rows(self) -> list[dict[str, Any]]:
-        return [m.row() for m in self.modules]
 
     def mean(self, key: str = "linearity_at_rank") -> float:
         """A column's mean over the modules (e.g. ``"linearity_full_rank"``)."""
         return float(np.mean([row[key] for row in self.rows()]))
 
+    def columns(self) -> Columns:
+        """The table's (header, row key, format) columns: the held-out ones when every
+        module has them."""
+        held_out = bool(self.modules) and all(m.held_out is not None for m in self.modules)
+        return COLUMNS + HELD_OUT_COLUMNS if held_out else COLUMNS
+
     def to_dict(self) -> dict[str, Any]:
-        """The table with each module's whole linearity curve, JSON-ready."""
-        return {"modules": [{**m.row(), "linearity": m.linearity.tolist()}
+        """The table with each module's whole linearity curves, JSON-ready."""
+        return {"modules": [{**m.row(), "linearity": m.linearity.tolist(),
+                             **({} if m.held_out is None
+                                else {"held_out_linearity": m.held_out.tolist()})}
                             for m in self.modules]}  # fmt: skip
-
-    def to_json(self, path: str | os.PathLike) -> None:
-        """Writes ``to_dict()`` atomically."""
-        with atomic_file(path) as f:
-            json.dump(self.to_dict(), f, indent=2)
-
-    def __str__(self) -> str:
-        return text_table(COLUMNS, self.rows())
-
-    __repr__ = __str__
-
-    def _repr_html_(self) -> str:
-        return html_table(COLUMNS, self.rows())
 
     def plot(self, path: str | os.PathLike) -> None:
         """Saves a figure (atomically; the format from the suffix): linearity against
@@ -117,16 +117,23 @@ class LinearityReport:
         for m in self.modules:
             top = min(len(m.linearity) - 1, 4 * max(m.adapter_rank, 1))
             label = f"{m.name} ({m.method})" if few else m.method
-            curves.plot(range(top + 1), m.linearity[: top + 1],
-                        color=None if few else METHOD_COLORS.get(m.method),
-                        alpha=0.9 if few else 0.4, lw=1,
-                        label=label if few or label not in labelled else None)  # fmt: skip
+            shown = label if few or label not in labelled else None
+            (line,) = curves.plot(range(top + 1), m.linearity[: top + 1],
+                                  color=None if few else METHOD_COLORS.get(m.method),
+                                  alpha=0.9 if few else 0.4, lw=1, label=shown)  # fmt: skip
+            if m.held_out is not None:  # the same maps on held-out tokens, dashed
+                curves.plot(range(top + 1), m.held_out[: top + 1], color=line.get_color(),
+                            alpha=line.get_alpha(), lw=1, ls="--")  # fmt: skip
             labelled.add(label)
         for r in sorted({m.adapter_rank for m in self.modules}):
             curves.axvline(r, color="grey", ls=":", lw=1)
+        lowest = min(min(m.linearity.min(), np.inf if m.held_out is None else m.held_out.min())
+                     for m in self.modules)  # fmt: skip
+        if any(m.held_out is not None for m in self.modules):
+            curves.plot([], [], color="grey", ls="--", lw=1, label="held-out tokens")
         curves.set(xlabel="rank k of the linear map", ylabel="linearity",
-                   title="share of the adapter's output energy a rank-k map reproduces",
-                   ylim=(min(0.0, min(m.linearity.min() for m in self.modules)), 1.02))  # fmt: skip
+                   title="share of the output energy a rank-k map reproduces",
+                   ylim=(min(0.0, lowest), 1.02))  # fmt: skip
         curves.legend(fontsize="small")
         series: dict[str, list[tuple[int, float]]] = {}
         for position, m in enumerate(self.modules):

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from cera_rs.functional import cera_delta
 from cera_rs.layer import CeraLinear
+from cera_rs.table import name_matches
 
 PEFT_PREFIX = "base_model.model."
 """What ``PeftModel`` puts before the wrapped model's module names; dropped from
@@ -24,11 +25,6 @@ reported names so a CeRA and a LoRA model of one base show the same names."""
 
 def display_name(name: str) -> str:
     return name.removeprefix(PEFT_PREFIX)
-
-
-def name_matches(name: str, entry: str) -> bool:
-    """Whether a module name is ``entry`` or ends with ``"." + entry``."""
-    return name == entry or name.endswith("." + entry)
 
 
 @dataclass(frozen=True)

@@ -67,12 +67,12 @@ class _Hooks:
 
 def stream_deltas(
     model: nn.Module, batches: Iterable[Any], adapters: list[Adapter], sink: Sink,
-    progress: bool = True, desc: str = "analyze",
+    progress: bool = True, desc: str = "analyze", what: str = "batches",
 ) -> None:  # fmt: skip
     """Runs ``batches`` through ``model`` (eval mode, no grad; its mode is restored),
     calling ``sink`` for every adapter on every batch. Batches move to the model's
     device; a dict is passed as keyword arguments (a tokenizer's output), a tuple as
-    positional ones. No batch at all is a ValueError."""
+    positional ones. No batch at all is a ValueError naming the argument (``what``)."""
     device = next(model.parameters()).device
     hooks = _Hooks(adapters, sink)
     was_training = model.training
@@ -91,4 +91,4 @@ def stream_deltas(
         hooks.remove()
         model.train(was_training)
     if not seen:
-        raise ValueError(f"batches is empty: {desc} needs at least one batch to run the model on")
+        raise ValueError(f"{what} is empty: {desc} needs at least one batch to run the model on")
