@@ -513,7 +513,7 @@ impl PyFit {
         Ok(PySpectrum(lock(&self.0)?.fitted_spectrum()?))
     }
 
-    /// `(B, A, bias or None)` of the rank-`k` map.
+    /// Every rank's linearity on the tokens `held_out` has seen.
     fn linearity_on<'py>(
         &self,
         py: Python<'py>,
@@ -526,6 +526,7 @@ impl PyFit {
         Ok(PyArray1::from_vec(py, curve))
     }
 
+    /// `(B, A, bias or None)` of the rank-`k` map.
     fn factors(&self, py: Python<'_>, k: usize) -> PyResult<(PyObject, PyObject, PyObject)> {
         let (b, a, bias) = run(py, || lock(&self.0)?.factors(k))?;
         Ok((wrap(py, b)?, wrap(py, a)?, wrap_optional(py, bias)?))

@@ -228,3 +228,21 @@ def test_cuda_kernel_launches_stay_within_budget(make_inputs):
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         counts.append(len(kernels))
     assert counts[0] <= 22 and counts[1] <= 12, counts
+
+
+@pytest.mark.parametrize("position", ["hidden", "input"])
+def test_meta_tensors_give_shapes_through_forward_and_backward(position):
+    """Meta tensors (shapes without data: a model built under ``torch.device("meta")``)
+    go through the op's fake implementation, dropout included, as torch's own ops do."""
+    x = torch.empty(3, 5, 16, device="meta", requires_grad=True)
+    a = torch.empty(4, 16, device="meta", requires_grad=True)
+    b = torch.empty(8, 4, device="meta", requires_grad=True)
+    y = cera_delta(x, a, b, dropout=0.1, dropout_position=position)
+    assert y.device.type == "meta" and y.shape == (3, 5, 8)
+    y.sum().backward()
+    assert (x.grad.shape, a.grad.shape, b.grad.shape) == (x.shape, a.shape, b.shape)
+    with torch.device("meta"):
+        model = get_cera_model(tiny_llama(0), CeraConfig(r=4, target_modules=["q_proj"],
+                                                         cera_dropout=0.1))  # fmt: skip
+    logits = model(input_ids=torch.zeros(2, 6, dtype=torch.long, device="meta")).logits
+    assert logits.device.type == "meta" and logits.shape[:2] == (2, 6)

@@ -150,3 +150,22 @@ def test_silu_cera_adapter_is_measured_below_linear(smol):
                                                  "held_out_linearity_at_adapter_rank"))  # fmt: skip
     assert 0.9 < held_out < fitted < 1 - 1e-5 and held_out < 0.999
     assert fitted <= report.mean("linearity_full_rank") + 1e-9
+
+
+def test_a_run_depends_on_its_seed_not_on_the_runs_before_it(smol):
+    """Adapters are initialised from the run's seed: what earlier runs, exports and
+    adapter loads drew from the global generator does not change a run's result."""
+    base, tokenizer = smol
+    s = lm_math.Settings.quick()
+    encoded = lm_math.encode(tokenizer, lm_math.dataset("hard", s)["train"])
+    stack = lm_math.Stack(base, s.adapted_layers)
+    split = lm_math.Split(encoded, stack.prefix(encoded.ids))
+    method = lm_math.Method("CeRA r=8", "cera", 8)
+    trained = []
+    for earlier_draws in (0, 5):
+        torch.rand(earlier_draws)
+        model, _ = lm_math._fit(base, method, s, split, 3e-3, 0, None)
+        trained.append({n: p.detach() for n, p in model.named_parameters() if p.requires_grad})
+    assert trained[0].keys() == trained[1].keys() and trained[0]
+    for name, value in trained[0].items():
+        assert torch.equal(value, trained[1][name]), name

@@ -148,8 +148,9 @@ class _CeraBranch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, a, b, seed, activation, scaling, dropout, dropout_position):
         # Eager calls skip the custom op's Python dispatch (tens of microseconds a call);
-        # torch.compile traces the custom op, which it can keep in its graph.
-        op = _branch_forward if torch.compiler.is_compiling() else _eager_forward
+        # torch.compile traces the custom op, which it can keep in its graph, and meta
+        # tensors (shapes without data) take it to reach its fake implementation.
+        op = _branch_forward if torch.compiler.is_compiling() or x.is_meta else _eager_forward
         y, h, keep = op(x, a, b, seed, activation, scaling, dropout, dropout_position)
         ctx.save_for_backward(x, a, b, h, keep, seed)
         ctx.config = (activation, scaling, dropout)
@@ -160,7 +161,7 @@ class _CeraBranch(torch.autograd.Function):
     def backward(ctx, grad):
         x, a, b, h, keep, seed = ctx.saved_tensors
         needs = list(ctx.needs_input_grad[:3])
-        op = _branch_backward if torch.compiler.is_compiling() else _eager_backward
+        op = _branch_backward if torch.compiler.is_compiling() or x.is_meta else _eager_backward
         # The forward ran with autocast off; a backward called inside an autocast
         # region runs the same way (what torch.amp.custom_bwd does).
         if autocast_dtype(x.device) is None:

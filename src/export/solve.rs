@@ -45,6 +45,10 @@ pub struct Fit {
     tokens: u64,
 }
 
+fn is_zero(t: &Tensor) -> Result<bool> {
+    Ok(t.f_abs()?.f_max()?.f_double_value(&[])? == 0.0)
+}
+
 /// `U diag(values) U^T` in descending order of `values` for a symmetric `m`.
 fn eigh_descending(m: &Tensor) -> Result<(Tensor, Tensor)> {
     let (values, vectors) = m.f_linalg_eigh("L")?;
@@ -212,9 +216,28 @@ impl Fit {
         let per_token = |t: &Tensor| t.f_to_device(device)?.f_div_scalar(n);
         let (exx, eyx) = (per_token(&state.xx)?, per_token(&state.yx)?);
         let total = state.sum_yy.f_double_value(&[])? / n;
+        for (t, what) in [(&exx, "Cxx"), (&eyx, "Cyx")] {
+            if !is_finite(t)? || !total.is_finite() {
+                return Err(CeraError::NonFinite(format!(
+                    "the held-out {what} overflowed float64; scale the inputs down"
+                )));
+            }
+        }
         if total <= 0.0 {
+            // All-zero held-out deltas: the zero map (an untrained adapter's fit) is
+            // exact, as `solve` counts it; any other map has no share to be scored by.
+            let zero_map = is_zero(&self.weight)?
+                && match &self.means {
+                    Some((_, my)) => is_zero(my)?,
+                    None => true,
+                };
+            if zero_map {
+                return Ok(vec![1.0; self.linearity.len()]);
+            }
             return Err(CeraError::Value(
-                "the held-out deltas are all zero: linearity is undefined".into(),
+                "the held-out deltas are all zero and the fitted map is not: linearity is \
+                 undefined"
+                    .into(),
             ));
         }
         // E[x~ x~^T], E[y~ x~^T], E||y~||^2 for x~ = x - mx, y~ = y - my.

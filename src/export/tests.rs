@@ -331,4 +331,10 @@ fn held_out_linearity_refuses_other_shapes_and_empty_moments() {
     assert!(matches!(fit.linearity_on(&other), Err(CeraError::Shape(_))));
     let empty = Moments::new(8, 6, Device::Cpu).unwrap();
     assert!(matches!(fit.linearity_on(&empty), Err(CeraError::Value(_))));
+    // All-zero held-out deltas: exact for the zero map (an untrained adapter's), and
+    // no share to score any other map by.
+    let zeros = fitted(&x, &Tensor::zeros([50, 6], F64));
+    assert!(matches!(fit.linearity_on(&zeros), Err(CeraError::Value(_))));
+    let untrained = zeros.solve(NO_RIDGE).unwrap();
+    assert_eq!(untrained.linearity_on(&zeros).unwrap(), vec![1.0; 7]);
 }

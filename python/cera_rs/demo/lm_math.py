@@ -337,6 +337,9 @@ def exported_lora(base: nn.Module, model: nn.Module, calibration: Encoded, test:
 
 
 def _fit(base, method: Method, s: Settings, train_split: Split, lr: float, seed: int, bar):
+    """One run: its adapters initialised from ``seed`` (not from whatever state earlier
+    runs, exports and loads left the global generator in), then trained."""
+    torch.manual_seed(seed)
     model = build(base, method, s)
     stack = Stack(model.get_base_model(), s.adapted_layers)
     train(model, stack, train_split, s, lr, seed, bar)

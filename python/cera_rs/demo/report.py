@@ -241,7 +241,8 @@ def markdown(summary: dict) -> str:
                   f"validation split, seeds {s['seeds']}, dropout 0 for every method.", "",
                   ceiling_table(summary["part1"]), "",
                   "How linear each CeRA adapter is (the share of its output energy the best "
-                  "linear map of its rank reproduces, over the training inputs) and that map "
+                  "linear map of its rank reproduces, fitted on the training inputs and measured "
+                  "on them / on the held-out ones) and that map "
                   "exported as a PEFT LoRA and merged (`cera_rs.export`):", "",
                   linearity.ceiling_table(summary["part1"]), "",
                   "![linear ceiling](linear_ceiling.png)", "",
@@ -265,7 +266,8 @@ def markdown(summary: dict) -> str:
                   f"the adapted layers (seed 0).", "",
                   lm_table(summary["part2"]), "",
                   "How linear each CeRA adapter is (seed 0; the share of its output energy "
-                  "the best linear map of its rank reproduces over the training tokens) and "
+                  "the best linear map of its rank reproduces, fitted on the training tokens and "
+                  "measured on them / on the test tokens) and "
                   "that map exported as a PEFT LoRA, merged into the base model and scored by "
                   "greedy generate on the same test problems (`cera_rs.export`):", "",
                   linearity.lm_table(summary["part2"]), "",

@@ -5,7 +5,8 @@ CeRA's branch ``B·act(A x)`` cannot be merged into the base weight; the linear 
 ``W_k`` (rank ``k``) that best reproduces it over real inputs can. One pass over the
 batches streams each adapted layer's input ``x`` and branch output ``y`` (eval mode:
 dropout off) into float64 moments; one solve per layer gives every rank's map and
-its linearity (``cera_rs.export.regression``). The export is an ordinary LoRA
+its linearity (``cera_rs.export.regression``); a second pass over held-out batches,
+when given, scores every rank's map on their tokens. The export is an ordinary LoRA
 (``lora_alpha = r``, so scaling 1): ``PeftModel.from_pretrained(base, folder)`` loads
 it and ``merge_and_unload()`` folds it into the base weights.
 """
@@ -100,7 +101,7 @@ def _moments(model: nn.Module, batches: Iterable[Any], adapters: list[Adapter], 
                   progress=progress, desc="to_lora", what=what)  # fmt: skip
     empty = [a.name for a, m in zip(adapters, streams) if m.tokens_seen == 0]
     if empty:
-        raise ValueError(f"no tokens reached {empty[0]}: {what} gave nothing to fit")
+        raise ValueError(f"no tokens of {what} reached {empty[0]}: nothing to fit or score")
     return streams
 
 

@@ -101,8 +101,9 @@ class LinearityReport(ModuleTable):
 
     def plot(self, path: str | os.PathLike) -> None:
         """Saves a figure (atomically; the format from the suffix): linearity against
-        rank ``k`` per module (the adapter's rank marked), and full-rank linearity
-        against layer index per kind of module."""
+        rank ``k`` per module (the adapter's rank marked; dashed on the held-out tokens
+        when measured), and full-rank linearity against layer index per kind of
+        module."""
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
@@ -127,13 +128,17 @@ class LinearityReport(ModuleTable):
             labelled.add(label)
         for r in sorted({m.adapter_rank for m in self.modules}):
             curves.axvline(r, color="grey", ls=":", lw=1)
-        lowest = min(min(m.linearity.min(), np.inf if m.held_out is None else m.held_out.min())
-                     for m in self.modules)  # fmt: skip
+        lowest = 0.0  # of what is drawn: held-out curves can dip past 4r (fitted noise)
+        for m in self.modules:
+            top = min(len(m.linearity) - 1, 4 * max(m.adapter_rank, 1))
+            for curve in (m.linearity, m.held_out):
+                if curve is not None:
+                    lowest = min(lowest, float(curve[: top + 1].min()))
         if any(m.held_out is not None for m in self.modules):
             curves.plot([], [], color="grey", ls="--", lw=1, label="held-out tokens")
         curves.set(xlabel="rank k of the linear map", ylabel="linearity",
                    title="share of the output energy a rank-k map reproduces",
-                   ylim=(min(0.0, lowest), 1.02))  # fmt: skip
+                   ylim=(lowest, 1.02))  # fmt: skip
         curves.legend(fontsize="small")
         series: dict[str, list[tuple[int, float]]] = {}
         for position, m in enumerate(self.modules):
