@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cera_rs.demo import linearity, lm_math, smollm2
+from cera_rs.export import to_lora
 
 
 @pytest.fixture(scope="module")
@@ -126,9 +127,24 @@ def test_exported_lora_of_a_linear_cera_adapter_gives_its_logits(smol):
         if name in before:
             assert torch.equal(p, before[name]), name
 
-    row = lm_math.exported_lora(base, model, calibration, test, 4, tokenizer,
+    # The demo's route: the same export streamed through the adapted layers alone, on
+    # cached prefix states, gives the same fit under the same module names.
+    stack = lm_math.Stack(model.get_base_model(), 2)
+    splits = [lm_math.Split(e, stack.prefix(e.ids)) for e in (calibration, test)]
+    suffix = to_lora(lm_math.Suffix(stack), splits[0].batches(), rank=4,
+                     held_out=splits[1].batches(), progress=False)  # fmt: skip
+    full = to_lora(model, lm_math.token_batches(calibration), rank=4, progress=False)
+    assert suffix.state_dict.keys() == full.state_dict.keys()
+    for b_key in (k for k in full.state_dict if k.endswith("lora_B.weight")):
+        a_key = b_key.replace("lora_B", "lora_A")
+        torch.testing.assert_close(suffix.state_dict[b_key] @ suffix.state_dict[a_key],
+                                   full.state_dict[b_key] @ full.state_dict[a_key],
+                                   rtol=1e-3, atol=1e-5)  # fmt: skip
+    assert [m.tokens for m in suffix.report] == [m.tokens for m in report]
+    row = lm_math.exported_lora(base, stack, *splits, 4, tokenizer,
                                 lm_math.generated(model, tokenizer, data["test"]))  # fmt: skip
     assert row["exported_lora_same_verdict"] == 1.0
+    assert row["linearity"]["held_out_linearity_at_r"] > 1 - 1e-5
     low, high = row["exported_lora_wilson95"]
     assert low <= row["exported_lora_test_exact_match"] <= high
 

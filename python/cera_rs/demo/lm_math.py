@@ -200,6 +200,34 @@ class Split:
     data: Encoded
     hidden: Tensor
 
+    def batches(self, batch: int = 128) -> list[dict]:
+        """The prefix states as ``Suffix`` inputs, with the ``attention_mask`` that
+        ``cera_rs.export`` reads to leave the padding out."""
+        out = []
+        for i in range(0, len(self.data.ids), batch):
+            lengths = self.data.lengths[i : i + batch]
+            width = int(lengths.max())
+            mask = torch.arange(width) < lengths[:, None]
+            out.append({"hidden": self.hidden[i : i + batch, :width],
+                        "attention_mask": mask.long()})  # fmt: skip
+        return out
+
+
+class Suffix(nn.Module):
+    """The adapted last layers as a model of their own, run on cached prefix states:
+    what the export streams through, at a third of the full model's cost. The decoder
+    is held as ``model``, as in the causal LM, so the adapted layers keep their names
+    (``model.layers.N.self_attn.q_proj``) and the exported LoRA loads onto the base."""
+
+    def __init__(self, stack: Stack) -> None:
+        super().__init__()
+        self.model = stack.inner
+        self.stack = stack
+
+    def forward(self, hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        # Right padding needs no mask (see Stack); the export drops padded tokens.
+        return self.stack._layers(hidden, self.model.layers[self.stack.split :])
+
 
 def target_regex(n_layers: int, k: int) -> str:
     layers = "|".join(str(i) for i in range(n_layers - k, n_layers))
@@ -295,7 +323,8 @@ def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
 
 def token_batches(data: Encoded, batch: int = 128) -> list[dict]:
     """``data`` as model inputs whose ``attention_mask`` marks the padding, which
-    ``cera_rs.spectral`` and ``cera_rs.export`` leave out."""
+    ``cera_rs.spectral`` and ``cera_rs.export`` leave out (what ``Split.batches`` is
+    for the suffix)."""
     batches = []
     for i in range(0, len(data.ids), batch):
         ids = data.ids[i : i + batch]
@@ -321,15 +350,15 @@ def delta_spectra(model: nn.Module, data: Encoded) -> dict:
     return out
 
 
-def exported_lora(base: nn.Module, model: nn.Module, calibration: Encoded, test: Encoded,
-                  r: int, tokenizer, cera_hits: np.ndarray) -> dict:  # fmt: skip
-    """The CeRA adapter's best rank-``r`` linear map, fitted on the training tokens
-    (its linearity measured on the test tokens too), exported as a PEFT LoRA, merged
-    into the base model and scored by greedy ``generate`` on the test problems beside
-    the CeRA adapter's own answers."""
-    merged, report = linearity.export_and_merge(model, base, token_batches(calibration), r,
-                                                held_out=token_batches(test))  # fmt: skip
-    hits = generated(merged, tokenizer, test.items)
+def exported_lora(base: nn.Module, stack: Stack, calibration: Split, test: Split, r: int,
+                  tokenizer, cera_hits: np.ndarray) -> dict:  # fmt: skip
+    """The best rank-``r`` linear map of the CeRA adapters in ``stack``, fitted on the
+    training tokens (its linearity measured on the test tokens too), exported as a
+    PEFT LoRA, merged into the base model and scored by greedy ``generate`` on the
+    test problems beside the CeRA adapter's own answers."""
+    merged, report = linearity.export_and_merge(Suffix(stack), base, calibration.batches(), r,
+                                                held_out=test.batches())  # fmt: skip
+    hits = generated(merged, tokenizer, test.data.items)
     return {"linearity": linearity.summary(report),
             "exported_lora_test_exact_match": float(hits.mean()),
             "exported_lora_wilson95": list(wilson(int(hits.sum()), len(hits))),
@@ -400,9 +429,8 @@ def run(s: Settings, progress: bool = True) -> dict:
                     trainable, _ = model.get_nb_trainable_parameters()
                     if method.kind == "cera":
                         bar.set_postfix_str(f"{tier}, {method.name}, export to LoRA")
-                        export = exported_lora(base, model, splits["train"].data,
-                                               splits["test"].data, method.r, tokenizer,
-                                               hits[-1])  # fmt: skip
+                        export = exported_lora(base, stack, splits["train"], splits["test"],
+                                               method.r, tokenizer, hits[-1])  # fmt: skip
             em = np.stack(hits).mean(1)
             rows[method.name] = {
                 "kind": method.kind, "r": method.r, "activation": method.activation,
