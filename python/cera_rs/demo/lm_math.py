@@ -61,7 +61,7 @@ EASY = ("LoRA r=8", "LoRA r=64", "LoRA r=192", "CeRA r=8", "CeRA r=64")
 
 @dataclass
 class Settings:
-    """Sized for about 16 minutes on 2 cores (exports included). The rate is chosen per
+    """Sized for about 13 minutes on 2 cores (exports included). The rate is chosen per
     method on the hard tier's validation split; the easy tier reuses it. With
     adapters on fewer than about 10 layers nothing was learnt in this many steps."""
 
