@@ -26,7 +26,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from cera_rs.bench.spectral import _status_kib
+from cera_rs.bench.spectral import peak_growth_mib, reset_peak
 
 FULL = {"layers": 60, "n": 100_000, "d": 576, "r": 16, "batch": 4096, "ref_layers": 6}
 QUICK = {"layers": 3, "n": 2048, "d": 48, "r": 4, "batch": 512, "ref_layers": 2,
@@ -54,9 +54,7 @@ def _case(method: str, layers: int, n: int, d: int, r: int, batch: int, out: str
                 yield layer, x, cera_delta(x, a, b, training=False)
 
     next(pairs())  # lazy initialisations before the baseline
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident set
-    baseline = _status_kib("VmRSS")
+    baseline = reset_peak()
     seconds = 0.0
     if method == "streaming":
         streams = [StreamingRegression(d, d) for _ in range(layers)]
@@ -87,7 +85,7 @@ def _case(method: str, layers: int, n: int, d: int, r: int, batch: int, out: str
     seconds += time.perf_counter() - start
     torch.save(first, out)
     return {"method": method, "layers": layers, "n": n, "d": d, "seconds": seconds,
-            "peak_mib": (_status_kib("VmHWM") - baseline) / 1024}  # fmt: skip
+            "peak_mib": peak_growth_mib(baseline)}  # fmt: skip
 
 
 def run(layers: int, n: int, d: int, r: int, batch: int, ref_layers: int,

@@ -34,6 +34,19 @@ def _status_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
+def reset_peak() -> int:
+    """Resets this process's resident high-water mark (``VmHWM``) to its resident set
+    and returns that set in KiB: the baseline for ``peak_growth_mib``."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kib("VmRSS")
+
+
+def peak_growth_mib(baseline: int) -> float:
+    """How far the resident high-water mark rose above ``baseline`` (from ``reset_peak``)."""
+    return (_status_kib("VmHWM") - baseline) / 1024
+
+
 def _case(method: str, n: int, d: int, batch: int, r: int) -> dict:
     """One measurement, in this process: seconds, peak growth and the spectrum."""
     import torch
@@ -51,9 +64,7 @@ def _case(method: str, n: int, d: int, batch: int, r: int) -> dict:
             yield cera_delta(x, a, b, training=False)
 
     next(deltas())  # lazy initialisations before the baseline
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident set
-    baseline = _status_kib("VmRSS")
+    baseline = reset_peak()
     seconds = 0.0
     if method == "streaming":
         stream = StreamingSpectrum(d)
@@ -73,7 +84,7 @@ def _case(method: str, n: int, d: int, batch: int, r: int) -> dict:
         values = torch.linalg.svdvals(torch.cat(kept)).double().numpy()
     seconds += time.perf_counter() - start
     return {"method": method, "n": n, "d": d, "seconds": seconds,
-            "peak_mib": (_status_kib("VmHWM") - baseline) / 1024,
+            "peak_mib": peak_growth_mib(baseline),
             "singular_values": values.tolist()}  # fmt: skip
 
 
