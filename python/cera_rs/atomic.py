@@ -1,7 +1,8 @@
 """Writing one file so that a reader sees the old file or the whole new one, never a
 half-written one: a temporary file beside the target, flushed to disk, renamed over
 it. Every single-file output of cera_rs (reports, JSON, figures, benchmark results)
-goes through ``atomic_file``."""
+goes through ``atomic_file``, or ``atomic_path`` for a writer that opens the file by
+name (the GGUF adapter)."""
 
 from __future__ import annotations
 
@@ -37,20 +38,23 @@ def check_writable(path: str | os.PathLike) -> None:
 
 
 @contextmanager
-def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
-    """Opens a temporary file for writing (``mode`` "w" or "wb") and, when the block
-    ends without an exception, moves it onto ``path``; on any exception the temporary
-    is removed and ``path`` is left as it was. The folder must exist."""
-    if mode not in ("w", "wb"):
-        raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """For writers that open their output by name (``gguf.GGUFWriter``): yields the
+    name of a new, empty temporary file beside ``path`` for the block to write and
+    close. When the block ends without an exception the file is flushed to disk and
+    moved onto ``path``; on any exception it is removed and ``path`` is left as it
+    was. The folder must exist."""
     path = Path(path)
     check_writable(path)
     fd, tmp = _create_temp(path)
+    os.close(fd)
     try:
-        with open(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # what any handle wrote to the file
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -60,3 +64,15 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
         os.fsync(folder)  # the rename itself survives a crash
     finally:
         os.close(folder)
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
+    """Opens a temporary file for writing (``mode`` "w" or "wb") and, when the block
+    ends without an exception, moves it onto ``path`` (``atomic_path``); on any
+    exception the temporary is removed and ``path`` is left as it was. The folder
+    must exist."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
+        yield f

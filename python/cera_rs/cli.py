@@ -109,6 +109,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="piece length for 1-D token ids (default: %(default)s)")  # fmt: skip
     export.add_argument("--json", type=Path, help="write the linearity report here")
     export.add_argument("--plot", type=Path, help="save the linearity figure here")
+    export.add_argument("--gguf", type=Path,
+                        help="also write the LoRA as a llama.cpp adapter (GGUF) here; needs "
+                             "--gguf-base")  # fmt: skip
+    export.add_argument("--gguf-base", type=Path,
+                        help="the base model's GGUF file, which llama.cpp loads the adapter "
+                             "onto: its tensor names, shapes and architecture")  # fmt: skip
     return parser
 
 
@@ -182,6 +188,8 @@ def _export_lora(args: argparse.Namespace) -> None:
             check_writable(path)
     if args.plot is not None:
         require("cera-rs export-lora --plot", [MATPLOTLIB])
+    if args.gguf is not None or args.gguf_base is not None:
+        _check_gguf(args)
     exported = export_adapter_dir(
         args.adapter_dir, args.data, args.out_dir, rank=args.rank, energy=args.energy,
         ridge=args.ridge, bias=args.bias, base=args.base, batch_size=args.batch_size,
@@ -192,7 +200,27 @@ def _export_lora(args: argparse.Namespace) -> None:
         exported.report.to_json(args.json)
     if args.plot is not None:
         exported.report.plot(args.plot)
-    print(f"\nwritten: {args.out_dir}")
+    if args.gguf is not None:
+        from cera_rs.export import save_gguf_lora
+
+        save_gguf_lora(exported, args.gguf, base_gguf=args.gguf_base)
+    print(f"\nwritten: {', '.join(str(p) for p in (args.out_dir, args.gguf) if p is not None)}")
+
+
+def _check_gguf(args: argparse.Namespace) -> None:
+    """``--gguf``'s needs, before the fit: a base GGUF llama.cpp can take the adapter
+    onto, no bias, the gguf package, a writable path."""
+    from cera_rs.export.gguf_lora import BaseGGUF
+
+    if args.gguf is None:
+        raise ValueError("--gguf-base is for --gguf OUT.gguf, which is missing")
+    if args.gguf_base is None:
+        raise ValueError("--gguf needs --gguf-base BASE.gguf: the GGUF model llama.cpp loads "
+                         "the adapter onto")  # fmt: skip
+    if args.bias:
+        raise ValueError("--gguf: llama.cpp LoRA adapters hold no bias; drop --bias")
+    check_writable(args.gguf)
+    BaseGGUF.read(args.gguf_base)
 
 
 COMMANDS = {"demo": _demo, "bench": _bench, "analyze": _analyze, "export-lora": _export_lora}

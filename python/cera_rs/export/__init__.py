@@ -4,12 +4,15 @@ each adapted layer really is.
 - ``to_lora`` / ``save_lora``: fit the best rank-``k`` linear map of each layer's
   CeRA branch over calibration batches and write it as a PEFT LoRA adapter folder,
   which plain PEFT loads and ``merge_and_unload()`` merges.
+- ``save_gguf_lora``: the exported LoRA as a llama.cpp LoRA adapter (GGUF) for the
+  GGUF base model, checked against that file's names and shapes.
 - ``LinearityReport``: per layer, the share of the branch's output energy the best
   rank-``k`` map reproduces, for every ``k`` (table, JSON, figure).
 - ``StreamingRegression``: the streaming float64 moments underneath, mergeable
   across processes; ``LinearFit``: one layer's solution at every rank.
 """
 
+from cera_rs.export.gguf_lora import save_gguf_lora
 from cera_rs.export.lora import LoraExport, save_lora, to_lora
 from cera_rs.export.regression import LinearFit, StreamingRegression, solve_all
 from cera_rs.export.report import LinearityReport, ModuleLinearity
@@ -20,6 +23,7 @@ __all__ = [
     "LoraExport",
     "ModuleLinearity",
     "StreamingRegression",
+    "save_gguf_lora",
     "save_lora",
     "solve_all",
     "to_lora",
