@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from cera_rs.export.regression import StreamingRegression, solve_all
+from cera_rs.export.regression import LinearFit, StreamingRegression, solve_all
 from cera_rs.export.report import LinearityReport, ModuleLinearity
 from cera_rs.model import save_pretrained
 from cera_rs.spectral.adapters import PEFT_PREFIX, Adapter, find_adapters
@@ -105,6 +105,43 @@ def _moments(model: nn.Module, batches: Iterable[Any], adapters: list[Adapter], 
     return streams
 
 
+def _fits(model: nn.Module, batches: Iterable[Any], held_out: Iterable[Any] | None, ridge: float,
+          bias: bool, modules: Iterable[str] | None, progress: bool):  # fmt: skip
+    """The adapters, each one's fit at every rank on ``batches``, and (with
+    ``held_out``) every rank's linearity on the held-out tokens with their count."""
+    adapters = find_adapters(model, modules)
+    streams = _moments(model, batches, adapters, progress, "batches")
+    fits = solve_all(streams, ridge=ridge, bias=bias)
+    curves: dict[str, Any] = {}
+    if held_out is not None:
+        tests = _moments(model, held_out, adapters, progress, "held_out")
+        curves = {a.name: (fit.linearity_on(test), test.tokens_seen)
+                  for a, fit, test in zip(adapters, fits, tests)}  # fmt: skip
+    return adapters, fits, curves
+
+
+def _row(adapter: Adapter, fit: LinearFit, k: int, curves: dict[str, Any]) -> ModuleLinearity:
+    held_out_curve, held_out_tokens = curves.get(adapter.name, (None, 0))
+    return ModuleLinearity(adapter.name, adapter.method, adapter.rank, k, fit.tokens,
+                           fit.linearity, held_out_curve, held_out_tokens)  # fmt: skip
+
+
+def measure_linearity(
+    model: nn.Module,
+    batches: Iterable[Any],
+    held_out: Iterable[Any] | None = None,
+    modules: Iterable[str] | None = None,
+    ridge: float = 0.0,
+    progress: bool = True,
+) -> LinearityReport:
+    """``to_lora``'s report without the export: each adapted layer's linearity at
+    every rank (``lin@k`` at the adapter's own rank) on ``batches``, and with
+    ``held_out`` the same maps' on its tokens. Arguments as for ``to_lora``."""
+    adapters, fits, curves = _fits(model, batches, held_out, ridge, False, modules, progress)
+    return LinearityReport([_row(a, fit, min(a.rank, fit.max_rank), curves)
+                            for a, fit in zip(adapters, fits)])  # fmt: skip
+
+
 def to_lora(
     model: nn.Module,
     batches: Iterable[Any],
@@ -138,14 +175,7 @@ def to_lora(
             (the full-rank map fits noise too).
     """
     check_target(rank, energy)
-    adapters = find_adapters(model, modules)
-    streams = _moments(model, batches, adapters, progress, "batches")
-    fits = solve_all(streams, ridge=ridge, bias=bias)
-    curves: dict[str, Any] = {}
-    if held_out is not None:
-        tests = _moments(model, held_out, adapters, progress, "held_out")
-        curves = {a.name: (fit.linearity_on(test), test.tokens_seen)
-                  for a, fit, test in zip(adapters, fits, tests)}  # fmt: skip
+    adapters, fits, curves = _fits(model, batches, held_out, ridge, bias, modules, progress)
     state: dict[str, Tensor] = {}
     ranks: dict[str, int] = {}
     rows = []
@@ -162,9 +192,7 @@ def to_lora(
         if b_bias is not None:
             state[f"{key}.lora_B.bias"] = b_bias.to("cpu", dtype).contiguous()
         ranks[adapter.name] = k
-        held_out_curve, held_out_tokens = curves.get(adapter.name, (None, 0))
-        rows.append(ModuleLinearity(adapter.name, adapter.method, adapter.rank, k, fit.tokens,
-                                    fit.linearity, held_out_curve, held_out_tokens))  # fmt: skip
+        rows.append(_row(adapter, fit, k, curves))
     return LoraExport(_lora_config(model, adapters, ranks, bias), state, LinearityReport(rows))
 
 
