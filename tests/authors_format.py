@@ -8,10 +8,15 @@ adapter dtype; the branch casts its input to that dtype and the wrapper casts th
 back. ``legacy``: ``B(Dropout(act(A x)))``; ``peft_aligned``: ``scale * B(act(A(Dropout(x))))``
 with ``scale = alpha / rank``. A checkpoint holds the trainable parameters under their
 ``named_parameters`` names; files from before their A/B rename call A ``up_proj`` and
-B ``down_proj``.
+B ``down_proj``. Their ``train.py`` (read in the Howardisme/cera copy: train.py,
+cera/trainer.py) saves no config in the checkpoint: its run config goes into
+``<model_type>_log.json`` beside the checkpoints.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -50,12 +55,15 @@ class Wrapper(nn.Module):
 
 
 def adapt(model, *, rank=4, targets=("q_proj", "v_proj"), variant="legacy", act_fn="silu",
-          dropout=0.1, alpha=None, dtype=None, seed=0):  # fmt: skip
-    """Wraps the named projections of every decoder layer of a Llama, in place."""
+          dropout=0.1, alpha=None, dtype=None, seed=0, layers=None):  # fmt: skip
+    """Wraps the named projections of every decoder layer of a Llama (of the layers
+    with these indices: their ``layer_indices``), in place."""
     torch.manual_seed(seed)
     model.requires_grad_(False)
     scale = (alpha if alpha is not None else rank) / rank if variant == "peft_aligned" else 1.0
-    for layer in model.model.layers:
+    for index, layer in enumerate(model.model.layers):
+        if layers is not None and index not in layers:
+            continue
         for group in (layer.self_attn, layer.mlp):
             for name, module in list(group.named_children()):
                 if name in targets:
@@ -89,6 +97,24 @@ def config_of(*, rank=4, targets=("q_proj", "v_proj"), variant="legacy", act_fn=
         config.update(cera_format_version=1, rank_mode="fixed", scale=1.0,
                       adapter_dtype=dtype)  # fmt: skip
     return config
+
+
+def train_py_config(*, rank=4, targets=("q_proj", "v_proj"), act_fn="silu", dropout=0.1):
+    """The config their ``train.py`` builds for a CeRA run: it goes into the run log only,
+    never into the checkpoint."""
+    return {
+        "model": "tiny-llama", "model_type": "CeRA", "dataset": "math", "rank": rank,
+        "lr": 5e-4, "dropout": dropout, "act_fn": act_fn, "alpha": None,
+        "target_modules": ",".join(targets), "epochs": 3, "grad_accum": 16, "batch_size": 4,
+    }  # fmt: skip
+
+
+def write_run_log(folder, config, model_type="CeRA"):
+    """The run log their trainer keeps beside its checkpoints (``save_logs``)."""
+    log = {"config": config, "history": [{"step": 0, "data_seen": 0}]}
+    path = Path(folder) / f"{model_type}_log.json"
+    path.write_text(json.dumps(log, indent=4))
+    return path
 
 
 def save(model, path, *, config=None, legacy_names=False, wrapped=True, write=True):

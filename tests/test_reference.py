@@ -41,7 +41,9 @@ def test_import_gives_the_authors_logits(tmp_path, variant, legacy_names, wrappe
                  legacy_names=legacy_names, wrapped=wrapped)  # fmt: skip
     # A plain state dict carries no config: what it cannot say is passed in.
     peft_aligned = {"dropout_position": "input", "scaling": 2.0}
-    overrides = {} if wrapped or variant == "legacy" else peft_aligned
+    overrides = {} if wrapped else {"activation": "silu"}
+    if not wrapped and variant == "peft_aligned":
+        overrides.update(peft_aligned)
     ours = load_reference_model(tiny_llama(), path, **overrides)
     torch.testing.assert_close(logits(ours), logits(theirs), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(logits(ours), logits(tiny_llama()), atol=1e-3)
@@ -101,6 +103,113 @@ def test_reference_config_reads_the_files_own_settings(tmp_path):
     assert (config.r, config.activation, config.scaling, config.dropout_position) == (
         4, "identity", 4.0, "input")  # fmt: skip
     assert config.cera_dropout == 0.0 and set(config.target_modules) == {"q_proj", "k_proj"}
+
+
+# --------------------------------------------------------------------------------------
+# Their train.py's checkpoints: no config in the file, the run's settings in the log beside
+# --------------------------------------------------------------------------------------
+
+
+def train_py_run(tmp_path, act_fn="relu", dropout=0.2, log=True):
+    """A ReLU run of their train.py: ``cera_ckpt_640.pt`` without config, and (``log``)
+    the run log ``CeRA_log.json`` beside it."""
+    theirs = authors.adapt(tiny_llama(), act_fn=act_fn, dropout=dropout).eval()
+    path = tmp_path / "cera_ckpt_640.pt"
+    authors.save(theirs, path)
+    if log:
+        authors.write_run_log(tmp_path, authors.train_py_config(act_fn=act_fn, dropout=dropout))
+    return theirs, path
+
+
+def test_a_config_less_checkpoint_is_never_imported_as_silu(tmp_path):
+    theirs, path = train_py_run(tmp_path, log=False)
+    for load in (lambda **kw: load_reference_model(tiny_llama(), path, **kw),
+                 lambda **kw: reference_config(path, **kw)):  # fmt: skip
+        with pytest.raises(ValueError, match=r"cera_ckpt_640\.pt does not say which "
+                           r"activation.*CeRA_log\.json.*pass activation= one of"):  # fmt: skip
+            load()
+    ours = load_reference_model(tiny_llama(), path, activation="relu")
+    torch.testing.assert_close(logits(ours), logits(theirs), rtol=1e-5, atol=1e-5)
+    # What a silent SiLU default gave: logits off by the adapter's whole effect.
+    silu = load_reference_model(tiny_llama(), path, activation="silu")
+    assert not torch.allclose(logits(silu), logits(theirs), atol=1e-2)
+    assert reference_config(path, activation="identity").activation == "identity"
+
+
+def test_the_run_log_beside_the_checkpoint_gives_its_settings(tmp_path):
+    theirs, path = train_py_run(tmp_path)
+    ours = load_reference_model(tiny_llama(), path)
+    torch.testing.assert_close(logits(ours), logits(theirs), rtol=1e-5, atol=1e-5)
+    config = ours.peft_config["default"]
+    assert (config.activation, config.cera_dropout, config.r) == ("relu", 0.2, 4)
+    assert set(config.target_modules) == {"q_proj", "v_proj"}
+    assert config.layers_to_transform is None
+    assert reference_config(path, cera_dropout=0.0).cera_dropout == 0.0
+    # Filling an existing adapter checks the activation the log names.
+    with pytest.raises(ValueError, match=r"branch has activation='relu', the model's .*'silu'"):
+        load_reference_checkpoint(cera_model(), path)
+
+
+def test_an_unversioned_config_in_the_file_is_read_too(tmp_path):
+    theirs = authors.adapt(tiny_llama(), act_fn="identity", dropout=0.0).eval()
+    path = tmp_path / "ckpt.pt"
+    authors.save(theirs, path, config=authors.train_py_config(act_fn="identity", dropout=0.0))
+    ours = load_reference_model(tiny_llama(), path)
+    assert ours.peft_config["default"].activation == "identity"
+    torch.testing.assert_close(logits(ours), logits(theirs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "log,match",
+    [
+        ("{not json", r"CeRA_log\.json, the checkpoint's run log, cannot be read"),
+        ('{"history": []}', r"CeRA_log\.json, the checkpoint's run log, holds no 'config'"),
+        ({"target_modules": "q_proj,k_proj"}, r"target_modules \['q_proj', 'k_proj'\] are not "
+                                              r"the modules its weights adapt"),
+        ({"act_fn": "gelu"}, r"unknown activation 'gelu'"),
+        ({"act_fn": 3}, r"act_fn=3 of the wrong type"),
+        ({"model_type": "LoRA"}, r"CeRA_log\.json\): its model_type is 'LoRA', not 'CeRA'"),
+        ({"cera_variant": "peft_aligned"}, r"unversioned config with cera_variant"),
+    ],
+)
+def test_a_run_log_that_does_not_fit_is_refused(tmp_path, log, match):
+    _, path = train_py_run(tmp_path, log=False)
+    if isinstance(log, str):
+        (tmp_path / "CeRA_log.json").write_text(log)
+    else:
+        authors.write_run_log(tmp_path, {**authors.train_py_config(act_fn="relu"), **log})
+    with pytest.raises((ValueError, TypeError), match=match):
+        load_reference_model(tiny_llama(), path)
+
+
+# --------------------------------------------------------------------------------------
+# Adapters on some layers only (their layer_indices)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layers", [[1], [0]])
+def test_a_partial_layer_checkpoint_loads_those_layers(tmp_path, layers):
+    theirs = authors.adapt(tiny_llama(), layers=layers).eval()
+    path = tmp_path / "ckpt.pt"
+    authors.save(theirs, path, config=authors.config_of())
+    ours = load_reference_model(tiny_llama(), path)
+    torch.testing.assert_close(logits(ours), logits(theirs), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits(ours), logits(tiny_llama()), atol=1e-3)
+    assert ours.peft_config["default"].layers_to_transform == layers
+    adapted = {n for n, m in ours.named_modules() if isinstance(m, CeraLinear)}
+    assert len(adapted) == 2 and all(f"layers.{layers[0]}." in n for n in adapted)
+    assert reference_config(path).layers_to_transform == layers
+    with pytest.raises(ValueError, match=rf"holds adapters on layers \{layers} only: build "
+                       rf"the adapter with layers_to_transform=\{layers}"):  # fmt: skip
+        load_reference_checkpoint(cera_model(), path)
+
+
+def test_different_targets_on_different_layers_are_refused(tmp_path):
+    state = authors.save(authors.adapt(tiny_llama()), None, write=False)
+    state = {k: v for k, v in state.items() if "layers.1.self_attn.v_proj" not in k}
+    with pytest.raises(ValueError, match=r"different modules on different layers \(layer 0: "
+                                         r"q_proj, v_proj; layer 1: q_proj\)"):  # fmt: skip
+        reference_config(state, activation="silu")
 
 
 @pytest.mark.parametrize(

@@ -23,10 +23,20 @@ their config                   ``CeraConfig``
 The variants' initialisations (Kaiming-normal or -uniform A) do not matter to an import:
 the weights come from the file. What cera_rs does not implement is refused: recurrent
 steps (format 3's experimental extension) and any other parameter under ``.cera.``.
+
+Their ``train.py`` saves ``{"step", "data_count", "model_type", "model_state_dict",
+"metrics"}`` with no config: its run settings (``act_fn``, ``dropout``,
+``target_modules``) go only into the run's log, ``<model_type>_log.json``
+(``{"config": {...}, "history": [...]}``) in the checkpoint's folder. Such a file is
+read with that log; without one, nothing says which activation the adapters were trained
+with, and the import refuses unless the caller passes ``activation=``. Files whose
+adapters cover some layers only (their ``layer_indices``) are rebuilt with
+``layers_to_transform``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pickle
@@ -39,8 +49,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from cera_rs.config import CeraConfig
+from cera_rs.config import ACTIVATIONS, CeraConfig
 from cera_rs.layer import CeraLinear
+from cera_rs.table import layer_index, name_matches
 
 _ADAPTER_KEY = re.compile(r"^(?P<module>.+)\.cera\.(?P<part>A|B|up_proj|down_proj)\.weight$")
 # Before their rename, A (d_in -> r) was ``up_proj`` and B (r -> d_out) ``down_proj``.
@@ -53,6 +64,10 @@ _POSITION_NAMES = {"post_activation": "hidden", "input": "input"}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+_RUN_LOG = "{model_type}_log.json"
+"""The run log the authors' trainer writes beside its checkpoints (``save_logs``)."""
+
+
 @dataclass
 class ReferenceCheckpoint:
     """A reference checkpoint's adapter tensors and, when it has one, its config."""
@@ -61,6 +76,10 @@ class ReferenceCheckpoint:
     """The adapter weights (and any ``original_layer`` weights), keyed as saved."""
     config: dict[str, Any] | None
     """The ``config`` the file was saved with; None for plain state dicts."""
+    run_config: dict[str, Any] | None = None
+    """For a file without a config: the ``config`` of the run log beside it, if any."""
+    origin: str = "the checkpoint"
+    """What error messages call it: the file's path, or where its settings came from."""
 
 
 def read_reference_checkpoint(
@@ -68,11 +87,13 @@ def read_reference_checkpoint(
 ) -> ReferenceCheckpoint:
     """Reads a reference checkpoint: a file (``.safetensors``, or a ``torch.save`` file
     read with ``weights_only=True``) or what ``torch.load`` returned, either the wrapped
-    training checkpoint or a plain state dict. Raises ValueError for another method's
-    checkpoint (LoRA, DoRA) or a file that is neither form, TypeError for entries that
-    are not tensors."""
+    training checkpoint or a plain state dict. A file without a config is read with the
+    run log beside it (``CeRA_log.json``), when there is one. Raises ValueError for
+    another method's checkpoint (LoRA, DoRA), a file that is neither form or an
+    unreadable run log, TypeError for entries that are not tensors."""
     loaded = _read(checkpoint) if not isinstance(checkpoint, Mapping) else checkpoint
     config = None
+    method = "CeRA"
     if "model_state_dict" in loaded:
         method = loaded.get("model_type", "CeRA")
         if not isinstance(method, str) or method != "CeRA":
@@ -91,28 +112,50 @@ def read_reference_checkpoint(
                 f"checkpoint entries must map str keys to tensors, got {key!r}: "
                 f"{type(tensor).__name__}"
             )
-    return ReferenceCheckpoint(dict(loaded), None if config is None else dict(config))
+    result = ReferenceCheckpoint(dict(loaded), None if config is None else dict(config))
+    if not isinstance(checkpoint, Mapping):
+        result.origin = str(checkpoint)
+        if config is None:
+            log = Path(checkpoint).parent / _RUN_LOG.format(model_type=method)
+            if log.is_file():
+                result.run_config, result.origin = _read_run_log(log), f"{checkpoint} (with {log})"
+    return result
 
 
 def reference_config(
     checkpoint: ReferenceCheckpoint | Mapping[str, Any] | str | os.PathLike, **overrides: Any
 ) -> CeraConfig:
     """The ``CeraConfig`` that rebuilds a reference checkpoint's adapters: from its
-    versioned config, or for files without one (plain state dicts, checkpoints from
-    before the versioned format), rank and targets from the weights and the paper's
-    branch (SiLU, dropout after it, scale 1). ``overrides`` are
-    ``CeraConfig`` fields that replace what the file says (e.g. ``cera_dropout`` to
-    train on with another rate). Raises ValueError for what cera_rs does not implement
-    or a config that contradicts itself."""
+    versioned config; for files without one (their ``train.py``'s checkpoints, plain
+    state dicts), the rank from the weights, the legacy branch (dropout after the
+    activation, scale 1), and activation, dropout and targets from the file's
+    unversioned config or else the run log beside the file (see the module doc).
+    The targets default to the adapted modules' names, the dropout to 0.1; adapters on
+    some layers only give ``layers_to_transform``. ``overrides`` are ``CeraConfig``
+    fields that replace what the file says (e.g. ``cera_dropout`` to train on with
+    another rate). Raises ValueError for what cera_rs does not implement, a config that
+    contradicts itself or the weights, and a file that does not say its activation
+    unless ``activation=`` is passed."""
     if not isinstance(checkpoint, ReferenceCheckpoint):
         checkpoint = read_reference_checkpoint(checkpoint)
     adapters = _adapter_weights(checkpoint.state)
-    config = checkpoint.config or {}
-    if "cera_format_version" in config:
-        settings = _settings_from_config(config)
-    else:
-        settings = {"r": _rank_of_weights(adapters)}
-    settings.setdefault("target_modules", sorted({m.rsplit(".", 1)[-1] for m in adapters}))
+    # Without a versioned config, the branch is the legacy one their train.py builds.
+    legacy = {"dropout_position": "hidden", "scaling": 1.0}
+    settings = {**legacy, **_file_settings(checkpoint, adapters)}
+    if "activation" not in settings and "activation" not in overrides:
+        raise ValueError(
+            f"{checkpoint.origin} does not say which activation its adapters were trained "
+            f"with: no config names act_fn, and no {_RUN_LOG.format(model_type='CeRA')} "
+            "beside the file does (their train.py records --act_fn only in that run log); "
+            f"pass activation= one of {', '.join(map(repr, ACTIVATIONS))}"
+        )
+    if "r" not in settings:
+        settings["r"] = _rank_of_weights(adapters)
+    names = sorted({m.rsplit(".", 1)[-1] for m in adapters})
+    settings.setdefault("target_modules", names)
+    layers = _layers_held(adapters)
+    if layers is not None:
+        settings["layers_to_transform"] = layers
     return CeraConfig(**{**settings, **overrides})
 
 
@@ -132,6 +175,8 @@ def load_reference_model(
     if not isinstance(checkpoint, ReferenceCheckpoint):
         checkpoint = read_reference_checkpoint(checkpoint)
     config = reference_config(checkpoint, **overrides)
+    if "layers_to_transform" not in overrides and _covers_every_layer(model, config):
+        config.layers_to_transform = None  # the file holds them all: a plain config
     # Checked before anything is allocated: a corrupted rank must not allocate r x d_in.
     ranks = _ranks_of_weights(_adapter_weights(checkpoint.state))
     if not config.rank_pattern and ranks - {config.r}:
@@ -164,8 +209,7 @@ def load_reference_checkpoint(
     branch computes something else than the model's adapter; nothing is copied then."""
     if not isinstance(checkpoint, ReferenceCheckpoint):
         checkpoint = read_reference_checkpoint(checkpoint)
-    config = checkpoint.config or {}
-    wanted = _settings_from_config(config) if "cera_format_version" in config else None
+    wanted = _file_settings(checkpoint, _adapter_weights(checkpoint.state))
     layers = {
         name: module for name, module in model.named_modules()
         if isinstance(module, CeraLinear) and adapter_name in module.cera_A
@@ -188,8 +232,13 @@ def load_reference_checkpoint(
         )
     incomplete = sorted(set(layers) - {m for m, parts in found.items() if len(parts) == 2})
     if incomplete:
+        held = sorted({layer_index(m) for m in found} - {None})
+        hint = ""
+        if held and not {layer_index(m) for m in incomplete} & set(held):
+            hint = (f"; it holds adapters on layers {held} only: build the adapter with "
+                    f"layers_to_transform={held} (load_reference_model does)")  # fmt: skip
         raise ValueError(f"checkpoint lacks A and B weights for {len(incomplete)} adapted "
-                         f"modules, e.g. {incomplete[:3]}")  # fmt: skip
+                         f"modules, e.g. {incomplete[:3]}{hint}")  # fmt: skip
     for name, parts in found.items():
         layer = layers[name]
         for part, target in (("A", layer.cera_A[adapter_name].weight),
@@ -202,8 +251,7 @@ def load_reference_checkpoint(
                     f"{name}: checkpoint's {part} has shape {tuple(parts[part].shape)}, the "
                     f"model's adapter expects {tuple(target.shape)}"
                 )
-        if wanted is not None:
-            _check_branch_matches(name, layer, adapter_name, wanted)
+        _check_branch_matches(name, layer, adapter_name, wanted)
     with torch.no_grad():
         for name, parts in found.items():
             layers[name].cera_A[adapter_name].weight.copy_(parts["A"])
@@ -236,28 +284,18 @@ def _adapter_weights(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, t
     return adapters
 
 
-def _settings_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
+def _settings_from_config(config: Mapping[str, Any], origin: str) -> dict[str, Any]:
     """``CeraConfig`` fields from a versioned reference config, checked as the
     reference checks its own files. Values come from a pickle: any type is possible."""
     version = config["cera_format_version"]
     if not _is_int(version) or version not in _FORMAT_VERSIONS:
         raise ValueError(f"cera_format_version {version!r} is not one cera_rs reads "
                          f"(it reads {_FORMAT_VERSIONS})")  # fmt: skip
-    model_type = _optional_str(config, "model_type") or "CeRA"
-    if model_type != "CeRA":
-        raise ValueError(f"the checkpoint's model_type is {model_type!r}, not 'CeRA'")
+    _check_plain_cera(config, origin)
     rank_mode = _optional_str(config, "rank_mode") or "fixed"
     if rank_mode != "fixed":
         raise ValueError(f"rank_mode {rank_mode!r} is not supported: cera_rs imports "
                          "fixed-rank checkpoints")  # fmt: skip
-    steps = config.get("recurrent_steps")
-    if steps is not None and (not _is_int(steps) or steps < 0):
-        raise ValueError(f"recurrent_steps must be a non-negative int, got {steps!r}")
-    if steps:
-        raise ValueError(
-            f"this checkpoint is recurrent CeRA (recurrent_steps={steps}), an experimental "
-            "extension of the reference that cera_rs does not implement"
-        )
     variant = _optional_str(config, "cera_variant") or "legacy"
     if variant not in _VARIANTS:
         raise ValueError(f"unknown cera_variant {variant!r}: cera_rs reads {sorted(_VARIANTS)}")
@@ -270,20 +308,128 @@ def _settings_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
     if rank < 1:
         raise ValueError(f"the checkpoint's config has rank {rank}; a rank is >= 1")
     scaling = _scaling(config, variant, rank)
-    targets = _field(config, "target_modules", lambda v: isinstance(v, (str, list, tuple)))
-    if isinstance(targets, str):
-        targets = [name.strip() for name in targets.split(",") if name.strip()]
     dtype = _optional_str(config, "adapter_dtype")
     if dtype is not None and dtype not in _DTYPES:
         raise ValueError(f"adapter_dtype {dtype!r} is not one of {sorted(_DTYPES)}")
-    return {
-        "r": rank,
-        "activation": _field(config, "act_fn", lambda v: isinstance(v, str)),
-        "cera_dropout": _field(config, "dropout", _is_number),
-        "dropout_position": position,
-        "scaling": scaling,
-        "target_modules": list(targets),
-    }
+    branch = _branch_fields(config, required=True)
+    return {"r": rank, "dropout_position": position, "scaling": scaling, **branch}
+
+
+def _file_settings(
+    checkpoint: ReferenceCheckpoint, adapters: Mapping[str, Mapping[str, torch.Tensor]]
+) -> dict[str, Any]:
+    """The ``CeraConfig`` fields the file (or its run log) states: all of them from a
+    versioned config; from an unversioned one (the file's, else the run log's) the
+    activation, dropout and targets it names. A missing key: the file does not say."""
+    config = checkpoint.config or {}
+    if "cera_format_version" in config:
+        return _settings_from_config(config, checkpoint.origin)
+    run = config or checkpoint.run_config
+    return _run_settings(run, checkpoint.origin, adapters) if run else {}
+
+
+def _run_settings(
+    config: Mapping[str, Any], origin: str, adapters: Mapping[str, Mapping[str, torch.Tensor]]
+) -> dict[str, Any]:
+    """Activation, dropout and targets from an unversioned run config (their
+    ``train.py``'s: ``act_fn``, ``dropout``, ``target_modules`` as a comma-separated
+    string), checked against the weights: a log of another run must not rebuild them.
+    Their ``train.py`` builds the legacy branch only."""
+    _check_plain_cera(config, origin)
+    variant = _optional_str(config, "cera_variant") or "legacy"
+    if variant != "legacy":
+        raise ValueError(f"{origin}: an unversioned config with cera_variant {variant!r}: "
+                         "cera_rs reads that variant from versioned configs only")  # fmt: skip
+    settings = {"dropout_position": "hidden", "scaling": 1.0,
+                **_branch_fields(config, required=False)}  # fmt: skip
+    targets = settings.get("target_modules")
+    held = {m.rsplit(".", 1)[-1] for m in adapters}
+    if targets is not None and set(targets) != held:
+        raise ValueError(f"{origin}: the run's target_modules {targets!r} are not the "
+                         f"modules its weights adapt ({sorted(held)})")  # fmt: skip
+    return settings
+
+
+def _check_plain_cera(config: Mapping[str, Any], origin: str) -> None:
+    """Refuses another method's config and recurrent CeRA (an experimental extension of
+    the reference that cera_rs does not implement)."""
+    model_type = _optional_str(config, "model_type") or "CeRA"
+    if model_type != "CeRA":
+        raise ValueError(f"{origin}: its model_type is {model_type!r}, not 'CeRA'")
+    steps = config.get("recurrent_steps")
+    if steps is not None and (not _is_int(steps) or steps < 0):
+        raise ValueError(f"recurrent_steps must be a non-negative int, got {steps!r}")
+    if steps:
+        raise ValueError(
+            f"this checkpoint is recurrent CeRA (recurrent_steps={steps}), an experimental "
+            "extension of the reference that cera_rs does not implement"
+        )
+
+
+def _branch_fields(config: Mapping[str, Any], required: bool) -> dict[str, Any]:
+    """``activation``, ``cera_dropout`` and ``target_modules`` from their ``act_fn``,
+    ``dropout`` and ``target_modules`` (a list, or a comma-separated string); a missing
+    one is an error if ``required``, else left out."""
+    def names(value: Any) -> bool:
+        return isinstance(value, str) or (
+            isinstance(value, (list, tuple)) and all(isinstance(t, str) for t in value)
+        )
+
+    fields = (("activation", "act_fn", lambda v: isinstance(v, str)),
+              ("cera_dropout", "dropout", _is_number),
+              ("target_modules", "target_modules", names))  # fmt: skip
+    settings = {name: _field(config, key, ok) for name, key, ok in fields
+                if required or key in config}  # fmt: skip
+    targets = settings.get("target_modules")
+    if isinstance(targets, str):
+        settings["target_modules"] = [name.strip() for name in targets.split(",") if name.strip()]
+    elif targets is not None:
+        settings["target_modules"] = list(targets)
+    return settings
+
+
+def _read_run_log(path: Path) -> dict[str, Any]:
+    """The ``config`` of the authors' run log (``{"config": {...}, "history": [...]}``)."""
+    try:
+        log = json.loads(path.read_bytes())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}, the checkpoint's run log, cannot be read: {err}") from None
+    config = log.get("config") if isinstance(log, dict) else None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}, the checkpoint's run log, holds no 'config' object")
+    return config
+
+
+def _layers_held(adapters: Mapping[str, Any]) -> list[int] | None:
+    """The layer indices of the adapted modules, when every module path has one and
+    every such layer holds the same module names (what ``layers_to_transform`` can
+    rebuild); None when a path has no layer index."""
+    by_layer: dict[int, set[str]] = {}
+    for module in adapters:
+        index = layer_index(_bare(module))
+        if index is None:
+            return None
+        by_layer.setdefault(index, set()).add(module.rsplit(".", 1)[-1])
+    names = {frozenset(n) for n in by_layer.values()}
+    if len(names) > 1:
+        detail = "; ".join(f"layer {i}: {', '.join(sorted(names))}"
+                           for i, names in sorted(by_layer.items()))  # fmt: skip
+        raise ValueError(f"the checkpoint adapts different modules on different layers "
+                         f"({detail}); cera_rs rebuilds one set of targets per layer")  # fmt: skip
+    return sorted(by_layer)
+
+
+def _covers_every_layer(model: nn.Module, config: CeraConfig) -> bool:
+    """Whether ``config.layers_to_transform`` names every layer of ``model`` that holds
+    one of its targets (then the plain targets say the same)."""
+    if config.layers_to_transform is None:
+        return True
+    targets = config.target_modules
+    if isinstance(targets, str):
+        return False
+    found = {layer_index(name) for name, _ in model.named_modules()
+             if any(name_matches(name, t) for t in targets)}  # fmt: skip
+    return found <= set(config.layers_to_transform)
 
 
 def _scaling(config: Mapping[str, Any], variant: str, rank: int) -> float:
@@ -313,11 +459,12 @@ def _scaling(config: Mapping[str, Any], variant: str, rank: int) -> float:
 def _check_branch_matches(
     name: str, layer: CeraLinear, adapter_name: str, wanted: Mapping[str, Any]
 ) -> None:
-    """The model's adapter must compute (in eval mode) what the file's branch computed."""
+    """The model's adapter must compute (in eval mode) what the file's branch computed,
+    as far as the file (or its run log) says."""
     activation, scaling = layer.activation[adapter_name], layer.scaling[adapter_name]
     for key, have, same in (
-        ("activation", activation, activation == wanted["activation"]),
-        ("scaling", scaling, math.isclose(scaling, wanted["scaling"])),
+        ("activation", activation, activation == wanted.get("activation", activation)),
+        ("scaling", scaling, math.isclose(scaling, wanted.get("scaling", scaling))),
     ):
         if not same:
             raise ValueError(
