@@ -203,3 +203,66 @@ def test_source_has_one_atomic_writer():
             continue
         text = path.read_text()
         assert "mkstemp" not in text and "os.replace" not in text, path
+
+
+# ---- export-lora and demo: every argument checked before any work -------------------------
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Loading the base model or fitting is work: a test that reaches it fails loudly
+    (an AssertionError is no user error: it would show as a traceback)."""
+
+    def work(*args, **kwargs):
+        raise AssertionError("work started before the arguments were checked")
+
+    monkeypatch.setattr("cera_rs.export.adapter_dir._base_model", work)
+    monkeypatch.setattr("cera_rs.export.adapter_dir.to_lora", work)
+    monkeypatch.setattr("cera_rs.demo.require", work)
+
+
+def export_argv(tmp_path, data, out=None, *extra):
+    out = tmp_path / "lora" if out is None else out
+    return ["export-lora", str(tmp_path / "cera"), str(out), "--data", str(data), "--rank", "2",
+            "--base", str(tmp_path / "base"), *extra]  # fmt: skip
+
+
+def test_export_lora_refuses_float_token_ids(capsys, no_work, tmp_path):
+    floats = np.arange(24, dtype=np.float32).reshape(2, 12)
+    np.save(tmp_path / "f.npy", floats)
+    torch.save(torch.from_numpy(floats), tmp_path / "f.pt")
+    np.save(tmp_path / "ids.npy", floats.astype(np.int64))
+    for name, dtype in (("f.npy", "torch.float32"), ("f.pt", "torch.float32")):
+        err = fails(capsys, export_argv(tmp_path, tmp_path / name))
+        assert f"{tmp_path / name}: token ids must be integers, got {dtype}" in err
+        err = fails(capsys, export_argv(tmp_path, tmp_path / "ids.npy", None,
+                                        "--held-out", str(tmp_path / name)))  # fmt: skip
+        assert f"{tmp_path / name}: token ids must be integers" in err
+
+
+@pytest.mark.parametrize("suffix,reader", [(".npy", "numpy.load"), (".pt", "torch.load")])
+def test_export_lora_refuses_a_text_file_named_as_an_array(capsys, no_work, tmp_path, suffix,
+                                                           reader):  # fmt: skip
+    text = tmp_path / f"ids{suffix}"
+    text.write_text("1 2 3\n4 5 6\n")
+    err = fails(capsys, export_argv(tmp_path, text))
+    assert f"{text} is not an array of token ids {reader} can read: " in err
+    torch.save({"ids": torch.ones(3)}, text)  # readable, but a dict
+    assert f"{text} is not an array of token ids {reader} can read" in fails(
+        capsys, export_argv(tmp_path, text))  # fmt: skip
+    (tmp_path / "folder.npy").mkdir()
+    assert f"token id file {tmp_path / 'folder.npy'} is a folder" in fails(
+        capsys, export_argv(tmp_path, tmp_path / "folder.npy"))  # fmt: skip
+
+
+def test_outputs_that_are_files_are_refused_before_any_work(capsys, no_work, tmp_path):
+    np.save(tmp_path / "ids.npy", np.ones((2, 12), dtype=np.int64))
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+    err = fails(capsys, export_argv(tmp_path, tmp_path / "ids.npy", taken))
+    assert f"cannot write the folder {taken}: it is a file" in err
+    err = fails(capsys, export_argv(tmp_path, tmp_path / "ids.npy", taken / "lora"))
+    assert f"cannot write the folder {taken / 'lora'}: {taken} is a file" in err
+    err = fails(capsys, ["demo", "--quick", "--out", str(taken)])
+    assert f"cannot write the folder {taken}: it is a file" in err
+    assert taken.read_text() == "keep me" and capsys.readouterr().out == ""

@@ -37,6 +37,18 @@ def check_writable(path: str | os.PathLike) -> None:
         raise IsADirectoryError(f"cannot write {path}: it is a folder")
 
 
+def check_folder_writable(path: str | os.PathLike) -> None:
+    """Refuses, naming it, an output folder that is a file or lies under a file (it
+    and its missing parents are created later): checked before the work, not after."""
+    path = Path(path)
+    for existing in (path, *path.parents):
+        if existing.is_dir():
+            return
+        if existing.exists():
+            where = "it is a file" if existing == path else f"{existing} is a file"
+            raise NotADirectoryError(f"cannot write the folder {path}: {where}")
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """For writers that open their output by name (``gguf.GGUFWriter``): yields the

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
+from cera_rs.atomic import check_folder_writable
 from cera_rs.bench.suite import describe_machine
 from cera_rs.extras import DEMO_EXTRA, SMOLLM2, Needs, require
 
@@ -59,6 +60,7 @@ def run(parts: tuple[int, ...] = (1, 2), quick: bool = False,
     if unknown:
         raise ValueError(f"no demo part {unknown[0]}; the parts are {sorted(PARTS)}")
     chosen = {n: PARTS[n] for n in sorted(set(parts))}
+    check_folder_writable(out_dir)
     require("cera-rs demo", [REPORT_NEEDS, *(need for p in chosen.values() for need in p.needs)])
     from cera_rs.demo import report
 

@@ -15,6 +15,7 @@ from peft import PeftModel
 from peft.utils.constants import CONFIG_NAME
 from torch import Tensor
 
+from cera_rs.atomic import check_folder_writable
 from cera_rs.export.lora import LoraExport, check_target, save_lora, to_lora
 
 TOKEN_FORMATS = (".npy", ".pt", ".txt")
@@ -23,27 +24,45 @@ TOKEN_FORMATS = (".npy", ".pt", ".txt")
 def load_token_ids(path: str | os.PathLike, seq_len: int) -> list[Tensor]:
     """Sequences of token ids from ``path``: ``.npy`` / ``.pt`` (an integer array,
     2-D one sequence per row, or 1-D a stream cut into ``seq_len`` pieces) or
-    ``.txt`` (one sequence per line, ids separated by spaces)."""
+    ``.txt`` (one sequence per line, ids separated by spaces). Whatever is wrong with
+    the file (not there, unreadable, not integers) is a ValueError or an OSError that
+    names it."""
     path = Path(path)
     if path.suffix not in TOKEN_FORMATS:
         raise ValueError(f"{path}: token ids must be one of {TOKEN_FORMATS}, got {path.suffix!r}")
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"token id file {path} does not exist")
+    if not path.is_file():
+        raise IsADirectoryError(f"token id file {path} is a folder")
     if path.suffix == ".txt":
-        lines = [line.split() for line in path.read_text().splitlines() if line.strip()]
         try:
+            lines = [line.split() for line in path.read_text().splitlines() if line.strip()]
             return [torch.tensor([int(t) for t in line], dtype=torch.long) for line in lines]
-        except ValueError as err:
+        except (ValueError, OverflowError) as err:  # UnicodeDecodeError is a ValueError
             raise ValueError(f"{path}: every token id must be an integer ({err})") from None
-    ids = torch.load(path, weights_only=True) if path.suffix == ".pt" else np.load(path)
-    ids = torch.as_tensor(ids)
+    ids = _read_array(path)
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise TypeError(f"{path}: token ids must be integers, got {ids.dtype}")
+        raise ValueError(f"{path}: token ids must be integers, got {ids.dtype}")
     if ids.dim() == 1:
         return list(ids.long().split(seq_len))
     if ids.dim() == 2:
         return list(ids.long())
     raise ValueError(f"{path}: token ids must be 1-D or 2-D, got shape {tuple(ids.shape)}")
+
+
+def _read_array(path: Path) -> Tensor:
+    """The array in a ``.npy`` (no pickles) or ``.pt`` (``weights_only``) file; each
+    reader's own errors (a text file, a truncated one, a dict) become one ValueError
+    that names the file."""
+    reader = "torch.load" if path.suffix == ".pt" else "numpy.load"
+    try:
+        data = torch.load(path, weights_only=True) if path.suffix == ".pt" else np.load(path)
+        return torch.as_tensor(data)
+    except Exception as err:  # pickle, zip, numpy and torch each raise their own kinds
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(
+            f"{path} is not an array of token ids {reader} can read: {first}"
+        ) from None
 
 
 def batches_of(
@@ -100,6 +119,7 @@ def export_adapter_dir(
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_folder_writable(out_dir)  # before the fit, not after it
     adapter_dir = Path(adapter_dir)
     sequences = load_token_ids(data, seq_len)
     held_out_sequences = None if held_out is None else load_token_ids(held_out, seq_len)
