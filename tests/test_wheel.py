@@ -1,7 +1,10 @@
-"""The wheel users install: built by `make wheel`, checked (tag, size, linked
-libraries), installed into a fresh venv as a user would, and run there: the README
-quick start without the demo extra, the demo refusing to start without it, then the
-demo with it. Several minutes (torch alone is a 4.7 GB install), so it runs once."""
+"""The wheel users install: built by `make wheel` (here with the one build for the dev
+torch; scripts/torch-matrix.sh checks the full wheel under every supported torch),
+checked (tag, size, layout, linked libraries), installed into a fresh venv that already
+has the user's torch, and run there: torch left as it was, the README quick start
+without the demo extra, a CeRA adapter loaded through PEFT without `import cera_rs`, the
+demo refusing to start without its extra, then the demo with it. Several minutes (torch
+alone is a 4.7 GB install), so it runs once."""
 
 from __future__ import annotations
 
@@ -15,10 +18,13 @@ from pathlib import Path
 
 import pytest
 import tomllib
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 MAX_BYTES = 5 * 2**20
+TORCH = torch.__version__.split("+")[0]
+MINOR = ".".join(TORCH.split(".")[:2])
 
 
 def sh(*args, **kwargs) -> subprocess.CompletedProcess:
@@ -42,7 +48,7 @@ def wheel() -> Path:
     # The venv `make test` set up is the running interpreter's: reuse it as it is (-o).
     venv = Path(sys.prefix)
     ok("make", "--no-print-directory", f"VENV={venv}", "-o", f"{venv}/.installed", "wheel",
-       cwd=ROOT, timeout=900)  # fmt: skip
+       f"TORCHES={TORCH}", cwd=ROOT, timeout=900)  # fmt: skip
     wheels = sorted((ROOT / "dist").glob("cera_rs-*.whl"))
     assert len(wheels) == 1, wheels
     return wheels[0]
@@ -57,7 +63,11 @@ def unpacked(wheel, tmp_path_factory) -> Path:
 
 def test_wheel_tag_size_and_libraries(wheel, unpacked):
     binaries = [p for p in unpacked.rglob("*.so*")]
-    assert [p.relative_to(unpacked).as_posix() for p in binaries] == ["cera_rs/_native.abi3.so"]
+    build = f"cera_rs/_native_builds/torch-{MINOR}/_native.abi3.so"
+    assert [p.relative_to(unpacked).as_posix() for p in binaries] == [build]
+    purelib = unpacked / f"cera_rs-{PROJECT['version']}.data" / "purelib"
+    assert sorted(p.name for p in purelib.iterdir()) == [
+        "_cera_rs_peft_hook.py", "cera_rs_peft_hook.pth"]  # fmt: skip
     major, minor = glibc_needed(binaries[0])
     expected = f"cera_rs-{PROJECT['version']}-cp39-abi3-manylinux_{major}_{minor}_x86_64.whl"
     assert wheel.name == expected
@@ -89,7 +99,11 @@ def _install_and_run(wheel: Path, root: Path, venv: Path) -> None:
     pip = (str(py), "-m", "pip", "install", "--quiet", "-c", str(constraints))
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env['PATH']}"
+    # The user's torch first, then the wheel: pip must leave that torch as it is.
+    ok(*pip, f"torch=={TORCH}", env=env, timeout=1200)
+    torch_files = ok(str(py), "-m", "pip", "show", "--files", "torch", env=env)
     ok(*pip, str(wheel), env=env, timeout=1200)
+    assert ok(str(py), "-m", "pip", "show", "--files", "torch", env=env) == torch_files
 
     # The core package: no matplotlib, and the README quick start runs as written.
     assert sh(str(py), "-c", "import matplotlib", env=env).returncode == 1
@@ -98,7 +112,17 @@ def _install_and_run(wheel: Path, root: Path, venv: Path) -> None:
     out = ok(str(py), "-c", quick_start, cwd=root, env=env, timeout=300)
     assert "trainable params" in out and "step 2: loss" in out
     assert (root / "cera-adapter" / "adapter_model.safetensors").is_file()
-    assert ok(str(cli), "--version", env=env).startswith("cera-rs ")
+    version = ok(str(cli), "--version", env=env)
+    assert version.startswith("cera-rs ") and f"torch {torch.__version__}" in version
+
+    # A CeRA adapter loads through PEFT alone: the wheel's .pth hook registers CeRA
+    # when peft is imported, and a process that imports neither gets neither.
+    code = ("import sys\n"
+            "print(sorted(m for m in ('torch', 'peft', 'cera_rs') if m in sys.modules))\n"
+            "from peft import PeftConfig\n"
+            "config = PeftConfig.from_pretrained('cera-adapter')\n"
+            "print(type(config).__name__, config.peft_type.value)")  # fmt: skip
+    assert ok(str(py), "-c", code, cwd=root, env=env).splitlines() == ["[]", "CeraConfig CERA"]
 
     # Without the demo extra the demo stops at once, naming the line that installs it.
     run = sh(str(cli), "demo", "--quick", "--out", str(root / "demo"), env=env, timeout=120)

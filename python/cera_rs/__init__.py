@@ -7,7 +7,7 @@ Swap ``peft.LoraConfig`` for ``CeraConfig`` and keep the rest of a PEFT script.
 
 import torch  # first: the extension links the libtorch that importing torch loads
 
-from cera_rs._torch_check import load_native
+from cera_rs._native_loader import load_native
 
 _native = load_native()
 DeviceError = _native.DeviceError  # tensors on unusable or mismatched devices (a ValueError)
