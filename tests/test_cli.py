@@ -16,6 +16,7 @@ import pytest
 import torch
 from models import tiny_llama
 from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import cera_rs
 from cera_rs.cli import main
@@ -85,6 +86,21 @@ def test_bin_adapter_is_read_like_safetensors(capsys, saved, tmp_path):
     assert [m["module"] for m in a] == [m["module"] for m in b] == sorted(ADAPTED)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x["singular_values"], y["singular_values"])
+
+
+def test_analyze_lists_modules_in_layer_order(capsys, tmp_path):
+    """layers.2 before layers.10, as the model numbers them (not as text sorts them)."""
+    config = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=11,
+                         num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
+    torch.manual_seed(0)
+    adapter = LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    lora = get_peft_model(LlamaForCausalLM(config), adapter)
+    lora.save_pretrained(tmp_path / "eleven")
+    assert main(["analyze", str(tmp_path / "eleven"), "--json", str(tmp_path / "r.json")]) == 0
+    modules = [m["module"] for m in json.loads((tmp_path / "r.json").read_text())["modules"]]
+    assert modules == [f"model.layers.{i}.self_attn.q_proj" for i in range(11)]
+    out = capsys.readouterr().out
+    assert out.index("layers.2.") < out.index("layers.10.")
 
 
 def test_several_adapters_in_subfolders(capsys, lora, tmp_path):

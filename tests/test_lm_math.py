@@ -8,6 +8,7 @@ import socket
 
 import pytest
 import torch
+from transformers.utils import logging as hf_logging
 
 from cera_rs.demo import linearity, lm_math, smollm2
 from cera_rs.export import to_lora
@@ -25,7 +26,13 @@ def test_model_loads_with_no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    model, tokenizer = smollm2.load()
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_info()  # the caller's choice, which load() must leave alone
+    try:
+        model, tokenizer = smollm2.load()
+        assert hf_logging.get_verbosity() == hf_logging.INFO
+    finally:
+        hf_logging.set_verbosity(level)
     assert len(model.model.layers) == 30 and model.config.hidden_size == 576
     assert not any(p.requires_grad for p in model.parameters())
     assert tokenizer("12+3=", add_special_tokens=False)["input_ids"] == [33, 34, 27, 35, 45]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import huggingface_hub
 import huggingface_hub.constants
 import peft
 import peft.utils.save_and_load
@@ -277,9 +278,39 @@ def test_unmerge_warns_and_weighted_adapters_are_refused():
         model.unmerge_adapter()
     with pytest.raises(CeraMergeError, match=r"add_weighted_adapter is impossible.*non-linear"):
         model.add_weighted_adapter(["default"], [1.0], "mix")
-    with pytest.raises(CeraMergeError, match=r"non-linear"):
+    with pytest.raises(CeraMergeError, match=r"^merge_adapter is impossible.*non-linear"):
         model.merge_adapter()
+    with pytest.raises(CeraMergeError, match=r"^merge_and_unload is impossible.*non-linear"):
+        model.merge_and_unload()
     assert "mix" not in model.peft_config
+
+
+def test_the_model_card_is_tagged_cera(tmp_path):
+    """As PEFT tags a LoRA adapter's card ``lora``; a model unloaded is untagged again."""
+    model = trained_llama()
+    model.save_pretrained(tmp_path)
+    card = huggingface_hub.ModelCard.load(tmp_path / "README.md")
+    assert "cera" in card.data.tags and card.data.library_name == "peft"
+    assert model.get_base_model().model_tags == ["cera"]
+    assert model.unload().model_tags is None
+
+
+def test_inject_adapter_in_model_path_refuses_incomplete_weights():
+    """peft.inject_adapter_in_model + set_peft_model_state_dict (transformers'
+    load_adapter path, with no tuner kept): every load must hold all of an adapter."""
+    model = peft.inject_adapter_in_model(
+        CeraConfig(r=R, target_modules=["q_proj", "v_proj"]), tiny_llama()
+    )
+    trained = trained_llama()
+    state = peft.get_peft_model_state_dict(trained)
+    assert len(state) == 8
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    some = {k: v for k, v in state.items() if "layers.0.self_attn.q_proj" not in k}
+    with pytest.raises(ValueError, match=r"'default' lack 2 of its 8 adapter tensors.*q_proj"):
+        peft.set_peft_model_state_dict(model, some)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    peft.set_peft_model_state_dict(model, state)
+    torch.testing.assert_close(llama_logits(model.eval()), llama_logits(trained), rtol=0, atol=0)
 
 
 def test_get_cera_model_is_get_peft_model_for_cera_configs():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,8 +28,16 @@ from peft.utils.constants import CONFIG_NAME
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from cera_rs.atomic import check_folder_writable
 from cera_rs.config import CeraConfig
 from cera_rs.layer import CeraLinear, CeraMergeError, base_features, route_adapter_names
+
+TAG = "cera"
+"""The model-card tag of a CeRA adapter (PEFT tags LoRA's ``lora``)."""
+_CHECKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+"""Base models that carry the state-dict check (registered once per model)."""
+_TAGGED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+"""Base models whose ``TAG`` this module added (and ``unload`` removes)."""
 
 
 class CeraModel(BaseTuner):
@@ -41,7 +50,16 @@ class CeraModel(BaseTuner):
 
     def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str, **kwargs: Any):
         super().__init__(model, peft_config, adapter_name, **kwargs)
-        self.register_load_state_dict_pre_hook(_check_adapter_state)
+        # On the base model, not the tuner: peft.inject_adapter_in_model (which
+        # transformers' load_adapter uses) returns the base model and drops the tuner.
+        if model not in _CHECKED:
+            model.register_load_state_dict_pre_hook(_check_adapter_state)
+            _CHECKED.add(model)
+        # PeftModel.create_or_update_model_card reads the base model's model_tags.
+        tags = list(getattr(model, "model_tags", None) or [])
+        if TAG not in tags:
+            model.model_tags = [*tags, TAG]
+            _TAGGED.add(model)
 
     def _create_and_replace(
         self,
@@ -97,14 +115,17 @@ class CeraModel(BaseTuner):
             yield
 
     def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
-        raise CeraMergeError(
-            "merge_and_unload is impossible for CeRA: the branch B·act(A x) is non-linear in "
-            "x, so it cannot be folded into the base weight. Keep the adapter at inference, "
-            "or use unload() to get the base model back without it."
-        )
+        raise _cannot_merge("merge_and_unload")
 
     def merge_adapter(self, *args: Any, **kwargs: Any) -> None:
-        self.merge_and_unload()
+        raise _cannot_merge("merge_adapter")
+
+    def unload(self) -> nn.Module:
+        model = super().unload()
+        if model in _TAGGED:  # a plain model again: no CeRA tag on its model card
+            model.model_tags = [t for t in model.model_tags if t != TAG] or None
+            _TAGGED.discard(model)
+        return model
 
     def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
         raise CeraMergeError(
@@ -115,15 +136,23 @@ class CeraModel(BaseTuner):
         )
 
 
+def _cannot_merge(method: str) -> CeraMergeError:
+    return CeraMergeError(
+        f"{method} is impossible for CeRA: the branch B·act(A x) is non-linear in x, so it "
+        "cannot be folded into the base weight. Keep the adapter at inference, or use "
+        "unload() to get the base model back without it."
+    )
+
+
 def _check_adapter_state(
-    tuner: CeraModel, state_dict: dict[str, Any], prefix: str, *args: Any
+    model: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
 ) -> None:
-    """A ``load_state_dict`` pre-hook on the tuner: for each adapter the state dict holds
+    """A ``load_state_dict`` pre-hook on the base model: for each adapter the state dict holds
     CeRA weights of, every adapted layer's A and B must be there, floating point and of
     the model's shapes. Runs before any weight is copied, so a bad file changes nothing
     (PEFT would only warn about missing weights and leave them at their initial values)."""
     expected: dict[str, list[tuple[str, nn.Parameter]]] = {}
-    for name, module in tuner.named_modules(prefix=prefix.removesuffix(".")):
+    for name, module in model.named_modules(prefix=prefix.removesuffix(".")):
         if isinstance(module, CeraLinear):
             for part in ("cera_A", "cera_B"):
                 for adapter, linear in getattr(module, part).items():
@@ -161,6 +190,7 @@ def save_pretrained(
     by one (``os.replace``). A failed write leaves the old files intact; a failure while
     moving puts back the files already replaced. (``PeftModel.save_pretrained`` itself
     writes in place, and no tuner hook spans its whole save.)"""
+    check_folder_writable(save_directory)
     target = Path(save_directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))

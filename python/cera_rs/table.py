@@ -55,6 +55,12 @@ def name_matches(name: str, entry: str) -> bool:
     return name == entry or name.endswith("." + entry)
 
 
+def natural_key(name: str) -> list[Any]:
+    """Sorts module names as a model numbers them: ``layers.2`` before ``layers.10``."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part)
+            for part in re.split(r"(\d+)", name)]  # fmt: skip
+
+
 def layer_index(name: str) -> int | None:
     """The first number between dots in a module name: its layer."""
     match = re.search(r"\.(\d+)\.", f".{name}.")

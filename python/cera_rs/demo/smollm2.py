@@ -13,6 +13,8 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -85,14 +87,26 @@ def cached_dir() -> Path:
     return target
 
 
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' errors only, while loading (the GGUF conversion's notices), then
+    the caller's level again: the process's logging is not the demo's to change."""
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def load() -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """The frozen model (float32, eval mode, SDPA attention) and its tokenizer, with no
     network access."""
-    hf_logging.set_verbosity_error()
-    folder = cached_dir()
-    config = AutoConfig.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa",
-                                             dtype=torch.float32)  # fmt: skip
-    load_model(model, str(folder / "model.safetensors"))
-    model.requires_grad_(False).eval()
-    return model, AutoTokenizer.from_pretrained(folder)
+    with _quiet_transformers():
+        folder = cached_dir()
+        config = AutoConfig.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa",
+                                                 dtype=torch.float32)  # fmt: skip
+        load_model(model, str(folder / "model.safetensors"))
+        model.requires_grad_(False).eval()
+        return model, AutoTokenizer.from_pretrained(folder)

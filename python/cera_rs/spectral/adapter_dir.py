@@ -24,6 +24,7 @@ from peft.utils.other import get_pattern_key
 from cera_rs.spectral.adapters import display_name
 from cera_rs.spectral.core import lowrank_spectra
 from cera_rs.spectral.report import ModelSpectrum, ModuleSpectrum
+from cera_rs.table import natural_key
 
 CONFIG = "adapter_config.json"
 
@@ -104,7 +105,8 @@ def adapter_dir_spectrum(path: str | os.PathLike) -> ModelSpectrum:
         )
     tensors = _read_weights(weights)
     suffix_a, suffix_b = f".{prefix}_A.weight", f".{prefix}_B.weight"
-    modules = sorted(k.removesuffix(suffix_a) for k in tensors if k.endswith(suffix_a))
+    modules = sorted((k.removesuffix(suffix_a) for k in tensors if k.endswith(suffix_a)),
+                     key=natural_key)  # fmt: skip
     if not modules:
         raise ValueError(f"{weights} holds no '*{suffix_a}' tensors")
     factors, ranks, names = [], [], []
