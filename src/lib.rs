@@ -10,6 +10,9 @@ pub mod kernel;
 pub mod spectral;
 mod threads;
 
+#[cfg(test)]
+mod test_rng;
+
 #[cfg(feature = "python")]
 mod python;
 

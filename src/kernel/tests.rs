@@ -1,6 +1,7 @@
 //! The Rust kernels against compositions of plain tch ops.
 
 use super::*;
+use crate::test_rng::Rng;
 use tch::{Device, Kind, Tensor};
 
 fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -11,11 +12,11 @@ fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
 }
 
 fn inputs(kind: Kind) -> (Tensor, Tensor, Tensor) {
-    tch::manual_seed(7);
+    let mut rng = Rng::new(7);
     let opts = (kind, Device::Cpu);
-    let x = Tensor::randn([3, 50, 24], opts);
-    let a = Tensor::randn([8, 24], opts) * 0.3;
-    let b = Tensor::randn([16, 8], opts) * 0.3;
+    let x = rng.randn(&[3, 50, 24], opts);
+    let a = rng.randn(&[8, 24], opts) * 0.3;
+    let b = rng.randn(&[16, 8], opts) * 0.3;
     (x, a, b)
 }
 
@@ -77,7 +78,7 @@ fn check(
         dropout,
         tensor_ops,
     };
-    let g = Tensor::randn([3, 50, 16], (kind, Device::Cpu));
+    let g = Rng::new(8).randn(&[3, 50, 16], (kind, Device::Cpu));
     let (y, saved) = forward(&x, &a, &b, &ew, position).unwrap();
     let grads = backward(&g, &saved, Needs::ALL).unwrap();
     let [ry, rdx, rda, rdb] = reference(&x, &a, &b, &ew, position, &g);
@@ -124,8 +125,9 @@ fn fused_passes_match_tensor_ops() {
                 ..fused
             };
             // Large enough to take the parallel path.
-            let h = Tensor::randn([1100, 70], (kind, Device::Cpu));
-            let gb = Tensor::randn([1100, 70], (kind, Device::Cpu));
+            let mut rng = Rng::new(9);
+            let h = rng.randn(&[1100, 70], (kind, Device::Cpu));
+            let gb = rng.randn(&[1100, 70], (kind, Device::Cpu));
             let (out, no_keep) = elementwise::forward(&h, &fused).unwrap();
             let (out_ops, keep) = elementwise::forward(&h, &ops).unwrap();
             assert!(no_keep.is_none());

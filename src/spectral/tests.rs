@@ -2,15 +2,16 @@
 
 use super::*;
 use crate::error::CeraError;
+use crate::test_rng::Rng;
 use tch::{Device, Kind, Tensor};
 
 const F64: (Kind, Device) = (Kind::Double, Device::Cpu);
 
 /// `U diag(s) V^T` with random orthonormal `U` (rows x k) and `V` (cols x k).
-fn with_singular_values(rows: i64, cols: i64, s: &[f64]) -> Tensor {
+fn with_singular_values(rng: &mut Rng, rows: i64, cols: i64, s: &[f64]) -> Tensor {
     let k = s.len() as i64;
-    let (u, _) = Tensor::linalg_qr(&Tensor::randn([rows, k], F64), "reduced");
-    let (v, _) = Tensor::linalg_qr(&Tensor::randn([cols, k], F64), "reduced");
+    let (u, _) = Tensor::linalg_qr(&rng.randn(&[rows, k], F64), "reduced");
+    let (v, _) = Tensor::linalg_qr(&rng.randn(&[cols, k], F64), "reduced");
     (u * Tensor::from_slice(s)).mm(&v.tr())
 }
 
@@ -33,16 +34,16 @@ fn rel(a: f64, b: f64) -> f64 {
 
 #[test]
 fn dense_recovers_known_singular_values() {
-    tch::manual_seed(1);
+    let mut rng = Rng::new(1);
     let s = [9.0, 4.0, 2.5, 1.0, 0.3];
     for (rows, cols) in [(40, 12), (12, 40), (5, 5)] {
-        let m = with_singular_values(rows, cols, &s);
+        let m = with_singular_values(&mut rng, rows, cols, &s);
         let got = dense::spectrum(&m).unwrap();
         let mut expected = s.to_vec();
         expected.resize(rows.min(cols) as usize, 0.0);
         assert!(max_rel(got.values(), &expected) < 1e-12, "{rows}x{cols}");
     }
-    let f32_matrix = with_singular_values(30, 10, &s).to_kind(Kind::Float);
+    let f32_matrix = with_singular_values(&mut rng, 30, 10, &s).to_kind(Kind::Float);
     let got = dense::spectrum(&f32_matrix).unwrap();
     assert!(max_rel(&got.values()[..5], &s) < 1e-5);
 }
@@ -100,8 +101,8 @@ fn zero_and_empty_spectra_have_rank_zero() {
 
 #[test]
 fn gram_stream_equals_dense_svd_for_any_split() {
-    tch::manual_seed(2);
-    let x = Tensor::randn([300, 40], F64);
+    let mut rng = Rng::new(2);
+    let x = rng.randn(&[300, 40], F64);
     let expected = dense::spectrum(&x).unwrap();
     for splits in [vec![300], vec![1, 299], vec![100, 7, 193]] {
         let mut gram = Gram::new(40, Device::Cpu).unwrap();
@@ -119,9 +120,9 @@ fn gram_stream_equals_dense_svd_for_any_split() {
 #[test]
 fn gram_panels_cover_the_lower_triangle() {
     // More than one panel, with a ragged last one.
-    tch::manual_seed(3);
+    let mut rng = Rng::new(3);
     let dim = 2 * 512 + 37;
-    let x = Tensor::randn([2, 5, dim], F64);
+    let x = rng.randn(&[2, 5, dim], F64);
     let mut gram = Gram::new(dim, Device::Cpu).unwrap();
     gram.update(&x).unwrap();
     let rows = x.reshape([-1, dim]);
@@ -135,8 +136,8 @@ fn gram_panels_cover_the_lower_triangle() {
 
 #[test]
 fn gram_merge_and_state_round_trip() {
-    tch::manual_seed(4);
-    let x = Tensor::randn([50, 8], F64);
+    let mut rng = Rng::new(4);
+    let x = rng.randn(&[50, 8], F64);
     let mut one = Gram::new(8, Device::Cpu).unwrap();
     one.update(&x).unwrap();
     let mut first = Gram::new(8, Device::Cpu).unwrap();
@@ -152,13 +153,15 @@ fn gram_merge_and_state_round_trip() {
         ) < 1e-12
     );
 
+    // A reload holds what was saved, bit for bit; its spectrum is the saved one's.
     let state = first.matrix().unwrap();
     let loaded = Gram::from_matrix(&state, first.tokens()).unwrap();
     assert_eq!(loaded.tokens(), 50);
+    assert!(loaded.matrix().unwrap().equal(&state));
     assert!(
         max_rel(
             loaded.spectrum().unwrap().values(),
-            one.spectrum().unwrap().values()
+            first.spectrum().unwrap().values()
         ) < 1e-12
     );
     // Loading copies: updating the loaded accumulator leaves the caller's tensor alone.
@@ -180,17 +183,17 @@ fn gram_merge_and_state_round_trip() {
 
 #[test]
 fn lowrank_equals_dense_svd_of_the_product() {
-    tch::manual_seed(5);
+    let mut rng = Rng::new(5);
     for (d_out, r, d_in) in [(30, 4, 20), (6, 9, 25), (25, 9, 6), (12, 3, 12)] {
-        let b = Tensor::randn([d_out, r], F64);
-        let a = Tensor::randn([r, d_in], F64);
+        let b = rng.randn(&[d_out, r], F64);
+        let a = rng.randn(&[r, d_in], F64);
         let got = lowrank::spectrum(&b, &a).unwrap();
         let expected = dense::spectrum(&b.mm(&a)).unwrap();
         assert_eq!(got.values().len(), expected.values().len());
         assert!(max_rel(got.values(), expected.values()) < 1e-12);
     }
-    let b = Tensor::randn([5, 3], F64);
-    let a = Tensor::randn([4, 7], F64);
+    let b = rng.randn(&[5, 3], F64);
+    let a = rng.randn(&[4, 7], F64);
     assert!(matches!(
         lowrank::spectrum(&b, &a),
         Err(CeraError::Shape(_))
@@ -231,9 +234,9 @@ fn non_finite_and_bad_inputs_are_errors() {
 
 #[test]
 fn par_map_keeps_order_and_reports_errors() {
-    tch::manual_seed(6);
+    let mut rng = Rng::new(6);
     let pairs: Vec<(Tensor, Tensor)> = (1..6)
-        .map(|r| (Tensor::randn([10, r], F64), Tensor::randn([r, 8], F64)))
+        .map(|r| (rng.randn(&[10, r], F64), rng.randn(&[r, 8], F64)))
         .collect();
     let expected: Vec<Spectrum> = pairs
         .iter()
@@ -250,9 +253,9 @@ fn par_map_keeps_order_and_reports_errors() {
 
 #[test]
 fn centred_gram_equals_dense_svd_of_centred_rows() {
-    tch::manual_seed(7);
+    let mut rng = Rng::new(7);
     // Columns with means well away from zero, so centring changes the spectrum.
-    let x = Tensor::randn([200, 30], F64) + Tensor::arange(30, F64) * 0.5;
+    let x = rng.randn(&[200, 30], F64) + Tensor::arange(30, F64) * 0.5;
     let centred = &x - x.mean_dim(0, true, Kind::Double);
     let expected = dense::spectrum(&centred).unwrap();
     let uncentred = dense::spectrum(&x).unwrap();
@@ -274,6 +277,8 @@ fn centred_gram_equals_dense_svd_of_centred_rows() {
         .with_column_sums(&sums)
         .unwrap();
     assert!(loaded.is_centred());
+    assert!(loaded.matrix().unwrap().equal(&first.matrix().unwrap()));
+    assert!(loaded.column_sums().unwrap().unwrap().equal(&sums));
     assert!(max_rel(loaded.spectrum().unwrap().values(), expected.values()) < 1e-10);
 
     assert!(matches!(
