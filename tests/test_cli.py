@@ -282,3 +282,18 @@ def test_outputs_that_are_files_are_refused_before_any_work(capsys, no_work, tmp
     err = fails(capsys, ["demo", "--quick", "--out", str(taken)])
     assert f"cannot write the folder {taken}: it is a file" in err
     assert taken.read_text() == "keep me" and capsys.readouterr().out == ""
+
+
+def test_export_lora_checks_ids_against_the_vocabulary_before_loading(capsys, no_work, tmp_path):
+    """The base model's config says its vocabulary size: ids beyond it, an adapter config
+    that is not JSON, are refused before the model loads (a config and no weights here)."""
+    tiny_llama().config.save_pretrained(tmp_path / "base")
+    (tmp_path / "cera").mkdir()
+    config = {"peft_type": "CERA", "task_type": "CAUSAL_LM"}
+    (tmp_path / "cera" / "adapter_config.json").write_text(json.dumps(config))
+    (tmp_path / "ids.txt").write_text("1 2 500\n")
+    err = fails(capsys, export_argv(tmp_path, tmp_path / "ids.txt"))
+    assert "token ids must be in [0, 128) for this model, got ids from 1 to 500" in err
+    (tmp_path / "cera" / "adapter_config.json").write_text("{not json")
+    err = fails(capsys, export_argv(tmp_path, tmp_path / "ids.txt"))
+    assert f"{tmp_path / 'cera' / 'adapter_config.json'} is not valid JSON" in err

@@ -65,10 +65,8 @@ def _read_array(path: Path) -> Tensor:
         ) from None
 
 
-def batches_of(
-    sequences: list[Tensor], batch_size: int, vocab_size: int
-) -> list[dict[str, Tensor]]:
-    """Right-padded batches with an ``attention_mask`` that drops the padding."""
+def check_token_range(sequences: list[Tensor], vocab_size: int) -> None:
+    """Some tokens, every id in ``[0, vocab_size)``."""
     sequences = [s for s in sequences if len(s)]
     if not sequences:
         raise ValueError("the token id file holds no tokens")
@@ -77,6 +75,14 @@ def batches_of(
     if low < 0 or high >= vocab_size:
         raise ValueError(f"token ids must be in [0, {vocab_size}) for this model, "
                          f"got ids from {low} to {high}")  # fmt: skip
+
+
+def batches_of(
+    sequences: list[Tensor], batch_size: int, vocab_size: int
+) -> list[dict[str, Tensor]]:
+    """Right-padded batches with an ``attention_mask`` that drops the padding."""
+    sequences = [s for s in sequences if len(s)]
+    check_token_range(sequences, vocab_size)
     out = []
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start : start + batch_size]
@@ -89,13 +95,20 @@ def batches_of(
     return out
 
 
-def _base_model(adapter_dir: Path, base: str | os.PathLike | None) -> Any:
+def _base_source(adapter_dir: Path, base: str | os.PathLike | None) -> tuple[Path, Any]:
+    """The base model's folder and the auto class that loads it, checked without
+    loading anything."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     config_path = adapter_dir / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"{adapter_dir} is not an adapter folder: {CONFIG_NAME} is missing")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{config_path} is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} holds a {type(config).__name__}, not a JSON object")
     base = base if base is not None else config.get("base_model_name_or_path")
     if not base or not Path(base).is_dir():
         raise FileNotFoundError(
@@ -103,6 +116,19 @@ def _base_model(adapter_dir: Path, base: str | os.PathLike | None) -> Any:
             "with --base (nothing is downloaded)"
         )
     auto = AutoModelForCausalLM if config.get("task_type") in (None, "CAUSAL_LM") else AutoModel
+    return Path(base), auto
+
+
+def _vocab_size(base: Path) -> int | None:
+    """The base model's vocabulary size from its config alone (None if it names none)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base, local_files_only=True).get_text_config()
+    vocab = getattr(config, "vocab_size", None)
+    return vocab if isinstance(vocab, int) else None
+
+
+def _base_model(base: Path, auto: Any) -> Any:
     return auto.from_pretrained(base, local_files_only=True)
 
 
@@ -121,13 +147,20 @@ def export_adapter_dir(
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     check_folder_writable(out_dir)  # before the fit, not after it
     adapter_dir = Path(adapter_dir)
-    sequences = load_token_ids(data, seq_len)
-    held_out_sequences = None if held_out is None else load_token_ids(held_out, seq_len)
-    model = PeftModel.from_pretrained(_base_model(adapter_dir, base), str(adapter_dir))
+    files = [load_token_ids(data, seq_len)]
+    if held_out is not None:
+        files.append(load_token_ids(held_out, seq_len))
+    source = _base_source(adapter_dir, base)
+    # Token ids against the vocabulary before the model loads (its config says the
+    # size), and again against the loaded embeddings.
+    vocab = _vocab_size(source[0])
+    if vocab is not None:
+        for sequences in files:
+            check_token_range(sequences, vocab)
+    model = PeftModel.from_pretrained(_base_model(*source), str(adapter_dir))
     vocab = model.get_input_embeddings().num_embeddings
-    export = to_lora(model, batches_of(sequences, batch_size, vocab), rank=rank, energy=energy,
-                     ridge=ridge, bias=bias, progress=progress,
-                     held_out=None if held_out_sequences is None
-                     else batches_of(held_out_sequences, batch_size, vocab))  # fmt: skip
+    batches = [batches_of(sequences, batch_size, vocab) for sequences in files]
+    export = to_lora(model, batches[0], rank=rank, energy=energy, ridge=ridge, bias=bias,
+                     progress=progress, held_out=batches[1] if held_out else None)  # fmt: skip
     save_lora(export, out_dir)
     return export
