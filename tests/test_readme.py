@@ -24,3 +24,23 @@ def test_readme_python_blocks_run(tmp_path):
     for name in ("cera-adapter/adapter_model.safetensors", "spectra.png", "spectra.json",
                  "lora-adapter/adapter_model.safetensors"):
         assert (tmp_path / name).is_file(), name
+    check_shown_output(run.stdout)
+
+
+def check_shown_output(stdout: str) -> None:
+    """The export example's report, as the README shows it ("It prints"): every row's
+    names and counts equal, every figure within 0.001 (the last digit may round the
+    other way on another machine's BLAS)."""
+    shown = re.search(r"It prints[^\n]*\n\n```text\n(.*?)```", README.read_text(), flags=re.S)
+    assert shown, "README: the export example's output block"
+    rows = [line.split() for line in shown.group(1).splitlines()[2:]]
+    printed = [line.split() for line in stdout.splitlines()]
+    assert len(rows) == 4
+    for row in rows:
+        same = [p for p in printed if p[:1] == row[:1] and len(p) == len(row)]
+        assert len(same) == 1, row[0]
+        for want, got in zip(row, same[0]):
+            if re.fullmatch(r"-?\d+\.\d+", want):
+                assert abs(float(got) - float(want)) <= 1e-3, (row[0], want, got)
+            else:
+                assert got == want, (row[0], want, got)
