@@ -9,6 +9,7 @@ import huggingface_hub.constants
 import peft
 import peft.utils.save_and_load
 import pytest
+import safetensors.torch
 import torch
 from huggingface_hub.errors import LocalEntryNotFoundError
 from models import CASES, Case, tiny_llama
@@ -311,6 +312,20 @@ def test_inject_adapter_in_model_path_refuses_incomplete_weights():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     peft.set_peft_model_state_dict(model, state)
     torch.testing.assert_close(llama_logits(model.eval()), llama_logits(trained), rtol=0, atol=0)
+
+
+def test_transformers_load_adapter_reports_missing_weights_it_does_not_refuse(tmp_path):
+    """Where the completeness check does not hold, as the README says: transformers' own
+    loader assigns adapter weights past load_state_dict and only reports what is missing."""
+    trained_llama().save_pretrained(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    state = safetensors.torch.load_file(weights)
+    safetensors.torch.save_file({k: v for k, v in state.items() if "layers.0.self_attn.q_proj"
+                                 not in k}, weights)  # fmt: skip
+    info = tiny_llama().load_adapter(str(tmp_path))
+    assert sorted(info.missing_keys) == [
+        f"model.layers.0.self_attn.q_proj.cera_{p}.default.weight" for p in "AB"
+    ]
 
 
 def test_get_cera_model_is_get_peft_model_for_cera_configs():
