@@ -130,8 +130,9 @@ def reference_config(
     state dicts), the rank from the weights, the legacy branch (dropout after the
     activation, scale 1), and activation, dropout and targets from the file's
     unversioned config or else the run log beside the file (see the module doc).
-    The targets default to the adapted modules' names, the dropout to 0.1; adapters on
-    some layers only give ``layers_to_transform``. ``overrides`` are ``CeraConfig``
+    The targets default to the adapted modules' names, the dropout to 0.1; the layers
+    the adapters sit on become ``layers_to_transform`` (``load_reference_model`` drops it
+    when they are all of the model's layers). ``overrides`` are ``CeraConfig``
     fields that replace what the file says (e.g. ``cera_dropout`` to train on with
     another rate). Raises ValueError for what cera_rs does not implement, a config that
     contradicts itself or the weights, and a file that does not say its activation
