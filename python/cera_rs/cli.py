@@ -33,7 +33,8 @@ def _one_line(err: BaseException) -> str:
 def _parser() -> argparse.ArgumentParser:
     from cera_rs.demo import PARTS
 
-    version = f"cera-rs {cera_rs.__version__} (built for torch {cera_rs._native.TORCH_VERSION})"
+    version = (f"cera-rs {cera_rs.__version__} (torch {cera_rs.torch.__version__}; extension "
+               f"built for torch {cera_rs._native.TORCH_VERSION})")  # fmt: skip
     parser = _Parser(prog="cera-rs", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=version)
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
