@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers.utils import logging as hf_logging
 
-from cera_rs.demo import linearity, lm_math, smollm2
+from cera_rs.demo import linearity, llama_cpp, lm_math, smollm2
 from cera_rs.export import to_lora
 
 
@@ -151,6 +151,15 @@ def test_exported_lora_of_a_linear_cera_adapter_gives_its_logits(smol):
     row = lm_math.exported_lora(base, stack, *splits, 4, tokenizer,
                                 lm_math.generated(model, tokenizer, data["test"]))  # fmt: skip
     assert row["exported_lora_same_verdict"] == 1.0
+    # The same LoRA run by llama.cpp from its GGUF adapter file when llama-cpp-python is
+    # importable (scripts/llama-cpp-check.sh); otherwise the row and report say why not.
+    reason = llama_cpp.unavailable()
+    if reason is None:
+        assert row["llama_cpp_same_verdict"] >= 0.9 and "llama_cpp_skipped" not in row
+    else:
+        assert row["llama_cpp_skipped"] == reason and "llama-cpp-python" in reason
+    finding = linearity._llama_cpp_finding("hard", "CeRA r=4", {**row, "test_exact_match": [0.5]})
+    assert ("run by llama.cpp" in finding) == (reason is None)
     assert row["linearity"]["held_out_linearity_at_r"] > 1 - 1e-5
     low, high = row["exported_lora_wilson95"]
     assert low <= row["exported_lora_test_exact_match"] <= high

@@ -7,6 +7,7 @@ from. Both parts call ``export_and_merge``; the tables and findings are built he
 from __future__ import annotations
 
 import copy
+import os
 import tempfile
 from collections.abc import Iterable
 from typing import Any
@@ -15,20 +16,26 @@ import numpy as np
 from peft import PeftModel
 from torch import nn
 
-from cera_rs.export import LinearityReport, save_lora, to_lora
+from cera_rs.export import LinearityReport, save_gguf_lora, save_lora, to_lora
 
 
 def export_and_merge(model: nn.Module, base: nn.Module, batches: Iterable[Any], rank: int,
-                     held_out: Iterable[Any]) -> tuple[nn.Module, LinearityReport]:  # fmt: skip
+                     held_out: Iterable[Any], gguf: str | os.PathLike | None = None,
+                     base_gguf: str | os.PathLike | None = None,
+                     ) -> tuple[nn.Module, LinearityReport]:  # fmt: skip
     """The rank-``rank`` LoRA of ``model``'s CeRA adapters fitted on ``batches``,
     written as a PEFT adapter folder, loaded by plain ``PeftModel.from_pretrained``
     onto a copy of ``base`` and merged (``merge_and_unload``): the model a LoRA-only
-    serving stack would run, and the linearity report (on ``held_out`` too).
+    serving stack would run, and the linearity report (on ``held_out`` too). With
+    ``gguf``, the same LoRA is also written there as a llama.cpp adapter for the
+    GGUF model ``base_gguf``.
 
     The copy shares every parameter of ``base`` except the weights the merge writes,
     so ``base`` (often shared by other runs) is never modified and little is copied.
     """
     export = to_lora(model, batches, rank=rank, held_out=held_out, progress=False)
+    if gguf is not None:
+        save_gguf_lora(export, gguf, base_gguf=base_gguf)
     kinds = ("weight", "bias") if export.config.lora_bias else ("weight",)
     written = {f"{m.name}.{kind}" for m in export.report for kind in kinds}
     memo = {id(p): p for n, p in base.named_parameters() if n not in written}
@@ -133,4 +140,17 @@ def lm_findings(part2: dict) -> list[str]:
             f"LoRA and merged, it {change} exact match "
             f"({_pct(cera)} % -> {_pct(lora)} %, same verdict on "
             f"{_pct(row['exported_lora_same_verdict'])} % of the test problems).")  # fmt: skip
+        out.append(_llama_cpp_finding(tier, name, row))
     return out
+
+
+def _llama_cpp_finding(tier: str, name: str, row: dict) -> str:
+    """The exported LoRA as a GGUF adapter run by llama.cpp, or why it was not run."""
+    if "llama_cpp_skipped" in row:
+        return (f"{tier} tier, {name}: the GGUF adapter was not run in llama.cpp "
+                f"(skipped: {row['llama_cpp_skipped']}).")  # fmt: skip
+    return (f"{tier} tier, {name}: the same LoRA as a GGUF adapter, run by llama.cpp on the "
+            f"SmolLM2 GGUF: exact match {_pct(row['llama_cpp_exact_match'])} % (CeRA "
+            f"{_pct(row['test_exact_match'][0])} %, merged LoRA in PyTorch "
+            f"{_pct(row['exported_lora_test_exact_match'])} %; same verdict as the merged LoRA "
+            f"on {_pct(row['llama_cpp_same_verdict'])} % of the test problems).")  # fmt: skip

@@ -15,7 +15,9 @@ from __future__ import annotations
 import copy
 import math
 import random
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,7 +27,7 @@ from tqdm import tqdm
 from transformers.masking_utils import create_causal_mask
 
 from cera_rs import CeraConfig, get_cera_model
-from cera_rs.demo import linearity, smollm2
+from cera_rs.demo import linearity, llama_cpp, smollm2
 from cera_rs.spectral import analyze
 
 TIERS = ("easy", "hard")
@@ -173,8 +175,9 @@ class Stack:
     def _layers(self, h: Tensor, layers) -> Tensor:
         positions = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
         rotary = self.inner.rotary_emb(h, positions)
-        mask = create_causal_mask(config=self.inner.config, inputs_embeds=h, attention_mask=None,
-                                  cache=None, position_ids=positions)  # fmt: skip
+        # The cache positionally: transformers 5.24 renamed the argument (past_key_values).
+        mask = create_causal_mask(self.inner.config, h, None, None,
+                                  position_ids=positions)  # fmt: skip
         for layer in layers:
             h = layer(h, attention_mask=mask, position_ids=positions, position_embeddings=rotary)
         return h
@@ -289,26 +292,43 @@ def scored(stack: Stack, split: Split, batch: int = 128) -> np.ndarray:
     return correct
 
 
+def answered(text: str, answer: str) -> bool:
+    """The exact-match verdict on a continuation: the text before its first newline
+    is the answer (and a newline was written)."""
+    return text.split("\n")[0] == answer and "\n" in text
+
+
+def prompt_ids(tokenizer, items: list[tuple[str, str]]) -> list[list[int]]:
+    return [tokenizer(p, add_special_tokens=False)["input_ids"] for p, _ in items]
+
+
 @torch.no_grad()
-def generated(model: nn.Module, tokenizer, items: list[tuple[str, str]],
-              max_new_tokens: int = 6) -> np.ndarray:  # fmt: skip
-    """Exact match by greedy ``generate``: the text before the first newline equals
-    the answer. Prompts of equal token length are batched together (no padding)."""
+def greedy_tokens(model: nn.Module, prompts: list[list[int]], max_new_tokens: int,
+                  eos: int | None) -> list[list[int]]:  # fmt: skip
+    """Each prompt's greedy continuation by ``generate`` (``max_new_tokens``, or up
+    to ``eos``). Prompts of equal length are batched together (no padding)."""
     model.eval()
     by_length: dict[int, list[int]] = {}
-    prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p, _ in items]
     for i, ids in enumerate(prompts):
         by_length.setdefault(len(ids), []).append(i)
-    correct = np.zeros(len(items), dtype=bool)
-    eos = tokenizer.eos_token_id
+    out: list[list[int]] = [[] for _ in prompts]
     for indices in by_length.values():
         ids = torch.tensor([prompts[i] for i in indices])
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=max_new_tokens, pad_token_id=eos)  # fmt: skip
-        for i, row in zip(indices, out[:, ids.shape[1] :]):
-            text = tokenizer.decode(row, skip_special_tokens=True)
-            correct[i] = text.split("\n")[0] == items[i][1] and "\n" in text
-    return correct
+        rows = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                              do_sample=False, max_new_tokens=max_new_tokens,
+                              pad_token_id=eos)  # fmt: skip
+        for i, row in zip(indices, rows[:, ids.shape[1] :].tolist()):
+            out[i] = row[: row.index(eos) + 1] if eos in row else row
+    return out
+
+
+def generated(model: nn.Module, tokenizer, items: list[tuple[str, str]],
+              max_new_tokens: int = 6) -> np.ndarray:  # fmt: skip
+    """Exact match by greedy ``generate`` (``answered``)."""
+    rows = greedy_tokens(model, prompt_ids(tokenizer, items), max_new_tokens,
+                         tokenizer.eos_token_id)  # fmt: skip
+    return np.array([answered(tokenizer.decode(row, skip_special_tokens=True), answer)
+                     for row, (_, answer) in zip(rows, items)], dtype=bool)  # fmt: skip
 
 
 def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -355,14 +375,27 @@ def exported_lora(base: nn.Module, stack: Stack, calibration: Split, test: Split
     """The best rank-``r`` linear map of the CeRA adapters in ``stack``, fitted on the
     training tokens (its linearity measured on the test tokens too), exported as a
     PEFT LoRA, merged into the base model and scored by greedy ``generate`` on the
-    test problems beside the CeRA adapter's own answers."""
-    merged, report = linearity.export_and_merge(Suffix(stack), base, calibration.batches(), r,
-                                                held_out=test.batches())  # fmt: skip
-    hits = generated(merged, tokenizer, test.data.items)
-    return {"linearity": linearity.summary(report),
-            "exported_lora_test_exact_match": float(hits.mean()),
-            "exported_lora_wilson95": list(wilson(int(hits.sum()), len(hits))),
-            "exported_lora_same_verdict": float((hits == cera_hits).mean())}  # fmt: skip
+    test problems beside the CeRA adapter's own answers; and, when llama-cpp-python
+    is importable, written as a GGUF adapter and scored by llama.cpp on the SmolLM2
+    GGUF (otherwise the row says why not)."""
+    skipped = llama_cpp.unavailable()
+    with tempfile.TemporaryDirectory(prefix="cera-rs-gguf-") as folder:
+        gguf = None if skipped else Path(folder) / "adapter.gguf"
+        merged, report = linearity.export_and_merge(
+            Suffix(stack), base, calibration.batches(), r, held_out=test.batches(), gguf=gguf,
+            base_gguf=smollm2.gguf_path())  # fmt: skip
+        hits = generated(merged, tokenizer, test.data.items)
+        row = {"linearity": linearity.summary(report),
+               "exported_lora_test_exact_match": float(hits.mean()),
+               "exported_lora_wilson95": list(wilson(int(hits.sum()), len(hits))),
+               "exported_lora_same_verdict": float((hits == cera_hits).mean())}  # fmt: skip
+        if gguf is None:
+            row["llama_cpp_skipped"] = skipped
+        else:  # the LoRA as llama.cpp runs it: its adapter file on the GGUF base
+            served, _ = llama_cpp.exact_match(smollm2.gguf_path(), gguf, tokenizer, test.data.items)
+            row["llama_cpp_exact_match"] = float(served.mean())
+            row["llama_cpp_same_verdict"] = float((served == hits).mean())
+    return row
 
 
 def _fit(base, method: Method, s: Settings, train_split: Split, lr: float, seed: int, bar):
