@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GGUF adapter in llama.cpp itself, against PyTorch: train CeRA on SmolLM2 (part 2's
 # hard tier), export it with `cera-rs export-lora --gguf`, run both on the held-out
-# problems. See scripts/README.md. Too slow for `make test` (about 5 minutes on 2
+# problems. See scripts/README.md. Too slow for `make test` (about 16 minutes on 2
 # cores); `tests/test_gguf_lora.py` checks the file's structure there.
 #
 #   LLAMA_CPP=/work/llama-cpp scripts/llama-cpp-check.sh [OUT]

@@ -44,10 +44,13 @@ from cera_rs.demo.llama_cpp import LlamaCpp
 TIER, METHOD, LR, SEED = "hard", lm_math.Method("CeRA r=8", "cera", 8), 6e-3, 0
 NEW_TOKENS = 6  # as the demo scores
 SPEED_TOKENS = 64
-LOGIT_TOL = 0.05
-"""Max |logit difference| allowed on the F32 base: float32 round-off through 30 layers
-and logits of magnitude ~30 (measured: see BENCHMARKS.md), far below the adapter's
-own effect on the logits (~40)."""
+LOGIT_TOL = 0.1
+"""Max |logit difference| allowed on the F32 base. Measured (2026-12-02): the base
+alone differs by up to 0.021 between the two engines (float32 accumulation order
+through 30 layers, logits up to ~30), the adapted model by up to 0.061 (llama.cpp adds
+``B (A x)`` beside ``W x`` where PyTorch multiplies by the merged ``W + B A``, and its
+logits reach ~42). A LoRA written wrongly moves the logits by a share of the adapter's
+effect (~47): the same adapter without the q/k row reordering differs by 25."""
 
 
 def f32_gguf(source: Path, target: Path) -> None:
