@@ -43,8 +43,12 @@ import json, sys
 meta = json.load(sys.stdin)
 print(next(p["manifest_path"] for p in meta["packages"] if p["name"] == "torch-sys").rsplit("/", 1)[0])')
 patched=$WORK/torch-sys-patched
-rm -rf "$patched" && cp -r "$torch_sys_src" "$patched"
-patch --quiet -p1 -d "$patched" <"$PATCH"
+stamp="$torch_sys_src $(sha256sum <"$PATCH")"
+if [ "$(cat "$patched/.cera-rs-stamp" 2>/dev/null)" != "$stamp" ]; then  # else keep its mtimes
+  rm -rf "$patched" && cp -r "$torch_sys_src" "$patched"
+  patch --quiet -p1 -d "$patched" <"$PATCH"
+  echo "$stamp" >"$patched/.cera-rs-stamp"
+fi
 rm -rf "$WORK/crate" && mkdir -p "$WORK/crate"
 cp -r Cargo.toml Cargo.lock build.rs src "$WORK/crate/"
 
@@ -56,6 +60,7 @@ for version in $TORCHES; do
     mv "$stage/cera_rs/_native.abi3.so" "$builds/torch-$minor/_native.abi3.so"
   else
     venv=$WORK/venv-$minor
+    target=$WORK/target-$minor
     if ! "$venv/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$version')" 2>/dev/null; then
       rm -rf "$venv"
       python3 -m venv "$venv"
@@ -66,11 +71,16 @@ for version in $TORCHES; do
       cd "$WORK/crate"
       export VIRTUAL_ENV=$venv PATH=$venv/bin:$PATH PYO3_PYTHON=$venv/bin/python
       export LIBTORCH_USE_PYTORCH=1 LIBTORCH_BYPASS_VERSION_CHECK=1 CXXFLAGS=-std=c++20
-      cargo build --release --lib --features python --quiet --target-dir "$WORK/target" \
+      cargo build --release --lib --features python --quiet --target-dir "$target" \
         --config "patch.crates-io.torch-sys.path=\"$patched\"" \
         --config 'profile.release.strip="symbols"'
     )
-    cp "$WORK/target/release/libcera_rs.so" "$builds/torch-$minor/_native.abi3.so"
+    # torch-sys reruns its build script on its own files and LIBTORCH_* variables, not
+    # on which venv's torch it finds: a target folder shared by two minors would keep the
+    # first one's C++. Hence one target folder per minor, and this check.
+    grep -qs "libtorch_lib=$venv/" "$target"/release/build/torch-sys-*/output ||
+      { echo "torch-sys in $target was not built against $venv" >&2; exit 1; }
+    cp "$target/release/libcera_rs.so" "$builds/torch-$minor/_native.abi3.so"
     [ "${KEEP_VENVS:-0}" = 1 ] || rm -rf "$venv"
   fi
   echo "torch $version: built in $((SECONDS - t0)) s"
