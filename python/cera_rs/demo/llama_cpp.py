@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 INSTALL = ("pip install --no-deps --target DIR llama-cpp-python==0.3.36 and put DIR on "
-           "PYTHONPATH (it compiles llama.cpp: about an hour on 2 cores)")  # fmt: skip
+           "PYTHONPATH (it compiles llama.cpp: about 25 minutes on 2 cores)")  # fmt: skip
 
 
 def unavailable() -> str | None:
