@@ -59,7 +59,7 @@ lint: $(NATIVE)
 	cargo fmt --check
 	cargo clippy --all-targets --quiet -- -D warnings
 	cargo clippy --all-targets --features python --quiet -- -D warnings
-	$(VENV)/bin/ruff check python tests
+	$(VENV)/bin/ruff check python tests build_backend
 
 test-rust: $(VENV)/.installed
 	LD_LIBRARY_PATH=$(TORCH_LIB) cargo test --quiet

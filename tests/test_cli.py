@@ -60,6 +60,39 @@ def test_version(capsys):
     assert out.startswith(f"cera-rs {cera_rs.__version__} ") and "torch 2.11" in out
 
 
+def test_version_says_in_one_line_when_cera_rs_cannot_load(tmp_path):
+    """The installed entry point (_cera_rs_cli, outside the package): with a torch the
+    extension was not built for, one line and exit status 1, not an import traceback."""
+    code = ("import sys, torch\n"
+            "torch.__version__ = '2.13.0'  # not the minor this extension was built for\n"
+            "import _cera_rs_cli\n"
+            "sys.argv[0] = 'cera-rs'\n"
+            "raise SystemExit(_cera_rs_cli.main())\n")  # fmt: skip
+    for argv in (["--version"], ["demo", "--quick"]):
+        run = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True,
+                             text=True, cwd=tmp_path)  # fmt: skip
+        assert run.returncode == 1 and run.stdout == ""
+        assert run.stderr == (
+            f"cera-rs {cera_rs.__version__}: error: cannot import cera_rs: cera_rs was built "
+            f"for torch {cera_rs._native.TORCH_VERSION} but torch 2.13.0 is installed; install "
+            f"torch=={cera_rs._native.TORCH_VERSION.split('+')[0]} or rebuild cera_rs against "
+            f"this torch (--debug shows the traceback)\n"
+        )
+    run = subprocess.run([sys.executable, "-c", code, "--version", "--debug"],
+                         capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    assert run.returncode == 1 and "Traceback" in run.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_help_shows_no_docstring_markup():
+    for argv in (["--help"], *([c, "--help"] for c in ("demo", "bench", "analyze",
+                                                        "export-lora"))):  # fmt: skip
+        run = subprocess.run([sys.executable, "-m", "cera_rs.cli", *argv], capture_output=True,
+                             text=True)  # fmt: skip
+        assert run.returncode == 0 and "usage: cera-rs" in run.stdout
+        assert "``" not in run.stdout, argv
+
+
 def test_missing_folder(capsys, tmp_path):
     err = fails(capsys, ["analyze", str(tmp_path / "nope")])
     assert f"{tmp_path / 'nope'} does not exist" in err
@@ -282,6 +315,16 @@ def test_outputs_that_are_files_are_refused_before_any_work(capsys, no_work, tmp
     err = fails(capsys, ["demo", "--quick", "--out", str(taken)])
     assert f"cannot write the folder {taken}: it is a file" in err
     assert taken.read_text() == "keep me" and capsys.readouterr().out == ""
+
+
+def test_export_lora_refuses_an_output_under_a_missing_folder(capsys, no_work, tmp_path):
+    """OUT_DIR itself is created, its parent is not: a mistyped path is refused before
+    the fit and nothing is created (``demo --out`` creates parents, as documented)."""
+    np.save(tmp_path / "ids.npy", np.ones((2, 12), dtype=np.int64))
+    out = tmp_path / "missing" / "dir" / "out"
+    err = fails(capsys, export_argv(tmp_path, tmp_path / "ids.npy", out))
+    assert f"cannot write the folder {out}: the folder {out.parent} does not exist" in err
+    assert not (tmp_path / "missing").exists()
 
 
 def test_export_lora_checks_ids_against_the_vocabulary_before_loading(capsys, no_work, tmp_path):

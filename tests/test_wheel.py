@@ -67,7 +67,7 @@ def test_wheel_tag_size_and_libraries(wheel, unpacked):
     assert [p.relative_to(unpacked).as_posix() for p in binaries] == [build]
     purelib = unpacked / f"cera_rs-{PROJECT['version']}.data" / "purelib"
     assert sorted(p.name for p in purelib.iterdir()) == [
-        "_cera_rs_peft_hook.py", "cera_rs_peft_hook.pth"]  # fmt: skip
+        "_cera_rs_cli.py", "_cera_rs_peft_hook.py", "cera_rs_peft_hook.pth"]  # fmt: skip
     major, minor = glibc_needed(binaries[0])
     expected = f"cera_rs-{PROJECT['version']}-cp39-abi3-manylinux_{major}_{minor}_x86_64.whl"
     assert wheel.name == expected

@@ -37,16 +37,20 @@ def check_writable(path: str | os.PathLike) -> None:
         raise IsADirectoryError(f"cannot write {path}: it is a folder")
 
 
-def check_folder_writable(path: str | os.PathLike) -> None:
+def check_folder_writable(path: str | os.PathLike, parents: bool = True) -> None:
     """Refuses, naming it, an output folder that is a file or lies under a file (it
-    and its missing parents are created later): checked before the work, not after."""
+    and, if ``parents``, its missing parents are created later; else its parent must
+    exist, as for ``mkdir`` without ``-p``): checked before the work, not after."""
     path = Path(path)
     for existing in (path, *path.parents):
         if existing.is_dir():
-            return
+            break
         if existing.exists():
             where = "it is a file" if existing == path else f"{existing} is a file"
             raise NotADirectoryError(f"cannot write the folder {path}: {where}")
+    if not parents and not path.exists() and not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write the folder {path}: the folder {path.parent} "
+                                f"does not exist")  # fmt: skip
 
 
 @contextmanager

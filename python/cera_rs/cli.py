@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
 
     version = (f"cera-rs {cera_rs.__version__} (torch {cera_rs.torch.__version__}; extension "
                f"built for torch {cera_rs._native.TORCH_VERSION})")  # fmt: skip
-    parser = _Parser(prog="cera-rs", description=__doc__.split("\n\n")[0])
+    description = __doc__.split("\n\n")[0].replace("``", "")  # docstring markup, not --help's
+    parser = _Parser(prog="cera-rs", description=description)
     parser.add_argument("--version", action="version", version=version)
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     # Also accepted after the command; SUPPRESS keeps it from resetting the flag above.

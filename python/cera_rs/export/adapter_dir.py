@@ -145,7 +145,7 @@ def export_adapter_dir(
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    check_folder_writable(out_dir)  # before the fit, not after it
+    check_folder_writable(out_dir, parents=False)  # before the fit; a mistyped parent too
     adapter_dir = Path(adapter_dir)
     files = [load_token_ids(data, seq_len)]
     if held_out is not None:
