@@ -1,5 +1,5 @@
-"""The ``cera-rs`` command: ``demo`` (the main job), ``bench``, ``analyze`` and
-``export-lora``.
+"""The ``cera-rs`` command: ``demo`` (the main job), ``compare``, ``bench``, ``analyze``
+and ``export-lora``.
 
 A user's mistake (a wrong path, an unreadable adapter, a missing optional dependency,
 a bad option) is one line on stderr and exit status 2; ``--debug`` shows its
@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import cera_rs
-from cera_rs.atomic import check_writable
+from cera_rs.atomic import check_folder_writable, check_writable
 from cera_rs.extras import MATPLOTLIB, MissingDependency, require
 
 USER_ERRORS = (OSError, ValueError, MissingDependency)
@@ -74,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     kind.add_argument("--export", action="store_true",
                       help="the linear export (export-lora's engine) against torch.linalg.lstsq "
                            "on kept deltas instead")  # fmt: skip
+    _compare_parser(commands, debug)
     analyze = commands.add_parser(
         "analyze", parents=[debug],
         help="weight-level spectra of a saved adapter folder (CeRA or PEFT LoRA)",
@@ -118,6 +120,75 @@ def _parser() -> argparse.ArgumentParser:
                         help="the base model's GGUF file, which llama.cpp loads the adapter "
                              "onto: its tensor names, shapes and architecture")  # fmt: skip
     return parser
+
+
+def _numbers(kind: type) -> Callable[[str], tuple]:
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated numbers, got {text!r}") from None
+    return parse
+
+
+def _compare_parser(commands, debug: argparse.ArgumentParser) -> None:
+    from cera_rs.compare import BUILTIN_MODEL, Settings
+
+    d = Settings()
+    p = commands.add_parser(
+        "compare", parents=[debug],
+        help="train several adapter methods the same way and say, with intervals, which "
+             "is better on your model and data",
+        description="Trains and scores each METHOD on one base model and one data set with "
+                    "the same data order and init seeds, and reports each against the first "
+                    "(or --reference) with a paired 95 %% bootstrap interval. A METHOD is a "
+                    "spec (cera:r=64, lora:r=512,lora_alpha=32, dora:r=8, hira:r=32) or a PEFT "
+                    "method_comparison experiment folder. Finished runs are kept in --out: "
+                    "the same command again resumes.",
+    )  # fmt: skip
+    p.add_argument("methods", nargs="+", metavar="METHOD")
+    p.add_argument("--model", default=BUILTIN_MODEL,
+                   help="a transformers causal-LM folder, or %(default)s (the built-in "
+                        "SmolLM2-135M-Instruct)")  # fmt: skip
+    p.add_argument("--data", help="built-in problems: tiers:hard or tiers:easy")
+    p.add_argument("--train", type=Path, help="JSONL, one {\"prompt\", \"completion\"} a line")
+    p.add_argument("--valid", type=Path,
+                   help="JSONL (default: the last 100 training problems, at most a fifth)")
+    p.add_argument("--test", type=Path, help="JSONL")
+    p.add_argument("--sizes", type=_numbers(int), default=(960, 150, 300),
+                   help="train,valid,test problems of --data (default: 960,150,300)")
+    p.add_argument("--steps", type=int, default=d.steps, help="(default: %(default)s)")
+    p.add_argument("--batch", type=int, default=d.batch, help="(default: %(default)s)")
+    p.add_argument("--lrs", type=_numbers(float), default=d.lrs,
+                   help="learning-rate grid, each method's chosen on the valid split "
+                        "(default: 3e-4,1e-3,3e-3)")  # fmt: skip
+    p.add_argument("--seeds", type=_numbers(int), default=d.seeds,
+                   help="data-order and init seeds (default: 0,1,2)")
+    p.add_argument("--adapted-layers", type=int,
+                   help="adapters on the last K decoder layers only; the frozen layers' "
+                        "outputs are computed once (much faster)")  # fmt: skip
+    p.add_argument("--max-seq-length", type=int, help="refuse longer problems")
+    p.add_argument("--reference", help="the method the others are compared with "
+                                       "(default: the first)")  # fmt: skip
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA with bf16 autocast when there, else CPU")
+    p.add_argument("--out", type=Path, default=RESULTS / "compare",
+                   help="output folder, created if missing (default: %(default)s)")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from cera_rs.compare import Settings, compare, report
+
+    check_folder_writable(args.out)
+    settings = Settings(steps=args.steps, batch=args.batch, lrs=args.lrs, seeds=args.seeds,
+                        adapted_layers=args.adapted_layers, max_seq_length=args.max_seq_length,
+                        reference=args.reference, device=args.device)  # fmt: skip
+    summary = compare(args.methods, model=args.model, data=args.data, train=args.train,
+                      test=args.test, valid=args.valid, out_dir=args.out, settings=settings,
+                      sizes=args.sizes)  # fmt: skip
+    print("\n" + report.scores_markdown(summary) + "\n\n" + report.costs_markdown(summary))
+    print(f"\nwritten: {args.out / 'report.md'}, summary.json, exact_match.png, peft_results/")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -225,7 +296,8 @@ def _check_gguf(args: argparse.Namespace) -> None:
     BaseGGUF.read(args.gguf_base)
 
 
-COMMANDS = {"demo": _demo, "bench": _bench, "analyze": _analyze, "export-lora": _export_lora}
+COMMANDS = {"demo": _demo, "compare": _compare, "bench": _bench, "analyze": _analyze,
+            "export-lora": _export_lora}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -72,7 +72,7 @@ def _pin_malloc_to_mmap() -> None:
     libc.mallopt(m_trim_threshold, 64 * 1024)
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -83,14 +83,14 @@ def peak_rss_growth(fn: Callable[[], object], interval: float = 2e-4) -> int:
     _pin_malloc_to_mmap()
     fn()  # warm-up: lazy initialisations do not count as the step's memory
     gc.collect()
-    before = _rss_bytes()
+    before = rss_bytes()
     peak = before
     done = threading.Event()
 
     def sample() -> None:
         nonlocal peak
         while not done.is_set():
-            peak = max(peak, _rss_bytes())
+            peak = max(peak, rss_bytes())
             time.sleep(interval)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -100,7 +100,7 @@ def peak_rss_growth(fn: Callable[[], object], interval: float = 2e-4) -> int:
     finally:
         done.set()
         sampler.join()
-    return max(peak, _rss_bytes()) - before
+    return max(peak, rss_bytes()) - before
 
 
 def peak_growth(fn: Callable[[], object], device: torch.device) -> int:

@@ -14,6 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cera_rs.compare.data import Encoded, end_token
+from cera_rs.compare.runner import answered
+
 INSTALL = ("pip install --no-deps --target DIR llama-cpp-python==0.3.36 and put DIR on "
            "PYTHONPATH (it compiles llama.cpp: about 25 minutes on 2 cores)")  # fmt: skip
 
@@ -81,19 +84,15 @@ class LlamaCpp:
         self.llm.close()
 
 
-def exact_match(model: Path, lora: Path, tokenizer, items: list[tuple[str, str]],
-                max_new_tokens: int = 6) -> tuple[np.ndarray, list[list[int]]]:  # fmt: skip
-    """Exact match of ``model`` with ``lora`` in llama.cpp on ``items`` (prompt,
-    answer), scored as part 2 scores PyTorch's ``generate`` (``lm_math.answered``),
-    and the greedy continuations."""
-    from cera_rs.demo.lm_math import answered, prompt_ids
-
+def exact_match(model: Path, lora: Path, tokenizer, data: Encoded) -> np.ndarray:
+    """Exact match of ``model`` with ``lora`` in llama.cpp on the problems of ``data``,
+    scored as ``cera_rs.compare`` scores PyTorch's ``generate`` (the same token
+    budget, ``answered``)."""
+    eos = end_token(tokenizer)
     runner = LlamaCpp(model, lora)
     try:
-        rows = [runner.greedy(ids, max_new_tokens, tokenizer.eos_token_id)
-                for ids in prompt_ids(tokenizer, items)]  # fmt: skip
+        rows = [runner.greedy(ids, data.completion_tokens() + 4, eos) for ids in data.prompts()]
     finally:
         runner.close()
-    hits = np.array([answered(tokenizer.decode(row, skip_special_tokens=True), answer)
-                     for row, (_, answer) in zip(rows, items)], dtype=bool)  # fmt: skip
-    return hits, rows
+    return np.array([answered(tokenizer, row, completion, eos)
+                     for row, (_, completion) in zip(rows, data.items)], dtype=bool)  # fmt: skip

@@ -1,0 +1,85 @@
+"""Does CeRA beat LoRA on *my* model and data, beyond noise? ``compare`` trains and
+scores several adapter methods on one base model and one data set the same way, and
+reports each method against a reference with a paired bootstrap interval and a
+verdict that never says more than the data supports.
+
+    from cera_rs.compare import compare
+    summary = compare(["lora:r=8", "cera:r=8", "cera:r=8,activation=identity"],
+                      model="smollm2", data="tiers:hard", out_dir="results/compare")
+
+``cera-rs compare`` is the same from the command line."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cera_rs.compare import data as _data
+from cera_rs.compare.engine import Comparison, Extras, Settings, run
+from cera_rs.compare.methods import Method, method, parse_spec, read_folder
+from cera_rs.compare.stats import Difference, paired_bootstrap, wilson
+
+BUILTIN_MODEL = "smollm2"
+"""SmolLM2-135M-Instruct (4-bit-quantised (Q4_1) weights, dequantised; offline)."""
+
+
+def load_model(name: str | os.PathLike) -> tuple[str, nn.Module, Any]:
+    """The frozen base (float32, eval) and its tokenizer: the built-in SmolLM2, or
+    anything ``AutoModelForCausalLM.from_pretrained`` takes (a local folder; a hub id
+    goes to transformers, which may download it on a machine that can)."""
+    if str(name) == BUILTIN_MODEL:
+        from cera_rs.demo import smollm2
+
+        model, tokenizer = smollm2.load()
+        return f"SmolLM2-135M-Instruct, {smollm2.WEIGHTS}", model, tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    model.requires_grad_(False).eval()
+    return str(name), model, AutoTokenizer.from_pretrained(name)
+
+
+def load_problems(data: str | None = None, train: str | os.PathLike | None = None,
+                  test: str | os.PathLike | None = None,
+                  valid: str | os.PathLike | None = None,
+                  sizes: tuple[int, int, int] = (960, 150, 300)) -> _data.Problems:  # fmt: skip
+    """``data="tiers:hard"`` (or ``tiers:easy``) with ``sizes`` (train, valid, test), or
+    JSONL files ``train`` and ``test`` (and ``valid``)."""
+    if data is not None:
+        if train is not None or test is not None or valid is not None:
+            raise ValueError("give either a built-in data set or JSONL files, not both")
+        kind, _, name = data.partition(":")
+        if kind != "tiers" or name not in _data.TIERS:
+            raise ValueError(f"unknown built-in data {data!r}; expected one of "
+                             f"{', '.join(f'tiers:{t}' for t in _data.TIERS)}")  # fmt: skip
+        return _data.tier(name, *sizes)
+    if train is None or test is None:
+        raise ValueError("JSONL data needs a train file and a test file (and optionally valid)")
+    return _data.from_jsonl(train, test, valid)
+
+
+def compare(methods: list[str | os.PathLike | Method], model: str | os.PathLike = BUILTIN_MODEL,
+            data: str | None = None, train: str | os.PathLike | None = None,
+            test: str | os.PathLike | None = None, valid: str | os.PathLike | None = None,
+            out_dir: str | os.PathLike = "results/compare", settings: Settings | None = None,
+            sizes: tuple[int, int, int] = (960, 150, 300), progress: bool = True,
+            extras: Extras | None = None) -> dict[str, Any]:  # fmt: skip
+    """Runs (or resumes) the comparison in ``out_dir`` and writes its report there;
+    returns the summary (``summary.json``)."""
+    from cera_rs.compare import report
+
+    chosen = [m if isinstance(m, Method) else method(m) for m in methods]
+    problems = load_problems(data, train, test, valid, sizes)
+    name, base, tokenizer = load_model(model)
+    comparison = run(name, base, tokenizer, problems, chosen, settings or Settings(),
+                     Path(out_dir), progress=progress, extras=extras)  # fmt: skip
+    return report.write(comparison)
+
+
+__all__ = ["Comparison", "Difference", "Method", "Settings", "compare", "load_model",
+           "load_problems", "method", "paired_bootstrap", "parse_spec", "read_folder",
+           "wilson"]  # fmt: skip

@@ -1,0 +1,200 @@
+"""The problems a comparison trains and scores on: JSONL files in TRL's
+prompt-completion format (``{"prompt": ..., "completion": ...}`` per line), or the
+built-in arithmetic tiers. Each problem is tokenised as the prompt, then the
+completion followed by the tokenizer's end-of-sequence token (TRL's convention): the
+loss is on the completion and its end, and exact match asks greedy decoding to write
+the completion and stop."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SPLITS = ("train", "valid", "test")
+
+TIERS = {"easy": "a+b=, two-digit plus one-digit (the GSM8K analogue)",
+         "hard": "a+b=, two-digit plus two-digit (the MATH analogue)"}  # fmt: skip
+"""The built-in tiers (``tiers:easy``, ``tiers:hard``): the base model does neither in
+this format zero-shot."""
+
+Item = tuple[str, str]
+"""A prompt and its completion."""
+
+
+@dataclass(frozen=True)
+class Problems:
+    """Train, valid and test problems, and where they came from (for the report)."""
+
+    train: list[Item]
+    valid: list[Item]
+    test: list[Item]
+    source: str
+    digest: str  # of the contents: a resumed comparison checks it sees the same data
+
+    def split(self, name: str) -> list[Item]:
+        return {"train": self.train, "valid": self.valid, "test": self.test}[name]
+
+
+def _digest(*splits: list[Item]) -> str:
+    sha = hashlib.sha256()
+    for items in splits:
+        sha.update(json.dumps(items, ensure_ascii=False).encode())
+        sha.update(b"\0")
+    return sha.hexdigest()[:16]
+
+
+def read_jsonl(path: str | os.PathLike) -> list[Item]:
+    """Prompt-completion pairs from a JSONL file; a line that is not such an object is
+    refused with its file and line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (JSONL with prompt and completion)")
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {number}: not JSON ({err.msg})") from None
+            if not isinstance(row, dict) or not all(
+                isinstance(row.get(k), str) for k in ("prompt", "completion")
+            ):
+                raise ValueError(
+                    f"{path}, line {number}: expected an object with string fields 'prompt' "
+                    "and 'completion' (TRL's prompt-completion format; conversational "
+                    "rows are not supported)"
+                )
+            if not row["completion"].strip():
+                raise ValueError(f"{path}, line {number}: the completion is empty")
+            items.append((row["prompt"], row["completion"]))
+    if not items:
+        raise ValueError(f"{path}: no problems in the file")
+    return items
+
+
+def from_jsonl(train: str | os.PathLike, test: str | os.PathLike,
+               valid: str | os.PathLike | None = None, n_valid: int = 100) -> Problems:  # fmt: skip
+    """Problems from JSONL files. Without a valid file, the last ``n_valid`` training
+    problems (at most a fifth of them) are held out as the valid split, which chooses
+    each method's learning rate."""
+    train_items, test_items = read_jsonl(train), read_jsonl(test)
+    if valid is not None:
+        valid_items = read_jsonl(valid)
+        source = f"{train} / {valid} / {test}"
+    else:
+        k = min(n_valid, len(train_items) // 5)
+        if k == 0:
+            raise ValueError(f"{train}: too few problems to hold out a valid split; pass one")
+        train_items, valid_items = train_items[:-k], train_items[-k:]
+        source = f"{train} (last {k} held out as valid) / {test}"
+    return Problems(train_items, valid_items, test_items, source,
+                    _digest(train_items, valid_items, test_items))  # fmt: skip
+
+
+def tier_problem(tier: str, rng: random.Random) -> Item:
+    if tier == "easy":
+        a, b = rng.randrange(10, 100), rng.randrange(1, 10)
+    elif tier == "hard":
+        a, b = rng.randrange(10, 100), rng.randrange(10, 100)
+    else:
+        raise ValueError(f"unknown tier {tier!r}; expected one of {tuple(TIERS)}")
+    return f"{a}+{b}=", str(a + b)
+
+
+def tier(name: str, n_train: int, n_valid: int, n_test: int) -> Problems:
+    """A built-in tier: valid and test problems distinct from each other and from
+    training (training problems may repeat). The same sizes give the same problems,
+    and a larger test set extends a smaller one."""
+    rng = random.Random(f"lm-math-{name}")
+    held: dict[str, str] = {}
+    limit = 8100 if name == "hard" else 810
+    if n_valid + n_test > limit // 2:
+        raise ValueError(f"tier {name!r} has {limit} distinct problems; ask for at most "
+                         f"{limit // 2} valid and test problems together")  # fmt: skip
+    while len(held) < n_valid + n_test:
+        prompt, answer = tier_problem(name, rng)
+        held.setdefault(prompt, answer)
+    items = list(held.items())
+    train: list[Item] = []
+    while len(train) < n_train:
+        prompt, answer = tier_problem(name, rng)
+        if prompt not in held:
+            train.append((prompt, answer))
+    valid, test = items[:n_valid], items[n_valid:]
+    return Problems(train, valid, test, f"tiers:{name} ({TIERS[name]})",
+                    _digest(train, valid, test))  # fmt: skip
+
+
+@dataclass
+class Encoded:
+    """Problems as right-padded token ids, and where their completion tokens are."""
+
+    ids: Tensor  # (n, T)
+    lengths: Tensor  # (n,) real tokens per problem
+    prompt_lengths: Tensor  # (n,)
+    items: list[Item]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def answer_positions(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """For the problems ``rows``: (problem index within ``rows``, position whose
+        logits predict a completion token, that token, problem index) per completion
+        token (the end-of-sequence token included)."""
+        owners, positions = [], []
+        for i, row in enumerate(rows.tolist()):
+            start, end = int(self.prompt_lengths[row]), int(self.lengths[row])
+            owners += [i] * (end - start)
+            positions += range(start - 1, end - 1)
+        owners_t, positions_t = torch.tensor(owners), torch.tensor(positions)
+        targets = self.ids[rows][owners_t, positions_t + 1]
+        return owners_t, positions_t, targets, rows[owners_t]
+
+    def attention_mask(self, rows: Tensor, width: int) -> Tensor:
+        return (torch.arange(width) < self.lengths[rows, None]).long()
+
+    def prompts(self) -> list[list[int]]:
+        return [self.ids[i, : int(p)].tolist() for i, p in enumerate(self.prompt_lengths)]
+
+    def completion_tokens(self) -> int:
+        return int((self.lengths - self.prompt_lengths).max())
+
+
+def end_token(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no end-of-sequence token (eos_token_id), which "
+                         "ends every completion")  # fmt: skip
+    return int(tokenizer.eos_token_id)
+
+
+def encode(tokenizer, items: list[Item], max_length: int | None = None) -> Encoded:
+    """Prompt tokens, then completion tokens and the end-of-sequence token; with
+    ``max_length``, a problem longer than that is refused (a cut completion could
+    not be scored)."""
+    eos = end_token(tokenizer)
+    seqs, prompt_lengths = [], []
+    for prompt, completion in items:
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [eos]
+        if not p:
+            raise ValueError(f"the prompt {prompt!r} has no tokens: nothing to condition on")
+        if max_length is not None and len(p) + len(c) > max_length:
+            raise ValueError(f"a problem of {len(p) + len(c)} tokens exceeds max_seq_length "
+                             f"{max_length}: {prompt[:40]!r}...")  # fmt: skip
+        seqs.append(p + c)
+        prompt_lengths.append(len(p))
+    width = max(len(x) for x in seqs)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    for i, x in enumerate(seqs):
+        ids[i, : len(x)] = torch.tensor(x)
+    return Encoded(ids, torch.tensor([len(x) for x in seqs]), torch.tensor(prompt_lengths), items)

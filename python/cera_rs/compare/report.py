@@ -1,0 +1,270 @@
+"""What a comparison writes: ``summary.json`` (every figure), ``report.md`` (the
+tables and one sentence per method against the reference), ``exact_match.png``
+(exact match against trainable parameters, with intervals) and, per run, a results
+JSON in the schema of PEFT's ``method_comparison`` benchmark (``peft_results/``), so
+that PEFT's own ``processing.py`` reads it beside PEFT's published results.
+
+Scores (exact match, loss, intervals, verdicts) depend only on the runs' records and
+come out the same when a killed comparison is resumed; costs (time, tokens/s,
+memory) are measured and vary from run to run, and are kept apart."""
+
+from __future__ import annotations
+
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cera_rs.atomic import atomic_file
+from cera_rs.compare.engine import Comparison
+from cera_rs.compare.methods import Method
+from cera_rs.compare.stats import Difference, paired_bootstrap, wilson
+
+MiB = 1 << 20
+
+
+def _tested(comparison: Comparison, method: Method) -> list[dict]:
+    """The method's runs at its chosen rate, one per seed, in seed order."""
+    lr = comparison.chosen_lr[method.name]
+    by_seed = {r["seed"]: r for r in comparison.records[method.name] if r["lr"] == lr}
+    return [by_seed[s] for s in comparison.settings.seeds]
+
+
+def _hits(comparison: Comparison, method: Method) -> np.ndarray:
+    return np.array([r["test"]["hits"] for r in _tested(comparison, method)], dtype=bool)
+
+
+def differences(comparison: Comparison) -> list[Difference]:
+    """Each method against the reference (the first method unless one was named)."""
+    reference = _reference(comparison)
+    ref_hits = _hits(comparison, reference)
+    return [paired_bootstrap(_hits(comparison, m), ref_hits, (m.name, reference.name),
+                             resamples=comparison.settings.resamples)
+            for m in comparison.methods if m is not reference]  # fmt: skip
+
+
+def _reference(comparison: Comparison) -> Method:
+    """The method the others are compared with (``engine.run`` checked the name)."""
+    name = comparison.settings.reference
+    return next((m for m in comparison.methods if m.name == name), comparison.methods[0])
+
+
+def _method_summary(comparison: Comparison, method: Method) -> dict[str, Any]:
+    runs = _tested(comparison, method)
+    first_seed = comparison.settings.seeds[0]
+    grid = sorted((r for r in comparison.records[method.name] if r["seed"] == first_seed),
+                  key=lambda r: r["lr"])
+    lr = comparison.chosen_lr[method.name]
+    lrs = [r["lr"] for r in grid]
+    hits = _hits(comparison, method)
+    first = runs[0]["test"]
+    out = {
+        "peft_type": method.peft_type, "fields": method.fields, "source": method.source,
+        "training": method.training, "not_applied": list(method.not_applied),
+        "lr": lr, "lr_at_grid_edge": len(lrs) > 1 and lr in (lrs[0], lrs[-1]),
+        "valid_by_lr": {f"{r['lr']:g}": r["valid"] for r in grid},
+        "seeds": list(comparison.settings.seeds),
+        "test_exact_match": [float(h.mean()) for h in hits],
+        "test_exact_match_mean": float(hits.mean()),
+        "wilson95": list(wilson(int(hits.sum()), int(hits.size))),
+        "test_loss": float(np.mean([r["test"]["loss"] for r in runs])),
+        "teacher_forced_agreement": float(np.mean([r["test"]["teacher_forced_agreement"]
+                                                   for r in runs])),  # fmt: skip
+        "trainable_params": runs[0]["trainable_params"], "total_params": runs[0]["total_params"],
+        "file_size": runs[0]["file_size"],
+    }  # fmt: skip
+    for key in ("spectra", "linearity", "extras"):
+        if key in first:
+            out[key] = first[key]
+    trains = [r["train"] for r in runs]
+    out["costs"] = {
+        "train_time_s": float(np.mean([t["train_time"] for t in trains])),
+        "tokens_per_s": float(np.mean([t["tokens"] / t["train_time"] for t in trains])),
+        "peak_memory_bytes": int(max(t["memory"]["max"] for t in trains)),
+        "score_time_s": float(np.mean([r["test"]["score_time"] for r in runs])),
+    }  # fmt: skip
+    return out
+
+
+def summarise(comparison: Comparison) -> dict[str, Any]:
+    p, s = comparison.problems, comparison.settings
+    return {
+        "model": comparison.model,
+        "data": {"source": p.source, "digest": p.digest,
+                 "sizes": {"train": len(p.train), "valid": len(p.valid), "test": len(p.test)}},
+        "settings": {"steps": s.steps, "batch": s.batch, "lrs": list(s.lrs),
+                     "seeds": list(s.seeds), "adapted_layers": s.adapted_layers,
+                     "max_seq_length": s.max_seq_length, "resamples": s.resamples},
+        "device": comparison.device,
+        "reference": _reference(comparison).name,
+        "base_exact_match": float(comparison.base_hits.mean()),
+        "methods": {m.name: _method_summary(comparison, m) for m in comparison.methods},
+        "differences": [{"method": d.method, "reference": d.reference, "mean": d.mean,
+                         "low": d.low, "high": d.high, "verdict": d.verdict,
+                         "discordant": d.discordant, "sentence": d.sentence()}
+                        for d in differences(comparison)],
+    }  # fmt: skip
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def scores_markdown(summary: dict[str, Any]) -> str:
+    """The part of the report that a resumed comparison reproduces exactly."""
+    s, sizes = summary["settings"], summary["data"]["sizes"]
+    lines = [f"# {summary['model']}: {summary['data']['source']}", "",
+             f"{sizes['train']} training, {sizes['valid']} valid and {sizes['test']} test "
+             f"problems; {s['steps']} steps of batch {s['batch']}; seeds "
+             f"{', '.join(map(str, s['seeds']))}; learning rate chosen per method by valid "
+             f"exact match (seed {s['seeds'][0]}) from {', '.join(f'{x:g}' for x in s['lrs'])}"
+             + (f"; adapters on the last {s['adapted_layers']} layers" if s["adapted_layers"]
+                else "") + ".", "",
+             "## Test exact match (greedy decoding)", "",
+             f"The base model, no adapter: {_pct(summary['base_exact_match'])} %.", "",
+             "| method | trainable params | lr | exact match % (mean) | per seed | Wilson 95 % "
+             "(pooled) | test loss | eff. rank | held-out lin@r |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for name, m in summary["methods"].items():
+        low, high = m["wilson95"]
+        edge = " (edge)" if m["lr_at_grid_edge"] else ""
+        rank = f"{m['spectra']['effective_rank']:.1f}" if "spectra" in m else "-"
+        lin = f"{m['linearity']['held_out_linearity_at_r']:.4f}" if "linearity" in m else "-"
+        lines.append(f"| {name} | {m['trainable_params']:,} | {m['lr']:g}{edge} | "
+                     f"{_pct(m['test_exact_match_mean'])} | "
+                     f"{' / '.join(_pct(x) for x in m['test_exact_match'])} | "
+                     f"{_pct(low)}-{_pct(high)} | {m['test_loss']:.3f} | {rank} | {lin} |")
+    lines += ["", f"## Against {summary['reference']} (paired over seeds and problems)", "",
+              "| method | difference (points) | 95 % bootstrap interval | verdict |",
+              "|---|---:|---:|---|"]  # fmt: skip
+    for d in summary["differences"]:
+        lines.append(f"| {d['method']} | {100 * d['mean']:+.1f} | {100 * d['low']:+.1f} to "
+                     f"{100 * d['high']:+.1f} | {d['verdict']} |")  # fmt: skip
+    lines.append("")
+    lines += [d["sentence"] for d in summary["differences"]]
+    edges = [f"{n} ({m['lr']:g})" for n, m in summary["methods"].items() if m["lr_at_grid_edge"]]
+    if edges:
+        lines += ["", "Chosen at the edge of the rate grid, so a rate beyond it might have done "
+                  f"better: {', '.join(edges)}."]  # fmt: skip
+    notes = [f"{n}: {', '.join(m['not_applied'])}" for n, m in summary["methods"].items()
+             if m["not_applied"]]  # fmt: skip
+    if notes:
+        lines += ["", "Options of the method folders not applied: " + "; ".join(notes) + "."]
+    return "\n".join(lines)
+
+
+def costs_markdown(summary: dict[str, Any]) -> str:
+    lines = [f"## Costs (measured on {summary['device']}; they vary from run to run)", "",
+             "| method | adapter file (KiB) | train time (s, mean) | tokens/s | peak memory "
+             "growth (MiB) |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for name, m in summary["methods"].items():
+        c = m["costs"]
+        lines.append(f"| {name} | {m['file_size'] / 1024:,.0f} | {c['train_time_s']:.1f} | "
+                     f"{c['tokens_per_s']:,.0f} | {c['peak_memory_bytes'] / MiB:,.0f} |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, m in summary["methods"].items():
+        y = 100 * m["test_exact_match_mean"]
+        low, high = (100 * v for v in m["wilson95"])
+        ax.errorbar(m["trainable_params"], y, yerr=[[y - low], [high - y]], fmt="o", capsize=4,
+                    label=name)  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel("test exact match % (Wilson 95 %)")
+    ax.set_title(summary["data"]["source"].split(" (")[0], fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
+    plt.close(fig)
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def peft_result(comparison: Comparison, method: Method, record: dict) -> dict[str, Any]:
+    """One run in the schema of PEFT's ``method_comparison`` results (run_info,
+    train_info, meta_info). Memory is the accelerator's on a GPU and the resident
+    set's growth on CPU; ``valid accuracy`` and ``test accuracy`` are exact match."""
+    s, train, test = comparison.settings, record["train"], record["test"]
+    config = method.config(None).to_dict()
+    config["peft_type"] = method.peft_type
+    train_config = {"model_id": comparison.model, "batch_size": s.batch, "max_steps": s.steps,
+                    "seed": record["seed"], "optimizer_type": method.training.get(
+                        "optimizer_type", "AdamW"),
+                    "optimizer_kwargs": {"weight_decay": 0.0, **method.training.get(
+                        "optimizer_kwargs", {}), "lr": record["lr"]},
+                    "lr_scheduler": method.training.get("lr_scheduler", "constant"),
+                    "grad_norm_clip": method.training.get("grad_norm_clip", 1.0),
+                    "max_seq_length": s.max_seq_length, "adapted_layers": s.adapted_layers,
+                    "dtype": "bfloat16 autocast" if comparison.device == "cuda" else "float32",
+                    "data": comparison.problems.source}  # fmt: skip
+    packages = ("transformers", "peft", "datasets", "bitsandbytes", "torch", "cera_rs")
+    return {
+        "run_info": {"created_at": record["created_at"],
+                     "total_time": train["train_time"] + test["score_time"],
+                     "experiment_name": f"{method.name} seed {record['seed']}",
+                     "peft_branch": "release", "train_config": train_config,
+                     "peft_config": json.loads(json.dumps(config, default=list)),
+                     "error_msg": ""},
+        "train_info": {"accelerator_memory_reserved_avg": train["memory"]["avg"],
+                       "accelerator_memory_max": train["memory"]["max"],
+                       "accelerator_memory_reserved_99th": train["memory"]["99th"],
+                       "train_time": train["train_time"], "file_size": record["file_size"],
+                       "num_trainable_params": record["trainable_params"],
+                       "num_total_params": record["total_params"], "status": "success",
+                       "metrics": [{"step": s.steps,
+                                    "valid accuracy": record["valid"]["exact_match"],
+                                    "train loss": train["train_loss"],
+                                    "train samples": train["samples"],
+                                    "tokens / sec": train["tokens"] / train["train_time"]},
+                                   {"step": s.steps, "test accuracy": test["exact_match"],
+                                    "test loss": test["loss"], "train loss": train["train_loss"],
+                                    "train samples": train["samples"],
+                                    "train total tokens": train["tokens"]}]},
+        "meta_info": {"model_info": {"name": comparison.model},
+                      "dataset_info": {"source": comparison.problems.source,
+                                       "digest": comparison.problems.digest},
+                      "package_info": {f"{p}-version": _version(p) for p in packages},
+                      "system_info": {"system": platform.system(), "release": platform.release(),
+                                      "machine": platform.machine(),
+                                      "processor": platform.processor(),
+                                      "accelerator": (torch.cuda.get_device_name()
+                                                      if comparison.device == "cuda" else "cpu")},
+                      "pytorch_info": torch.__config__.show()},
+    }  # fmt: skip
+
+
+def write(comparison: Comparison, progress: bool = True) -> dict[str, Any]:
+    """Writes every output (each file atomically) and returns the summary."""
+    out = comparison.out_dir
+    summary = summarise(comparison)
+    results = out / "peft_results"
+    results.mkdir(parents=True, exist_ok=True)
+    for method in comparison.methods:
+        for record in _tested(comparison, method):
+            path = results / f"{method.slug}--seed{record['seed']}.json"
+            with atomic_file(path) as f:
+                json.dump(peft_result(comparison, method, record), f, indent=1)
+    with atomic_file(out / "summary.json") as f:
+        json.dump(summary, f, indent=1)
+    with atomic_file(out / "report.md") as f:
+        f.write(scores_markdown(summary) + "\n\n" + costs_markdown(summary) + "\n")
+    plot(summary, out / "exact_match.png")
+    return summary

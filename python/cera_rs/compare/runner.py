@@ -1,0 +1,356 @@
+"""Training and scoring one adapter run on a frozen causal LM, the same way for every
+method: the data order and the adapter-init seed come from the run's seed, the
+optimiser from the method's options, the loss is cross-entropy on completion tokens.
+
+With ``adapted_layers`` (adapters on the last k decoder layers only) the frozen first
+layers' hidden states are computed once per problem and every run trains and scores
+on them (``Stack``): the same logits as the whole model at a fraction of the cost.
+Greedy decoding for exact match always runs the whole adapted model."""
+
+from __future__ import annotations
+
+import copy
+import re
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from peft import PeftModel, PromptLearningConfig, get_peft_model
+from torch import Tensor, nn
+from transformers import get_scheduler
+from transformers.masking_utils import create_causal_mask
+
+from cera_rs.compare.data import Encoded, Problems, encode, end_token
+from cera_rs.compare.methods import Method
+
+
+class Stack:
+    """A decoder split in two: the frozen first layers, run once per problem
+    (``prefix``), and the last ``k`` layers with the norm and the head (``logits``),
+    run by every step. Right padding needs no mask: attention is causal, so a real
+    token never sees the padding after it."""
+
+    def __init__(self, model: nn.Module, k: int) -> None:
+        inner = getattr(model, "model", None)
+        if not all(hasattr(inner, a) for a in ("layers", "embed_tokens", "rotary_emb", "norm")) \
+                or not hasattr(model, "lm_head"):  # fmt: skip
+            raise ValueError(f"adapted_layers needs a Llama-style decoder (model.layers, "
+                             f"embed_tokens, rotary_emb, norm, lm_head); "
+                             f"{type(model).__name__} is not one: compare without "
+                             "adapted_layers")  # fmt: skip
+        if not 0 < k <= len(inner.layers):
+            raise ValueError(f"adapted_layers={k}: the model has {len(inner.layers)} layers")
+        self.model = model
+        self.inner = inner
+        self.split = len(inner.layers) - k
+
+    def _layers(self, h: Tensor, layers) -> Tensor:
+        positions = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
+        rotary = self.inner.rotary_emb(h, positions)
+        # The cache positionally: transformers 5.24 renamed the argument (past_key_values).
+        mask = create_causal_mask(self.inner.config, h, None, None,
+                                  position_ids=positions)  # fmt: skip
+        for layer in layers:
+            h = layer(h, attention_mask=mask, position_ids=positions, position_embeddings=rotary)
+        return h
+
+    @torch.no_grad()
+    def prefix(self, ids: Tensor, batch: int = 256) -> Tensor:
+        """Hidden states after the first ``split`` layers, (n, T, d)."""
+        out = []
+        for i in range(0, len(ids), batch):
+            h = self.inner.embed_tokens(ids[i : i + batch])
+            out.append(self._layers(h, self.inner.layers[: self.split]))
+        return torch.cat(out)
+
+    def suffix(self, hidden: Tensor) -> Tensor:
+        return self._layers(hidden, self.inner.layers[self.split :])
+
+    def logits(self, hidden: Tensor, owners: Tensor, positions: Tensor) -> Tensor:
+        """Logits at ``(owners, positions)`` from prefix states: the head runs on those
+        positions only."""
+        h = self.suffix(hidden)
+        return self.model.lm_head(self.inner.norm(h[owners, positions]))
+
+
+class Suffix(nn.Module):
+    """The adapted last layers as a model of their own, run on cached prefix states
+    (what the spectra and the linearity stream through). The decoder is held as
+    ``model``, as in the causal LM, so adapted layers keep their names
+    (``model.layers.N.self_attn.q_proj``)."""
+
+    def __init__(self, stack: Stack) -> None:
+        super().__init__()
+        self.model = stack.inner
+        self.stack = stack
+
+    def forward(self, hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        return self.stack.suffix(hidden)  # the analyses drop padded tokens by the mask
+
+
+@dataclass
+class Split:
+    """One split's problems, and their prefix states when the stack is used."""
+
+    data: Encoded
+    hidden: Tensor | None
+
+    def batches(self, batch: int = 64) -> list[dict]:
+        """Inputs for the spectral and linearity passes, with the ``attention_mask``
+        they read to leave padding out: prefix states or token ids."""
+        out = []
+        for i in range(0, len(self.data), batch):
+            rows = torch.arange(i, min(i + batch, len(self.data)))
+            width = int(self.data.lengths[rows].max())
+            mask = self.data.attention_mask(rows, width)
+            if self.hidden is not None:
+                out.append({"hidden": self.hidden[rows, :width], "attention_mask": mask})
+            else:
+                out.append({"input_ids": self.data.ids[rows, :width], "attention_mask": mask})
+        return out
+
+
+@dataclass
+class TrainStats:
+    train_loss: float  # mean of the last tenth of the steps
+    train_time: float  # seconds
+    tokens: int  # real tokens in the training batches
+    samples: int
+    memory: dict  # bytes: avg, max, 99th
+
+
+@contextmanager
+def memory_samples(device: torch.device, interval: float = 0.01) -> Iterator[list[int]]:
+    """Memory in use above its level at entry, sampled while the block runs: the
+    resident set on CPU (a thread every ``interval`` seconds), the CUDA allocator's
+    reserved bytes per sample on a GPU, whose peak allocation is appended at exit."""
+    samples: list[int] = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        yield samples
+        torch.cuda.synchronize(device)
+        samples.append(torch.cuda.max_memory_allocated(device) - before)
+        return
+    from cera_rs.bench.measure import rss_bytes
+
+    before = rss_bytes()
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.append(rss_bytes() - before)
+            time.sleep(interval)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield samples
+    finally:
+        done.set()
+        sampler.join()
+        samples.append(rss_bytes() - before)
+
+
+def _memory_figures(samples: list[int]) -> dict:
+    arr = np.maximum(np.array(samples or [0], dtype=np.int64), 0)
+    return {"avg": int(arr.mean()), "max": int(arr.max()), "99th": int(np.quantile(arr, 0.99))}
+
+
+class Runner:
+    """The frozen base model, the problems encoded (and their prefix states), and the
+    training settings every method shares."""
+
+    def __init__(self, base: nn.Module, tokenizer, problems: Problems, *, steps: int, batch: int,
+                 adapted_layers: int | None, device: torch.device,
+                 max_seq_length: int | None = None) -> None:  # fmt: skip
+        self.base = base.to(device)
+        self.tokenizer = tokenizer
+        self.steps, self.batch = steps, batch
+        self.device = device
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                         else nullcontext())  # fmt: skip
+        self.eos = end_token(tokenizer)
+        self.stack = Stack(base, adapted_layers) if adapted_layers else None
+        self.splits: dict[str, Split] = {}
+        for name in ("train", "valid", "test"):
+            data = encode(tokenizer, problems.split(name), max_seq_length)
+            data.ids = data.ids.to(device)
+            hidden = None
+            if self.stack is not None:
+                with self.autocast:
+                    hidden = self.stack.prefix(data.ids)
+            self.splits[name] = Split(data, hidden)
+
+    @property
+    def adapted_layers(self) -> list[int] | None:
+        if self.stack is None:
+            return None
+        return list(range(self.stack.split, len(self.stack.inner.layers)))
+
+    def copy_base(self) -> nn.Module:
+        """A copy of the base model that shares its frozen weights (copies none)."""
+        return copy.deepcopy(self.base, memo={id(p): p for p in self.base.parameters()})
+
+    def build(self, method: Method, seed: int) -> PeftModel:
+        """The method's adapters on a copy of the base that shares its frozen weights,
+        initialised from ``seed`` (not from whatever earlier runs left in the global
+        generator)."""
+        torch.manual_seed(seed)
+        model = self.copy_base()
+        config = method.config(self.adapted_layers)
+        if self.stack is not None and isinstance(config, PromptLearningConfig):
+            raise ValueError(f"{method.name}: a prompt-learning method changes the input, not "
+                             "the last layers; compare without adapted_layers")  # fmt: skip
+        model = get_peft_model(model, config)
+        if self.stack is not None:
+            self._check_below_split(model, method)
+        return model.to(self.device)
+
+    def _check_below_split(self, model: nn.Module, method: Method) -> None:
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            layer = re.search(r"\.layers\.(\d+)\.", name)
+            if (layer and int(layer.group(1)) < self.stack.split) or "embed_tokens" in name:
+                raise ValueError(f"{method.name}: trains {name}, below the last adapted layers "
+                                 "whose inputs are cached; compare without adapted_layers")
+
+    def stack_of(self, model: PeftModel) -> Stack:
+        return Stack(model.get_base_model(), len(self.stack.inner.layers) - self.stack.split)
+
+    def _logits(self, model: PeftModel, split: Split, rows: Tensor,
+                stack: Stack | None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        """Logits predicting each completion token of ``rows``, the tokens, and the
+        index of their problem."""
+        data = split.data
+        owners, positions, targets, problem = data.answer_positions(rows.cpu())
+        width = int(data.lengths[rows.cpu()].max())
+        owners, positions = owners.to(self.device), positions.to(self.device)
+        with self.autocast:
+            if stack is not None:
+                logits = stack.logits(split.hidden[rows, :width], owners, positions)
+            else:
+                ids = data.ids[rows, :width]
+                out = model(input_ids=ids,
+                            attention_mask=data.attention_mask(rows.cpu(), width).to(self.device))
+                full = out.logits
+                shift = full.shape[1] - width  # virtual tokens of prompt-learning methods
+                logits = full[owners, positions + shift]
+        return logits.float(), targets.to(self.device), problem
+
+    def train(self, model: PeftModel, method: Method, lr: float, seed: int, bar=None) -> TrainStats:
+        """AdamW at a constant rate with clipping 1.0 unless the method's training
+        options say otherwise; batches drawn from ``seed`` (the same for every method)."""
+        opts = method.training
+        kwargs = {"weight_decay": 0.0, **opts.get("optimizer_kwargs", {}), "lr": lr}
+        optimizer_type = opts.get("optimizer_type", "AdamW")
+        if not isinstance(getattr(torch.optim, optimizer_type, None), type):
+            raise ValueError(f"{method.name}: optimizer_type {optimizer_type!r} is not a "
+                             "torch.optim optimiser")  # fmt: skip
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"{method.name}: no trainable parameters")
+        opt = getattr(torch.optim, optimizer_type)(params, **kwargs)
+        schedule = get_scheduler(opts.get("lr_scheduler", "constant"), opt, num_warmup_steps=0,
+                                 num_training_steps=self.steps)  # fmt: skip
+        clip = opts.get("grad_norm_clip", 1.0)
+        split = self.splits["train"]
+        stack = self.stack_of(model) if self.stack is not None else None
+        order = torch.Generator().manual_seed(seed)
+        losses, tokens = [], 0
+        model.train()
+        start = time.perf_counter()
+        with memory_samples(self.device) as samples:
+            for _ in range(self.steps):
+                rows = torch.randint(0, len(split.data), (self.batch,), generator=order)
+                tokens += int(split.data.lengths[rows].sum())
+                logits, targets, _ = self._logits(model, split, rows.to(self.device), stack)
+                loss = nn.functional.cross_entropy(logits, targets)
+                opt.zero_grad()
+                loss.backward()
+                if clip:
+                    torch.nn.utils.clip_grad_norm_(params, clip)
+                opt.step()
+                schedule.step()
+                losses.append(float(loss.detach()))
+                if bar is not None:
+                    bar.update()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - start
+        model.eval()
+        tail = losses[-max(1, len(losses) // 10) :]
+        return TrainStats(float(np.mean(tail)), elapsed, tokens, self.steps * self.batch,
+                          _memory_figures(samples))  # fmt: skip
+
+    @torch.no_grad()
+    def teacher_forced(self, model: PeftModel, name: str,
+                       batch: int = 64) -> tuple[np.ndarray, float]:  # fmt: skip
+        """Per problem: is every completion token (the end included) the argmax given
+        the ones before it (then greedy decoding writes exactly the completion); and
+        the mean cross-entropy over all completion tokens."""
+        split = self.splits[name]
+        stack = self.stack_of(model) if self.stack is not None else None
+        n = len(split.data)
+        correct = np.zeros(n, dtype=bool)
+        total, count = 0.0, 0
+        model.eval()
+        for i in range(0, n, batch):
+            rows = torch.arange(i, min(i + batch, n))
+            logits, targets, problem = self._logits(model, split, rows.to(self.device), stack)
+            total += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
+            count += len(targets)
+            wrong = problem[(logits.argmax(-1) != targets).cpu()].unique().numpy()
+            ok = np.ones(len(rows), dtype=bool)
+            ok[wrong - i] = False
+            correct[i : i + len(rows)] = ok
+        return correct, total / count
+
+    @torch.no_grad()
+    def generated(self, model: nn.Module, name: str = "test", batch: int = 128) -> np.ndarray:
+        """Exact match by greedy ``generate`` on the whole model: the continuation up to
+        the end-of-sequence token is the completion (surrounding whitespace aside)."""
+        data = self.splits[name].data
+        budget = data.completion_tokens() + 4
+        with self.autocast:
+            rows = greedy_tokens(model, data.prompts(), budget, self.eos, batch)
+        return np.array([answered(self.tokenizer, row, completion, self.eos)
+                         for row, (_, completion) in zip(rows, data.items)], dtype=bool)
+
+
+def answered(tokenizer, tokens: list[int], completion: str, eos: int) -> bool:
+    """The exact-match verdict on a greedy continuation: it ended with ``eos`` and the
+    text before it is the completion."""
+    if eos not in tokens:
+        return False
+    text = tokenizer.decode(tokens[: tokens.index(eos)], skip_special_tokens=True)
+    return text.strip() == completion.strip()
+
+
+@torch.no_grad()
+def greedy_tokens(model: nn.Module, prompts: list[list[int]], max_new_tokens: int,
+                  eos: int, batch: int = 128) -> list[list[int]]:  # fmt: skip
+    """Each prompt's greedy continuation by ``generate`` (``max_new_tokens``, or up to
+    and including ``eos``). Prompts of equal length are batched together (no padding)."""
+    model.eval()
+    device = next(model.parameters()).device
+    by_length: dict[int, list[int]] = {}
+    for i, ids in enumerate(prompts):
+        by_length.setdefault(len(ids), []).append(i)
+    out: list[list[int]] = [[] for _ in prompts]
+    for group in by_length.values():
+        for start in range(0, len(group), batch):
+            indices = group[start : start + batch]
+            ids = torch.tensor([prompts[i] for i in indices], device=device)
+            rows = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                  do_sample=False, max_new_tokens=max_new_tokens,
+                                  pad_token_id=eos, eos_token_id=eos)  # fmt: skip
+            for i, row in zip(indices, rows[:, ids.shape[1] :].tolist()):
+                out[i] = row[: row.index(eos) + 1] if eos in row else row
+    return out
