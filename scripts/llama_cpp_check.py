@@ -38,11 +38,12 @@ import torch
 from cera_rs import save_pretrained
 from cera_rs.atomic import atomic_file, atomic_path
 from cera_rs.bench.suite import describe_machine
+from cera_rs.compare import data
+from cera_rs.compare.runner import Runner, answered, greedy_tokens
 from cera_rs.demo import lm_math, smollm2
 from cera_rs.demo.llama_cpp import LlamaCpp
 
 TIER, METHOD, LR, SEED = "hard", lm_math.Method("CeRA r=8", "cera", 8), 6e-3, 0
-NEW_TOKENS = 6  # as the demo scores
 SPEED_TOKENS = 64
 LOGIT_TOL = 0.1
 """Max |logit difference| allowed on the F32 base. Measured (2026-12-02): the base
@@ -79,27 +80,33 @@ def f32_gguf(source: Path, target: Path) -> None:
         writer.close()
 
 
-def _ids_file(path: Path, tokenizer, items) -> None:
-    """One problem per line: prompt and answer with its newline, as the demo trains."""
-    data = lm_math.encode(tokenizer, items)
+def _runner(base, tokenizer, adapted_layers: int | None) -> Runner:
+    """The demo's hard-tier problems, encoded as the demo trains and scores them."""
+    s = lm_math.Settings()
+    problems = data.tier(TIER, s.n_train, s.n_val, s.n_test)
+    return Runner(base, tokenizer, problems, steps=s.steps, batch=s.batch,
+                  adapted_layers=adapted_layers, device=torch.device("cpu"))  # fmt: skip
+
+
+def _ids_file(path: Path, encoded: data.Encoded) -> None:
+    """One problem per line: prompt, answer and the end token, as the demo trains."""
     with atomic_file(path) as f:
-        for row, n in zip(data.ids.tolist(), data.lengths.tolist()):
+        for row, n in zip(encoded.ids.tolist(), encoded.lengths.tolist()):
             f.write(" ".join(map(str, row[:n])) + "\n")
 
 
 def train(out: Path) -> None:
     s = lm_math.Settings()
     base, tokenizer = smollm2.load()
-    data = lm_math.dataset(TIER, s)
-    stack = lm_math.Stack(base, s.adapted_layers)
-    encoded = lm_math.encode(tokenizer, data["train"])
-    split = lm_math.Split(encoded, stack.prefix(encoded.ids))
+    runner = _runner(base, tokenizer, s.adapted_layers)
+    method = METHOD.spec(s)
     start = time.perf_counter()
-    model, _ = lm_math._fit(base, METHOD, s, split, LR, SEED, None)
+    model = runner.build(method, SEED)
+    runner.train(model, method, LR, SEED)
     print(f"trained {METHOD.name} in {time.perf_counter() - start:.0f} s")
     save_pretrained(model, out / "cera")
-    _ids_file(out / "train.txt", tokenizer, data["train"])
-    _ids_file(out / "test.txt", tokenizer, data["test"])
+    _ids_file(out / "train.txt", runner.splits["train"].data)
+    _ids_file(out / "test.txt", runner.splits["test"].data)
 
 
 def _pytorch_logits(model, ids: list[int]) -> np.ndarray:
@@ -119,7 +126,8 @@ def _pytorch_speed(model, ids: list[int], new_tokens: int, repeats: int) -> floa
     return best
 
 
-def _engines(pytorch, gguf: Path, lora: Path | None, sequences, prompts, tokenizer, items):
+def _engines(pytorch, gguf: Path, lora: Path | None, sequences, encoded: data.Encoded,
+             tokenizer):  # fmt: skip
     """PyTorch against llama.cpp on the same token ids: logits everywhere, greedy
     continuations; and llama.cpp's logits, to measure the adapter's effect."""
     runner = LlamaCpp(gguf, lora)
@@ -131,21 +139,22 @@ def _engines(pytorch, gguf: Path, lora: Path | None, sequences, prompts, tokeniz
             top1.append(float((ours.argmax(-1) == theirs.argmax(-1)).mean()))
             theirs_all.append(theirs)
         eos = tokenizer.eos_token_id
-        llama_rows = [runner.greedy(p, NEW_TOKENS, eos) for p in prompts]
+        budget = encoded.completion_tokens() + 4  # as compare scores
+        prompts, items = encoded.prompts(), encoded.items
+        llama_rows = [runner.greedy(p, budget, eos) for p in prompts]
     finally:
         runner.close()
-    torch_rows = lm_math.greedy_tokens(pytorch, prompts, NEW_TOKENS, eos)
+    torch_rows = greedy_tokens(pytorch, prompts, budget, eos)
     texts = [[tokenizer.decode(r, skip_special_tokens=True) for r in rows]
              for rows in (torch_rows, llama_rows)]  # fmt: skip
-    hits = [np.array([lm_math.answered(t, a) for t, (_, a) in zip(side, items)])
-            for side in texts]  # fmt: skip
+    hits = [np.array([answered(tokenizer, r, a, eos) for r, (_, a) in zip(rows, items)])
+            for rows in (torch_rows, llama_rows)]  # fmt: skip
     return {
         "max_abs_logit_diff": max(diffs),
         "mean_max_abs_logit_diff": float(np.mean(diffs)),
         "top1_agreement_all_positions": float(np.mean(top1)),
         "same_continuation": float(np.mean([a == b for a, b in zip(torch_rows, llama_rows)])),
-        "same_answer": float(np.mean([a.split("\n")[0] == b.split("\n")[0]
-                                      for a, b in zip(*texts)])),  # fmt: skip
+        "same_answer": float(np.mean([a.strip() == b.strip() for a, b in zip(*texts)])),
         "same_verdict": float((hits[0] == hits[1]).mean()),
         "pytorch_exact_match": float(hits[0].mean()),
         "llama_cpp_exact_match": float(hits[1].mean()),
@@ -178,20 +187,21 @@ def compare(out: Path) -> int:
     q4 = smollm2.gguf_path()
     f32 = out / "base-f32.gguf"
     f32_gguf(q4, f32)
-    items = lm_math.dataset(TIER, lm_math.Settings())["test"]
-    data = lm_math.encode(tokenizer, items)
-    sequences = [row[:n] for row, n in zip(data.ids.tolist(), data.lengths.tolist())]
-    prompts = lm_math.prompt_ids(tokenizer, items)
+    runner = _runner(base, tokenizer, None)
+    encoded = runner.splits["test"].data
+    items = encoded.items
+    sequences = [row[:n] for row, n in zip(encoded.ids.tolist(), encoded.lengths.tolist())]
+    prompts = encoded.prompts()
     cera = PeftModel.from_pretrained(base, str(out / "cera")).eval()
-    cera_hits = lm_math.generated(cera, tokenizer, items)
+    cera_hits = runner.generated(cera)
     merged = PeftModel.from_pretrained(smollm2.load()[0], str(out / "lora")).merge_and_unload()
     base = smollm2.load()[0].eval()
     adapter = out / "adapter.gguf"
     runs, effect = {}, {}
     for name, gguf in (("f32", f32), ("q4_1", q4)):
-        adapted, with_logits = _engines(merged.eval(), gguf, adapter, sequences, prompts,
-                                        tokenizer, items)  # fmt: skip
-        plain, without_logits = _engines(base, gguf, None, sequences, prompts, tokenizer, items)
+        adapted, with_logits = _engines(merged.eval(), gguf, adapter, sequences, encoded,
+                                        tokenizer)  # fmt: skip
+        plain, without_logits = _engines(base, gguf, None, sequences, encoded, tokenizer)
         runs[name] = {"with_adapter": adapted, "base_only": plain}
         effect[name] = max(float(np.abs(a - p).max()) for a, p in zip(with_logits,
                                                                      without_logits))  # fmt: skip
