@@ -202,6 +202,53 @@ fn backward(
     ))
 }
 
+/// The fused activation/dropout pass alone, for branches whose two linear maps are not
+/// GEMMs (embedding lookups, convolutions): returns `(scaling * mask * act(h), keep)`,
+/// `keep` being the tensor-op path's bool dropout mask (else `None`). `h` may have any
+/// shape; the mask is drawn over its flat (contiguous) element order.
+#[pyfunction]
+#[pyo3(signature = (h, *, activation, scaling, dropout, seed, tensor_ops = false))]
+fn elementwise_forward(
+    py: Python<'_>,
+    h: PyTensor,
+    activation: &str,
+    scaling: f64,
+    dropout: f64,
+    seed: u64,
+    tensor_ops: bool,
+) -> PyResult<(PyObject, PyObject)> {
+    let ew = elementwise(activation, scaling, dropout, seed, tensor_ops)?;
+    let (out, keep) = run(py, move || {
+        let _no_grad = tch::no_grad_guard();
+        kernel::elementwise::forward(&h.0, &ew)
+    })?;
+    Ok((wrap(py, out)?, wrap_optional(py, keep)?))
+}
+
+/// The backward of `elementwise_forward`, recomputed from `h` and the seed (or the
+/// kept mask): `(scaling * mask * act(h), scaling * mask * act'(h) * gb)`.
+#[pyfunction]
+#[pyo3(signature = (h, gb, *, activation, scaling, dropout, seed, keep = None, tensor_ops = false))]
+#[allow(clippy::too_many_arguments)]
+fn elementwise_backward(
+    py: Python<'_>,
+    h: PyTensor,
+    gb: PyTensor,
+    activation: &str,
+    scaling: f64,
+    dropout: f64,
+    seed: u64,
+    keep: Option<PyTensor>,
+    tensor_ops: bool,
+) -> PyResult<(PyObject, PyObject)> {
+    let ew = elementwise(activation, scaling, dropout, seed, tensor_ops)?;
+    let (am, dz) = run(py, move || {
+        let _no_grad = tch::no_grad_guard();
+        kernel::elementwise::backward(&h.0, &gb.0, &ew, keep.as_ref().map(|k| &k.0))
+    })?;
+    Ok((wrap(py, am)?, wrap(py, dz)?))
+}
+
 /// Singular values (descending, float64) and the rank metrics over them.
 #[pyclass(name = "Spectrum", module = "cera_rs._native", frozen)]
 struct PySpectrum(spectral::Spectrum);
@@ -555,6 +602,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(forward, m)?)?;
     m.add_function(wrap_pyfunction!(delta, m)?)?;
     m.add_function(wrap_pyfunction!(backward, m)?)?;
+    m.add_function(wrap_pyfunction!(elementwise_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(elementwise_backward, m)?)?;
     m.add_class::<PySpectrum>()?;
     m.add_class::<PyGram>()?;
     m.add_function(wrap_pyfunction!(spectrum, m)?)?;

@@ -62,7 +62,7 @@ def test_config_validates_on_construction(kwargs, error, match):
         ("init_lora_weights", False, r"use init_weights"),
         ("use_rslora", True, r"no alpha/r factor to rescale"),
         ("use_dora", True, r"no DoRA variant"),
-        ("target_parameters", ["w"], r"LoRA-only option with no CeRA counterpart"),
+        ("target_parameters", ["w"], r"no weight delta equals it; target the Linear layers"),
     ],
 )
 def test_lora_only_keywords_name_the_cera_equivalent(name, value, match):

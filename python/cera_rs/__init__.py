@@ -14,8 +14,8 @@ DeviceError = _native.DeviceError  # tensors on unusable or mismatched devices (
 
 from cera_rs import registration  # noqa: E402
 from cera_rs.config import CeraConfig  # noqa: E402
-from cera_rs.functional import cera_delta  # noqa: E402
-from cera_rs.layer import CeraLinear, CeraMergeError  # noqa: E402
+from cera_rs.functional import cera_delta, mapped_delta  # noqa: E402
+from cera_rs.layer import CeraConv, CeraEmbedding, CeraLayer, CeraLinear, CeraMergeError  # noqa: E402
 from cera_rs.model import CeraModel, get_cera_model, save_pretrained  # noqa: E402
 from cera_rs.reference import (  # noqa: E402
     load_reference_checkpoint,
@@ -27,12 +27,16 @@ registration.register()
 
 __all__ = [
     "CeraConfig",
+    "CeraConv",
+    "CeraEmbedding",
+    "CeraLayer",
     "CeraLinear",
     "CeraMergeError",
     "CeraModel",
     "DeviceError",
     "cera_delta",
     "get_cera_model",
+    "mapped_delta",
     "load_reference_checkpoint",
     "load_reference_model",
     "reference_config",

@@ -55,6 +55,32 @@ def backward(
     """``(dx, dA, dB)``, each ``None`` unless asked for. ``keep``: forward's mask, which
     also selects the tensor-op path; without it that path builds the mask again."""
 
+def elementwise_forward(
+    h: Tensor,
+    *,
+    activation: str,
+    scaling: float,
+    dropout: float,
+    seed: int,
+    tensor_ops: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """The fused pass alone: ``(scaling * mask * act(h), keep)`` for ``h`` of any shape
+    (the mask over its flat element order), ``keep`` the tensor-op path's bool mask."""
+
+def elementwise_backward(
+    h: Tensor,
+    gb: Tensor,
+    *,
+    activation: str,
+    scaling: float,
+    dropout: float,
+    seed: int,
+    keep: Tensor | None = None,
+    tensor_ops: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """``(scaling * mask * act(h), scaling * mask * act'(h) * gb)``, the mask hashed again
+    from the seed (or ``keep``, forward's)."""
+
 # Spectral analysis (``src/spectral``). Call it through ``cera_rs.spectral``.
 
 class Spectrum:

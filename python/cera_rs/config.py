@@ -79,6 +79,10 @@ _LORA_ONLY = {
     "use_dora": "CeRA has no DoRA variant",
     "fan_in_fan_out": "not needed: CeRA recognises transformers' Conv1D layers itself",
     "lora_bias": "CeRA's B has no bias; bias='all' or 'cera_only' trains the base layers' biases",
+    "target_parameters": "LoRA adapts bare parameters (MoE experts' weights) by adding a "
+    "weight delta B·A to them, and CeRA's branch B·act(A x) is non-linear in x, so no weight "
+    "delta equals it; target the Linear layers that use them (the experts' projections, "
+    "where the model has them as nn.Linear) with target_modules",
 }
 # LoraConfig fields from_lora_config carries over under the same name.
 _CARRIED = ("r", "target_modules", "exclude_modules", "modules_to_save", "layers_to_transform",
@@ -207,6 +211,22 @@ class CeraConfig(PeftConfig):
             raise ValueError("layers_to_transform cannot be used when target_modules is a str")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern needs layers_to_transform as well")
+
+    def _register_custom_module(self, mapping: dict[type, type]) -> None:
+        """CeRA layers for layer types CeRA does not wrap itself, as LoRA's
+        ``_register_custom_module``: ``mapping`` is ``{BaseLayerType: CeraLayerType}``.
+        The CeRA type (a ``cera_rs.CeraLayer`` subclass) is built as CeRA's own:
+        ``cls(base_layer, r, adapter_name=..., dropout=..., activation=..., scaling=...,
+        init_weights=..., dropout_position=...)``. Not saved with the config: register
+        again on the loaded config (``PeftModel.from_pretrained(..., config=...)``)."""
+        if not isinstance(mapping, dict) or not all(
+            isinstance(k, type) and isinstance(v, type) for k, v in mapping.items()
+        ):
+            raise TypeError(f"mapping must be a dict from layer types to layer types, got "
+                            f"{mapping!r}")  # fmt: skip
+        if getattr(self, "_custom_modules", None) is None:
+            self._custom_modules = {}
+        self._custom_modules.update(mapping)
 
     def rank_for(self, module_name: str) -> int:
         """``r`` of the adapter on ``module_name``: ``rank_pattern`` matched as LoRA does."""
@@ -427,10 +447,11 @@ def check_weights_header(
     cast them silently), or with ranks other than the config's: a corrupted ``r`` must
     not allocate ``r x d_in`` weights."""
     parts = {key: shape for key, (_, shape) in header.items()
-             if (".cera_A." in key or ".cera_B." in key) and len(shape) == 2}  # fmt: skip
+             if (".cera_A." in key or ".cera_B." in key) and len(shape) >= 2}  # fmt: skip
     if not parts:
         raise ValueError(
-            f"{weights} holds no CeRA adapter weights (2-D tensors named *.cera_A.* / *.cera_B.*)"
+            f"{weights} holds no CeRA adapter weights (tensors of 2 or more dimensions named "
+            "*.cera_A.* / *.cera_B.*)"
         )
     for key, (dtype, _) in header.items():
         floating = isinstance(dtype, torch.dtype) and dtype.is_floating_point
@@ -452,6 +473,8 @@ def check_weights_header(
         )
     for key, shape in parts.items():
         module, part = key.split(".cera_", 1)
+        if part.startswith("B.") and len(shape) > 2:
+            continue  # a grouped conv's B holds r / groups: A's shape[0] says r
         r = shape[0] if part.startswith("A.") else shape[1]
         expected = config.rank_for(module.removeprefix("base_model.model."))
         if r != expected:

@@ -2,7 +2,9 @@
 
 Registered with ``peft.register_peft_method``, it is what ``peft.get_peft_model``,
 ``PeftModel.from_pretrained``, ``load_adapter`` and transformers' ``load_adapter``
-build: it finds the target modules, swaps each for a ``CeraLinear`` and freezes the
+build: it finds the target modules, swaps each for a CeRA layer (``CeraLinear``,
+``CeraEmbedding``, ``CeraConv``, or a type registered with
+``CeraConfig._register_custom_module``) and freezes the
 rest; matching, ``modules_to_save``, bias handling, adapter switching, state-dict keys
 and ``unload`` are PEFT's own machinery. Loading is checked twice: the folder and the
 weights' header by ``CeraConfig.from_pretrained`` before anything is allocated, and
@@ -30,7 +32,13 @@ from transformers.pytorch_utils import Conv1D
 
 from cera_rs.atomic import check_folder_writable
 from cera_rs.config import CeraConfig
-from cera_rs.layer import CeraLinear, CeraMergeError, base_features, route_adapter_names
+from cera_rs.layer import (
+    CeraLayer,
+    CeraMergeError,
+    cera_layer_class,
+    route_adapter_names,
+    unsupported_layer_message,
+)
 
 TAG = "cera"
 """The model-card tag of a CeRA adapter (PEFT tags LoRA's ``lora``)."""
@@ -44,7 +52,7 @@ class CeraModel(BaseTuner):
     """Adds CeRA adapters to a model; built by ``peft.get_peft_model(model, CeraConfig(...))``."""
 
     prefix: str = "cera_"
-    tuner_layer_cls = CeraLinear
+    tuner_layer_cls = CeraLayer
     # The paper adapts the attention's query and value projections, as LoRA's defaults do.
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
@@ -76,7 +84,7 @@ class CeraModel(BaseTuner):
                 "scaling": config.scaling_for(current_key),
                 "init_weights": config.init_weights,
                 "dropout_position": config.dropout_position}  # fmt: skip
-        if isinstance(target, CeraLinear):
+        if isinstance(target, CeraLayer):
             target.update_layer(adapter_name, r, **args)
             return
         if isinstance(target, BaseTunerLayer):
@@ -84,11 +92,15 @@ class CeraModel(BaseTuner):
                 f"{current_key} already holds a {type(target).__name__} adapter; "
                 "CeRA cannot stack on another PEFT method's layer"
             )
+        if isinstance(parent, nn.MultiheadAttention):
+            # Its forward reads out_proj.weight itself: a wrapped out_proj would never run.
+            raise TypeError(f"target module {current_key!r}: {unsupported_layer_message(parent)}")
+        layer_cls = _custom_class(config, target)
         try:
-            base_features(target)
+            layer_cls = layer_cls or cera_layer_class(target)
         except TypeError as err:
             raise TypeError(f"target module {current_key!r}: {err}") from None
-        new_module = CeraLinear(target, r, adapter_name=adapter_name, **args)
+        new_module = layer_cls(target, r, adapter_name=adapter_name, **args)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -101,7 +113,7 @@ class CeraModel(BaseTuner):
                 raise
             candidates = sorted(
                 {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                 if isinstance(module, (nn.Linear, Conv1D))}
+                 if isinstance(module, _ADAPTABLE) and name}
             )  # fmt: skip
             raise ValueError(
                 f"{err} Layers CeRA can adapt in this model are named: {', '.join(candidates)}"
@@ -136,6 +148,18 @@ class CeraModel(BaseTuner):
         )
 
 
+_ADAPTABLE = (nn.Linear, Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+"""The layer types the error on unmatched targets lists (PEFT LoRA's own list)."""
+
+
+def _custom_class(config: CeraConfig, target: nn.Module) -> type[nn.Module] | None:
+    """The layer class ``config._register_custom_module`` maps ``target``'s type to."""
+    for base_cls, layer_cls in (getattr(config, "_custom_modules", None) or {}).items():
+        if isinstance(target, base_cls):
+            return layer_cls
+    return None
+
+
 def _cannot_merge(method: str) -> CeraMergeError:
     return CeraMergeError(
         f"{method} is impossible for CeRA: the branch B·act(A x) is non-linear in x, so it "
@@ -153,7 +177,7 @@ def _check_adapter_state(
     (PEFT would only warn about missing weights and leave them at their initial values)."""
     expected: dict[str, list[tuple[str, nn.Parameter]]] = {}
     for name, module in model.named_modules(prefix=prefix.removesuffix(".")):
-        if isinstance(module, CeraLinear):
+        if isinstance(module, CeraLayer):
             for part in ("cera_A", "cera_B"):
                 for adapter, linear in getattr(module, part).items():
                     key = f"{name}.{part}.{adapter}.weight"
@@ -190,12 +214,19 @@ def save_pretrained(
     by one (``os.replace``). A failed write leaves the old files intact; a failure while
     moving puts back the files already replaced. (``PeftModel.save_pretrained`` itself
     writes in place, and no tuner hook spans its whole save.)"""
+    save_folder_atomically(save_directory, lambda staging: model.save_pretrained(staging, **kwargs))
+
+
+def save_folder_atomically(save_directory: str | os.PathLike, write: Any) -> None:
+    """Runs ``write(staging)`` on a new folder beside ``save_directory``, then moves the
+    files it wrote into ``save_directory`` (weights before ``adapter_config.json``), all
+    or none (``_replace_all``)."""
     check_folder_writable(save_directory)
     target = Path(save_directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        model.save_pretrained(staging, **kwargs)
+        write(staging)
         # Weights before config: a reader never sees a new config with old weights.
         files = sorted(p for p in staging.rglob("*") if p.is_file())
         files.sort(key=lambda p: p.name == CONFIG_NAME)
