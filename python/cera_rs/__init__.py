@@ -12,7 +12,7 @@ from cera_rs._native_loader import load_native
 _native = load_native()
 DeviceError = _native.DeviceError  # tensors on unusable or mismatched devices (a ValueError)
 
-from cera_rs import registration  # noqa: E402
+from cera_rs import diffusion, registration  # noqa: E402
 from cera_rs.config import CeraConfig  # noqa: E402
 from cera_rs.functional import cera_delta, mapped_delta  # noqa: E402
 from cera_rs.layer import CeraConv, CeraEmbedding, CeraLayer, CeraLinear, CeraMergeError  # noqa: E402
@@ -24,6 +24,7 @@ from cera_rs.reference import (  # noqa: E402
 )
 
 registration.register()
+diffusion.install()  # guards diffusers' LoRA file API against CeRA adapters, once it is imported
 
 __all__ = [
     "CeraConfig",
