@@ -70,6 +70,16 @@ def test_lora_only_keywords_name_the_cera_equivalent(name, value, match):
         CeraConfig(r=4, **{name: value})
 
 
+def test_a_misspelt_keyword_names_the_field_meant():
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'cera_dropot'; "
+                                        r"did you mean 'cera_dropout'\?$"):  # fmt: skip
+        CeraConfig(r=4, cera_dropot=0.1)
+    with pytest.raises(TypeError, match=r"'target_module'; did you mean 'target_modules'\?$"):
+        CeraConfig(target_module=["q_proj"])
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'zzz'$"):  # nothing close
+        CeraConfig(zzz=1)
+
+
 def test_from_lora_config_carries_what_it_can_and_says_what_not():
     lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"],
                       exclude_modules=["k_proj"], lora_dropout=0.05, modules_to_save=["lm_head"],

@@ -10,6 +10,7 @@ on LoRA; it serialises to ``adapter_config.json`` with ``"peft_type": "CERA"``.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 import json
 import math
@@ -160,10 +161,15 @@ class CeraConfig(PeftConfig):
     def __new__(cls, *args: Any, **kwargs: Any) -> CeraConfig:
         # Before the dataclass __init__, whose message ("unexpected keyword argument")
         # would not say what to use instead.
+        fields = {f.name for f in dataclasses.fields(cls)}
         for name in kwargs:
-            if name in _LORA_ONLY or (name in _LORA_FIELDS and name not in _CERA_FIELDS):
+            if name in _LORA_ONLY or (name in _LORA_FIELDS and name not in fields):
                 hint = _LORA_ONLY.get(name, "a LoRA-only option with no CeRA counterpart")
                 raise TypeError(f"CeraConfig does not take {name!r}: {hint}")
+            if name not in fields:  # a misspelt field: name the one meant
+                close = difflib.get_close_matches(name, sorted(fields), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise TypeError(f"CeraConfig got an unexpected keyword argument {name!r}{hint}")
         return super().__new__(cls)
 
     def __post_init__(self) -> None:
