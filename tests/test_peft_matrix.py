@@ -1,5 +1,6 @@
 """Every PEFT behaviour a tuner is held to, for one row per CeRA config over small
-custom models (an MLP, transformers' Conv1D, an embedding feeding linear layers),
+custom models (an MLP, transformers' Conv1D, an embedding feeding linear layers,
+nn.Conv1d, nn.Conv2d with and without groups, nn.Conv3d),
 shaped like PEFT's own custom-model matrix. Merging is the one behaviour CeRA
 refuses by design; that refusal is tested here too."""
 
@@ -14,7 +15,7 @@ from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from cera_rs import CeraConfig, CeraLinear, CeraMergeError
+from cera_rs import CeraConfig, CeraLayer, CeraMergeError
 from conftest import max_rel
 
 
@@ -48,7 +49,24 @@ class EmbLinear(nn.Module):
         return self.lin1(torch.relu(self.lin0(self.emb(X)))).mean(1)
 
 
-MODELS = {"mlp": MLP, "conv1d": Conv1DNet, "emb": EmbLinear}
+class ConvNet(nn.Module):
+    """PEFT's Conv1d/Conv2d/Conv2dGroups/Conv3d models' shape: a conv, then a linear head."""
+
+    def __init__(self, dims: int, groups: int = 1) -> None:
+        super().__init__()
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+        self.dims = dims
+        self.conv = conv(4, 8, 3, padding=1, groups=groups)
+        self.lin0 = nn.Linear(8 * 4**dims, 4)
+
+    def forward(self, X):
+        X = X.reshape(len(X), 4, *([4] * self.dims))
+        return self.lin0(torch.relu(self.conv(X)).flatten(1))
+
+
+MODELS = {"mlp": MLP, "conv1d": Conv1DNet, "emb": EmbLinear,
+          "nn.conv1d": lambda: ConvNet(1), "conv2d": lambda: ConvNet(2),
+          "conv2d groups": lambda: ConvNet(2, groups=2), "conv3d": lambda: ConvNet(3)}  # fmt: skip
 
 ROWS = [
     ("mlp one target", "mlp", {"target_modules": ["lin0"]}),
@@ -74,6 +92,15 @@ ROWS = [
     ("emb+linear", "emb", {"target_modules": ["lin0"]}),
     ("emb+linear save emb", "emb", {"target_modules": ["lin0", "lin1"],
                                     "modules_to_save": ["emb"]}),
+    ("embedding", "emb", {"target_modules": ["emb"]}),
+    ("embedding and linear relu", "emb", {"target_modules": ["emb", "lin0"], "r": 4,
+                                          "activation": "relu"}),
+    ("nn.Conv1d", "nn.conv1d", {"target_modules": ["conv"]}),
+    ("Conv2d", "conv2d", {"target_modules": ["conv"]}),
+    ("Conv2d and linear input dropout", "conv2d", {"target_modules": ["conv", "lin0"],
+                                                   "dropout_position": "input"}),
+    ("Conv2d groups", "conv2d groups", {"target_modules": ["conv"], "r": 4}),
+    ("Conv3d", "conv3d", {"target_modules": ["conv", "lin0"]}),
 ]  # fmt: skip
 
 pytestmark = pytest.mark.parametrize(
@@ -90,6 +117,9 @@ def inputs(model_id: str, n: int = 9) -> torch.Tensor:
     gen = torch.Generator().manual_seed(1)
     if model_id == "emb":
         return torch.randint(0, 50, (n, 5), generator=gen)
+    if model_id in ("nn.conv1d", "conv2d", "conv2d groups", "conv3d"):
+        dims = MODELS[model_id]().dims
+        return torch.randn(n, 4 * 4**dims, generator=gen)
     return torch.randn(n, 10, generator=gen)
 
 
@@ -110,7 +140,7 @@ def randomize(model: nn.Module, adapter_name: str, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, CeraLinear) and adapter_name in module.cera_B:
+            if isinstance(module, CeraLayer) and adapter_name in module.cera_B:
                 weight = module.cera_B[adapter_name].weight
                 weight.copy_(0.5 * torch.randn(weight.shape, generator=gen))
 
@@ -298,5 +328,5 @@ def test_merge_is_refused(model_id, config_kwargs):
             merge()
     torch.testing.assert_close(output(model, x), expected, rtol=0, atol=0)
     plain = model.unload()
-    assert not any(isinstance(m, CeraLinear) for m in plain.modules())
+    assert not any(isinstance(m, CeraLayer) for m in plain.modules())
     torch.testing.assert_close(output(plain, x), output(base(model_id), x), rtol=0, atol=0)
