@@ -367,3 +367,114 @@ def test_grouped_conv_full_gradcheck_float64():
         return mapped_delta(x, a, b, maps, dropout=0.3, scaling=0.8)
 
     assert torch.autograd.gradcheck(branch, (x, a, b), eps=1e-6, atol=1e-5)
+
+
+# Other base layers: any x -> y layer with in_features/out_features, custom layers, refusals
+
+
+class Int8Linear(nn.Module):
+    """A stand-in for quantized linear layers that are not nn.Linear subclasses (HQQLinear,
+    GPTQ/AWQ QuantLinear): int8 weight and a float scale as buffers, sizes as ints."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        scale = linear.weight.detach().abs().amax(1, keepdim=True) / 127
+        self.register_buffer("qweight", (linear.weight.detach() / scale).round().to(torch.int8))
+        self.register_buffer("scale", scale)
+
+    def forward(self, x):
+        return x @ (self.qweight.float() * self.scale).T
+
+
+class Scale(nn.Module):
+    """A layer CeRA does not know: an elementwise scale (no in_features/out_features)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, d))
+        self.d = d
+
+    def forward(self, x):
+        return x * self.weight
+
+
+class CeraScale(CeraLinear):
+    """A user's CeRA layer for Scale: d -> d."""
+
+    @staticmethod
+    def features(base_layer):
+        return base_layer.d, base_layer.d
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = Int8Linear(nn.Linear(12, 12))
+        self.s = Scale(12)
+        self.attn = nn.MultiheadAttention(12, 2, batch_first=True)
+        self.out = nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = self.s(torch.relu(self.q(x)))
+        return self.out(self.attn(h, h, h, need_weights=False)[0]).mean(1)
+
+
+def net() -> Net:
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+def test_quantized_style_layer_custom_module_and_round_trip(tmp_path):
+    from peft import PeftModel, get_peft_model
+
+    from cera_rs import CeraConfig
+
+    x = torch.randn(4, 5, 12, generator=torch.Generator().manual_seed(1))
+    config = CeraConfig(r=4, target_modules=["q", "s"], init_weights=False)
+    with pytest.raises(TypeError, match=r"target module 's'.*got Scale.*_register_custom_module"):
+        get_peft_model(net(), config)
+    config._register_custom_module({Scale: CeraScale})
+    model = get_peft_model(net(), config)
+    assert isinstance(model.base_model.model.q, CeraLinear)
+    assert isinstance(model.base_model.model.s, CeraScale)
+    assert model.base_model.model.q.cera_A["default"].weight.dtype == torch.float32
+    model.train()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".cera_" in n for n in trainable)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).pow(2).sum().backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    model.save_pretrained(tmp_path)
+    loaded_config = CeraConfig.from_pretrained(tmp_path)
+    loaded_config._register_custom_module({Scale: CeraScale})
+    loaded = PeftModel.from_pretrained(net(), tmp_path, config=loaded_config).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="dict from layer types"):
+        config._register_custom_module([Scale])
+
+
+@pytest.mark.parametrize("target", ["attn", "out_proj"])
+def test_multihead_attention_is_refused_naming_why_and_what_instead(target):
+    from peft import get_peft_model
+
+    from cera_rs import CeraConfig
+
+    with pytest.raises(TypeError, match=r"cannot adapt nn.MultiheadAttention: .*non-linear in "
+                                        r"x, so no weight delta equals it.*Target the model's "
+                                        r"query/key/value/output projections"):  # fmt: skip
+        get_peft_model(net(), CeraConfig(r=4, target_modules=[target]))
+
+
+def test_target_parameters_is_refused_naming_why_and_what_instead():
+    from cera_rs import CeraConfig
+
+    with pytest.raises(TypeError, match=r"target_parameters.*no weight delta equals it; "
+                                        r"target the Linear layers"):  # fmt: skip
+        CeraConfig(target_parameters=["experts.gate_up_proj"])
