@@ -142,15 +142,16 @@ def main() -> int:
     print(f"torch {torch.__version__}, cera_rs {cera_rs.__version__}")
     failures = 0
     for name, quantize in BACKENDS.items():
-        for method, config in (("CeRA", CeraConfig(r=8, target_modules=TARGETS, init_weights=False)),
-                               ("LoRA", LoraConfig(r=8, target_modules=TARGETS,
-                                                   init_lora_weights=False))):  # fmt: skip
+        configs = (("CeRA", CeraConfig(r=8, target_modules=TARGETS, init_weights=False)),
+                   ("LoRA", LoraConfig(r=8, target_modules=TARGETS, init_lora_weights=False)))
+        for method, config in configs:
             try:
                 result = check(quantize, config)
             except Exception as err:  # report and go on: one line per backend and method
                 failures += method == "CeRA"
                 last = traceback.extract_tb(err.__traceback__)[-1]
-                result = f"FAILED: {type(err).__name__}: {str(err)[:200]} ({last.filename}:{last.lineno})"
+                where = f"{last.filename}:{last.lineno}"
+                result = f"FAILED: {type(err).__name__}: {str(err)[:200]} ({where})"
             print(f"{name:26s} {method}: {result}", flush=True)
     return 1 if failures else 0
 
