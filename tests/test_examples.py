@@ -24,6 +24,12 @@ def test_quickstart_notebook_runs_every_cell(tmp_path):
     html = [o for o in code[-2].outputs if "text/html" in o.get("data", {})]
     assert html and "eff.rank" in html[0]["data"]["text/html"]
     assert any("image/png" in o.get("data", {}) for o in code[-1].outputs)
+    # no "IProgress not found" warning (the dev extra, as the notebook extra, brings
+    # ipywidgets), and every file under the folder it names
+    streams = [o.get("text", "") for c in code for o in c.outputs if o.output_type == "stream"]
+    assert streams and not [s for s in streams if "IProgress" in s]
+    assert [p.name for p in tmp_path.iterdir()] == ["quickstart-output"]
+    assert [p.name for p in (tmp_path / "quickstart-output").iterdir()] == ["spectrum.png"]
 
 
 def _numbers(value):
