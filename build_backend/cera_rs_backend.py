@@ -89,7 +89,7 @@ def installed_torch() -> tuple[str, Path]:
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if run.returncode != 0:
         raise BuildError(NO_TORCH)
-    version, folder = run.stdout.split()[-2:]
+    version, folder = run.stdout.splitlines()[-2:]  # a folder may hold spaces
     return version, Path(folder)
 
 
