@@ -38,7 +38,11 @@ assert anchor in text, "TEST_CASES layout changed"
 open(path, "w").write(text.replace(anchor, twins + anchor, 1))
 PYEOF
 cd "$work"
-lora='(EmbConv1D or Conv1d or Conv2d or Conv2dGroups or Conv2dGroups2 or Conv3d) and LoRA and not DoRA and not bias and not trainable_tokens'
+lora='(EmbConv1D or Conv1d or Conv2d or Conv2dGroups or Conv2dGroups2 or Conv3d) and LoRA
+  and not DoRA and not bias and not trainable_tokens and not CeRA and not Bigger and not 1x1
+  and not Kernel1 and not Conv2d2 and not TinyLoRA and not GraLoRA and not VBLoRA
+  and not UniLora and not AdaLoRA'
+lora=${lora//$'\n'/ }
 echo "== CeRA twins"
 "$py" -m pytest -q -p no:cacheprovider tests/test_custom_models.py -k "CeRA" "$@" | tail -n 60 || true
 echo "== LoRA rows (control)"
