@@ -228,3 +228,27 @@ def test_lora_adapters_still_go_to_diffusers(tmp_path):
     torch.testing.assert_close(run(fresh, x), expected, rtol=1e-5, atol=1e-6)
     fresh.fuse_lora()
     torch.testing.assert_close(run(fresh, x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_guard_waits_for_diffusers_and_import_cera_rs_does_not_import_it():
+    """In a fresh process: cera_rs first, diffusers later (the order a script importing
+    cera_rs at the top has), and the other way round."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "if sys.argv[1] == 'cera_rs first':\n"
+        "    import cera_rs\n"
+        "    assert 'diffusers' not in sys.modules\n"
+        "from diffusers import UNet2DConditionModel\n"
+        "import cera_rs\n"
+        "from diffusers.loaders.peft import PeftAdapterMixin\n"
+        "print(PeftAdapterMixin._cera_guarded, hasattr(UNet2DConditionModel.fuse_lora, "
+        "'__wrapped__'))\n"
+    )
+    for order in ("cera_rs first", "diffusers first"):
+        out = subprocess.run([sys.executable, "-c", script, order], capture_output=True,
+                             text=True, timeout=300)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.split() == ["True", "True"], order
