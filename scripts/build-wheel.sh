@@ -86,6 +86,10 @@ for version in $TORCHES; do
   echo "torch $version: built in $((SECONDS - t0)) s"
 done
 rm -f "$stage/cera_rs/_native.abi3.so"  # a dev torch outside TORCHES: no stray build
+# The torch requirement is exactly the minors built (pyproject's range when all are).
+minors=$(for version in $TORCHES; do minor_of "$version"; done)
+# shellcheck disable=SC2086
+"$PY" scripts/wheel_torch_requirement.py "$stage"/cera_rs-*.dist-info/METADATA $minors
 
 # 3. One wheel: RECORD rewritten by `wheel pack`, the tag maturin gave the first build.
 rm -f dist/cera_rs-*.whl

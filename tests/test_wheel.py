@@ -79,6 +79,30 @@ def test_wheel_tag_size_and_libraries(wheel, unpacked):
     assert not [n for n in needed if "/" in n]
     assert "RPATH" not in dynamic and "RUNPATH" not in dynamic
     assert not [n for n in zipfile.ZipFile(wheel).namelist() if ".libs/" in n]
+    # exactly the minors it has builds for: pip never installs it beside another torch
+    metadata = next(unpacked.glob("cera_rs-*.dist-info")) / "METADATA"
+    major, number = MINOR.split(".")
+    torch_lines = [line for line in metadata.read_text().splitlines()
+                   if line.startswith("Requires-Dist: torch") and ";" not in line]  # fmt: skip
+    assert torch_lines == [f"Requires-Dist: torch>={MINOR},<{major}.{int(number) + 1}"]
+
+
+def test_torch_requirement_names_exactly_the_minors_built(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from wheel_torch_requirement import requirement, rewrite
+    finally:
+        sys.path.pop(0)
+    assert requirement(["2.11", "2.12", "2.13", "2.14", "2.15"]) == "torch>=2.11,<2.16"
+    assert requirement(["2.15", "2.11"]) == "torch>=2.11,<2.16,!=2.12.*,!=2.13.*,!=2.14.*"
+    metadata = tmp_path / "METADATA"
+    metadata.write_text("Name: cera_rs\nRequires-Dist: torch>=2.11,<2.16\n"
+                        "Requires-Dist: torchvision>=0.1\n"
+                        "Requires-Dist: torch==2.11.0 ; extra == 'dev'\n")  # fmt: skip
+    assert rewrite(metadata, ["2.13"]) == "Requires-Dist: torch>=2.13,<2.14"
+    assert metadata.read_text() == ("Name: cera_rs\nRequires-Dist: torch>=2.13,<2.14\n"
+                                    "Requires-Dist: torchvision>=0.1\n"
+                                    "Requires-Dist: torch==2.11.0 ; extra == 'dev'\n")  # fmt: skip
 
 
 def test_fresh_venv_install(wheel, tmp_path_factory):
