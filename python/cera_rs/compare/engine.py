@@ -190,9 +190,11 @@ def run(model_name: str, base: nn.Module, tokenizer, problems: Problems, methods
                disable=not progress)  # fmt: skip
     records: dict[str, list[dict]] = {}
     chosen: dict[str, float] = {}
+    counted: set[str] = set()  # runs whose steps the bar has counted
 
     def ensure(method: Method, lr: float, seed: int, test: bool) -> dict:
         key = _key(method, lr, seed)
+        counted_key = f"{method.slug}/{key}"
         fingerprint = _fingerprint(*common, method.describe(), lr, seed)
         record = store.load(method, key, fingerprint)
         if record is None:
@@ -209,8 +211,9 @@ def run(model_name: str, base: nn.Module, tokenizer, problems: Problems, methods
                       "valid": {"exact_match": float(hits.mean()), "loss": loss}}  # fmt: skip
             store.save(method, key, record)
             del model
-        else:
+        elif counted_key not in counted:  # done by an earlier call: its steps count once
             bar.update(settings.steps)
+        counted.add(counted_key)
         if test and "test" not in record:
             bar.set_postfix_str(f"{method.name}, seed {seed}: scoring")
             record["test"] = _score(runner, method, store.paths(method, key)[1], seed,
