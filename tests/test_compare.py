@@ -5,6 +5,7 @@ same scores."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import subprocess
@@ -71,9 +72,11 @@ def test_a_planted_difference_is_found_and_its_sign_kept():
     assert stats.paired_bootstrap(a, b, ("A", "B"), resamples=4000).verdict == stats.WORSE
 
 
-def test_seed_spread_widens_the_interval_and_one_seed_says_so():
-    """A gain on one seed and a loss on another is not a gain: resampling seeds puts
-    that spread into the interval, which a (seed, problem)-pair bootstrap would hide."""
+def test_seed_spread_widens_the_interval_and_one_seed_gives_no_verdict():
+    """A gain on one seed and a loss on another is not a gain; and three seeds that
+    agree in sign but spread widely are not enough either: the interval covers the t
+    interval over the per-seed differences, which a bootstrap of three seeds
+    understates."""
     rng = np.random.default_rng(3)
     a = rng.random((2, 400)) < 0.5
     b = a.copy()
@@ -82,7 +85,24 @@ def test_seed_spread_widens_the_interval_and_one_seed_says_so():
     d = stats.paired_bootstrap(b, a, ("B", "A"), resamples=4000)
     assert d.verdict == stats.TIE and d.high - d.low > 0.2
     one = stats.paired_bootstrap(b[:1], a[:1], ("B", "A"), resamples=2000)
-    assert one.verdict == stats.BETTER and "one seed" in one.sentence()
+    assert one.low > 0 and one.verdict == stats.TIE  # above zero on its one seed, no verdict
+    assert "one seed: training's own spread is not measured" in one.sentence()
+
+    a = rng.random((3, 600)) < 0.3
+    b = a.copy()
+    for seed, gain in enumerate((0.12, 0.02, 0.06)):  # all gains, spread widely
+        b[seed] |= rng.random(600) < gain
+    per_seed = (b.astype(float) - a).mean(axis=1)
+    half = stats.t975(2) * per_seed.std(ddof=1) / np.sqrt(3)
+    d = stats.paired_bootstrap(b, a, ("B", "A"), resamples=4000)
+    assert d.low <= per_seed.mean() - half + 1e-12 and d.verdict == stats.TIE
+
+
+def test_t_quantiles():
+    assert stats.t975(2) == pytest.approx(4.303, abs=1e-3)
+    assert stats.t975(11) == pytest.approx(2.201, abs=1e-3)
+    assert stats.t975(30) == pytest.approx(2.042, abs=1e-3)
+    assert stats.t975(1000) == pytest.approx(1.962, abs=1e-3)
 
 
 def test_bootstrap_refuses_unpaired_answers():
@@ -165,7 +185,7 @@ def test_tiers_keep_held_out_problems_out_of_training():
 # --- a whole comparison ------------------------------------------------------------
 
 
-def _tiny(folder: Path) -> Path:
+def _tiny(folder: Path, attention_bias: bool = False) -> Path:
     """A 2-layer Llama with a character tokenizer, and one-digit sums as JSONL."""
     chars = list("0123456789+= ")
     vocab = {c: i for i, c in enumerate(["<pad>", "<eos>", "<unk>", *chars])}
@@ -178,7 +198,7 @@ def _tiny(folder: Path) -> Path:
     config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=64, eos_token_id=1, pad_token_id=0,
-                         bos_token_id=None)  # fmt: skip
+                         bos_token_id=None, attention_bias=attention_bias)  # fmt: skip
     LlamaForCausalLM(config).save_pretrained(folder / "model")
     fast.save_pretrained(folder / "model")
     rng = random.Random(0)
@@ -212,10 +232,17 @@ def _scores(out: Path) -> tuple[str, dict]:
     return report, summary
 
 
-def test_compare_runs_end_to_end_and_resumes_after_a_kill(tiny, tmp_path, capsys):
-    whole = tmp_path / "whole"
-    assert main(_args(tiny, whole)) == 0
-    printed = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def whole(tiny, tmp_path_factory):
+    """One whole comparison, as ``cera-rs compare`` runs it, and what it printed."""
+    out = tmp_path_factory.mktemp("whole")
+    with open(out / "printed.txt", "w") as f, contextlib.redirect_stdout(f):
+        assert main(_args(tiny, out)) == 0
+    return out
+
+
+def test_compare_runs_end_to_end_and_resumes_after_a_kill(tiny, whole, tmp_path):
+    printed = (whole / "printed.txt").read_text()
     report, summary = _scores(whole)
     assert report in printed and "## Costs" in printed
     assert list(summary["methods"]) == ["lora/llama-3.2-3B-rank32", "cera:r=4", "hira:r=4"]
@@ -254,12 +281,10 @@ def test_compare_runs_end_to_end_and_resumes_after_a_kill(tiny, tmp_path, capsys
     assert _scores(resumed) == (report, summary)
 
 
-def test_results_carry_what_peft_processing_reads(tiny, tmp_path):
+def test_results_carry_what_peft_processing_reads(whole):
     """The fields PEFT's method_comparison/processing.py reads from each results JSON
     (checked against PEFT's file outside the tests: see the README)."""
-    out = tmp_path / "out"
-    assert main(_args(tiny, out)[:4] + _args(tiny, out)[4:]) == 0
-    for path in (out / "peft_results").iterdir():
+    for path in (whole / "peft_results").iterdir():
         row = json.loads(path.read_text())
         run, train, meta = row["run_info"], row["train_info"], row["meta_info"]
         assert run["peft_config"]["peft_type"] in ("LORA", "CERA", "HIRA")
@@ -294,3 +319,22 @@ def test_bad_arguments_are_one_line_before_any_work(tiny, tmp_path, capsys):
                  "--reference", "lora:r=9", "--out", str(out), "--steps", "1",
                  "--seeds", "0", "--lrs", "0.01"]) == 2  # fmt: skip
     assert "reference 'lora:r=9' is not one of the methods" in capsys.readouterr().err
+    assert main(["compare", "lora:r=4", "--data", "tiers:hard", "--sizes", "10,0,5",
+                 "--out", str(out)]) == 2  # fmt: skip
+    assert "three positive counts" in capsys.readouterr().err
+    assert main(["compare", "lora:r=4", "--out", str(out)]) == 2
+    assert "no data: give --data tiers:hard" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("spec", ['lora:r=4,init_lora_weights="pissa"', "lora:r=4,bias=all"])
+def test_a_method_that_changes_the_shared_base_is_refused(tmp_path, spec):
+    """Every run shares the base's weights: PiSSA's init rewrites them, bias="all"
+    trains them (the q/k/v biases here); either would change the runs after it."""
+    from cera_rs.compare import Settings, compare
+
+    tiny = _tiny(tmp_path / "tiny", attention_bias=True)
+    with pytest.raises(ValueError, match="writes to or trains the base model's own weights"):
+        compare([spec], model=tiny / "model", train=tiny / "train.jsonl",
+                test=tiny / "test.jsonl", out_dir=tmp_path / "out", progress=False,
+                settings=Settings(steps=1, batch=2, lrs=(0.01,), seeds=(0,)))  # fmt: skip

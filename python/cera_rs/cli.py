@@ -157,8 +157,8 @@ def _compare_parser(commands, debug: argparse.ArgumentParser) -> None:
     p.add_argument("--valid", type=Path,
                    help="JSONL (default: the last 100 training problems, at most a fifth)")
     p.add_argument("--test", type=Path, help="JSONL")
-    p.add_argument("--sizes", type=_numbers(int), default=(960, 150, 300),
-                   help="train,valid,test problems of --data (default: 960,150,300)")
+    p.add_argument("--sizes", type=_numbers(int),
+                   help="train,valid,test problems of --data (default: 960,100,300)")
     p.add_argument("--steps", type=int, default=d.steps, help="(default: %(default)s)")
     p.add_argument("--batch", type=int, default=d.batch, help="(default: %(default)s)")
     p.add_argument("--lrs", type=_numbers(float), default=d.lrs,

@@ -8,6 +8,8 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -77,30 +79,39 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+@contextmanager
+def sampled(probe: Callable[[], int], interval: float) -> Iterator[list[int]]:
+    """``probe()`` minus its value at entry, sampled by a thread every ``interval``
+    seconds while the block runs, and once more at its end: the list fills as the
+    block runs."""
+    before = probe()
+    samples: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.append(probe() - before)
+            time.sleep(interval)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield samples
+    finally:
+        done.set()
+        sampler.join()
+        samples.append(probe() - before)
+
+
 def peak_rss_growth(fn: Callable[[], object], interval: float = 2e-4) -> int:
     """How far the resident set rises above its level before ``fn`` while ``fn`` runs,
     sampled by a thread every ``interval`` seconds (Linux; CPU tensors)."""
     _pin_malloc_to_mmap()
     fn()  # warm-up: lazy initialisations do not count as the step's memory
     gc.collect()
-    before = rss_bytes()
-    peak = before
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, rss_bytes())
-            time.sleep(interval)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
+    with sampled(rss_bytes, interval) as samples:
         fn()
-    finally:
-        done.set()
-        sampler.join()
-    return max(peak, rss_bytes()) - before
+    return max(0, *samples)
 
 
 def peak_growth(fn: Callable[[], object], device: torch.device) -> int:

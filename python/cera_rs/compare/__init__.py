@@ -20,9 +20,11 @@ from torch import nn
 
 from cera_rs.compare import data as _data
 from cera_rs.compare.engine import Comparison, Extras, Settings, run
-from cera_rs.compare.methods import Method, method, parse_spec, read_folder
+from cera_rs.compare.methods import Method, distinct, method, parse_spec, read_folder
 from cera_rs.compare.stats import Difference, paired_bootstrap, wilson
 
+DEFAULT_SIZES = (960, 100, 300)
+"""Train, valid and test problems of a built-in tier (the easy tier has 810 in all)."""
 BUILTIN_MODEL = "smollm2"
 """SmolLM2-135M-Instruct (4-bit-quantised (Q4_1) weights, dequantised; offline)."""
 
@@ -46,19 +48,25 @@ def load_model(name: str | os.PathLike) -> tuple[str, nn.Module, Any]:
 def load_problems(data: str | None = None, train: str | os.PathLike | None = None,
                   test: str | os.PathLike | None = None,
                   valid: str | os.PathLike | None = None,
-                  sizes: tuple[int, int, int] = (960, 150, 300)) -> _data.Problems:  # fmt: skip
-    """``data="tiers:hard"`` (or ``tiers:easy``) with ``sizes`` (train, valid, test), or
-    JSONL files ``train`` and ``test`` (and ``valid``)."""
+                  sizes: tuple[int, int, int] | None = None) -> _data.Problems:  # fmt: skip
+    """``data="tiers:hard"`` (or ``tiers:easy``) with ``sizes`` (train, valid, test;
+    default 960, 100, 300), or JSONL files ``train`` and ``test`` (and ``valid``)."""
     if data is not None:
         if train is not None or test is not None or valid is not None:
             raise ValueError("give either a built-in data set or JSONL files, not both")
+        sizes = DEFAULT_SIZES if sizes is None else tuple(sizes)
+        if len(sizes) != 3 or not all(isinstance(n, int) and n > 0 for n in sizes):
+            raise ValueError(f"sizes: three positive counts (train, valid, test), got {sizes}")
         kind, _, name = data.partition(":")
         if kind != "tiers" or name not in _data.TIERS:
             raise ValueError(f"unknown built-in data {data!r}; expected one of "
                              f"{', '.join(f'tiers:{t}' for t in _data.TIERS)}")  # fmt: skip
         return _data.tier(name, *sizes)
+    if sizes is not None:
+        raise ValueError("sizes are for the built-in data; JSONL files give their own")
     if train is None or test is None:
-        raise ValueError("JSONL data needs a train file and a test file (and optionally valid)")
+        raise ValueError("no data: give --data tiers:hard (or tiers:easy), or JSONL files as "
+                         "--train and --test (and optionally --valid)")  # fmt: skip
     return _data.from_jsonl(train, test, valid)
 
 
@@ -66,13 +74,15 @@ def compare(methods: list[str | os.PathLike | Method], model: str | os.PathLike 
             data: str | None = None, train: str | os.PathLike | None = None,
             test: str | os.PathLike | None = None, valid: str | os.PathLike | None = None,
             out_dir: str | os.PathLike = "results/compare", settings: Settings | None = None,
-            sizes: tuple[int, int, int] = (960, 150, 300), progress: bool = True,
+            sizes: tuple[int, int, int] | None = None, progress: bool = True,
             extras: Extras | None = None) -> dict[str, Any]:  # fmt: skip
     """Runs (or resumes) the comparison in ``out_dir`` and writes its report there;
     returns the summary (``summary.json``)."""
     from cera_rs.compare import report
 
-    chosen = [m if isinstance(m, Method) else method(m) for m in methods]
+    chosen = distinct([m if isinstance(m, Method) else method(m) for m in methods])
+    for m in chosen:  # a config PEFT refuses stops here, before the model loads
+        m.config()
     problems = load_problems(data, train, test, valid, sizes)
     name, base, tokenizer = load_model(model)
     comparison = run(name, base, tokenizer, problems, chosen, settings or Settings(),

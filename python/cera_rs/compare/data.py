@@ -17,8 +17,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SPLITS = ("train", "valid", "test")
-
 TIERS = {"easy": "a+b=, two-digit plus one-digit (the GSM8K analogue)",
          "hard": "a+b=, two-digit plus two-digit (the MATH analogue)"}  # fmt: skip
 """The built-in tiers (``tiers:easy``, ``tiers:hard``): the base model does neither in
@@ -37,6 +35,7 @@ class Problems:
     test: list[Item]
     source: str
     digest: str  # of the contents: a resumed comparison checks it sees the same data
+    notes: tuple[str, ...] = ()  # what the report should say about them (overlaps)
 
     def split(self, name: str) -> list[Item]:
         return {"train": self.train, "valid": self.valid, "test": self.test}[name]
@@ -83,9 +82,10 @@ def read_jsonl(path: str | os.PathLike) -> list[Item]:
 
 def from_jsonl(train: str | os.PathLike, test: str | os.PathLike,
                valid: str | os.PathLike | None = None, n_valid: int = 100) -> Problems:  # fmt: skip
-    """Problems from JSONL files. Without a valid file, the last ``n_valid`` training
-    problems (at most a fifth of them) are held out as the valid split, which chooses
-    each method's learning rate."""
+    """Problems from JSONL files. Without a valid file, ``n_valid`` training problems (at
+    most a fifth of them), drawn with a fixed seed, are held out as the valid split,
+    which chooses each method's learning rate. Prompts of the valid or test split that
+    also occur in training are counted for the report."""
     train_items, test_items = read_jsonl(train), read_jsonl(test)
     if valid is not None:
         valid_items = read_jsonl(valid)
@@ -94,10 +94,16 @@ def from_jsonl(train: str | os.PathLike, test: str | os.PathLike,
         k = min(n_valid, len(train_items) // 5)
         if k == 0:
             raise ValueError(f"{train}: too few problems to hold out a valid split; pass one")
-        train_items, valid_items = train_items[:-k], train_items[-k:]
-        source = f"{train} (last {k} held out as valid) / {test}"
+        held = set(random.Random(0).sample(range(len(train_items)), k))
+        valid_items = [x for i, x in enumerate(train_items) if i in held]
+        train_items = [x for i, x in enumerate(train_items) if i not in held]
+        source = f"{train} ({k} held out as valid) / {test}"
+    seen = {prompt for prompt, _ in train_items}
+    notes = tuple(f"{n} of the {len(items)} {name} prompts also occur in training"
+                  for name, items in (("valid", valid_items), ("test", test_items))
+                  if (n := sum(prompt in seen for prompt, _ in items)))  # fmt: skip
     return Problems(train_items, valid_items, test_items, source,
-                    _digest(train_items, valid_items, test_items))  # fmt: skip
+                    _digest(train_items, valid_items, test_items), notes)  # fmt: skip
 
 
 def tier_problem(tier: str, rng: random.Random) -> Item:
@@ -177,13 +183,14 @@ def end_token(tokenizer) -> int:
 
 
 def encode(tokenizer, items: list[Item], max_length: int | None = None) -> Encoded:
-    """Prompt tokens, then completion tokens and the end-of-sequence token; with
+    """Prompt tokens (with the tokenizer's special tokens, a BOS where the model has
+    one), then completion tokens (without) and the end-of-sequence token; with
     ``max_length``, a problem longer than that is refused (a cut completion could
     not be scored)."""
     eos = end_token(tokenizer)
     seqs, prompt_lengths = [], []
     for prompt, completion in items:
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        p = tokenizer(prompt)["input_ids"]  # with the model's BOS, if it has one
         c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [eos]
         if not p:
             raise ValueError(f"the prompt {prompt!r} has no tokens: nothing to condition on")

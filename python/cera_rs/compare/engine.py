@@ -95,7 +95,7 @@ class Comparison:
     out_dir: Path
 
 
-def _key(method: Method, lr: float, seed: int) -> str:
+def _key(lr: float, seed: int) -> str:
     return f"lr{lr:g}-seed{seed}"
 
 
@@ -193,7 +193,7 @@ def run(model_name: str, base: nn.Module, tokenizer, problems: Problems, methods
     counted: set[str] = set()  # runs whose steps the bar has counted
 
     def ensure(method: Method, lr: float, seed: int, test: bool) -> dict:
-        key = _key(method, lr, seed)
+        key = _key(lr, seed)
         counted_key = f"{method.slug}/{key}"
         fingerprint = _fingerprint(*common, method.describe(), lr, seed)
         record = store.load(method, key, fingerprint)
@@ -201,11 +201,13 @@ def run(model_name: str, base: nn.Module, tokenizer, problems: Problems, methods
             bar.set_postfix_str(f"{method.name}, lr {lr:g}, seed {seed}")
             model = runner.build(method, seed)
             stats = runner.train(model, method, lr, seed, bar)
+            runner.check_base(method)
             size = store.save_adapter(method, key, model)
             hits, loss = runner.teacher_forced(model, "valid")
             trainable, total = model.get_nb_trainable_parameters()
             record = {"fingerprint": fingerprint, "method": method.name, "lr": lr, "seed": seed,
                       "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                      "device": runner.device.type,
                       "train": asdict(stats), "file_size": size,
                       "trainable_params": trainable, "total_params": total,
                       "valid": {"exact_match": float(hits.mean()), "loss": loss}}  # fmt: skip
@@ -218,6 +220,7 @@ def run(model_name: str, base: nn.Module, tokenizer, problems: Problems, methods
             bar.set_postfix_str(f"{method.name}, seed {seed}: scoring")
             record["test"] = _score(runner, method, store.paths(method, key)[1], seed,
                                     seed == settings.seeds[0], extras)  # fmt: skip
+            runner.check_base(method)
             store.save(method, key, record)
         return record
 

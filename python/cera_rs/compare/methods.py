@@ -196,7 +196,7 @@ def read_folder(folder: str | os.PathLike) -> Method:
     name = "/".join(folder.resolve().parts[-2:])
     make_config(cls, fields, name)
     return Method(name, PeftType(str(raw["peft_type"]).upper()).value, fields, training,
-                  str(folder), tuple(dropped))  # fmt: skip
+                  str(folder.resolve()), tuple(dropped))  # fmt: skip
 
 
 def method(spec_or_folder: str | os.PathLike) -> Method:
@@ -210,10 +210,15 @@ def method(spec_or_folder: str | os.PathLike) -> Method:
 
 
 def distinct(methods: list[Method]) -> list[Method]:
-    names = [m.name for m in methods]
-    for name in names:
-        if names.count(name) > 1:
-            raise ValueError(f"method {name!r} is given twice")
+    """``methods`` if each has a name and a run folder of its own."""
     if not methods:
         raise ValueError("no methods to compare")
+    seen: dict[str, str] = {}
+    for m in methods:
+        if m.name in seen.values():
+            raise ValueError(f"method {m.name!r} is given twice")
+        if m.slug in seen:
+            raise ValueError(f"methods {seen[m.slug]!r} and {m.name!r} would share the run "
+                             f"folder {m.slug!r}; rename one")  # fmt: skip
+        seen[m.slug] = m.name
     return methods

@@ -65,12 +65,13 @@ def _method_summary(comparison: Comparison, method: Method) -> dict[str, Any]:
     out = {
         "peft_type": method.peft_type, "fields": method.fields, "source": method.source,
         "training": method.training, "not_applied": list(method.not_applied),
-        "lr": lr, "lr_at_grid_edge": len(lrs) > 1 and lr in (lrs[0], lrs[-1]),
+        "lr": lr, "lr_grid": lrs, "lr_at_grid_edge": len(lrs) > 1 and lr in (lrs[0], lrs[-1]),
         "valid_by_lr": {f"{r['lr']:g}": r["valid"] for r in grid},
         "seeds": list(comparison.settings.seeds),
         "test_exact_match": [float(h.mean()) for h in hits],
         "test_exact_match_mean": float(hits.mean()),
-        "wilson95": list(wilson(int(hits.sum()), int(hits.size))),
+        # over problems: every seed answers the same ones, so they are not more draws
+        "wilson95": list(wilson(round(float(hits.mean(axis=0).sum())), hits.shape[1])),
         "test_loss": float(np.mean([r["test"]["loss"] for r in runs])),
         "teacher_forced_agreement": float(np.mean([r["test"]["teacher_forced_agreement"]
                                                    for r in runs])),  # fmt: skip
@@ -94,7 +95,7 @@ def summarise(comparison: Comparison) -> dict[str, Any]:
     p, s = comparison.problems, comparison.settings
     return {
         "model": comparison.model,
-        "data": {"source": p.source, "digest": p.digest,
+        "data": {"source": p.source, "digest": p.digest, "notes": list(p.notes),
                  "sizes": {"train": len(p.train), "valid": len(p.valid), "test": len(p.test)}},
         "settings": {"steps": s.steps, "batch": s.batch, "lrs": list(s.lrs),
                      "seeds": list(s.seeds), "adapted_layers": s.adapted_layers,
@@ -121,13 +122,14 @@ def scores_markdown(summary: dict[str, Any]) -> str:
              f"{sizes['train']} training, {sizes['valid']} valid and {sizes['test']} test "
              f"problems; {s['steps']} steps of batch {s['batch']}; seeds "
              f"{', '.join(map(str, s['seeds']))}; learning rate chosen per method by valid "
-             f"exact match (seed {s['seeds'][0]}) from {', '.join(f'{x:g}' for x in s['lrs'])}"
+             f"exact match (teacher-forced, seed {s['seeds'][0]}, lower valid loss on a tie) "
+             f"from {', '.join(f'{x:g}' for x in s['lrs'])}"
              + (f"; adapters on the last {s['adapted_layers']} layers" if s["adapted_layers"]
                 else "") + ".", "",
              "## Test exact match (greedy decoding)", "",
              f"The base model, no adapter: {_pct(summary['base_exact_match'])} %.", "",
              "| method | trainable params | lr | exact match % (mean) | per seed | Wilson 95 % "
-             "(pooled) | test loss | eff. rank | held-out lin@r |",
+             "(n = problems) | test loss | eff. rank | held-out lin@r |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for name, m in summary["methods"].items():
         low, high = m["wilson95"]
@@ -144,12 +146,23 @@ def scores_markdown(summary: dict[str, Any]) -> str:
     for d in summary["differences"]:
         lines.append(f"| {d['method']} | {100 * d['mean']:+.1f} | {100 * d['low']:+.1f} to "
                      f"{100 * d['high']:+.1f} | {d['verdict']} |")  # fmt: skip
-    lines.append("")
+    lines += ["", "Each interval holds the difference for these problems and seeds at 95 %; "
+              f"with {len(summary['differences'])} comparisons, about one in twenty "
+              "differences that are not there would still be called, so a single verdict "
+              "among many is weaker than it reads. The first seed's run is also the one "
+              "whose valid score chose the rate, which flatters that seed a little for every "
+              "method alike.", ""]  # fmt: skip
     lines += [d["sentence"] for d in summary["differences"]]
     edges = [f"{n} ({m['lr']:g})" for n, m in summary["methods"].items() if m["lr_at_grid_edge"]]
     if edges:
         lines += ["", "Chosen at the edge of the rate grid, so a rate beyond it might have done "
                   f"better: {', '.join(edges)}."]  # fmt: skip
+    own = [f"{n} ({', '.join(f'{x:g}' for x in m['lr_grid'])})"
+           for n, m in summary["methods"].items() if set(m["lr_grid"]) != set(s["lrs"])]
+    if own:
+        lines += ["", f"Rate grids of their own: {', '.join(own)}."]
+    if summary["data"]["notes"]:
+        lines += ["", "Data: " + "; ".join(summary["data"]["notes"]) + "."]
     notes = [f"{n}: {', '.join(m['not_applied'])}" for n, m in summary["methods"].items()
              if m["not_applied"]]  # fmt: skip
     if notes:
@@ -251,7 +264,7 @@ def peft_result(comparison: Comparison, method: Method, record: dict) -> dict[st
     }  # fmt: skip
 
 
-def write(comparison: Comparison, progress: bool = True) -> dict[str, Any]:
+def write(comparison: Comparison) -> dict[str, Any]:
     """Writes every output (each file atomically) and returns the summary."""
     out = comparison.out_dir
     summary = summarise(comparison)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import re
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 from peft import PeftModel, PromptLearningConfig, get_peft_model
 from torch import Tensor, nn
-from transformers import get_scheduler
+from transformers import GenerationConfig, get_scheduler
 from transformers.masking_utils import create_causal_mask
 
 from cera_rs.compare.data import Encoded, Problems, encode, end_token
@@ -125,36 +124,22 @@ class TrainStats:
 
 @contextmanager
 def memory_samples(device: torch.device, interval: float = 0.01) -> Iterator[list[int]]:
-    """Memory in use above its level at entry, sampled while the block runs: the
-    resident set on CPU (a thread every ``interval`` seconds), the CUDA allocator's
-    reserved bytes per sample on a GPU, whose peak allocation is appended at exit."""
-    samples: list[int] = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        yield samples
-        torch.cuda.synchronize(device)
-        samples.append(torch.cuda.max_memory_allocated(device) - before)
+    """Memory in use above its level at entry, sampled every ``interval`` seconds while
+    the block runs: the resident set on CPU; on a GPU the CUDA allocator's reserved
+    bytes, and at the end its peak allocation."""
+    from cera_rs.bench.measure import rss_bytes, sampled
+
+    if device.type != "cuda":
+        with sampled(rss_bytes, interval) as samples:
+            yield samples
         return
-    from cera_rs.bench.measure import rss_bytes
-
-    before = rss_bytes()
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            samples.append(rss_bytes() - before)
-            time.sleep(interval)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    allocated = torch.cuda.memory_allocated(device)
+    with sampled(lambda: torch.cuda.memory_reserved(device), interval) as samples:
         yield samples
-    finally:
-        done.set()
-        sampler.join()
-        samples.append(rss_bytes() - before)
+        torch.cuda.synchronize(device)
+    samples.append(torch.cuda.max_memory_allocated(device) - allocated)
 
 
 def _memory_figures(samples: list[int]) -> dict:
@@ -177,6 +162,7 @@ class Runner:
                          else nullcontext())  # fmt: skip
         self.eos = end_token(tokenizer)
         self.stack = Stack(base, adapted_layers) if adapted_layers else None
+        self._frozen = self._base_state()
         self.splits: dict[str, Split] = {}
         for name in ("train", "valid", "test"):
             data = encode(tokenizer, problems.split(name), max_seq_length)
@@ -186,6 +172,40 @@ class Runner:
                 with self.autocast:
                     hidden = self.stack.prefix(data.ids)
             self.splits[name] = Split(data, hidden)
+        if self.stack is not None:
+            self._check_stack()
+
+    def _check_stack(self, rows: int = 4) -> None:
+        """The split forward gives the whole model's logits on a few training problems,
+        or the model computes something the split leaves out (a logit soft-cap, ...)."""
+        split = self.splits["train"]
+        picked = torch.arange(min(rows, len(split.data)))
+        owners, positions, _, _ = split.data.answer_positions(picked)
+        width = int(split.data.lengths[picked].max())
+        with torch.no_grad():
+            ids = split.data.ids[picked.to(self.device), :width]
+            full = self.base(input_ids=ids).logits[owners, positions].float()
+            hidden = self.stack.prefix(ids)
+            cached = self.stack.logits(hidden, owners.to(self.device),
+                                       positions.to(self.device)).float()  # fmt: skip
+        if not torch.allclose(cached, full, rtol=1e-3, atol=1e-3):
+            raise ValueError(f"adapted_layers: {type(self.base).__name__}'s logits differ from "
+                             "its decoder layers run in two parts (max difference "
+                             f"{float((cached - full).abs().max()):.3g}); compare without "
+                             "adapted_layers")  # fmt: skip
+
+    def _base_state(self) -> list[tuple[int, int, bool]]:
+        return [(p.data_ptr(), p._version, p.requires_grad) for p in self.base.parameters()]
+
+    def check_base(self, method: Method) -> None:
+        """Every run shares the frozen base's weights; a method that writes to them (a
+        PiSSA-style init) or trains them (``bias="all"``) would change every later run."""
+        if self._base_state() != self._frozen:
+            for p in self.base.parameters():
+                p.requires_grad_(False)
+            raise ValueError(f"{method.name}: writes to or trains the base model's own weights "
+                             "(an init such as PiSSA, OLoRA or CorDA, or bias='all'), which "
+                             "every run of a comparison shares; compare it on its own")  # fmt: skip
 
     @property
     def adapted_layers(self) -> list[int] | None:
@@ -208,6 +228,7 @@ class Runner:
             raise ValueError(f"{method.name}: a prompt-learning method changes the input, not "
                              "the last layers; compare without adapted_layers")  # fmt: skip
         model = get_peft_model(model, config)
+        self.check_base(method)
         if self.stack is not None:
             self._check_below_split(model, method)
         return model.to(self.device)
@@ -340,6 +361,9 @@ def greedy_tokens(model: nn.Module, prompts: list[list[int]], max_new_tokens: in
     and including ``eos``). Prompts of equal length are batched together (no padding)."""
     model.eval()
     device = next(model.parameters()).device
+    # A fresh config: the checkpoint's own (repetition penalties, ...) would not be greedy.
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                              pad_token_id=eos)  # fmt: skip
     by_length: dict[int, list[int]] = {}
     for i, ids in enumerate(prompts):
         by_length.setdefault(len(ids), []).append(i)
@@ -349,8 +373,7 @@ def greedy_tokens(model: nn.Module, prompts: list[list[int]], max_new_tokens: in
             indices = group[start : start + batch]
             ids = torch.tensor([prompts[i] for i in indices], device=device)
             rows = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                  do_sample=False, max_new_tokens=max_new_tokens,
-                                  pad_token_id=eos, eos_token_id=eos)  # fmt: skip
+                                  generation_config=config)
             for i, row in zip(indices, rows[:, ids.shape[1] :].tolist()):
                 out[i] = row[: row.index(eos) + 1] if eos in row else row
     return out
