@@ -11,4 +11,4 @@ exec cera-rs compare \
     'cera:r=8' 'lora:r=8,lora_alpha=32' 'lora:r=64,lora_alpha=32' 'dora:r=8,lora_alpha=32' \
     'cera:r=8,activation=identity,cera_dropout=0' \
     --model smollm2 --data tiers:hard --sizes "${SIZES:-1600,150,600}" --adapted-layers 10 \
-    --steps 100 --batch 16 --lrs 2e-3,4e-3,8e-3 --seeds "${SEEDS:-0,1,2}" --out "$out"
+    --steps 100 --batch 16 --lrs 1e-3,2e-3,4e-3,8e-3,1.6e-2,3.2e-2 --seeds "${SEEDS:-0,1,2}" --out "$out"

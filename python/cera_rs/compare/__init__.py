@@ -1,6 +1,6 @@
 """Does CeRA beat LoRA on *my* model and data, beyond noise? ``compare`` trains and
 scores several adapter methods on one base model and one data set the same way, and
-reports each method against a reference with a paired bootstrap interval and a
+reports each method against a reference with a paired 95 % interval and a
 verdict that never says more than the data supports.
 
     from cera_rs.compare import compare

@@ -141,12 +141,13 @@ def scores_markdown(summary: dict[str, Any]) -> str:
                      f"{' / '.join(_pct(x) for x in m['test_exact_match'])} | "
                      f"{_pct(low)}-{_pct(high)} | {m['test_loss']:.3f} | {rank} | {lin} |")
     lines += ["", f"## Against {summary['reference']} (paired over seeds and problems)", "",
-              "| method | difference (points) | 95 % bootstrap interval | verdict |",
+              "| method | difference (points) | 95 % interval | verdict |",
               "|---|---:|---:|---|"]  # fmt: skip
     for d in summary["differences"]:
         lines.append(f"| {d['method']} | {100 * d['mean']:+.1f} | {100 * d['low']:+.1f} to "
                      f"{100 * d['high']:+.1f} | {d['verdict']} |")  # fmt: skip
-    lines += ["", "Each interval holds the difference for these problems and seeds at 95 %; "
+    lines += ["", "Each interval is the crossed bootstrap over seeds and problems, widened to "
+              "Student's t interval over the per-seed differences where that is wider; "
               f"with {len(summary['differences'])} comparisons, about one in twenty "
               "differences that are not there would still be called, so a single verdict "
               "among many is weaker than it reads. The first seed's run is also the one "

@@ -72,7 +72,7 @@ class Difference:
     def sentence(self) -> str:
         size = (f"{self.seeds} seed{'s' if self.seeds > 1 else ''} x {self.problems} test "
                 "problems")  # fmt: skip
-        interval = (f"{100 * self.mean:+.1f} points (95 % bootstrap interval "
+        interval = (f"{100 * self.mean:+.1f} points (95 % interval "
                     f"{100 * self.low:+.1f} to {100 * self.high:+.1f}; {size})")  # fmt: skip
         if self.verdict == TIE:
             text = (f"{self.method} and {self.reference} are not distinguishable at this "
