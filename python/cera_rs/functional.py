@@ -175,6 +175,24 @@ class _CeraBranch(torch.autograd.Function):
         return dx, da, db, None, None, None, None, None
 
 
+def _check_branch_args(x: Tensor, A: Tensor, B: Tensor, dropout: float, activation: str,
+                       dropout_position: str) -> None:  # fmt: skip
+    """What every branch checks before its kernels: tensors, one device, the dropout
+    probability, the activation and where the dropout goes."""
+    for name, t in (("x", x), ("A", A), ("B", B)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if A.device != x.device or B.device != x.device:
+        raise _native.DeviceError(
+            f"device error: mixed devices: x is on {x.device}, A on {A.device}, B on {B.device}"
+        )
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}: expected one of {ACTIVATIONS}")
+    check_dropout_position(dropout_position)
+
+
 def cera_delta(
     x: Tensor,
     A: Tensor,
@@ -195,18 +213,7 @@ def cera_delta(
     ``dropout_position="input"`` it drops elements of ``x`` instead:
     ``scaling * B · act(A Dropout(x))``.
     """
-    for name, t in (("x", x), ("A", A), ("B", B)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if A.device != x.device or B.device != x.device:
-        raise _native.DeviceError(
-            f"device error: mixed devices: x is on {x.device}, A on {A.device}, B on {B.device}"
-        )
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}: expected one of {ACTIVATIONS}")
-    check_dropout_position(dropout_position)
+    _check_branch_args(x, A, B, dropout, activation, dropout_position)
     p = float(dropout) if training else 0.0
     dtype = autocast_dtype(x.device)
     if dtype is None:
@@ -424,18 +431,7 @@ def mapped_delta(
     ``cera_delta``; ``dropout_position="input"`` drops elements of ``x`` (convolutions
     only: ids cannot be dropped out).
     """
-    for name, t in (("x", x), ("A", A), ("B", B)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if A.device != x.device or B.device != x.device:
-        raise _native.DeviceError(
-            f"device error: mixed devices: x is on {x.device}, A on {A.device}, B on {B.device}"
-        )
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}: expected one of {ACTIVATIONS}")
-    check_dropout_position(dropout_position)
+    _check_branch_args(x, A, B, dropout, activation, dropout_position)
     embedding = isinstance(maps, EmbeddingMaps)
     if embedding and dropout_position == "input" and dropout > 0:
         raise ValueError("dropout_position='input' cannot apply to an embedding: its input "
