@@ -82,6 +82,31 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.close(folder)
 
 
+def check_folder_creatable(path: str | os.PathLike) -> None:
+    """Refuses, naming it and why, an output folder that cannot be created (a
+    read-only or virtual file system, no permission): the missing folders are made
+    and removed again, so the check leaves nothing behind and the failure comes
+    before the work, not as a bare errno after it."""
+    path = Path(path)
+    check_folder_writable(path)
+    missing = []
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    try:
+        for folder in reversed(missing):
+            folder.mkdir()
+    except OSError as err:
+        raise type(err)(f"cannot create the output folder {path}: {err.strerror}") from None
+    finally:
+        for folder in missing:
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
     """Opens a temporary file for writing (``mode`` "w" or "wb") and, when the block

@@ -143,16 +143,21 @@ def _compare_parser(commands, debug: argparse.ArgumentParser) -> None:
              "is better on your model and data",
         description="Trains and scores each METHOD on one base model and one data set with "
                     "the same data order and init seeds, and reports each against the first "
-                    "(or --reference) with a paired 95 %% bootstrap interval. A METHOD is a "
+                    "(or --reference) with a paired 95 % bootstrap interval. A METHOD is a "
                     "spec (cera:r=64, lora:r=512,lora_alpha=32, dora:r=8, hira:r=32) or a PEFT "
-                    "method_comparison experiment folder. Finished runs are kept in --out: "
+                    "method_comparison experiment folder. A list sweeps a field, one method "
+                    "per value (lora:r=[1,4,16,64]: a rank curve, from which each CeRA "
+                    "method's parameter multiplier is read), and lora:r=full puts every "
+                    "targeted layer at its own full rank (the linear ceiling). Finished runs are kept in --out: "
                     "the same command again resumes.",
     )  # fmt: skip
     p.add_argument("methods", nargs="+", metavar="METHOD")
     p.add_argument("--model", default=BUILTIN_MODEL,
                    help="a transformers causal-LM folder, or %(default)s (the built-in "
                         "SmolLM2-135M-Instruct)")  # fmt: skip
-    p.add_argument("--data", help="built-in problems: tiers:hard or tiers:easy")
+    p.add_argument("--data", help="built-in problems: tiers:hard, tiers:easy, or phonebook:N "
+                                  "(N made-up names and numbers to memorise; scored by "
+                                  "recall and by the bits stored)")  # fmt: skip
     p.add_argument("--train", type=Path, help="JSONL, one {\"prompt\", \"completion\"} a line")
     p.add_argument("--valid", type=Path,
                    help="JSONL (default: the last 100 training problems, at most a fifth)")

@@ -21,6 +21,12 @@ METHOD_COLORS = {"cera": "tab:red", "lora": "tab:blue", "dora": "tab:green"}
 """One colour per adapter kind in every figure."""
 
 
+def pct(share: float) -> str:
+    """A share (0.123) as every report's tables write it, in percent with one decimal
+    (12.3)."""
+    return f"{100 * share:.1f}"
+
+
 def _cells(columns: Columns, rows: list[dict[str, Any]]) -> list[list[str]]:
     return [["-" if row[key] is None else format(row[key], fmt) for _, key, fmt in columns]
             for row in rows]  # fmt: skip

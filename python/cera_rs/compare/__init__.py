@@ -18,9 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from cera_rs.atomic import check_folder_creatable
 from cera_rs.compare import data as _data
 from cera_rs.compare.engine import Comparison, Extras, Settings, run
-from cera_rs.compare.methods import Method, distinct, method, parse_spec, read_folder
+from cera_rs.compare.methods import Method, at_full_rank, distinct, method, parse_spec, read_folder
+from cera_rs.compare.methods import methods as expand
 from cera_rs.compare.stats import Difference, paired_bootstrap, wilson
 
 DEFAULT_SIZES = (960, 100, 300)
@@ -50,16 +52,24 @@ def load_problems(data: str | None = None, train: str | os.PathLike | None = Non
                   valid: str | os.PathLike | None = None,
                   sizes: tuple[int, int, int] | None = None) -> _data.Problems:  # fmt: skip
     """``data="tiers:hard"`` (or ``tiers:easy``) with ``sizes`` (train, valid, test;
-    default 960, 100, 300), or JSONL files ``train`` and ``test`` (and ``valid``)."""
+    default 960, 100, 300), ``data="phonebook:N"`` (N made-up facts to memorise), or
+    JSONL files ``train`` and ``test`` (and ``valid``)."""
     if data is not None:
         if train is not None or test is not None or valid is not None:
             raise ValueError("give either a built-in data set or JSONL files, not both")
+        kind, _, name = data.partition(":")
+        if kind == "phonebook":
+            if sizes is not None:
+                raise ValueError("sizes are for the arithmetic tiers; phonebook:N sets its own")
+            if not name.isdigit() or int(name) < 1:
+                raise ValueError(f"--data {data}: phonebook:N needs a positive number of "
+                                 "facts, e.g. phonebook:200")  # fmt: skip
+            return _data.phonebook(int(name))
         sizes = DEFAULT_SIZES if sizes is None else tuple(sizes)
         if len(sizes) != 3 or not all(isinstance(n, int) and n > 0 for n in sizes):
             raise ValueError(f"sizes: three positive counts (train, valid, test), got {sizes}")
-        kind, _, name = data.partition(":")
         if kind != "tiers" or name not in _data.TIERS:
-            raise ValueError(f"unknown built-in data {data!r}; expected one of "
+            raise ValueError(f"unknown built-in data {data!r}; expected phonebook:N or one of "
                              f"{', '.join(f'tiers:{t}' for t in _data.TIERS)}")  # fmt: skip
         return _data.tier(name, *sizes)
     if sizes is not None:
@@ -80,12 +90,21 @@ def compare(methods: list[str | os.PathLike | Method], model: str | os.PathLike 
     returns the summary (``summary.json``)."""
     from cera_rs.compare import report
 
-    chosen = distinct([m if isinstance(m, Method) else method(m) for m in methods])
+    chosen = distinct([x for m in methods
+                       for x in ([m] if isinstance(m, Method) else expand(m))])  # fmt: skip
     for m in chosen:  # a config PEFT refuses stops here, before the model loads
-        m.config()
+        if not m.full_rank:
+            m.config()
+    settings = settings or Settings()
     problems = load_problems(data, train, test, valid, sizes)
+    check_folder_creatable(out_dir)
     name, base, tokenizer = load_model(model)
-    comparison = run(name, base, tokenizer, problems, chosen, settings or Settings(),
+    layers = None
+    if settings.adapted_layers:  # the layers the split forward adapts: the last k
+        n = len(getattr(getattr(base, "model", None), "layers", ()))
+        layers = list(range(max(0, n - settings.adapted_layers), n)) if n else None
+    chosen = [at_full_rank(m, base, layers) for m in chosen]
+    comparison = run(name, base, tokenizer, problems, chosen, settings,
                      Path(out_dir), progress=progress, extras=extras)  # fmt: skip
     return report.write(comparison)
 

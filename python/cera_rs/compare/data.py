@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,9 +36,17 @@ class Problems:
     source: str
     digest: str  # of the contents: a resumed comparison checks it sees the same data
     notes: tuple[str, ...] = ()  # what the report should say about them (overlaps)
+    extra_tests: dict[str, list[Item]] = field(default_factory=dict)  # scored like test
+    score: str = "exact_match"  # what the curves read: "exact_match", or "bits" (stored)
 
     def split(self, name: str) -> list[Item]:
+        if name in self.extra_tests:
+            return self.extra_tests[name]
         return {"train": self.train, "valid": self.valid, "test": self.test}[name]
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return ("train", "valid", "test", *self.extra_tests)
 
 
 def _digest(*splits: list[Item]) -> str:
@@ -56,8 +64,13 @@ def read_jsonl(path: str | os.PathLike) -> list[Item]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (JSONL with prompt and completion)")
     items = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}, line {number}: not UTF-8 (byte {raw[err.start]:#04x} "
+                                 f"at column {err.start + 1}); JSONL files are UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -205,3 +218,58 @@ def encode(tokenizer, items: list[Item], max_length: int | None = None) -> Encod
     for i, x in enumerate(seqs):
         ids[i, : len(x)] = torch.tensor(x)
     return Encoded(ids, torch.tensor([len(x) for x in seqs]), torch.tensor(prompt_lengths), items)
+
+
+PHONEBOOK_DIGITS = 5
+"""Digits of a phonebook number: enough that guessing never scores (1 in 10^5)."""
+_ONSETS = ("b", "br", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "st", "t", "v",
+           "w", "z", "ch", "sh", "tr", "gr", "cl", "pl")  # fmt: skip
+_VOWELS = ("a", "e", "i", "o", "u", "ai", "ea", "io", "ou")
+_CODAS = ("", "", "n", "r", "l", "s", "th", "m", "nd", "rk", "x")
+
+
+def _made_up_name(rng: random.Random) -> str:
+    """A pronounceable name that is no one's: two or three syllables, twice."""
+    def word() -> str:
+        syllables = rng.choice((2, 2, 3))
+        text = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(syllables))
+        return (text + rng.choice(_CODAS)).capitalize()
+
+    return f"{word()} {word()}"
+
+
+def phonebook_facts(n: int, digits: int = PHONEBOOK_DIGITS, seed: int = 0) -> list[tuple[str, str]]:
+    """``n`` made-up facts, a unique name -> a ``digits``-digit number; the same ``n``
+    and seed give the same facts, and a larger ``n`` extends a smaller one."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"phonebook: the number of facts must be a positive integer, got {n!r}")
+    rng = random.Random(f"phonebook-{seed}")
+    facts: dict[str, str] = {}
+    while len(facts) < n:
+        name = _made_up_name(rng)
+        number = "".join(rng.choice("0123456789") for _ in range(digits))
+        facts.setdefault(name, number)
+    return list(facts.items())
+
+
+def recall_prompt(name: str) -> str:
+    return f"Phone book. {name}:"
+
+
+def reworded_prompt(name: str) -> str:
+    return f"What is the phone number of {name}? It is"
+
+
+def phonebook(n: int, digits: int = PHONEBOOK_DIGITS) -> Problems:
+    """The PhoneBook task ("Understanding LoRA as Knowledge Memory", arXiv 2603.01097):
+    train on all ``n`` facts; valid and test ask for the same facts in the same words
+    (what the adapter stored: capacity, not generalisation), and ``transfer`` asks for
+    them reworded (whether the stored fact is used beyond its training prompt)."""
+    facts = phonebook_facts(n, digits)
+    train = [(recall_prompt(name), number) for name, number in facts]
+    transfer = [(reworded_prompt(name), number) for name, number in facts]
+    notes = ("memorisation: valid and test are the training facts themselves (recall of "
+             "what was stored); the transfer split asks for them in other words",)  # fmt: skip
+    return Problems(train, list(train), list(train),
+                    f"phonebook:{n} ({n} made-up names -> {digits}-digit numbers)",
+                    _digest(train, transfer), notes, {"transfer": transfer}, "bits")  # fmt: skip

@@ -263,9 +263,15 @@ def _score(runner: Runner, method: Method, adapter: Path, seed: int, first: bool
     start = time.perf_counter()
     model = PeftModel.from_pretrained(runner.copy_base(), adapter).to(runner.device).eval()
     hits = runner.generated(model)
-    forced, loss = runner.teacher_forced(model, "test")
+    forced, nats, tokens = runner.forced_scores(model, "test")
     out: dict[str, Any] = {"hits": hits.astype(int).tolist(), "exact_match": float(hits.mean()),
-                           "loss": loss, "teacher_forced_agreement": float((forced == hits).mean())}
+                           "loss": float(nats.sum() / tokens),
+                           "teacher_forced_agreement": float((forced == hits).mean()),
+                           "bits": _bits(runner.base_nats("test") - nats)}  # fmt: skip
+    for name in runner.problems.extra_tests:  # e.g. phonebook's reworded prompts
+        extra = runner.generated(model, name)
+        out[name] = {"hits": extra.astype(int).tolist(), "exact_match": float(extra.mean()),
+                     "bits": _bits(runner.base_nats(name) - runner.forced_scores(model, name)[1])}
     if first and method.peft_type in SPECTRAL_METHODS:
         out["spectra"] = spectra(runner, model)
         if method.peft_type == "CERA":
@@ -274,6 +280,12 @@ def _score(runner: Runner, method: Method, adapter: Path, seed: int, first: bool
         out["extras"] = extras(method, model, runner, hits)
     out["score_time"] = time.perf_counter() - start
     return out
+
+
+def _bits(nats_saved: np.ndarray) -> list[float]:
+    """Per problem, the information the adapter stored about its completion: the base
+    model's cross-entropy on it minus the adapted model's, in bits."""
+    return (nats_saved / np.log(2)).round(4).tolist()
 
 
 def _analysed(runner: Runner, model: PeftModel) -> nn.Module:

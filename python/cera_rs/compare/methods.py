@@ -8,16 +8,23 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import json
+import math
 import os
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from peft import PeftConfig, PeftType
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+from torch import nn
 
+FULL = "full"
+"""``r=full``: each targeted layer at min(in, out), the linear ceiling of those layers."""
 SPECTRAL_METHODS = ("LORA", "CERA")
 """PEFT types whose adapters cera_rs's spectral engine reads (LoRA, DoRA, CeRA)."""
 PER_METHOD_TRAINING = ("optimizer_type", "optimizer_kwargs", "lr_scheduler", "grad_norm_clip")
@@ -45,6 +52,8 @@ class Method:
     source: str = "spec"
     not_applied: tuple[str, ...] = ()  # training_params.json keys left out, and why
     lrs: tuple[float, ...] | None = None  # this method's rate grid instead of the comparison's
+    family: str = ""  # the curve it belongs to: its spec without the rank (``lora:lora_alpha=32``)
+    ceiling: bool = False  # ``r=full`` made concrete: the linear ceiling of its layers
 
     @property
     def slug(self) -> str:
@@ -56,8 +65,17 @@ class Method:
         r = self.fields.get("r")
         return r if isinstance(r, int) else None
 
+    @property
+    def full_rank(self) -> bool:
+        """``r=full``: every targeted layer at its own full rank, set by ``at_full_rank``
+        once the model is known."""
+        return self.fields.get("r") == FULL
+
     def config(self, layers_to_transform: list[int] | None = None) -> PeftConfig:
         """A fresh PEFT config; with ``layers_to_transform``, adapters only on those layers."""
+        if self.full_rank:
+            raise ValueError(f"{self.name}: r=full is resolved against the model first "
+                             "(Method.at_full_rank)")  # fmt: skip
         cls = config_class(self.peft_type)
         fields = dict(self.fields)
         if layers_to_transform is not None:
@@ -131,25 +149,168 @@ def _top_level(text: str) -> list[str]:
     return parts + [text[start:]]
 
 
-def parse_spec(spec: str) -> Method:
+def _accepts(hint: Any, value: Any) -> bool:
+    """Whether ``value`` (parsed from a spec) fits a config field's type; a type this
+    check does not know is left to the config class itself."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(arg, value) for arg in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, set) or hint in (list, tuple, set):
+        return isinstance(value, list) and all(_accepts(args[0], v) for v in value) \
+            if args and origin is list else isinstance(value, list)  # fmt: skip
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _field_types(cls: type[PeftConfig]) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # a PEFT config whose annotations this Python cannot evaluate
+        return {}
+
+
+def _swept(hint: Any, value: Any) -> bool:
+    """A list is a sweep (one method per value) where the field does not take a list
+    itself (``r=[1,2,4]``; ``target_modules=["q_proj"]`` is one value)."""
+    if not isinstance(value, list):
+        return False
+    return hint is None or not _accepts(hint, value) or any(isinstance(v, list) for v in value)
+
+
+def _render(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+
+
+def parse_specs(spec: str) -> list[Method]:
     """``kind[:key=value,...]``: ``kind`` is ``dora`` (LoRA with ``use_dora``) or any
     PEFT method's name (``lora``, ``cera``, ``hira``, ...); the keys are its config's
-    fields."""
-    kind, _, rest = spec.strip().partition(":")
+    fields. A list where the field takes one value is a sweep, one method per value
+    (``lora:r=[1,4,16],lora_alpha=32``; several lists give every combination), and
+    ``r=full`` gives each targeted layer its own full rank."""
+    spec = spec.strip()
+    kind, _, rest = spec.partition(":")
     kind = kind.strip().lower()
     if not kind:
         raise ValueError(f"method spec {spec!r}: expected kind[:key=value,...], e.g. cera:r=64")
-    fields: dict[str, Any] = {}
-    for part in filter(None, (p.strip() for p in _top_level(rest))):
-        key, eq, value = part.partition("=")
-        if not eq or not key.strip():
-            raise ValueError(f"method spec {spec!r}: {part!r} is not key=value")
-        fields[key.strip()] = _value(value.strip())
     peft_type = "LORA" if kind == "dora" else kind.upper()
-    if kind == "dora":
-        fields.setdefault("use_dora", True)
-    make_config(config_class(peft_type), fields, spec)  # refused now, not after other runs
-    return Method(spec.strip(), PeftType(peft_type).value, fields)
+    cls = config_class(peft_type)
+    hints = _field_types(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    parts: list[tuple[str, list[Any]]] = []  # key and its values (one unless swept)
+    for part in filter(None, (p.strip() for p in _top_level(rest))):
+        key, eq, text = part.partition("=")
+        key, text = key.strip(), text.strip()
+        if not eq or not key:
+            raise ValueError(f"method spec {spec!r}: {part!r} is not key=value")
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"{spec}: {cls.__name__} has no field {key!r}{hint}")
+        if text.startswith("[") and not isinstance(_value(text), list):
+            raise ValueError(f"{spec}: {key}={text} is not a list; write a sweep as "
+                             f"{key}=[1,2,4] (a JSON list)")  # fmt: skip
+        value = _value(text)
+        values = value if _swept(hints.get(key), value) else [value]
+        if not values:
+            raise ValueError(f"{spec}: {key}=[] is an empty sweep; give at least one value")
+        for v in values:
+            if key == "r" and v == FULL:
+                if hints.get("r") is not int:
+                    raise ValueError(f"{spec}: r=full needs a method with an integer rank r; "
+                                     f"{cls.__name__} has none")  # fmt: skip
+            elif key in hints and not _accepts(hints[key], v):
+                raise ValueError(f"{spec}: {key}={_render(v)} is not a valid value: {key} is "
+                                 f"{_type_name(hints[key])}")  # fmt: skip
+        parts.append((key, values))
+    swept = any(len(values) > 1 for _, values in parts)
+    keys = [k for k, _ in parts]
+    out = []
+    for combo in itertools.product(*(values for _, values in parts)):
+        fields = dict(zip(keys, combo))
+        if kind == "dora":
+            fields.setdefault("use_dora", True)
+        body = ",".join(f"{k}={_render(v)}" for k, v in zip(keys, combo))
+        name = f"{kind}:{body}" if body and swept else (spec if body else kind)
+        rest = ",".join(f"{k}={_render(v)}" for k, v in zip(keys, combo) if k != "r")
+        family = f"{kind}:{rest}" if rest else kind
+        checked = dict(fields, r=1) if fields.get("r") == FULL else fields
+        make_config(cls, checked, name)  # refused now, not after other runs
+        out.append(Method(name, PeftType(peft_type).value, fields, family=family))
+    return out
+
+
+def parse_spec(spec: str) -> Method:
+    """One method from a spec without a sweep (``parse_specs`` expands sweeps)."""
+    methods = parse_specs(spec)
+    if len(methods) != 1:
+        raise ValueError(f"{spec}: a sweep of {len(methods)} methods; use parse_specs")
+    return methods[0]
+
+
+def _full_rank_of(module: nn.Module, name: str) -> int:
+    """The rank of a full update of a layer: min(inputs, outputs)."""
+    if isinstance(module, nn.Embedding):
+        return min(module.num_embeddings, module.embedding_dim)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        fan_in = module.in_channels // module.groups * math.prod(module.kernel_size)
+        return min(fan_in, module.out_channels)
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers' GPT-2 layer
+        return min(module.weight.shape)
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return min(module.in_features, module.out_features)
+    raise ValueError(f"r=full: cannot tell the full rank of {name} ({type(module).__name__}); "
+                     "give r as a number")  # fmt: skip
+
+
+def at_full_rank(method: Method, model: nn.Module,
+                 layers_to_transform: list[int] | None = None) -> Method:  # fmt: skip
+    """``method`` with ``r=full`` made concrete for ``model``: each targeted layer at
+    min(in, out), through ``rank_pattern`` where layers differ (``r`` is the most
+    common one). Other methods are returned as they are."""
+    if not method.full_rank:
+        return method
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    probe = Method(method.name, method.peft_type, dict(method.fields, r=1)).config(
+        layers_to_transform)
+    if probe.target_modules is None:  # PEFT's default targets for the architecture
+        defaults = getattr(PEFT_TYPE_TO_TUNER_MAPPING.get(PeftType(method.peft_type)),
+                           "target_module_mapping", {})  # fmt: skip
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in defaults:
+            raise ValueError(f"{method.name}: r=full needs target_modules: PEFT has no "
+                             f"default targets for {model_type or type(model).__name__}")
+        probe.target_modules = set(defaults[model_type])
+    ranks = {name: _full_rank_of(module, name) for name, module in model.named_modules()
+             if name and check_target_module_exists(probe, name)}  # fmt: skip
+    if not ranks:
+        raise ValueError(f"{method.name}: r=full: no layer of the model matches its targets")
+    common = max(set(ranks.values()), key=list(ranks.values()).count)
+    pattern = {re.escape(name): r for name, r in ranks.items() if r != common}
+    fields = dict(method.fields, r=common)
+    if pattern:
+        fields["rank_pattern"] = {**fields.get("rank_pattern", {}), **pattern}
+    return dataclasses.replace(method, fields=fields, ceiling=True)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -199,14 +360,22 @@ def read_folder(folder: str | os.PathLike) -> Method:
                   str(folder.resolve()), tuple(dropped))  # fmt: skip
 
 
-def method(spec_or_folder: str | os.PathLike) -> Method:
-    """A folder when the path is one, else a short spec."""
+def methods(spec_or_folder: str | os.PathLike) -> list[Method]:
+    """A folder when the path is one, else a short spec (a sweep gives several)."""
     path = Path(spec_or_folder)
     if path.is_dir():
-        return read_folder(path)
+        return [read_folder(path)]
     if os.sep in str(spec_or_folder) or path.suffix == ".json":
         raise FileNotFoundError(f"{spec_or_folder}: no such experiment folder")
-    return parse_spec(str(spec_or_folder))
+    return parse_specs(str(spec_or_folder))
+
+
+def method(spec_or_folder: str | os.PathLike) -> Method:
+    """One method: a folder, or a short spec without a sweep."""
+    found = methods(spec_or_folder)
+    if len(found) != 1:
+        raise ValueError(f"{spec_or_folder}: a sweep of {len(found)} methods; use methods()")
+    return found[0]
 
 
 def distinct(methods: list[Method]) -> list[Method]:

@@ -20,9 +20,11 @@ import numpy as np
 import torch
 
 from cera_rs.atomic import atomic_file
+from cera_rs.compare import curves
 from cera_rs.compare.engine import Comparison
 from cera_rs.compare.methods import Method
 from cera_rs.compare.stats import Difference, paired_bootstrap, wilson
+from cera_rs.table import pct as _pct
 
 MiB = 1 << 20
 
@@ -81,6 +83,10 @@ def _method_summary(comparison: Comparison, method: Method) -> dict[str, Any]:
     for key in ("spectra", "linearity", "extras"):
         if key in first:
             out[key] = first[key]
+    out["test_bits"] = float(np.mean([np.sum(r["test"]["bits"]) for r in runs]))
+    for name in comparison.problems.extra_tests:  # e.g. phonebook's reworded prompts
+        out[name] = {"exact_match": [r["test"][name]["exact_match"] for r in runs],
+                     "bits": float(np.mean([np.sum(r["test"][name]["bits"]) for r in runs]))}
     trains = [r["train"] for r in runs]
     out["costs"] = {
         "train_time_s": float(np.mean([t["train_time"] for t in trains])),
@@ -96,6 +102,7 @@ def summarise(comparison: Comparison) -> dict[str, Any]:
     return {
         "model": comparison.model,
         "data": {"source": p.source, "digest": p.digest, "notes": list(p.notes),
+                 "extra_tests": list(p.extra_tests), "score": p.score,
                  "sizes": {"train": len(p.train), "valid": len(p.valid), "test": len(p.test)}},
         "settings": {"steps": s.steps, "batch": s.batch, "lrs": list(s.lrs),
                      "seeds": list(s.seeds), "adapted_layers": s.adapted_layers,
@@ -108,11 +115,21 @@ def summarise(comparison: Comparison) -> dict[str, Any]:
                          "low": d.low, "high": d.high, "verdict": d.verdict,
                          "discordant": d.discordant, "sentence": d.sentence()}
                         for d in differences(comparison)],
+        "curves": _curves(comparison),
     }  # fmt: skip
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}"
+def _curves(comparison: Comparison) -> dict[str, Any] | None:
+    """Rank curves, multipliers and the ceiling, where the methods make a curve (a
+    family of two or more ranks) or include a full-rank LoRA."""
+    named = curves.families(comparison.methods)
+    if not any(len(ms) > 1 for ms in named.values()) and \
+            not any(m.ceiling for m in comparison.methods):  # fmt: skip
+        return None
+    runs = {m.name: _tested(comparison, m) for m in comparison.methods}
+    params = {name: rs[0]["trainable_params"] for name, rs in runs.items()}
+    return curves.summarise(comparison.methods, runs, params, comparison.problems.score,
+                            comparison.settings.resamples)  # fmt: skip
 
 
 def scores_markdown(summary: dict[str, Any]) -> str:
@@ -164,6 +181,14 @@ def scores_markdown(summary: dict[str, Any]) -> str:
         lines += ["", f"Rate grids of their own: {', '.join(own)}."]
     if summary["data"]["notes"]:
         lines += ["", "Data: " + "; ".join(summary["data"]["notes"]) + "."]
+    for name in summary["data"]["extra_tests"]:
+        lines += ["", f"## The {name} split (the same facts, asked in other words)", "",
+                  "| method | exact match % per seed | bits stored (mean over seeds) |",
+                  "|---|---:|---:|"]  # fmt: skip
+        lines += [f"| {n} | {' / '.join(_pct(x) for x in m[name]['exact_match'])} | "
+                  f"{m[name]['bits']:.1f} |" for n, m in summary["methods"].items()]
+    if summary.get("curves"):
+        lines += ["", curves.markdown(summary["curves"])]
     notes = [f"{n}: {', '.join(m['not_applied'])}" for n, m in summary["methods"].items()
              if m["not_applied"]]  # fmt: skip
     if notes:
@@ -281,4 +306,7 @@ def write(comparison: Comparison) -> dict[str, Any]:
     with atomic_file(out / "report.md") as f:
         f.write(scores_markdown(summary) + "\n\n" + costs_markdown(summary) + "\n")
     plot(summary, out / "exact_match.png")
+    if summary["curves"]:
+        curves.plot(summary["curves"], out / "curves.png",
+                    summary["data"]["source"].split(" (")[0])  # fmt: skip
     return summary

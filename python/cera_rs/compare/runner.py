@@ -155,6 +155,7 @@ class Runner:
                  adapted_layers: int | None, device: torch.device,
                  max_seq_length: int | None = None) -> None:  # fmt: skip
         self.base = base.to(device)
+        self.problems = problems
         self.tokenizer = tokenizer
         self.steps, self.batch = steps, batch
         self.device = device
@@ -164,7 +165,8 @@ class Runner:
         self.stack = Stack(base, adapted_layers) if adapted_layers else None
         self._frozen = self._base_state()
         self.splits: dict[str, Split] = {}
-        for name in ("train", "valid", "test"):
+        self._base_nats: dict[str, np.ndarray] = {}
+        for name in problems.splits:
             data = encode(tokenizer, problems.split(name), max_seq_length)
             data.ids = data.ids.to(device)
             hidden = None
@@ -310,28 +312,43 @@ class Runner:
         return TrainStats(float(np.mean(tail)), elapsed, tokens, self.steps * self.batch,
                           _memory_figures(samples))  # fmt: skip
 
-    @torch.no_grad()
-    def teacher_forced(self, model: PeftModel, name: str,
-                       batch: int = 64) -> tuple[np.ndarray, float]:  # fmt: skip
+    def teacher_forced(self, model: PeftModel, name: str) -> tuple[np.ndarray, float]:
         """Per problem: is every completion token (the end included) the argmax given
         the ones before it (then greedy decoding writes exactly the completion); and
         the mean cross-entropy over all completion tokens."""
+        correct, nats, tokens = self.forced_scores(model, name)
+        return correct, float(nats.sum() / tokens)
+
+    @torch.no_grad()
+    def forced_scores(self, model: nn.Module, name: str,
+                      batch: int = 64) -> tuple[np.ndarray, np.ndarray, int]:  # fmt: skip
+        """Teacher-forced, per problem: every completion token the argmax, and the
+        completion's cross-entropy summed over its tokens (nats); and the token count.
+        ``model`` is a PeftModel, or the frozen base itself (no adapter)."""
         split = self.splits[name]
-        stack = self.stack_of(model) if self.stack is not None else None
+        stack = None
+        if self.stack is not None:
+            stack = self.stack if model is self.base else self.stack_of(model)
         n = len(split.data)
-        correct = np.zeros(n, dtype=bool)
-        total, count = 0.0, 0
+        correct = np.ones(n, dtype=bool)
+        nats = np.zeros(n, dtype=np.float64)
+        count = 0
         model.eval()
         for i in range(0, n, batch):
             rows = torch.arange(i, min(i + batch, n))
             logits, targets, problem = self._logits(model, split, rows.to(self.device), stack)
-            total += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
+            per_token = nn.functional.cross_entropy(logits, targets, reduction="none")
+            np.add.at(nats, problem.numpy(), per_token.double().cpu().numpy())
             count += len(targets)
-            wrong = problem[(logits.argmax(-1) != targets).cpu()].unique().numpy()
-            ok = np.ones(len(rows), dtype=bool)
-            ok[wrong - i] = False
-            correct[i : i + len(rows)] = ok
-        return correct, total / count
+            correct[problem[(logits.argmax(-1) != targets).cpu()].unique().numpy()] = False
+        return correct, nats, count
+
+    def base_nats(self, name: str) -> np.ndarray:
+        """The frozen base's summed completion cross-entropy per problem of ``name``
+        (computed once): what an adapter's stored information is measured against."""
+        if name not in self._base_nats:
+            self._base_nats[name] = self.forced_scores(self.base, name)[1]
+        return self._base_nats[name]
 
     @torch.no_grad()
     def generated(self, model: nn.Module, name: str = "test", batch: int = 128) -> np.ndarray:

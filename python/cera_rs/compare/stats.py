@@ -116,3 +116,123 @@ def paired_bootstrap(method: np.ndarray, reference: np.ndarray, names: tuple[str
         low, high = min(low, per_seed.mean() - half), max(high, per_seed.mean() + half)
     return Difference(names[0], names[1], float(diff.mean()), float(low), float(high),
                       n_seeds, n_problems, int(np.count_nonzero(diff)))  # fmt: skip
+
+
+def crossed_means(scores: np.ndarray, resamples: int = 10_000, seed: int = 0) -> np.ndarray:
+    """Each method's mean score under the same crossed resamplings of seeds and problems
+    as ``paired_bootstrap`` draws: ``scores`` is (methods, seeds, problems), the result
+    (resamples, methods). Every method sees the same draws, so the pairing holds."""
+    x = np.asarray(scores, dtype=np.float64)
+    if x.ndim != 3 or x.size == 0:
+        raise ValueError(f"scores must be a (methods, seeds, problems) array, got {x.shape}")
+    _, n_seeds, n_problems = x.shape
+    rng = np.random.default_rng(seed)
+    out = np.empty((resamples, x.shape[0]))
+    chunk = max(1, 2_000_000 // (x.size))
+    for start in range(0, resamples, chunk):
+        k = min(chunk, resamples - start)
+        s = rng.integers(0, n_seeds, size=(k, n_seeds)) if n_seeds > 1 else np.zeros((k, 1), int)
+        p = rng.integers(0, n_problems, size=(k, n_problems))
+        per_seed = x[:, :, p].mean(axis=3)  # (methods, seeds, k)
+        picked = np.take_along_axis(per_seed, s.T[None, :, :], axis=1)  # (methods, n_seeds, k)
+        out[start : start + k] = picked.mean(axis=1).T
+    return out
+
+
+def isotonic(y: np.ndarray) -> np.ndarray:
+    """The non-decreasing least-squares fit of ``y`` (pool adjacent violators): a
+    curve of score against parameters read as monotone, its dips treated as noise."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for v in np.asarray(y, dtype=np.float64):
+        blocks.append([float(v), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            m2, c2 = blocks.pop()
+            m1, c1 = blocks.pop()
+            blocks.append([(m1 * c1 + m2 * c2) / (c1 + c2), c1 + c2])
+    return np.concatenate([np.full(int(c), m) for m, c in blocks])
+
+
+def equivalent_params(params: np.ndarray, scores: np.ndarray, target: float) -> float:
+    """The parameter count at which a family's monotone curve (``scores`` at
+    ``params``, ascending) reaches ``target``, interpolated linearly in log parameters:
+    0 below its smallest member, inf above its largest."""
+    fit = isotonic(scores)
+    logs = np.log(np.asarray(params, dtype=np.float64))
+    if target < fit[0]:
+        return 0.0
+    if target > fit[-1]:
+        return math.inf
+    i = int(np.argmax(fit >= target))
+    if i == 0:
+        return float(params[0])
+    share = (target - fit[i - 1]) / (fit[i] - fit[i - 1])
+    return float(np.exp(logs[i - 1] + share * (logs[i] - logs[i - 1])))
+
+
+BELOW, ABOVE, FLAT, ON = "below", "above", "flat", "on"
+
+
+@dataclass(frozen=True)
+class Multiplier:
+    """How many parameters the linear family needs to score as ``method`` does, as a
+    multiple of the method's own, with its 95 % interval (inf: above the family's
+    largest member in that share of resamples)."""
+
+    method: str
+    family: str
+    params: int
+    point: float
+    low: float
+    high: float
+    where: str  # ON, BELOW or ABOVE the family's curve, or FLAT (no curve to read)
+    family_rise: Difference  # the family's best member against its smallest
+
+    def sentence(self) -> str:
+        if self.where == FLAT:
+            return (f"{self.method}: no multiplier can be read, because the {self.family} "
+                    f"curve is flat (its best member against its smallest: "
+                    f"{100 * self.family_rise.mean:+.1f} points, 95 % interval "
+                    f"{100 * self.family_rise.low:+.1f} to {100 * self.family_rise.high:+.1f}): "
+                    "rank does not bind here.")  # fmt: skip
+        if self.where == BELOW:
+            return (f"{self.method} scores below the smallest {self.family} tried, so no "
+                    "multiplier above it can be read.")  # fmt: skip
+        if self.where == ABOVE:
+            low = f"at least {self.low:.2g}x" if math.isfinite(self.low) else "any multiple"
+            return (f"{self.method} scores above the largest {self.family} tried ({low} its "
+                    "parameters, 95 % lower bound).")  # fmt: skip
+        high = f"{self.high:.2g}x" if math.isfinite(self.high) else "above the largest tried"
+        low = f"{self.low:.2g}x" if self.low > 0 else "below the smallest tried"
+        return (f"{self.method} scores like {self.family} with {self.point:.2g}x its parameters "
+                f"(95 % interval {low} to {high}).")  # fmt: skip
+
+
+def parameter_multiplier(method: np.ndarray, params: int, family: list[np.ndarray],
+                         family_params: list[int], names: tuple[str, str],
+                         resamples: int = 10_000, seed: int = 0) -> Multiplier:  # fmt: skip
+    """``method``'s score (a (seeds, problems) array) read off the family's curve of
+    score against parameters (one array per member, ascending parameters), under the
+    paired crossed resampling ``paired_bootstrap`` uses. The curve is flat, and no
+    multiplier is read, when its best member is not distinguishable from its smallest."""
+    order = np.argsort(family_params)
+    fam_params = np.asarray(family_params, dtype=np.float64)[order]
+    stacked = np.stack([method] + [family[i] for i in order])
+    if len(fam_params) < 2:
+        raise ValueError(f"{names[1]}: a curve needs at least two members, got {len(fam_params)}")
+    means = stacked.mean(axis=(1, 2))
+    best = 1 + int(np.argmax(means[1:]))
+    rise = paired_bootstrap(stacked[best], stacked[1], (names[1], names[1]), resamples, seed)
+    draws = crossed_means(stacked, resamples, seed)
+    multiples = np.array([equivalent_params(fam_params, d[1:], d[0]) for d in draws]) / params
+    point = equivalent_params(fam_params, means[1:], means[0]) / params
+    low, high = np.quantile(np.sort(multiples), [0.025, 0.975], method="inverted_cdf")
+    if rise.low <= 0:
+        where = FLAT
+    elif point == 0:
+        where = BELOW
+    elif math.isinf(point):
+        where = ABOVE
+    else:
+        where = ON
+    return Multiplier(names[0], names[1], int(params), float(point), float(low), float(high),
+                      where, rise)  # fmt: skip

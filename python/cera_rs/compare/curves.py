@@ -1,0 +1,200 @@
+"""Rank curves and what they answer: each family's score against its trainable
+parameters (a sweep such as ``lora:r=[1,2,4,8]`` is one family), the parameter
+multiplier of each CeRA method (the linear family's budget that scores the same, as a
+multiple of CeRA's own), and CeRA against the linear ceiling (``lora:r=full``).
+
+The score is the task's: exact match, or for a memorisation task (phonebook) the
+information stored, in bits summed over facts, which moves continuously where exact
+match jumps. Every interval comes from the same crossed resampling of seeds and
+problems as the paired differences (``stats``); the methods are compared over the
+seeds all of them ran."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from cera_rs.atomic import atomic_file
+from cera_rs.compare.methods import Method
+from cera_rs.compare.stats import (
+    BELOW,
+    FLAT,
+    crossed_means,
+    paired_bootstrap,
+    parameter_multiplier,
+)
+
+NOT_IN_FAMILY = ("r", "rank_pattern", "alpha_pattern")
+"""Fields that move a method along its family's curve rather than into another family."""
+PAPER_MULTIPLIER = 8
+"""The paper's claim: CeRA matches LoRA at 8x (or more) its rank."""
+
+
+def family_key(method: Method) -> tuple:
+    fields = {k: v for k, v in method.fields.items() if k not in NOT_IN_FAMILY}
+    return (method.peft_type, repr(sorted(fields.items(), key=lambda kv: kv[0])))
+
+
+def families(methods: list[Method]) -> dict[str, list[Method]]:
+    """Methods grouped by everything but their rank, named by their first member's
+    family label (its spec without the rank)."""
+    grouped: dict[tuple, list[Method]] = {}
+    for m in methods:
+        grouped.setdefault(family_key(m), []).append(m)
+    out: dict[str, list[Method]] = {}
+    for ms in grouped.values():
+        label = ms[0].family or ms[0].name
+        out[label if label not in out else f"{label} ({ms[0].name})"] = ms
+    return out
+
+
+def linear_family(named: dict[str, list[Method]]) -> str | None:
+    """The LoRA family (not DoRA) with the most members, if one has two or more: the
+    curve a multiplier is read from."""
+    linear = [(len(ms), name) for name, ms in named.items()
+              if ms[0].peft_type == "LORA" and not ms[0].fields.get("use_dora")
+              and len(ms) >= 2]  # fmt: skip
+    return max(linear, key=lambda x: x[0])[1] if linear else None
+
+
+def scores(runs_by_method: dict[str, list[dict]], score: str) -> tuple[list[int], dict]:
+    """Per method, its (seeds, problems) array of ``score`` ("exact_match": right or
+    wrong; "bits": information stored per problem) over the seeds every method ran."""
+    seeds = sorted(set.intersection(*({r["seed"] for r in runs}
+                                      for runs in runs_by_method.values())))  # fmt: skip
+    key = "hits" if score == "exact_match" else "bits"
+    out = {}
+    for name, runs in runs_by_method.items():
+        by_seed = {r["seed"]: r for r in runs}
+        out[name] = np.array([by_seed[s]["test"][key] for s in seeds], dtype=np.float64)
+    return seeds, out
+
+
+def _interval(values: np.ndarray, resamples: int, total: bool) -> tuple[float, float, float]:
+    """Mean (or, with ``total``, the sum over problems) and its 95 % interval under the
+    crossed resampling."""
+    scale = values.shape[1] if total else 1
+    draws = crossed_means(values[None], resamples)[:, 0]
+    low, high = np.quantile(draws, [0.025, 0.975])
+    return float(values.mean() * scale), float(low * scale), float(high * scale)
+
+
+def summarise(methods: list[Method], runs_by_method: dict[str, list[dict]],
+              params: dict[str, int], score: str, resamples: int) -> dict[str, Any]:  # fmt: skip
+    """The curves, the multipliers and the ceiling comparisons, for summary.json."""
+    seeds, arrays = scores(runs_by_method, score)
+    total = score == "bits"
+    named = families(methods)
+    curves = {}
+    for label, members in named.items():
+        points = []
+        for m in sorted(members, key=lambda m: params[m.name]):
+            mean, low, high = _interval(arrays[m.name], resamples, total)
+            points.append({"method": m.name, "params": params[m.name], "mean": mean,
+                           "low": low, "high": high,
+                           "per_param": mean / params[m.name] if total else None})  # fmt: skip
+        curves[label] = points
+    out: dict[str, Any] = {"score": score, "seeds": seeds, "curves": curves,
+                           "linear_family": linear_family(named), "multipliers": [],
+                           "ceiling": []}  # fmt: skip
+    linear = out["linear_family"]
+    cera = [m for m in methods if m.peft_type == "CERA"]
+    if linear is not None:
+        members = sorted(named[linear], key=lambda m: params[m.name])
+        for m in cera:
+            mult = parameter_multiplier(arrays[m.name], params[m.name],
+                                        [arrays[x.name] for x in members],
+                                        [params[x.name] for x in members], (m.name, linear),
+                                        resamples)  # fmt: skip
+            out["multipliers"].append({
+                "method": m.name, "family": linear, "params": mult.params,
+                "point": finite(mult.point), "low": finite(mult.low), "high": finite(mult.high),
+                "where": mult.where,
+                "meets_paper": mult.where not in (FLAT, BELOW) and mult.low >= PAPER_MULTIPLIER,
+                "family_rise": {"mean": mult.family_rise.mean, "low": mult.family_rise.low,
+                                "high": mult.family_rise.high},
+                "sentence": mult.sentence()})  # fmt: skip
+    for ceiling in [m for m in methods if m.ceiling]:
+        for m in cera:
+            d = paired_bootstrap(arrays[m.name], arrays[ceiling.name], (m.name, ceiling.name),
+                                 resamples)  # fmt: skip
+            scale = arrays[m.name].shape[1] if total else 100
+            unit = "bits" if total else "points"
+            out["ceiling"].append({
+                "method": m.name, "ceiling": ceiling.name, "mean": d.mean * scale,
+                "low": d.low * scale, "high": d.high * scale, "unit": unit,
+                "verdict": d.verdict,
+                "sentence": f"{m.name} against the linear ceiling {ceiling.name}: "
+                            f"{d.mean * scale:+.1f} {unit} (95 % interval {d.low * scale:+.1f} "
+                            f"to {d.high * scale:+.1f}; {len(seeds)} seeds x "
+                            f"{arrays[m.name].shape[1]} problems): {d.verdict}."})  # fmt: skip
+    return out
+
+
+def markdown(curves: dict[str, Any]) -> str:
+    total = curves["score"] == "bits"
+    what = ("information stored (bits, summed over facts)" if total
+            else "test exact match %")  # fmt: skip
+    lines = [f"## Rank curves: {what} against trainable parameters", "",
+             f"Over the seeds every method ran ({', '.join(map(str, curves['seeds']))}); 95 % "
+             "intervals from the crossed resampling of seeds and problems.", "",
+             "| family | method | trainable params | score | 95 % interval |"
+             + (" bits per param |" if total else ""),
+             "|---|---|---:|---:|---:|" + ("---:|" if total else "")]  # fmt: skip
+    for label, points in curves["curves"].items():
+        for p in points:
+            scale = 1 if total else 100
+            row = (f"| {label} | {p['method']} | {p['params']:,} | {p['mean'] * scale:.1f} | "
+                   f"{p['low'] * scale:.1f} to {p['high'] * scale:.1f} |")  # fmt: skip
+            if total:
+                row += f" {p['per_param']:.4f} |"
+            lines.append(row)
+    lines += ["", "### The parameter multiplier", ""]
+    if curves["linear_family"] is None:
+        lines.append("No LoRA family with two or more ranks, so no multiplier is read.")
+    else:
+        lines.append(f"Read off the {curves['linear_family']} curve (monotone in log "
+                     f"parameters); the paper claims {PAPER_MULTIPLIER}x or more.")  # fmt: skip
+        lines += [""] + [m["sentence"] for m in curves["multipliers"]]
+    if curves["ceiling"]:
+        lines += ["", "### Against the linear ceiling", "",
+                  "A LoRA at every layer's full rank can make any linear update of those "
+                  "layers; CeRA above it is gain no linear adapter of those layers can have.",
+                  ""] + [c["sentence"] for c in curves["ceiling"]]  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot(curves: dict[str, Any], path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    total = curves["score"] == "bits"
+    scale = 1 if total else 100
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, points in curves["curves"].items():
+        x = [p["params"] for p in points]
+        y = [p["mean"] * scale for p in points]
+        err = [[(p["mean"] - p["low"]) * scale for p in points],
+               [(p["high"] - p["mean"]) * scale for p in points]]  # fmt: skip
+        ax.errorbar(x, y, yerr=err, fmt="o-" if len(points) > 1 else "o", capsize=3,
+                    label=label)  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel("bits stored (sum over facts)" if total else "test exact match %")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    if not total:
+        ax.set_ylim(bottom=min(0, ax.get_ylim()[0]))
+    fig.tight_layout()
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
+    plt.close(fig)
+
+
+def finite(x: float) -> float | None:
+    """JSON has no infinity: an open end is written as null."""
+    return x if math.isfinite(x) else None
