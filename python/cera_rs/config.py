@@ -1,10 +1,11 @@
 """``CeraConfig``: PEFT's ``LoraConfig`` vocabulary for CeRA adapters, and the checks
-an adapter folder passes before PEFT allocates anything for it.
+an adapter folder passes before PEFT allocates anything for it (the weights file's
+header is read by ``weights_header``).
 
-The bottom of the Python layer: it imports nothing of ours. A ``peft.PeftConfig``
-dataclass whose ``peft_type`` is a real ``peft.PeftType`` member (``PeftType.CERA``,
-added at import, see ``_cera_peft_type``), so PEFT and transformers dispatch on it as
-on LoRA; it serialises to ``adapter_config.json`` with ``"peft_type": "CERA"``.
+Near the bottom of the Python layer: of ours it imports ``weights_header`` alone. A
+``peft.PeftConfig`` dataclass whose ``peft_type`` is a real ``peft.PeftType`` member
+(``PeftType.CERA``, added at import, see ``_cera_peft_type``), so PEFT and transformers
+dispatch on it as on LoRA; it serialises to ``adapter_config.json`` with ``"peft_type": "CERA"``.
 """
 
 from __future__ import annotations
@@ -15,10 +16,8 @@ import inspect
 import json
 import math
 import os
-import pickle
 import re
 import warnings
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +30,8 @@ from peft.tuners.lora import LoraConfig
 from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, PeftType
 from peft.utils.constants import CONFIG_NAME
 from peft.utils.other import get_pattern_key
-from safetensors import SafetensorError, safe_open
+
+from cera_rs.weights_header import Header, read_weights_header
 
 ACTIVATIONS = ("silu", "relu", "identity")
 DROPOUT_POSITIONS = ("hidden", "input")
@@ -112,7 +112,8 @@ class CeraConfig(PeftConfig):
         init_weights: ``True``: the paper's init (Kaiming-normal ``A``, zero ``B``), a new
             adapter leaves the output unchanged; ``False``: ``B`` random too (for tests,
             as LoRA's ``init_lora_weights=False``).
-        layers_to_transform, layers_pattern: restrict to some layer indices, as in PEFT.
+        layers_to_transform: restrict to some layer indices, as in PEFT.
+        layers_pattern: the name of the layer list those indices count in, as in PEFT.
         modules_to_save: modules besides the adapters to train and save (e.g. a head).
         bias: ``"none"``, ``"all"`` or ``"cera_only"`` (biases of adapted layers).
 
@@ -394,15 +395,6 @@ def _check_optional(name: str, value: object, kinds: tuple[type, ...], item: typ
     raise TypeError(f"{name} must be None or a {item.__name__} or list of them, got {value!r}")
 
 
-# safetensors' dtype names, as torch names them (the messages use torch's names).
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool, "C64": torch.complex64,
-}  # fmt: skip
-
-Header = dict[str, tuple["torch.dtype | str", tuple[int, ...]]]
-
 # The heads PEFT's PeftModelForSequenceClassification (etc.) add to modules_to_save.
 _TASK_HEADS = {"SEQ_CLS": {"classifier", "score"}, "TOKEN_CLS": {"classifier", "score"},
                "QUESTION_ANS": {"qa_outputs"}}  # fmt: skip
@@ -411,39 +403,6 @@ _TASK_HEADS = {"SEQ_CLS": {"classifier", "score"}, "TOKEN_CLS": {"classifier", "
 def _saved(module: str, header: Header) -> bool:
     """Whether ``header`` holds a tensor of a module named (or ending in) ``module``."""
     return any(f".{module}." in f".{key}" for key in header)
-
-
-def read_weights_header(folder: Path) -> tuple[Path, Header]:
-    """The weights file PEFT will load from ``folder`` (safetensors first, as PEFT) and
-    the dtype and shape of each tensor in it, read without loading the tensors: the
-    safetensors header, or a memory-mapped ``torch.load`` of a ``.bin`` file."""
-    weights = folder / SAFETENSORS_WEIGHTS_NAME
-    if weights.is_file():
-        try:
-            with safe_open(weights, framework="pt") as f:
-                header = {}
-                for key in f.keys():
-                    part = f.get_slice(key)
-                    dtype = part.get_dtype()
-                    header[key] = (_SAFETENSORS_DTYPES.get(dtype, dtype), tuple(part.get_shape()))
-                return weights, header
-        except (SafetensorError, OSError) as err:
-            raise ValueError(f"{weights} is not a valid safetensors file: {err}") from None
-    weights = folder / WEIGHTS_NAME
-    if not weights.is_file():
-        raise FileNotFoundError(
-            f"adapter folder {folder} has no {SAFETENSORS_WEIGHTS_NAME} (or {WEIGHTS_NAME})"
-        )
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError,
-            zipfile.BadZipFile) as err:  # fmt: skip
-        raise ValueError(f"{weights} is not a state dict torch.load can read: {err}") from None
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise ValueError(f"{weights} must hold a dict from names to tensors")
-    return weights, {key: (t.dtype, tuple(t.shape)) for key, t in state.items()}
 
 
 def check_weights_header(

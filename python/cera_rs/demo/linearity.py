@@ -17,6 +17,7 @@ from peft import PeftModel
 from torch import nn
 
 from cera_rs.export import LinearityReport, save_gguf_lora, save_lora, to_lora
+from cera_rs.table import pct
 
 
 def export_and_merge(model: nn.Module, base: nn.Module, batches: Iterable[Any], rank: int,
@@ -100,10 +101,6 @@ def ceiling_findings(part1: dict) -> list[str]:
     return out
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}"
-
-
 def _exported_rows(part2: dict):
     for tier, block in part2["tiers"].items():
         for name, row in block["methods"].items():
@@ -121,9 +118,9 @@ def lm_table(part2: dict) -> str:
     for tier, name, row in _exported_rows(part2):
         low, high = row["exported_lora_wilson95"]
         lines.append(f"| {tier} | {name} | {_pair(row['linearity'])} | "
-                     f"{_pct(row['test_exact_match'][0])} | "
-                     f"{_pct(row['exported_lora_test_exact_match'])} | {_pct(low)}-{_pct(high)} | "
-                     f"{_pct(row['exported_lora_same_verdict'])} |")  # fmt: skip
+                     f"{pct(row['test_exact_match'][0])} | "
+                     f"{pct(row['exported_lora_test_exact_match'])} | {pct(low)}-{pct(high)} | "
+                     f"{pct(row['exported_lora_same_verdict'])} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -138,8 +135,8 @@ def lm_findings(part2: dict) -> list[str]:
             f"energy on the test tokens unexplained ({1 - row['linearity']['linearity_at_r']:.1e}"
             f" on the training tokens it was fitted on): the non-linear part. Exported as a "
             f"LoRA and merged, it {change} exact match "
-            f"({_pct(cera)} % -> {_pct(lora)} %, same verdict on "
-            f"{_pct(row['exported_lora_same_verdict'])} % of the test problems).")  # fmt: skip
+            f"({pct(cera)} % -> {pct(lora)} %, same verdict on "
+            f"{pct(row['exported_lora_same_verdict'])} % of the test problems).")  # fmt: skip
         out.append(_llama_cpp_finding(tier, name, row))
     return out
 
@@ -150,7 +147,7 @@ def _llama_cpp_finding(tier: str, name: str, row: dict) -> str:
         return (f"{tier} tier, {name}: the GGUF adapter was not run in llama.cpp "
                 f"(skipped: {row['llama_cpp_skipped']}).")  # fmt: skip
     return (f"{tier} tier, {name}: the same LoRA as a GGUF adapter, run by llama.cpp on the "
-            f"SmolLM2 GGUF: exact match {_pct(row['llama_cpp_exact_match'])} % (CeRA "
-            f"{_pct(row['test_exact_match'][0])} %, merged LoRA in PyTorch "
-            f"{_pct(row['exported_lora_test_exact_match'])} %; same verdict as the merged LoRA "
-            f"on {_pct(row['llama_cpp_same_verdict'])} % of the test problems).")  # fmt: skip
+            f"SmolLM2 GGUF: exact match {pct(row['llama_cpp_exact_match'])} % (CeRA "
+            f"{pct(row['test_exact_match'][0])} %, merged LoRA in PyTorch "
+            f"{pct(row['exported_lora_test_exact_match'])} %; same verdict as the merged LoRA "
+            f"on {pct(row['llama_cpp_same_verdict'])} % of the test problems).")  # fmt: skip

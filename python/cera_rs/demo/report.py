@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 
 from cera_rs.atomic import atomic_file  # noqa: E402
 from cera_rs.demo import linearity  # noqa: E402
+from cera_rs.table import pct  # noqa: E402
 
 
 def _spread(mean: float, std: float, seeds: int) -> str:
@@ -41,13 +42,9 @@ def ceiling_table(part1: dict) -> str:
     return "\n".join(lines)
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}"
-
-
 def _spread_pct(row: dict) -> str:
     """The seeds' spread in points; one seed has none."""
-    return _pct(row["test_exact_match_spread"]) if len(row["test_exact_match"]) > 1 else "-"
+    return pct(row["test_exact_match_spread"]) if len(row["test_exact_match"]) > 1 else "-"
 
 
 def lm_table(part2: dict) -> str:
@@ -58,14 +55,14 @@ def lm_table(part2: dict) -> str:
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for tier, block in part2["tiers"].items():
         lines.append(f"| {tier} | base model, zero-shot | 0 | - | - | "
-                     f"{_pct(block['zero_shot_exact_match'])} | - | - | - | - |")  # fmt: skip
+                     f"{pct(block['zero_shot_exact_match'])} | - | - | - | - |")  # fmt: skip
         for name, row in block["methods"].items():
             low, high = row["wilson95"]
             spectra = row["spectra"]
             lines.append(
                 f"| {tier} | {name} | {row['trainable_params']:,} | {row['lr']:g} | "
-                f"{len(row['test_exact_match'])} | {_pct(row['test_exact_match_mean'])} | "
-                f"{_spread_pct(row)} | {_pct(low)}-{_pct(high)} | "
+                f"{len(row['test_exact_match'])} | {pct(row['test_exact_match_mean'])} | "
+                f"{_spread_pct(row)} | {pct(low)}-{pct(high)} | "
                 f"{spectra['effective_rank']:.1f} | {spectra['dim90']:.1f} |"
             )
     return "\n".join(lines)
@@ -111,7 +108,7 @@ def lm_findings(part2: dict) -> list[str]:
     out = []
     for tier, block in part2["tiers"].items():
         out.append(f"{part2['model']}, {tier} tier ({block['task']}): zero-shot "
-                   f"{_pct(block['zero_shot_exact_match'])} % exact match.")  # fmt: skip
+                   f"{pct(block['zero_shot_exact_match'])} % exact match.")  # fmt: skip
         out += [f"{tier} tier: {d['sentence']}" for d in block["differences"]]
     for kind, label in (("lora", "LoRA"), ("cera", "CeRA")):
         for tier, block in part2["tiers"].items():
