@@ -86,15 +86,28 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--plot", type=Path, help="save a figure here (PNG, PDF, SVG)")
     export = commands.add_parser(
         "export-lora", parents=[debug],
-        help="a saved CeRA adapter as the best PEFT LoRA of a given rank, fitted on token ids",
+        help="a saved CeRA adapter as the best PEFT LoRA of a given rank, fitted on token ids "
+             "or model inputs",
+        description="Fits the best rank-k PEFT LoRA to each CeRA layer of a saved adapter and "
+                    "reports how linear each is. Linear layers: fitted on their inputs over "
+                    "--data; convolutions: a LoRA conv fitted on their input patches over "
+                    "--data; embeddings: exact, the truncated SVD of the branch's d x vocab "
+                    "table, each id weighted by its count in --data (all alike without "
+                    "--data).",
     )  # fmt: skip
     export.add_argument("adapter_dir", type=Path)
     export.add_argument("out_dir", type=Path, help="where to write the LoRA adapter folder")
-    export.add_argument("--data", type=Path, required=True,
-                        help="token ids: .npy or .pt (2-D: a sequence per row; 1-D: cut into "
-                             "--seq-len pieces) or .txt (a sequence per line)")  # fmt: skip
+    export.add_argument("--data", type=Path,
+                        help="transformers models: token ids, .npy or .pt (2-D: a sequence per "
+                             "row; 1-D: cut into --seq-len pieces) or .txt (a sequence per "
+                             "line). diffusers models (UNets, images): inputs, a .pt or "
+                             ".safetensors file of a dict of tensors (keyword arguments: "
+                             "sample, timestep, encoder_hidden_states), or of one tensor (also "
+                             ".npy), or a folder of such files, split along the first dimension "
+                             "into --batch-size batches. Optional when only embeddings are "
+                             "adapted")  # fmt: skip
     export.add_argument("--held-out", type=Path,
-                        help="token ids (as --data) to also measure each map's linearity on; "
+                        help="inputs (as --data) to also measure each map's linearity on; "
                              "--data's own linearity flatters the fit unless it holds many "
                              "times a layer's input width in tokens")  # fmt: skip
     target = export.add_mutually_exclusive_group(required=True)

@@ -1,6 +1,8 @@
-"""``cera-rs export-lora``: a saved CeRA adapter folder plus a file of token ids in,
-a PEFT LoRA adapter folder out. The base model comes from the adapter config's
-``base_model_name_or_path`` (or ``base=``), a local folder: nothing is downloaded."""
+"""``cera-rs export-lora``: a saved CeRA adapter folder plus calibration data in (token
+ids for a transformers model, input tensors for a diffusers one), a PEFT LoRA adapter
+folder out. The base model comes from the adapter config's ``base_model_name_or_path``
+(or ``base=``), a local folder (transformers', or diffusers' with ``_class_name`` in its
+``config.json``): nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -95,28 +97,112 @@ def batches_of(
     return out
 
 
+INPUT_FORMATS = (".pt", ".safetensors", ".npy")
+"""Files of model inputs (a diffusers model's, e.g. a UNet's), or a folder of them."""
+
+
+def load_inputs(path: str | os.PathLike, batch_size: int) -> list[Any]:
+    """Batches of a model's inputs from ``path``: a ``.pt`` / ``.safetensors`` file of a
+    dict of tensors (keyword arguments; a UNet's ``sample``, ``timestep``,
+    ``encoder_hidden_states``) or of one tensor (the only positional argument; ``.npy``
+    too), or a folder of such files, joined along the first dimension in name order.
+    Tensors are cut into ``batch_size`` rows; 0-d ones (a shared timestep) go whole to
+    every batch. A wrong file or mismatched lengths is a ValueError naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"input file {path} does not exist")
+    files = sorted(p for p in path.iterdir() if p.suffix in INPUT_FORMATS) if path.is_dir() \
+        else [path]  # fmt: skip
+    if not files:
+        raise ValueError(f"{path} holds no input files ({', '.join(INPUT_FORMATS)})")
+    parts = [_read_inputs(f) for f in files]
+    if any(isinstance(p, Tensor) != isinstance(parts[0], Tensor) or
+           (isinstance(p, dict) and p.keys() != parts[0].keys()) for p in parts):  # fmt: skip
+        raise ValueError(f"{path}: every input file must hold the same kind (one tensor, or "
+                         "a dict with the same keys)")  # fmt: skip
+    if isinstance(parts[0], Tensor):
+        return list(torch.cat(parts).split(batch_size))
+    joined = {k: torch.cat([p[k] for p in parts]) if parts[0][k].dim() else parts[0][k]
+              for k in parts[0]}  # fmt: skip
+    lengths = {k: len(v) for k, v in joined.items() if v.dim()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"{path}: the inputs' first dimensions differ: {lengths}")
+    rows = next(iter(lengths.values()), 1)
+    return [{k: v[start : start + batch_size] if v.dim() else v for k, v in joined.items()}
+            for start in range(0, rows, batch_size)]  # fmt: skip
+
+
+def _read_inputs(path: Path) -> Tensor | dict[str, Tensor]:
+    if path.suffix not in INPUT_FORMATS:
+        raise ValueError(f"{path}: inputs must be one of {INPUT_FORMATS}, got {path.suffix!r}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            data = load_file(path)
+        elif path.suffix == ".pt":
+            data = torch.load(path, weights_only=True)
+        else:
+            data = torch.as_tensor(np.load(path))
+    except Exception as err:  # safetensors, pickle, zip and numpy each raise their own kinds
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{path} cannot be read as model inputs: {first}") from None
+    if isinstance(data, dict) and data and all(isinstance(v, Tensor) for v in data.values()):
+        return data
+    if isinstance(data, Tensor) and data.dim():
+        return data
+    raise ValueError(f"{path}: expected a tensor or a dict of tensors, got {type(data).__name__}")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a {type(data).__name__}, not a JSON object")
+    return data
+
+
 def _base_source(adapter_dir: Path, base: str | os.PathLike | None) -> tuple[Path, Any]:
-    """The base model's folder and the auto class that loads it, checked without
-    loading anything."""
+    """The base model's folder and what loads it (a transformers auto class, or the
+    diffusers class its config names), checked without loading anything."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     config_path = adapter_dir / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"{adapter_dir} is not an adapter folder: {CONFIG_NAME} is missing")
-    try:
-        config = json.loads(config_path.read_text())
-    except ValueError as err:
-        raise ValueError(f"{config_path} is not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path} holds a {type(config).__name__}, not a JSON object")
+    config = _read_json(config_path)
     base = base if base is not None else config.get("base_model_name_or_path")
     if not base or not Path(base).is_dir():
         raise FileNotFoundError(
             f"the base model {base!r} of {config_path} is not a local folder; pass its folder "
             "with --base (nothing is downloaded)"
         )
+    diffusers_class = _diffusers_class(Path(base))
+    if diffusers_class is not None:
+        return Path(base), diffusers_class
     auto = AutoModelForCausalLM if config.get("task_type") in (None, "CAUSAL_LM") else AutoModel
     return Path(base), auto
+
+
+def _diffusers_class(base: Path) -> Any:
+    """The diffusers model class a base folder's ``config.json`` names (``_class_name``),
+    or None for a transformers folder."""
+    config = base / "config.json"
+    name = _read_json(config).get("_class_name") if config.is_file() else None
+    if name is None:
+        return None
+    import diffusers
+
+    found = getattr(diffusers, str(name), None)
+    if found is None:
+        raise ValueError(f"{config}: diffusers has no model class {name!r}")
+    return found
+
+
+def _is_diffusers(loader: Any) -> bool:
+    return loader.__module__.startswith("diffusers")
 
 
 def _vocab_size(base: Path) -> int | None:
@@ -132,35 +218,57 @@ def _base_model(base: Path, auto: Any) -> Any:
     return auto.from_pretrained(base, local_files_only=True)
 
 
+def _cera_model(adapter_dir: Path, source: tuple[Path, Any]) -> Any:
+    """The base model with the CeRA adapter of ``adapter_dir`` on it: ``PeftModel`` for
+    transformers, ``cera_rs.diffusion.load_adapter`` for diffusers."""
+    model = _base_model(*source)
+    if not _is_diffusers(source[1]):
+        return PeftModel.from_pretrained(model, str(adapter_dir))
+    from cera_rs.diffusion import load_adapter
+
+    load_adapter(model, adapter_dir)
+    return model.eval()
+
+
 def export_adapter_dir(
-    adapter_dir: str | os.PathLike, data: str | os.PathLike, out_dir: str | os.PathLike,
+    adapter_dir: str | os.PathLike, data: str | os.PathLike | None, out_dir: str | os.PathLike,
     rank: int | None = None, energy: float | None = None, ridge: float = 0.0,
     bias: bool = False, base: str | os.PathLike | None = None, batch_size: int = 8,
     seq_len: int = 512, held_out: str | os.PathLike | None = None, progress: bool = True,
 ) -> LoraExport:  # fmt: skip
     """Loads the CeRA adapter in ``adapter_dir`` onto its base model, fits the LoRA
-    on the token ids in ``data`` (``to_lora``; ``held_out``, another token id file,
-    measures the linearity on its tokens too) and saves it to ``out_dir``."""
+    (``to_lora``) on ``data`` and saves it to ``out_dir``. ``data`` is token ids
+    (``load_token_ids``) for a transformers model, model inputs (``load_inputs``) for a
+    diffusers one; ``None`` only when every adapted layer is an embedding (all ids
+    weighted alike). ``held_out``, another such file, measures the linearity on its
+    inputs too."""
     check_target(rank, energy)
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     check_folder_writable(out_dir, parents=False)  # before the fit; a mistyped parent too
     adapter_dir = Path(adapter_dir)
-    files = [load_token_ids(data, seq_len)]
-    if held_out is not None:
-        files.append(load_token_ids(held_out, seq_len))
     source = _base_source(adapter_dir, base)
-    # Token ids against the vocabulary before the model loads (its config says the
-    # size), and again against the loaded embeddings.
-    vocab = _vocab_size(source[0])
-    if vocab is not None:
-        for sequences in files:
-            check_token_range(sequences, vocab)
-    model = PeftModel.from_pretrained(_base_model(*source), str(adapter_dir))
-    vocab = model.get_input_embeddings().num_embeddings
-    batches = [batches_of(sequences, batch_size, vocab) for sequences in files]
-    export = to_lora(model, batches[0], rank=rank, energy=energy, ridge=ridge, bias=bias,
-                     progress=progress, held_out=batches[1] if held_out else None)  # fmt: skip
+    paths = [p for p in (data, held_out) if p is not None]
+    if held_out is not None and data is None:
+        raise ValueError("held_out needs data: the held-out inputs score the maps fitted on it")
+    if _is_diffusers(source[1]):
+        batches = [load_inputs(p, batch_size) for p in paths]
+        model = _cera_model(adapter_dir, source)
+    else:
+        files = [load_token_ids(p, seq_len) for p in paths]
+        # Token ids against the vocabulary before the model loads (its config says the
+        # size), and again against the loaded embeddings.
+        vocab = _vocab_size(source[0])
+        if vocab is not None:
+            for sequences in files:
+                check_token_range(sequences, vocab)
+        model = _cera_model(adapter_dir, source)
+        embeddings = model.get_input_embeddings()  # a CeraEmbedding when adapted
+        vocab = getattr(embeddings, "base_layer", embeddings).num_embeddings
+        batches = [batches_of(sequences, batch_size, vocab) for sequences in files]
+    export = to_lora(model, batches[0] if batches else None, rank=rank, energy=energy,
+                     ridge=ridge, bias=bias, progress=progress,
+                     held_out=batches[1] if held_out else None)  # fmt: skip
     save_lora(export, out_dir)
     return export

@@ -16,9 +16,12 @@ name. For ``llama`` the converter reorders the rows of the query and key weights
 (llama.cpp rotates adjacent pairs of a head's dimensions, Hugging Face its two
 halves); a LoRA of those layers gets the same reordering of ``B``'s rows.
 
-Refused, with the reason: bias (llama.cpp's adapters hold none), DoRA, adapters of
-embeddings or of weights the base file lacks, architectures whose layout is not known
-here, non-finite values.
+A LoRA embedding of the token embedding is written as llama.cpp reads it there
+(``_token_embd``: ``lora_a`` transposed), when the base file has its own
+``output.weight``. Refused, with the reason: bias (llama.cpp's adapters hold none),
+DoRA, convolutions, embeddings other than ``token_embd``, ``token_embd`` of a base
+whose output is tied to it, weights the base file lacks, architectures whose layout is
+not known here, non-finite values.
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ QK_ROWS_PERMUTED = {"llama": True, "qwen2": False, "qwen3": False}
 the rows of the query and key weights (``llama``: rope on adjacent pairs) or keeps
 Hugging Face's order (``qwen2``, ``qwen3``: rope on halves, as in transformers)."""
 
-SUFFIXES = {".lora_A.weight": "lora_a", ".lora_B.weight": "lora_b"}
-"""PEFT's saved names of the two factors, and llama.cpp's."""
+SUFFIXES = {".lora_A.weight": "lora_a", ".lora_B.weight": "lora_b",
+            ".lora_embedding_A": "lora_a", ".lora_embedding_B": "lora_b"}  # fmt: skip
+"""PEFT's saved names of the two factors (linear layers, embeddings), and llama.cpp's."""
 
 
 @dataclass(frozen=True)
@@ -128,10 +132,17 @@ def _pairs(export: LoraExport) -> dict[str, dict[str, Tensor]]:
         module = key[: -len(suffix)].removeprefix(PEFT_PREFIX)
         if not torch.isfinite(value).all():
             raise ValueError(f"{key} holds NaN or Inf values")
-        pairs.setdefault(module, {})[SUFFIXES[suffix]] = value.detach().to("cpu", torch.float32)
+        if value.dim() != 2:
+            raise ValueError(f"{module} is a convolution ({key} has {value.dim()} dimensions): "
+                             "llama.cpp applies LoRA adapters to matrix multiplications and "
+                             "the token embedding only")  # fmt: skip
+        pair = pairs.setdefault(module, {})
+        pair[SUFFIXES[suffix]] = value.detach().to("cpu", torch.float32)
+        pair["embedding"] = "_embedding_" in suffix
     for module, pair in pairs.items():
-        if len(pair) != 2:
-            raise ValueError(f"{module} has only {next(iter(pair))}: a LoRA needs both factors")
+        if len(pair) != 3:
+            raise ValueError(f"{module} has only one of lora_A / lora_B: a LoRA needs both "
+                             "factors")  # fmt: skip
     if not pairs:
         raise ValueError("the export holds no LoRA weights")
     return pairs
@@ -159,11 +170,13 @@ def gguf_lora_tensors(export: LoraExport, base: BaseGGUF) -> tuple[float, dict[s
             raise ValueError(f"{module} has no llama.cpp tensor name for architecture "
                              f"{base.arch!r}")  # fmt: skip
         kind, name = found
-        if kind == gguf.MODEL_TENSOR.TOKEN_EMBD:
-            raise ValueError(f"{module} is the token embedding: only linear layers are exported")
         if name not in base.shapes:
             raise ValueError(f"the base GGUF {base.path} has no tensor {name} for {module} "
                              "(another base model?)")  # fmt: skip
+        if pair["embedding"] or kind == gguf.MODEL_TENSOR.TOKEN_EMBD:
+            tensors.update(_token_embd(module, kind, name, a, b, base, rank, alpha,
+                                       _scaling(export, module, rank)))  # fmt: skip
+            continue
         d_in, d_out = base.shapes[name][:2]
         if b.shape[1] != rank or (a.shape[1], b.shape[0]) != (d_in, d_out):
             raise ValueError(f"{module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do "
@@ -180,6 +193,41 @@ def gguf_lora_tensors(export: LoraExport, base: BaseGGUF) -> tuple[float, dict[s
     return float(alpha), tensors
 
 
+def _token_embd(module: str, kind, name: str, a: Tensor, b: Tensor, base: BaseGGUF, rank: int,
+                alpha: float, scaling: float) -> dict[str, np.ndarray]:  # fmt: skip
+    """llama.cpp's tensors of a LoRA embedding on ``token_embd``: it looks the tokens'
+    rows up in ``lora_a`` and multiplies by ``lora_b`` unflipped (``build_inp_embd``), so
+    ``lora_a`` is PEFT's ``lora_embedding_A`` transposed (numpy ``(vocab, r)``) and
+    ``lora_b`` its ``lora_embedding_B`` ``(d, r)``, as llama.cpp's loader checks.
+
+    Refused: another embedding (llama.cpp adds an adapter to ``token_embd`` alone), a
+    LoRA of a linear layer on ``token_embd``, and a base GGUF without ``output.weight``:
+    its output reuses the tensor named ``token_embd.weight``, and llama.cpp finds
+    adapters by tensor name, so the output projection would get the embedding's
+    flipped factors too."""
+    import gguf
+
+    if kind != gguf.MODEL_TENSOR.TOKEN_EMBD:
+        raise ValueError(f"{module} is an embedding mapped to {name}: llama.cpp applies a LoRA "
+                         "to the token embedding (token_embd) only among embeddings")  # fmt: skip
+    if a.dim() != 2 or b.shape[1] != a.shape[0] or a.shape[1] * b.shape[0] == 0:
+        raise ValueError(f"{module}: not a LoRA embedding's factors")
+    tied = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.OUTPUT] + ".weight"
+    if tied not in base.shapes:
+        raise ValueError(f"{module}: the base GGUF {base.path} ties its output to token_embd "
+                         f"(it has no {tied}); llama.cpp finds adapters by tensor name, so it "
+                         "would apply the embedding's LoRA to the output projection too, with "
+                         "its factors flipped")  # fmt: skip
+    d_embd, vocab = base.shapes[name][:2]
+    if (a.shape[1], b.shape[0]) != (vocab, d_embd):
+        raise ValueError(f"{module}: lora_embedding_A {tuple(a.shape)} and lora_embedding_B "
+                         f"{tuple(b.shape)} do not fit the base tensor {name} of ggml shape "
+                         f"[{d_embd}, {vocab}] (another base model?)")  # fmt: skip
+    factor = scaling * rank / alpha
+    b = b * factor if factor != 1.0 else b
+    return {name + ".lora_a": a.T.contiguous().numpy(), name + ".lora_b": b.contiguous().numpy()}
+
+
 def save_gguf_lora(export: LoraExport, path: str | os.PathLike,
                    base_gguf: str | os.PathLike) -> None:  # fmt: skip
     """Writes ``export`` (what ``to_lora`` returns) as a llama.cpp LoRA adapter file for
@@ -188,7 +236,8 @@ def save_gguf_lora(export: LoraExport, path: str | os.PathLike,
 
     The names, shapes and architecture are checked against ``base_gguf`` first, so a
     file written here is one llama.cpp's loader accepts for that base. What it cannot
-    hold (a bias, DoRA, embeddings, weights the base lacks) is a ValueError."""
+    hold (a bias, DoRA, convolutions, embeddings other than an untied token_embd,
+    weights the base lacks) is a ValueError naming the layer and why."""
     if not isinstance(export, LoraExport):
         raise TypeError(f"save_gguf_lora takes what to_lora returns, got {type(export).__name__}")
     base = BaseGGUF.read(base_gguf)

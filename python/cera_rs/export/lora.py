@@ -6,9 +6,13 @@ CeRA's branch ``B·act(A x)`` cannot be merged into the base weight; the linear 
 batches streams each adapted layer's input ``x`` and branch output ``y`` (eval mode:
 dropout off) into float64 moments; one solve per layer gives every rank's map and
 its linearity (``cera_rs.export.regression``); a second pass over held-out batches,
-when given, scores every rank's map on their tokens. The export is an ordinary LoRA
+when given, scores every rank's map on their tokens. A convolution is fitted on its
+input patches (a LoRA conv), an embedding exactly from its branch table, weighted by
+the ids' counts (``cera_rs.export.layers``). The export is an ordinary LoRA
 (``lora_alpha = r``, so scaling 1): ``PeftModel.from_pretrained(base, folder)`` loads
-it and ``merge_and_unload()`` folds it into the base weights.
+it and ``merge_and_unload()`` folds it into the base weights; a diffusers model loads
+it with ``model.load_lora_adapter(folder, prefix="base_model.model",
+weight_name="adapter_model.safetensors")``.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from cera_rs.export.regression import LinearFit, StreamingRegression, solve_all
+from cera_rs.export import layers
+from cera_rs.export.regression import LinearFit
 from cera_rs.export.report import LinearityReport, ModuleLinearity
 from cera_rs.model import save_pretrained
 from cera_rs.spectral.adapters import PEFT_PREFIX, Adapter, find_adapters
@@ -91,27 +96,42 @@ def _lora_config(model: nn.Module, adapters: list[Adapter], ranks: dict[str, int
     )  # fmt: skip
 
 
-def _moments(model: nn.Module, batches: Iterable[Any], adapters: list[Adapter], progress: bool,
-             what: str) -> list[StreamingRegression]:  # fmt: skip
-    """Each adapter's input/delta moments over the tokens of ``batches``."""
-    streams = [StreamingRegression(a.module.in_features, a.out_features, a.device)
-               for a in adapters]  # fmt: skip
+def _moments(model: nn.Module, batches: Iterable[Any] | None, adapters: list[Adapter],
+             progress: bool, what: str) -> list:  # fmt: skip
+    """Each adapter's accumulator (``export.layers.accumulator``) over the tokens of
+    ``batches``; without batches (embeddings only) every id counts once."""
+    accs = [layers.accumulator(a) for a in adapters]
+    if batches is None:
+        for acc in accs:
+            acc.counts += 1
+        return accs
     index = {a.name: i for i, a in enumerate(adapters)}
-    stream_deltas(model, batches, adapters, lambda a, x, y: streams[index[a.name]].update(x, y),
+    stream_deltas(model, batches, adapters,
+                  lambda a, x, y: layers.feed(a, accs[index[a.name]], x, y),
                   progress=progress, desc="to_lora", what=what)  # fmt: skip
-    empty = [a.name for a, m in zip(adapters, streams) if m.tokens_seen == 0]
+    empty = [a.name for a, m in zip(adapters, accs) if m.tokens_seen == 0]
     if empty:
         raise ValueError(f"no tokens of {what} reached {empty[0]}: nothing to fit or score")
-    return streams
+    return accs
 
 
-def _fits(model: nn.Module, batches: Iterable[Any], held_out: Iterable[Any] | None, ridge: float,
-          bias: bool, modules: Iterable[str] | None, progress: bool):  # fmt: skip
+def _fits(model: nn.Module, batches: Iterable[Any] | None, held_out: Iterable[Any] | None,
+          ridge: float, bias: bool, modules: Iterable[str] | None, progress: bool,
+          export: bool):  # fmt: skip
     """The adapters, each one's fit at every rank on ``batches``, and (with
-    ``held_out``) every rank's linearity on the held-out tokens with their count."""
+    ``held_out``) every rank's linearity on the held-out tokens with their count;
+    ``export``: layers PEFT's LoRA cannot hold are refused first."""
     adapters = find_adapters(model, modules)
-    streams = _moments(model, batches, adapters, progress, "batches")
-    fits = solve_all(streams, ridge=ridge, bias=bias)
+    for adapter in adapters if export else ():
+        layers.check_exportable(adapter, bias)
+    if batches is None:
+        others = [a.name for a in adapters if a.kind != "embedding"]
+        if others:
+            raise ValueError(f"batches are needed to fit {others[0]} ({len(others)} such "
+                             "layers): only embeddings export without calibration "
+                             "data")  # fmt: skip
+    accs = _moments(model, batches, adapters, progress, "batches")
+    fits = layers.solve(adapters, accs, ridge, bias)
     curves: dict[str, Any] = {}
     if held_out is not None:
         tests = _moments(model, held_out, adapters, progress, "held_out")
@@ -120,7 +140,8 @@ def _fits(model: nn.Module, batches: Iterable[Any], held_out: Iterable[Any] | No
     return adapters, fits, curves
 
 
-def _row(adapter: Adapter, fit: LinearFit, k: int, curves: dict[str, Any]) -> ModuleLinearity:
+def _row(adapter: Adapter, fit: LinearFit | layers.TableFit, k: int,
+         curves: dict[str, Any]) -> ModuleLinearity:  # fmt: skip
     held_out_curve, held_out_tokens = curves.get(adapter.name, (None, 0))
     return ModuleLinearity(adapter.name, adapter.method, adapter.rank, k, fit.tokens,
                            fit.linearity, held_out_curve, held_out_tokens)  # fmt: skip
@@ -137,14 +158,15 @@ def measure_linearity(
     """``to_lora``'s report without the export: each adapted layer's linearity at
     every rank (``lin@k`` at the adapter's own rank) on ``batches``, and with
     ``held_out`` the same maps' on its tokens. Arguments as for ``to_lora``."""
-    adapters, fits, curves = _fits(model, batches, held_out, ridge, False, modules, progress)
+    adapters, fits, curves = _fits(model, batches, held_out, ridge, False, modules, progress,
+                                   export=False)  # fmt: skip
     return LinearityReport([_row(a, fit, min(a.rank, fit.max_rank), curves)
                             for a, fit in zip(adapters, fits)])  # fmt: skip
 
 
 def to_lora(
     model: nn.Module,
-    batches: Iterable[Any],
+    batches: Iterable[Any] | None,
     rank: int | None = None,
     energy: float | None = None,
     ridge: float = 0.0,
@@ -156,12 +178,16 @@ def to_lora(
     """The best LoRA for ``model``'s adapters over the tokens of ``batches``.
 
     Args:
-        model: a model with CeRA adapters (``CeraModel``, or any model holding
-            ``CeraLinear`` layers; PEFT LoRA/DoRA layers work too).
+        model: a model with CeRA adapters (``CeraModel``, a diffusers model with
+            ``add_adapter``, or any model holding CeRA layers: linear, embedding and
+            convolution; PEFT LoRA/DoRA layers work too).
         batches: calibration inputs, run through ``model`` as ``cera_rs.spectral.analyze``
             runs them (dicts as keyword arguments; ``attention_mask`` drops padding).
+            An embedding's export weights each id by its count here; ``None`` (only
+            when every adapted layer is an embedding) weights all ids alike.
         rank: the same rank ``k`` for every layer; it must not exceed a layer's
-            ``min(d_in, d_out)``.
+            ``min(d_in, d_out)`` (a convolution's d_in: ``C_in`` times its kernel size;
+            an embedding's: its vocabulary).
         energy: instead of ``rank``, each layer's smallest rank whose map keeps this
             share of the best full-rank map's output energy (e.g. 0.99).
         ridge: 0 for least squares (pseudo-inverse); > 0 adds ``ridge`` times the mean
@@ -175,7 +201,8 @@ def to_lora(
             (the full-rank map fits noise too).
     """
     check_target(rank, energy)
-    adapters, fits, curves = _fits(model, batches, held_out, ridge, bias, modules, progress)
+    adapters, fits, curves = _fits(model, batches, held_out, ridge, bias, modules, progress,
+                                   export=True)  # fmt: skip
     state: dict[str, Tensor] = {}
     ranks: dict[str, int] = {}
     rows = []
@@ -185,12 +212,9 @@ def to_lora(
             raise ValueError(
                 f"rank {k} exceeds {adapter.name}'s min(d_in, d_out) = {fit.max_rank}"
             )
-        b, a, b_bias = fit.factors(k)
-        dtype, key = _factor_dtype(adapter), PEFT_PREFIX + adapter.name
-        state[f"{key}.lora_A.weight"] = a.to("cpu", dtype).contiguous()
-        state[f"{key}.lora_B.weight"] = b.to("cpu", dtype).contiguous()
-        if b_bias is not None:
-            state[f"{key}.lora_B.bias"] = b_bias.to("cpu", dtype).contiguous()
+        key = PEFT_PREFIX + adapter.name
+        for suffix, tensor in layers.lora_tensors(adapter, fit, k, _factor_dtype(adapter)).items():
+            state[f"{key}.{suffix}"] = tensor
         ranks[adapter.name] = k
         rows.append(_row(adapter, fit, k, curves))
     return LoraExport(_lora_config(model, adapters, ranks, bias), state, LinearityReport(rows))

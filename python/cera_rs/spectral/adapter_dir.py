@@ -5,7 +5,9 @@ PEFT writes, ``adapter_model.safetensors`` or ``adapter_model.bin``.
 Reads the factor tensors by key suffix, so it needs neither the base model nor PEFT's
 model classes: ``<prefix>.<module>.lora_A.weight`` / ``.lora_B.weight`` (scaling
 ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA, ``alpha_pattern``
-honoured), or ``.cera_A.weight`` / ``.cera_B.weight`` (scaling from the config).
+honoured; an embedding's ``.lora_embedding_A`` / ``.lora_embedding_B``), or
+``.cera_A.weight`` / ``.cera_B.weight`` (scaling from the config). A convolution's
+factors are its maps of flattened input patches (``cera_rs.spectral.adapters.conv_matrix``).
 PEFT saves the adapters of a model with several beside each other: the default one in
 the folder itself, each other one in a subfolder named after it.
 """
@@ -21,7 +23,7 @@ from typing import Any
 from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, load_peft_weights
 from peft.utils.other import get_pattern_key
 
-from cera_rs.spectral.adapters import display_name
+from cera_rs.spectral.adapters import conv_matrix, display_name
 from cera_rs.spectral.core import lowrank_spectra
 from cera_rs.spectral.report import ModelSpectrum, ModuleSpectrum
 from cera_rs.table import natural_key
@@ -104,18 +106,22 @@ def adapter_dir_spectrum(path: str | os.PathLike) -> ModelSpectrum:
             "(expected LORA or CERA)"
         )
     tensors = _read_weights(weights)
-    suffix_a, suffix_b = f".{prefix}_A.weight", f".{prefix}_B.weight"
-    modules = sorted((k.removesuffix(suffix_a) for k in tensors if k.endswith(suffix_a)),
-                     key=natural_key)  # fmt: skip
-    if not modules:
-        raise ValueError(f"{weights} holds no '*{suffix_a}' tensors")
+    suffixes = [(f".{prefix}_A.weight", f".{prefix}_B.weight")]
+    if prefix == "lora":  # PEFT's LoRA embeddings: lora_embedding_A (r, vocab), no .weight
+        suffixes.append((".lora_embedding_A", ".lora_embedding_B"))
+    found = [(k.removesuffix(sa), sa, sb) for k in tensors for sa, sb in suffixes
+             if k.endswith(sa)]  # fmt: skip
+    if not found:
+        raise ValueError(f"{weights} holds no '*{suffixes[0][0]}' tensors")
     factors, ranks, names = [], [], []
-    for module in modules:
+    for module, suffix_a, suffix_b in sorted(found, key=lambda f: natural_key(f[0])):
         if module + suffix_b not in tensors:
             raise ValueError(f"{weights}: {module + suffix_a} has no {suffix_b}")
         a = tensors[module + suffix_a].double()
         b = tensors[module + suffix_b].double()
-        a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+        if a.dim() > 2:  # a convolution: B's groups are r / its in channels; CeRA's A
+            groups = a.shape[0] // max(b.shape[1], 1)  # has them too, PEFT LoRA's not
+            b, a = conv_matrix(b, groups), conv_matrix(a, groups if method == "cera" else 1)
         name, r = display_name(module), a.shape[0]
         scaling = (
             float(config.get("scaling", 1.0)) if method == "cera"

@@ -14,7 +14,9 @@ from tqdm.auto import tqdm
 from cera_rs.spectral.adapters import Adapter
 
 Sink = Callable[[Adapter, Tensor, Tensor], None]
-"""Called with ``(adapter, x, delta)``, the padding tokens already left out."""
+"""Called with ``(adapter, x, delta)``: ``delta`` as rows (``Adapter.delta``), the
+padding tokens already left out of both; a convolution's ``x`` is its input as the
+layer got it (``(N, C_in, *spatial)``), its ``delta`` one row per output position."""
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -53,7 +55,9 @@ class _Hooks:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
             x = args[0] if args else kwargs["x"]
             delta = adapter.delta(x, output)
-            if self.mask is not None and tuple(delta.shape[:-1]) == tuple(self.mask.shape):
+            # A conv's rows are output positions, not tokens: no padding mask applies.
+            if (self.mask is not None and adapter.kind != "conv"
+                    and tuple(delta.shape[:-1]) == tuple(self.mask.shape)):  # fmt: skip
                 mask = self.mask.to(delta.device)
                 x, delta = x[mask], delta[mask]
             sink(adapter, x, delta)
