@@ -478,3 +478,92 @@ def test_target_parameters_is_refused_naming_why_and_what_instead():
     with pytest.raises(TypeError, match=r"target_parameters.*no weight delta equals it; "
                                         r"target the Linear layers"):  # fmt: skip
         CeraConfig(target_parameters=["experts.gate_up_proj"])
+
+
+# torch.compile and mixed precision, as the Linear branch is tested (test_autocast.py)
+
+
+def _compiled_case(kind: str, device: str = "cpu"):
+    """A CeRA conv or embedding layer (dropout 0: eager and compiled draw masks apart),
+    its input and the plain composition of base and branch with torch's ops."""
+    torch.manual_seed(0)
+    if kind == "conv":
+        layer = conv_layer(CONVS[2][1], dropout=0.0).to(device).train()
+        x = conv_input(layer, CONVS[2][2]).to(device).requires_grad_(True)
+
+        def plain(x, a, b):
+            return layer.base_layer(x) + plain_conv_branch(layer, x, a, b)
+    else:
+        layer = CeraEmbedding(nn.Embedding(40, 12, padding_idx=3), r=4, dropout=0.0,
+                              init_weights=False).to(device).train()  # fmt: skip
+        x = torch.randint(0, 40, (3, 7), generator=torch.Generator().manual_seed(1)).to(device)
+
+        def plain(x, a, b):
+            return layer.base_layer(x) + plain_embedding_branch(layer, x, a, b)
+    return layer, x, plain
+
+
+def _run(fn, leaves, x, dtype):
+    """Output and the gradients of ``leaves`` (and of x for a conv) of ``fn(x)`` under
+    autocast (off for ``dtype=None``), backward outside the region."""
+    leaves = list(leaves) + ([x] if x.is_floating_point() else [])
+    with torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        y = fn(x)
+    return y.detach(), list(torch.autograd.grad(y.float().pow(2).sum(), leaves))
+
+
+@pytest.mark.parametrize("kind", ["conv", "embedding"])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+def test_torch_compile_fullgraph_matches_eager(kind, dtype):
+    """Dynamo and AOTAutograd trace the branch in one graph (fullgraph: the Rust pass is
+    the custom ops, the maps torch's own), eagerly's numbers exactly, autocast included;
+    aot_eager traces what inductor would compile in a tenth of the time."""
+    torch._dynamo.reset()
+    layer, x, _ = _compiled_case(kind)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    (y, grads), (y_c, grads_c) = (_run(fn, weights(layer), x, dtype) for fn in (layer, compiled))
+    assert y_c.dtype == y.dtype
+    torch.testing.assert_close(y_c, y, rtol=0, atol=0)
+    for g, g_c in zip(grads, grads_c):
+        assert g_c.dtype == torch.float32
+        torch.testing.assert_close(g_c, g, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["conv", "embedding"])
+def test_bf16_autocast_matches_the_plain_composition_under_autocast(kind):
+    """Under bf16 autocast the maps run in bf16 (as torch's conv and linear do; a lookup
+    is not cast, the branch's table is), float32 weights get float32 gradients, and the
+    result is the plain composition's within bf16 precision."""
+    layer, x, plain = _compiled_case(kind)
+    y, grads = _run(layer, weights(layer), x, torch.bfloat16)
+    a, b = (w.detach().clone().requires_grad_(True) for w in weights(layer))
+    y_ref, grads_ref = _run(lambda x: plain(x, a, b), (a, b), x, torch.bfloat16)
+    assert y.dtype == y_ref.dtype
+    assert max_rel(y, y_ref) < 2e-2
+    y32, _ = _run(layer, weights(layer), x, None)
+    assert max_rel(y, y32) < 2e-2
+    for g, g_ref in zip(grads, grads_ref):
+        assert g.dtype == torch.float32 and max_rel(g, g_ref) < 3e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["conv", "embedding"])
+def test_cuda_matches_the_plain_composition_compiled_and_under_autocast(kind, monkeypatch):
+    """On CUDA (scripts/gpu-check.sh): the tensor-op path against the plain composition
+    in float32 (cuDNN's TF32 off, as it is for matmuls), then inductor's fullgraph
+    compile and bf16 autocast."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    layer, x, plain = _compiled_case(kind, "cuda")
+    y, grads = _run(layer, weights(layer), x, None)
+    a, b = (w.detach().clone().requires_grad_(True) for w in weights(layer))
+    y_ref, grads_ref = _run(lambda x: plain(x, a, b), (a, b), x, None)
+    assert y.device.type == "cuda" and max_rel(y, y_ref) < 1e-5
+    for g, g_ref in zip(grads, grads_ref):
+        assert max_rel(g, g_ref) < 1e-5
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True)
+    y_c, grads_c = _run(compiled, weights(layer), x, torch.bfloat16)
+    y_bf, grads_bf = _run(layer, weights(layer), x, torch.bfloat16)
+    assert max_rel(y_c, y_bf) < 2e-2 and max_rel(y_bf, y) < 2e-2
+    for g, g_c in zip(grads_bf, grads_c):
+        assert g_c.dtype == torch.float32 and max_rel(g_c, g) < 3e-2
