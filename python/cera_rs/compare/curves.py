@@ -178,8 +178,8 @@ def plot(curves: dict[str, Any], path, title: str) -> None:
     for label, points in curves["curves"].items():
         x = [p["params"] for p in points]
         y = [p["mean"] * scale for p in points]
-        err = [[(p["mean"] - p["low"]) * scale for p in points],
-               [(p["high"] - p["mean"]) * scale for p in points]]  # fmt: skip
+        err = [[max(0.0, p["mean"] - p["low"]) * scale for p in points],
+               [max(0.0, p["high"] - p["mean"]) * scale for p in points]]  # fmt: skip
         ax.errorbar(x, y, yerr=err, fmt="o-" if len(points) > 1 else "o", capsize=3,
                     label=label)  # fmt: skip
     ax.set_xscale("log")

@@ -33,7 +33,7 @@ def _tested(comparison: Comparison, method: Method) -> list[dict]:
     """The method's runs at its chosen rate, one per seed, in seed order."""
     lr = comparison.chosen_lr[method.name]
     by_seed = {r["seed"]: r for r in comparison.records[method.name] if r["lr"] == lr}
-    return [by_seed[s] for s in comparison.settings.seeds]
+    return [by_seed[s] for s in comparison.seeds]
 
 
 def _hits(comparison: Comparison, method: Method) -> np.ndarray:
@@ -69,7 +69,7 @@ def _method_summary(comparison: Comparison, method: Method) -> dict[str, Any]:
         "training": method.training, "not_applied": list(method.not_applied),
         "lr": lr, "lr_grid": lrs, "lr_at_grid_edge": len(lrs) > 1 and lr in (lrs[0], lrs[-1]),
         "valid_by_lr": {f"{r['lr']:g}": r["valid"] for r in grid},
-        "seeds": list(comparison.settings.seeds),
+        "seeds": list(comparison.seeds),
         "test_exact_match": [float(h.mean()) for h in hits],
         "test_exact_match_mean": float(hits.mean()),
         # over problems: every seed answers the same ones, so they are not more draws
@@ -93,6 +93,7 @@ def _method_summary(comparison: Comparison, method: Method) -> dict[str, Any]:
         "tokens_per_s": float(np.mean([t["tokens"] / t["train_time"] for t in trains])),
         "peak_memory_bytes": int(max(t["memory"]["max"] for t in trains)),
         "score_time_s": float(np.mean([r["test"]["score_time"] for r in runs])),
+        "ran_on": sorted({f"{r['ran_on']['node']} ({r['ran_on']['device']})" for r in runs}),
     }  # fmt: skip
     return out
 
@@ -105,7 +106,7 @@ def summarise(comparison: Comparison) -> dict[str, Any]:
                  "extra_tests": list(p.extra_tests), "score": p.score,
                  "sizes": {"train": len(p.train), "valid": len(p.valid), "test": len(p.test)}},
         "settings": {"steps": s.steps, "batch": s.batch, "lrs": list(s.lrs),
-                     "seeds": list(s.seeds), "adapted_layers": s.adapted_layers,
+                     "seeds": list(comparison.seeds), "adapted_layers": s.adapted_layers,
                      "max_seq_length": s.max_seq_length, "resamples": s.resamples},
         "device": comparison.device,
         "reference": _reference(comparison).name,
@@ -116,6 +117,7 @@ def summarise(comparison: Comparison) -> dict[str, Any]:
                          "discordant": d.discordant, "sentence": d.sentence()}
                         for d in differences(comparison)],
         "curves": _curves(comparison),
+        "resolve": comparison.resolved,
     }  # fmt: skip
 
 
@@ -171,6 +173,8 @@ def scores_markdown(summary: dict[str, Any]) -> str:
               "whose valid score chose the rate, which flatters that seed a little for every "
               "method alike.", ""]  # fmt: skip
     lines += [d["sentence"] for d in summary["differences"]]
+    if summary.get("resolve"):
+        lines += ["", _resolve_markdown(summary["resolve"], summary["reference"])]
     edges = [f"{n} ({m['lr']:g})" for n, m in summary["methods"].items() if m["lr_at_grid_edge"]]
     if edges:
         lines += ["", "Chosen at the edge of the rate grid, so a rate beyond it might have done "
@@ -196,6 +200,23 @@ def scores_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _resolve_markdown(r: dict[str, Any], reference: str) -> str:
+    """How many seeds ``--resolve`` ran, why it stopped, and the pilot that sized it."""
+    why = (f"every interval is within +-{r['target_points']:g} points" if r["stopped"] == "reached"
+           else f"--max-seeds {r['max_seeds']} reached, short of +-{r['target_points']:g} points")
+    lines = [f"## Seeds (--resolve {r['target_points']:g}, --max-seeds {r['max_seeds']})", "",
+             f"Seeds were added to the first {r['first_seeds']} until every interval against "
+             f"{reference} was within +-{r['target_points']:g} points or {r['max_seeds']} seeds "
+             f"were run: {r['seeds']} seeds, stopped because {why}.", "",
+             "| method | half-width reached (points) | after the first seeds: per-seed "
+             "spread (points) | seeds it needs |", "|---|---:|---:|---:|"]  # fmt: skip
+    for name, width in r["half_width_points"].items():
+        pilot = r["pilot"][name]
+        spread = "-" if pilot["spread_points"] is None else f"{pilot['spread_points']:.1f}"
+        lines.append(f"| {name} | {width:.1f} | {spread} | {pilot['seeds_needed'] or '-'} |")
+    return "\n".join(lines)
+
+
 def costs_markdown(summary: dict[str, Any]) -> str:
     lines = [f"## Costs (measured on {summary['device']}; they vary from run to run)", "",
              "| method | adapter file (KiB) | train time (s, mean) | tokens/s | peak memory "
@@ -204,6 +225,8 @@ def costs_markdown(summary: dict[str, Any]) -> str:
         c = m["costs"]
         lines.append(f"| {name} | {m['file_size'] / 1024:,.0f} | {c['train_time_s']:.1f} | "
                      f"{c['tokens_per_s']:,.0f} | {c['peak_memory_bytes'] / MiB:,.0f} |")
+    places = sorted({p for m in summary["methods"].values() for p in m["costs"]["ran_on"]})
+    lines += ["", f"Trained on: {'; '.join(places)}."]
     return "\n".join(lines)
 
 
@@ -217,7 +240,9 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     for name, m in summary["methods"].items():
         y = 100 * m["test_exact_match_mean"]
         low, high = (100 * v for v in m["wilson95"])
-        ax.errorbar(m["trainable_params"], y, yerr=[[y - low], [high - y]], fmt="o", capsize=4,
+        # clamped: Wilson's bound at 0 % can sit a rounding error above the score
+        ax.errorbar(m["trainable_params"], y, yerr=[[max(0.0, y - low)], [max(0.0, high - y)]],
+                    fmt="o", capsize=4,
                     label=name)  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
