@@ -78,3 +78,41 @@ def test_cuda_bench_quick(tmp_path):
     assert data["device"] == "cuda" and len(data["rows"]) == 3
     train = data["rows"][0]
     assert "plain_compiled" in train["ms"] and train["peak_bytes"]["cera_rs"] > 0
+
+
+def test_quick_layers_bench_times_conv_and_embedding_against_plain_and_lora(tmp_path, capsys):
+    out = tmp_path / "layers.json"
+    assert main(["bench", "--layers", "--quick", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [(r["kind"], r["scope"]) for r in data["rows"]] == [
+        ("conv", "branch"), ("conv", "layer"), ("embedding", "branch"), ("embedding", "layer")]
+    for row in data["rows"]:
+        assert {"cera_rs", "plain", "lora_p0"} <= row["ms"].keys()
+        assert all(math.isfinite(v) and v > 0 for v in row["ms"].values())
+        fastest_lora = min(v for k, v in row["ms"].items() if k.startswith("lora"))
+        assert row["vs_lora"] == pytest.approx(row["ms"]["cera_rs"] / fastest_lora)
+        assert row["vs_plain"] == pytest.approx(row["ms"]["cera_rs"] / row["ms"]["plain"])
+    # the conv's LoRA with dropout drops its input; an embedding's LoRA has no dropout
+    assert "lora_p0.1" in data["rows"][0]["ms"] and "lora_p0.1" not in data["rows"][2]["ms"]
+    # what the branch keeps is x, A, B (not counted), h and the seed, never the plain
+    # composition's activation and mask copies
+    for row in data["rows"][0], data["rows"][2]:
+        assert row["saved_bytes"]["cera_rs"] < row["saved_bytes"]["plain"]
+    assert len(data["targets"]) == 8
+    assert "cera_rs/plain" in capsys.readouterr().out
+
+
+def test_whole_model_step_runs_every_method_on_both_paths():
+    """``--model``'s step at tiny size on a tiny Llama: CeRA silu, CeRA identity and LoRA,
+    on the whole model and on the split path, with the ratios to LoRA."""
+    from models import tiny_llama
+
+    from cera_rs.bench import layers
+
+    results = layers.run_model(tiny_llama(0), layers.MODEL_QUICK, progress=False)
+    assert [row["path"] for row in results["rows"]] == ["whole", "split"]
+    for row in results["rows"]:
+        assert row["ms"].keys() == {"cera_silu_p0.1", "cera_identity_p0", "lora"}
+        assert row["vs_lora"]["lora"] == 1.0 and all(v > 0 for v in row["ms"].values())
+    assert len(results["targets"]) == 4
+    assert "split path (--adapted-layers)" in layers.format_model(results)

@@ -69,13 +69,22 @@ def _parser() -> argparse.ArgumentParser:
                             "and fp32) (default: %(default)s)")  # fmt: skip
     bench.add_argument("--json", type=Path,
                        help="where to write the results (default: results/bench/bench.json; "
-                            "spectral.json, export.json with --spectral, --export)")  # fmt: skip
+                            "spectral.json, export.json, layers.json, model.json with "
+                            "--spectral, --export, --layers, --model)")  # fmt: skip
     kind = bench.add_mutually_exclusive_group()
     kind.add_argument("--spectral", action="store_true",
                       help="streaming spectra against concatenate-then-SVD instead")
     kind.add_argument("--export", action="store_true",
                       help="the linear export (export-lora's engine) against torch.linalg.lstsq "
                            "on kept deltas instead")  # fmt: skip
+    kind.add_argument("--layers", action="store_true",
+                      help="Conv2d at UNet shapes and Embedding (vocab 49152, d 576, 4096 "
+                           "tokens): CeRA against the plain composition and PEFT LoRA "
+                           "instead")  # fmt: skip
+    kind.add_argument("--model", action="store_true",
+                      help="one training step of SmolLM2 (q/v of the last 10 layers, batch "
+                           "16): CeRA silu p=0.1, CeRA identity p=0, LoRA r=8; whole model "
+                           "and compare's split path, instead")  # fmt: skip
     _compare_parser(commands, debug)
     analyze = commands.add_parser(
         "analyze", parents=[debug],
@@ -217,7 +226,8 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    name = "spectral" if args.spectral else "export" if args.export else "bench"
+    name = next((n for n in ("spectral", "export", "layers", "model") if getattr(args, n)),
+                "bench")  # fmt: skip
     default = RESULTS / "bench" / f"{name}.json"
     path = args.json or default
     if args.json is None:
@@ -235,6 +245,19 @@ def _bench(args: argparse.Namespace) -> None:
         results = export.run(**(export.QUICK if args.quick else export.FULL))
         print(export.format_table(results))
         spectral.write_json(results, path)
+    elif args.layers:
+        from cera_rs.bench import layers
+
+        results = layers.run_layers(layers.QUICK if args.quick else layers.FULL,
+                                    repeats=2 if args.quick else 7, device=args.device)  # fmt: skip
+        print(layers.format_layers(results))
+        layers.write_json(results, path)
+    elif args.model:
+        from cera_rs.bench import layers
+
+        results = layers.run_model(case=layers.MODEL_QUICK if args.quick else layers.ModelCase())
+        print(layers.format_model(results))
+        layers.write_json(results, path)
     else:
         from cera_rs.bench import suite
 
