@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One device call: install the abi3 wheel carried in dist/, run the CUDA tests and the
-# CUDA benchmark, leave gpu-check.json and gpu-check.log in $OUT. See scripts/README.md.
+# One device call: install the abi3 wheel carried in dist/, run the CUDA tests (the
+# Linear, embedding and conv branches), the embedding/conv benchmark and the CUDA
+# benchmark, leave gpu-check.json and gpu-check.log in $OUT. See scripts/README.md.
 #
 #   scripts/gpu-check.sh            on a GPU machine (installs into its Python)
 #   scripts/gpu-check.sh --dry-run  anywhere: everything but CUDA (installs into a
@@ -9,7 +10,8 @@
 #
 # Environment: OUT (default ./gpu-check-out), PYTHON (default python3), BUDGET (seconds
 # for the whole run, default 450), DIST (where the wheels are, default dist), and for
-# tests of this script PYTEST_ARGS, BENCH_ARGS, TESTS_LIMIT, BENCH_LIMIT (seconds).
+# tests of this script PYTEST_ARGS, BENCH_ARGS, LAYERS_ARGS, TESTS_LIMIT, LAYERS_LIMIT,
+# BENCH_LIMIT (seconds).
 set -uo pipefail
 
 dry=0
@@ -33,12 +35,15 @@ cuda_files=$(grep -l 'mark\.cuda' tests/test_*.py | tr '\n' ' ')
 if ((dry)); then
     mode=dry-run
     # without CUDA the cuda-marked tests skip; the CPU route of the same tests runs
-    pytest_args=${PYTEST_ARGS:-tests/test_device_path.py tests/test_tensor_ops.py}
+    pytest_args=${PYTEST_ARGS:-tests/test_device_path.py tests/test_tensor_ops.py \
+tests/test_layer_types.py}
     bench_args=${BENCH_ARGS:---device cpu --quick}
+    layers_args=${LAYERS_ARGS:---device cpu --quick}
 else
     mode=gpu
     pytest_args=${PYTEST_ARGS:--m cuda $cuda_files}
     bench_args=${BENCH_ARGS:---device cuda}
+    layers_args=${LAYERS_ARGS:---device cuda}
 fi
 
 log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$LOG"; }
@@ -105,6 +110,9 @@ step environment 60 "$PYTHON" -c "DRY = $dry$env_check"
 step tests "${TESTS_LIMIT:-200}" "$PYTHON" -m pytest -q -p no:cacheprovider -rfEs \
     --continue-on-collection-errors --junitxml="$OUT/pytest.xml" $pytest_args
 # shellcheck disable=SC2086
+step bench-layers "${LAYERS_LIMIT:-90}" "$PYTHON" -m cera_rs.cli bench --layers $layers_args \
+    --json "$OUT/layers.json"
+# shellcheck disable=SC2086
 step bench "${BENCH_LIMIT:-300}" "$PYTHON" -m cera_rs.cli bench $bench_args --json "$OUT/bench.json"
 
 # The summary: steps, test counts from the JUnit XML, the benchmark's targets.
@@ -134,6 +142,12 @@ try:
                         "targets": bench["targets"]}
 except (OSError, ValueError, KeyError) as e:
     summary["bench"] = {"error": str(e)}
+try:
+    with open(os.path.join(out, "layers.json")) as f:
+        layers = json.load(f)
+    summary["layers"] = {"rows": len(layers["rows"]), "targets": layers["targets"]}
+except (OSError, ValueError, KeyError) as e:
+    summary["layers"] = {"error": str(e)}
 summary["ok"] = all(s["exit"] == 0 for s in steps) and summary["tests"].get("failures") == 0 \
     and summary["tests"].get("errors") == 0
 fd, tmp = tempfile.mkstemp(dir=out, prefix=".gpu-check.json.")

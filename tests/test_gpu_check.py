@@ -43,8 +43,11 @@ def test_dry_run_installs_runs_each_step_within_its_limit_and_summarises(tmp_pat
     log = (out / "gpu-check.log").read_text()
     summary = json.loads((out / "gpu-check.json").read_text())
     steps = {step["name"]: step for step in summary["steps"]}
-    assert list(steps) == ["install", "environment", "tests", "bench"], log
-    assert all(steps[name]["exit"] == 0 for name in ("install", "environment", "tests")), log
+    assert list(steps) == ["install", "environment", "tests", "bench-layers", "bench"], log
+    assert all(steps[name]["exit"] == 0
+               for name in ("install", "environment", "tests", "bench-layers")), log
+    # the embedding and conv cases' quick run, summarised with their targets
+    assert summary["layers"]["rows"] == 4 and len(summary["layers"]["targets"]) == 8
     # the environment step checked that the installed copy, not this tree, is imported
     assert '/site/cera_rs/__init__.py"' in log, log
     assert summary["tests"] == {"tests": 1, "failures": 0, "errors": 0, "skipped": 0}
