@@ -397,3 +397,39 @@ def test_token_embd_gguf_is_what_llama_cpp_computes_and_the_rest_is_refused(tmp_
                                          r"and the token embedding only"):  # fmt: skip
         save_gguf_lora(conv, tmp_path / "b.gguf", base)
     assert not (tmp_path / "b.gguf").exists()
+
+
+def test_input_files_for_diffusers_models_and_their_errors(tmp_path):
+    from cera_rs.export.adapter_dir import load_inputs
+
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    for i, n in enumerate((3, 2)):
+        torch.save({"sample": torch.full((n, 4, 2, 2), float(i)), "timestep": torch.tensor(7)},
+                   folder / f"part{i}.pt")  # fmt: skip
+    batches = load_inputs(folder, batch_size=2)
+    assert [len(b["sample"]) for b in batches] == [2, 2, 1]
+    assert torch.cat([b["sample"][:, 0, 0, 0] for b in batches]).tolist() == [0, 0, 0, 1, 1]
+    assert all(int(b["timestep"]) == 7 for b in batches)  # 0-d: whole to every batch
+    np.save(tmp_path / "x.npy", np.zeros((5, 3, 4, 4), np.float32))
+    assert [tuple(b.shape) for b in load_inputs(tmp_path / "x.npy", 4)] == [(4, 3, 4, 4),
+                                                                           (1, 3, 4, 4)]
+    torch.save({"sample": torch.zeros(3, 1), "encoder_hidden_states": torch.zeros(2, 1)},
+               tmp_path / "uneven.pt")  # fmt: skip
+    torch.save([1, 2], tmp_path / "list.pt")
+    (tmp_path / "ids.txt").write_text("1 2 3")
+    (tmp_path / "broken.safetensors").write_bytes(b"not safetensors")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    torch.save(torch.zeros(2, 3), mixed / "a.pt")
+    torch.save({"sample": torch.zeros(2, 3)}, mixed / "b.pt")
+    for path, error, message in (
+        (tmp_path / "uneven.pt", ValueError, "first dimensions differ"),
+        (tmp_path / "list.pt", ValueError, "expected a tensor or a dict of tensors, got list"),
+        (tmp_path / "ids.txt", ValueError, r"inputs must be one of \('.pt', '.safetensors'"),
+        (tmp_path / "broken.safetensors", ValueError, "cannot be read as model inputs"),
+        (tmp_path / "missing.pt", FileNotFoundError, "does not exist"),
+        (mixed, ValueError, "every input file must hold the same kind"),
+    ):  # fmt: skip
+        with pytest.raises(error, match=message):
+            load_inputs(path, 2)
