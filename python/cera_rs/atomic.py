@@ -2,23 +2,43 @@
 half-written one: a temporary file beside the target, flushed to disk, renamed over
 it. Every single-file output of cera_rs (reports, JSON, figures, benchmark results)
 goes through ``atomic_file``, or ``atomic_path`` for a writer that opens the file by
-name (the GGUF adapter)."""
+name (the GGUF adapter); a folder written as one (a saved adapter) through
+``atomic_folder``."""
 
 from __future__ import annotations
 
 import os
+import re
 import secrets
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+TEMPORARY = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
+"""The names of the temporaries beside a target (``.NAME.1a2b3c4d.tmp``): what a kill
+leaves behind, and ``remove_temporaries`` removes."""
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+
+
+def _fsync(path: Path) -> None:
+    """Flushes a file's or a folder's contents (for a folder: its entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _create_temp(path: Path) -> tuple[int, Path]:
     """A new file beside ``path``, created with mode 0o666 so that the umask gives it
     the permissions of any new file (``tempfile.mkstemp`` would leave 0600)."""
     while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        tmp = _temp_name(path)
         try:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
         except FileExistsError:
@@ -53,35 +73,6 @@ def check_folder_writable(path: str | os.PathLike, parents: bool = True) -> None
                                 f"does not exist")  # fmt: skip
 
 
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """For writers that open their output by name (``gguf.GGUFWriter``): yields the
-    name of a new, empty temporary file beside ``path`` for the block to write and
-    close. When the block ends without an exception the file is flushed to disk and
-    moved onto ``path``; on any exception it is removed and ``path`` is left as it
-    was. The folder must exist."""
-    path = Path(path)
-    check_writable(path)
-    fd, tmp = _create_temp(path)
-    os.close(fd)
-    try:
-        yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # what any handle wrote to the file
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)  # the rename itself survives a crash
-    finally:
-        os.close(folder)
-
-
 def check_folder_creatable(path: str | os.PathLike) -> None:
     """Refuses, naming it and why, an output folder that cannot be created (a
     read-only or virtual file system, no permission): the missing folders are made
@@ -108,6 +99,27 @@ def check_folder_creatable(path: str | os.PathLike) -> None:
 
 
 @contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """For writers that open their output by name (``gguf.GGUFWriter``): yields the
+    name of a new, empty temporary file beside ``path`` for the block to write and
+    close. When the block ends without an exception the file is flushed to disk and
+    moved onto ``path``; on any exception it is removed and ``path`` is left as it
+    was. The folder must exist."""
+    path = Path(path)
+    check_writable(path)
+    fd, tmp = _create_temp(path)
+    os.close(fd)
+    try:
+        yield tmp
+        _fsync(tmp)  # what any handle wrote to the file
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync(path.parent)  # the rename itself survives a crash
+
+
+@contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
     """Opens a temporary file for writing (``mode`` "w" or "wb") and, when the block
     ends without an exception, moves it onto ``path`` (``atomic_path``); on any
@@ -117,3 +129,51 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
         raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
     with atomic_path(path) as tmp, open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
         yield f
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """A folder whose files are written together (a saved adapter): yields a new, empty
+    temporary folder beside ``path`` for the block to fill. When the block ends without
+    an exception its files are flushed to disk and it takes ``path``'s place (an old
+    ``path`` is moved aside first, then removed: a folder cannot be renamed over a
+    full one); on any exception it is removed and ``path`` is left as it was. A kill
+    can leave temporaries behind: ``remove_temporaries``. The parent must exist."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: the folder {path.parent} does not exist")
+    while True:
+        tmp = _temp_name(path)
+        try:
+            os.mkdir(tmp)
+            break
+        except FileExistsError:
+            continue
+    try:
+        yield tmp
+        for inner in sorted(tmp.rglob("*"), reverse=True):  # files before their folders
+            _fsync(inner)
+        _fsync(tmp)
+        old = _temp_name(path) if path.exists() else None
+        if old is not None:
+            os.rename(path, old)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync(path.parent)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Removes the temporary files and folders that writers killed mid-write left in
+    ``folder`` (not below it), and returns them. Only while no writer is at work there."""
+    folder = Path(folder)
+    found = [p for p in folder.iterdir() if TEMPORARY.fullmatch(p.name)] if folder.is_dir() else []
+    for p in found:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+    return found

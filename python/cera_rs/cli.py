@@ -193,6 +193,11 @@ def _compare_parser(commands, debug: argparse.ArgumentParser) -> None:
                         "(default: 3e-4,1e-3,3e-3)")  # fmt: skip
     p.add_argument("--seeds", type=_numbers(int), default=d.seeds,
                    help="data-order and init seeds (default: 0,1,2)")
+    p.add_argument("--resolve", type=float, metavar="D",
+                   help="after the --seeds, add seeds until every interval against the "
+                        "reference is within +-D points (or --max-seeds are run)")  # fmt: skip
+    p.add_argument("--max-seeds", type=int, metavar="S",
+                   help="with --resolve: the most seeds, the first ones included")
     p.add_argument("--adapted-layers", type=int,
                    help="adapters on the last K decoder layers only; the frozen layers' "
                         "outputs are computed once (much faster)")  # fmt: skip
@@ -203,6 +208,25 @@ def _compare_parser(commands, debug: argparse.ArgumentParser) -> None:
                    help="auto: CUDA with bf16 autocast when there, else CPU")
     p.add_argument("--out", type=Path, default=RESULTS / "compare",
                    help="output folder, created if missing (default: %(default)s)")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run each run as a Ray task: on a Ray started here, or on the "
+                        "cluster at ADDRESS (auto, ray://HOST:PORT); give it after the "
+                        "METHODs (needs cera_rs[ray])")  # fmt: skip
+    p.add_argument("--gpus-per-run", type=float,
+                   help="with --ray: GPUs per run (default: 1 on a cluster with GPUs)")
+    p.add_argument("--cpus-per-run", type=int,
+                   help="with --ray: CPU cores per run, torch's threads in it (default: 1)")
+
+
+def _ray(args: argparse.Namespace):
+    """``--ray``'s options; ``--gpus-per-run`` and ``--cpus-per-run`` need it."""
+    if args.ray is None:
+        if args.gpus_per_run is not None or args.cpus_per_run is not None:
+            raise ValueError("--gpus-per-run and --cpus-per-run are for --ray")
+        return None
+    from cera_rs.compare import Ray
+
+    return Ray(args.ray, args.gpus_per_run, args.cpus_per_run or 1)
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -211,10 +235,11 @@ def _compare(args: argparse.Namespace) -> None:
     check_folder_writable(args.out)
     settings = Settings(steps=args.steps, batch=args.batch, lrs=args.lrs, seeds=args.seeds,
                         adapted_layers=args.adapted_layers, max_seq_length=args.max_seq_length,
-                        reference=args.reference, device=args.device)  # fmt: skip
+                        reference=args.reference, device=args.device,
+                        resolve=args.resolve, max_seeds=args.max_seeds)  # fmt: skip
     summary = compare(args.methods, model=args.model, data=args.data, train=args.train,
                       test=args.test, valid=args.valid, out_dir=args.out, settings=settings,
-                      sizes=args.sizes)  # fmt: skip
+                      sizes=args.sizes, ray=_ray(args))  # fmt: skip
     print("\n" + report.scores_markdown(summary) + "\n\n" + report.costs_markdown(summary))
     print(f"\nwritten: {args.out / 'report.md'}, summary.json, exact_match.png, peft_results/")
 

@@ -19,8 +19,10 @@ import torch
 from torch import nn
 
 from cera_rs.atomic import check_folder_creatable
+from cera_rs.compare import cluster
 from cera_rs.compare import data as _data
-from cera_rs.compare.engine import Comparison, Extras, Settings, run
+from cera_rs.compare.cluster import Ray
+from cera_rs.compare.engine import Comparison, Extras, Settings, check, run
 from cera_rs.compare.methods import Method, at_full_rank, distinct, method, parse_spec, read_folder
 from cera_rs.compare.methods import methods as expand
 from cera_rs.compare.stats import Difference, paired_bootstrap, wilson
@@ -85,9 +87,12 @@ def compare(methods: list[str | os.PathLike | Method], model: str | os.PathLike 
             test: str | os.PathLike | None = None, valid: str | os.PathLike | None = None,
             out_dir: str | os.PathLike = "results/compare", settings: Settings | None = None,
             sizes: tuple[int, int, int] | None = None, progress: bool = True,
-            extras: Extras | None = None) -> dict[str, Any]:  # fmt: skip
+            extras: Extras | None = None,
+            ray: Ray | str | bool | None = None) -> dict[str, Any]:  # fmt: skip
     """Runs (or resumes) the comparison in ``out_dir`` and writes its report there;
-    returns the summary (``summary.json``)."""
+    returns the summary (``summary.json``). ``ray``: each run a Ray task (True: a local
+    Ray; an address such as "auto"; or ``Ray(address, gpus_per_run, cpus_per_run)``),
+    the workers loading ``model`` themselves."""
     from cera_rs.compare import report
 
     chosen = distinct([x for m in methods
@@ -96,6 +101,8 @@ def compare(methods: list[str | os.PathLike | Method], model: str | os.PathLike 
         if not m.full_rank:
             m.config()
     settings = settings or Settings()
+    check(chosen, settings)
+    ray = cluster.options(ray)
     problems = load_problems(data, train, test, valid, sizes)
     check_folder_creatable(out_dir)
     name, base, tokenizer = load_model(model)
@@ -104,11 +111,11 @@ def compare(methods: list[str | os.PathLike | Method], model: str | os.PathLike 
         n = len(getattr(getattr(base, "model", None), "layers", ()))
         layers = list(range(max(0, n - settings.adapted_layers), n)) if n else None
     chosen = [at_full_rank(m, base, layers) for m in chosen]
-    comparison = run(name, base, tokenizer, problems, chosen, settings,
-                     Path(out_dir), progress=progress, extras=extras)  # fmt: skip
+    comparison = run(name, base, tokenizer, problems, chosen, settings, Path(out_dir),
+                     progress=progress, extras=extras, ray=ray, model_source=model)  # fmt: skip
     return report.write(comparison)
 
 
-__all__ = ["Comparison", "Difference", "Method", "Settings", "compare", "load_model",
+__all__ = ["Comparison", "Difference", "Method", "Ray", "Settings", "compare", "load_model",
            "load_problems", "method", "paired_bootstrap", "parse_spec", "read_folder",
            "wilson"]  # fmt: skip

@@ -236,3 +236,16 @@ def parameter_multiplier(method: np.ndarray, params: int, family: list[np.ndarra
         where = ON
     return Multiplier(names[0], names[1], int(params), float(point), float(low), float(high),
                       where, rise)  # fmt: skip
+
+
+def seeds_needed(spread: float, half_width: float) -> int:
+    """The pilot arithmetic: the fewest seeds k (2 or more) whose t interval over the
+    per-seed differences, t975(k - 1) * spread / sqrt(k), is within +-``half_width``
+    (``spread``: the standard deviation of the per-seed differences, same units)."""
+    if not half_width > 0 or not spread >= 0:
+        raise ValueError(f"seeds_needed: spread >= 0 and half_width > 0, got {spread}, "
+                         f"{half_width}")  # fmt: skip
+    k = max(2, math.floor((1.959964 * spread / half_width) ** 2))  # t975 > z: none fewer
+    while t975(k - 1) * spread / math.sqrt(k) > half_width:
+        k += 1
+    return k

@@ -1,0 +1,205 @@
+"""``cera-rs compare --ray``, on one local Ray of 2 CPUs shared by the module and the
+tiny model and JSONL of tests/test_compare.py: the same scores as in this process,
+run for run (added --resolve seeds included); a driver stopped by Ctrl-C once its
+first run is on disk cancels its tasks and, started again, does not redo that run
+(tests/test_compare.py kills a driver for real; here a killed driver would cost a
+second process and its workers half a minute to start); a worker killed mid-run is
+retried once, then reported; a failing method is named; without Ray, one line."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import ray
+from test_compare import _scores, _tiny
+
+from cera_rs.cli import main
+from cera_rs.compare import Settings, compare
+from cera_rs.compare.cluster import RunFailed
+from cera_rs.compare.engine import Store
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for the module; its address, for a second driver to join."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return _tiny(tmp_path_factory.mktemp("tiny"))
+
+
+def _args(tiny: Path, out: Path, *more: str) -> list[str]:
+    """Two methods, two rates, seeds 0 and 1, and --resolve narrow enough that a third
+    seed is always added (up to --max-seeds 3)."""
+    return ["compare", "lora:r=4", "cera:r=4", "--model", str(tiny / "model"),
+            "--train", str(tiny / "train.jsonl"), "--test", str(tiny / "test.jsonl"),
+            "--steps", "6", "--batch", "8", "--lrs", "0.01,0.03", "--seeds", "0,1",
+            "--resolve", "0.01", "--max-seeds", "3", "--out", str(out), *more]  # fmt: skip
+
+
+def _quiet(argv: list[str]) -> int:
+    with contextlib.redirect_stdout(io.StringIO()):
+        return main(argv)
+
+
+def _runs(out: Path) -> dict[str, dict]:
+    """Each run's scores: what it learned, not when, where or how fast."""
+    runs = {}
+    for path in sorted((out / "runs").glob("*/*.json")):
+        r = json.loads(path.read_text())
+        test = {k: v for k, v in r.get("test", {}).items() if k not in ("score_time", "ran_on")}
+        runs[f"{path.parent.name}/{path.name}"] = (r["valid"], r["train"]["train_loss"], test)
+    return runs
+
+
+@pytest.fixture(scope="module")
+def in_process(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("in_process")
+    assert _quiet(_args(tiny, out)) == 0
+    return out
+
+
+def _busy_workers() -> list[psutil.Process]:
+    """This process's Ray workers that run a task (Ray names them after it)."""
+    busy = []
+    for p in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if p.cmdline()[:1] and p.cmdline()[0].startswith("ray::cera-rs "):
+                busy.append(p)
+    return busy
+
+
+@pytest.fixture(scope="module")
+def on_ray(local_ray, tiny, tmp_path_factory):
+    """The same comparison on Ray, stopped by Ctrl-C the moment its first run is on
+    disk (its other tasks are running then), then run again."""
+    out = tmp_path_factory.mktemp("on_ray")
+    save, saved = Store.save, []
+
+    def save_then_interrupt(store, method, key, record):
+        save(store, method, key, record)
+        saved.append(key)
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(Store, "save", save_then_interrupt)
+        _quiet(_args(tiny, out, "--ray"))
+    kept = {p: p.read_text() for p in (out / "runs").glob("*/*.json")}
+    assert len(saved) == len(kept) == 1 and not (out / "report.md").exists()
+    deadline = time.monotonic() + 30
+    while _busy_workers() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    cancelled = not _busy_workers()
+    assert _quiet(_args(tiny, out, "--ray")) == 0
+    return out, kept, cancelled
+
+
+def test_ray_gives_the_in_process_scores_run_for_run(in_process, on_ray):
+    out, _, _ = on_ray
+    assert _scores(out) == _scores(in_process)
+    assert _runs(out) == _runs(in_process) and len(_runs(out)) == 2 * (2 + 2)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["seeds"] == [0, 1, 2]  # the added seed ran on Ray too
+    assert summary["resolve"]["stopped"] == "max-seeds"
+    for path in (out / "runs").glob("*/*.json"):
+        assert json.loads(path.read_text())["ran_on"]["device"] == "cpu, 1 thread(s)"
+    assert "Trained on: " in (out / "report.md").read_text()
+
+
+def test_ctrl_c_cancels_and_a_resumed_driver_does_not_redo_a_finished_run(on_ray):
+    out, kept, cancelled = on_ray
+    assert cancelled  # no worker kept running a task of the interrupted comparison
+    for path, text in kept.items():
+        before, after = json.loads(text), json.loads(path.read_text())
+        after.pop("test", None)  # scored later, if its rate was chosen
+        assert after == before  # not trained again
+    assert not [p for p in (out / "runs").rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_failing_method_is_named_and_finished_runs_kept(local_ray, tmp_path, capsys):
+    """bias="all" trains the base's biases, which every run shares: refused on the
+    worker, and reported as in this process, in one line naming the method."""
+    tiny = _tiny(tmp_path / "biased", attention_bias=True)
+    out = tmp_path / "out"
+    args = ["compare", "lora:r=4", "lora:r=4,bias=all", "--model", str(tiny / "model"),
+            "--train", str(tiny / "train.jsonl"), "--test", str(tiny / "test.jsonl"),
+            "--steps", "4", "--batch", "8", "--lrs", "0.01", "--seeds", "0", "--out", str(out),
+            "--ray"]  # fmt: skip
+    assert _quiet(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
+    assert err.startswith("cera-rs: error: lora:r=4,bias=all (lr 0.01, seed 0), on ")
+    assert "writes to or trains the base model's own weights" in err
+    for path in (out / "runs").glob("*/*.json"):  # what finished is whole
+        assert path.with_suffix("").is_dir() and json.loads(path.read_text())["valid"]
+    assert not [p for p in (out / "runs").rglob("*") if p.name.endswith(".tmp")]
+
+
+class _Killer(threading.Thread):
+    """Kills, with SIGKILL, the Ray worker that runs a task of the given name, up to
+    ``times`` times (Ray names a worker's process after the task it runs)."""
+
+    def __init__(self, name: str, times: int) -> None:
+        super().__init__(daemon=True)
+        self.title, self.times, self.killed = f"ray::cera-rs {name}", times, []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while len(self.killed) < self.times and not self.stop.is_set():
+            for p in _busy_workers():
+                with contextlib.suppress(psutil.Error):
+                    if p.pid not in self.killed and p.cmdline()[:1] == [self.title]:
+                        os.kill(p.pid, signal.SIGKILL)
+                        self.killed.append(p.pid)
+            time.sleep(0.02)
+
+
+def _one_run(tiny: Path, out: Path) -> dict:
+    settings = Settings(steps=40, batch=8, lrs=(0.01,), seeds=(0,))
+    return compare(["cera:r=4"], model=tiny / "model", train=tiny / "train.jsonl",
+                   test=tiny / "test.jsonl", out_dir=out, settings=settings, progress=False,
+                   ray=True)  # fmt: skip
+
+
+def test_a_killed_worker_is_retried_once_then_reported(local_ray, tiny, tmp_path):
+    killer = _Killer("cera:r=4 (lr 0.01, seed 0)", times=1)
+    killer.start()
+    summary = _one_run(tiny, tmp_path / "once")
+    killer.stop.set()
+    assert len(killer.killed) == 1  # killed mid-run, and the retry finished it
+    assert summary["methods"]["cera:r=4"]["test_exact_match"]
+
+    killer = _Killer("cera:r=4 (lr 0.01, seed 0)", times=2)
+    killer.start()
+    with pytest.raises(RunFailed, match=r"cera:r=4 \(lr 0.01, seed 0\): its worker died"):
+        _one_run(tiny, tmp_path / "twice")
+    killer.stop.set()
+    assert len(killer.killed) == 2
+
+
+def test_ray_flags_are_checked_before_the_model_loads(tiny, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "never"
+    base = ["compare", "lora:r=4", "--model", str(tiny / "model"), "--train",
+            str(tiny / "train.jsonl"), "--test", str(tiny / "test.jsonl"), "--out", str(out)]
+    assert main([*base, "--cpus-per-run", "2"]) == 2
+    assert "--gpus-per-run and --cpus-per-run are for --ray" in capsys.readouterr().err
+    assert main([*base, "--ray", "head-node"]) == 2
+    assert "--ray 'head-node': not a Ray address" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    assert main([*base, "--ray"]) == 2
+    assert capsys.readouterr().err == ("cera-rs: error: --ray needs ray (not installed); "
+                                       'install with: pip install "cera_rs[ray]"\n')  # fmt: skip
+    assert not out.exists()
