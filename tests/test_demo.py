@@ -1,12 +1,21 @@
 """The demo driver: each part's results are on disk as soon as the part finishes, a
-part that fails keeps the finished ones and ends the command with one line."""
+part that fails keeps the finished ones and ends the command with one line. Part 2:
+the methods it hands ``cera_rs.compare``, and a report that shows the curve, the
+multipliers and the ceiling and says what its sizes cannot separate."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
+import numpy as np
+import pytest
+
+import cera_rs.compare
 from cera_rs.cli import main
-from cera_rs.demo import ceiling, lm_math, report
+from cera_rs.compare import curves
+from cera_rs.compare.methods import parse_specs
+from cera_rs.demo import ceiling, phonebook, report
 
 
 def tiny(cls):
@@ -23,16 +32,18 @@ def test_a_failing_part_keeps_the_finished_ones(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(ceiling.Settings, "methods", two_methods)
     seen_before_part2 = {}
 
-    def part2_fails(settings, progress=True):
+    def part2_fails(settings, progress=True, out_dir=None):
+        assert out_dir == tmp_path / "phonebook"  # compare's folder, under the demo's
         seen_before_part2.update(json.loads((tmp_path / "summary.json").read_text()))
         raise RuntimeError("out of memory\nsecond line of the message")
 
-    monkeypatch.setattr(lm_math, "run", part2_fails)
+    monkeypatch.setattr(phonebook, "run", part2_fails)
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 1
     captured = capsys.readouterr()
     assert "part1" in seen_before_part2 and "part2" not in seen_before_part2
     assert captured.err.splitlines()[-1] + "\n" == (  # above it: part 1's progress bar
-        "cera-rs: error: demo part 2 (SmolLM2-135M on arithmetic) failed: RuntimeError: "
+        "cera-rs: error: demo part 2 (SmolLM2-135M, the phonebook rank curve) failed: "
+        "RuntimeError: "
         f"out of memory; the parts finished before it are in {tmp_path} "
         "(--debug shows the traceback)\n"
     )
@@ -49,3 +60,151 @@ def test_a_failing_part_keeps_the_finished_ones(monkeypatch, tmp_path, capsys):
     assert "±" not in report.ceiling_table(summary["part1"])
     summary["part1"]["settings"]["seeds"] = [0, 1]
     assert "±" in report.ceiling_table(summary["part1"])
+
+
+def test_part2_methods_are_a_lora_sweep_its_ceiling_cera_and_the_control():
+    s = phonebook.Settings()
+    methods = s.methods()
+    assert [m.name for m in methods] == [
+        *(f"LoRA r={r}" for r in s.lora_ranks), "LoRA r=full",
+        *(f"CeRA r={r}" for r in s.cera_ranks), f"CeRA r={s.control_rank}, identity"]
+    # what a user gets from the same specs, under short names
+    assert [(m.peft_type, m.fields) for m in methods] == [
+        (m.peft_type, m.fields) for spec in s.specs() for m in parse_specs(spec)]
+    lora, control = methods[0].fields, methods[-1].fields
+    assert lora["use_rslora"] is True and lora["lora_alpha"] == s.lora_alpha
+    assert lora["target_modules"] == control["target_modules"] == list(phonebook.TARGETS)
+    assert methods[len(s.lora_ranks)].full_rank
+    assert control["activation"] == "identity" and "activation" not in methods[-2].fields
+    assert {label: [m.name for m in ms] for label, ms in curves.families(methods).items()} == {
+        "LoRA": [m.name for m in methods[: len(s.lora_ranks) + 1]],
+        "CeRA": [f"CeRA r={r}" for r in s.cera_ranks],
+        "CeRA, identity": [methods[-1].name]}  # fmt: skip
+    assert s.compare_settings().adapted_layers == 1 and s.sized_to_separate
+    quick = phonebook.Settings.quick()
+    assert not quick.sized_to_separate and quick.facts < s.facts
+    assert f"CeRA r={s.exported_rank}" in [m.name for m in methods]
+    assert f"CeRA r={quick.exported_rank}" in [m.name for m in quick.methods()]
+
+
+FULL_PARAMS = 5_000_000
+
+
+def _fake_compare(s: phonebook.Settings, score, seeds: tuple[int, ...], calls: dict):
+    """``compare`` as part 2 calls it, returning a summary whose curves come from
+    ``score(params)`` (bits per fact) plus noise, through ``curves.summarise``."""
+
+    def compare(methods, **kwargs):
+        calls.update(kwargs, methods=methods)
+        rng = np.random.default_rng(0)
+        methods = [dataclasses.replace(m, fields=dict(m.fields, r=576), ceiling=True)
+                   if m.full_rank else m for m in methods]  # what at_full_rank does
+        params = {m.name: FULL_PARAMS if m.ceiling else 10_000 * m.fields["r"] for m in methods}
+        runs = {m.name: [{"seed": seed, "test": {"bits": (score(m, params[m.name]) + rng.normal(
+                    0, 0.3, s.facts)).tolist()}} for seed in seeds] for m in methods}  # fmt: skip
+        out = {"model": "SmolLM2-135M-Instruct, Q4_1", "base_exact_match": 0.0,
+               "data": {"source": f"phonebook:{s.facts} (made-up names)"},
+               "curves": curves.summarise(methods, runs, params, "bits", 2_000),
+               "methods": {m.name: {
+                   "peft_type": m.peft_type, "fields": m.fields, "lr": s.lrs[0],
+                   "trainable_params": params[m.name], "test_exact_match": [0.5] * len(seeds),
+                   "test_bits": float(np.mean([np.sum(r["test"]["bits"]) for r in runs[m.name]])),
+                   "transfer": {"exact_match": [0.0] * len(seeds), "bits": 1.0}}
+                   for m in methods}}  # fmt: skip
+        for m in methods:  # as the engine calls it: each method's first seed
+            extras = kwargs["extras"](m, None, None, None)
+            if extras:
+                out["methods"][m.name]["extras"] = extras
+        return out
+
+    return compare
+
+
+def _on_log_curve(m, params: int) -> float:
+    """LoRA's bits per fact rise with log parameters; CeRA (SiLU) scores like LoRA with
+    20x its parameters, the control like LoRA with 2x."""
+    return 3 * np.log(params * {"CeRA": 20, "CeRA, identity": 2}.get(m.family, 1) / 1000)
+
+
+EXPORT_ROW = {"linearity": {"linearity_at_r": 0.99, "held_out_linearity_at_r": 0.98,
+                            "linearity_full_rank": 0.995, "held_out_linearity_full_rank": 0.99,
+                            "layers": 7},
+              "exported_lora_test_exact_match": 0.4, "exported_lora_wilson95": [0.3, 0.5],
+              "exported_lora_same_verdict": 0.9, "llama_cpp_skipped": "not installed"}  # fmt: skip
+
+
+def _part2(monkeypatch, tmp_path, s, score, seeds):
+    calls: dict = {}
+    monkeypatch.setattr(cera_rs.compare, "compare", _fake_compare(s, score, seeds, calls))
+    exported = []
+    monkeypatch.setattr(phonebook, "exported_lora",
+                        lambda m, *rest: exported.append(m.name) or EXPORT_ROW)  # fmt: skip
+    part2 = phonebook.run(s, tmp_path / "phonebook", progress=False)
+    assert calls["data"] == f"phonebook:{s.facts}" and calls["model"] == "smollm2"
+    assert calls["out_dir"] == tmp_path / "phonebook"
+    assert calls["settings"].adapted_layers == 1 and calls["settings"].seeds == s.seeds
+    assert [m.name for m in calls["methods"]] == [m.name for m in s.methods()]
+    # the export (a scoring pass of its own) runs for one CeRA method only
+    assert exported == [f"CeRA r={s.exported_rank}"]
+    assert [n for n, m in part2["methods"].items() if "linearity" in m] == exported
+    summary = {"machine": "test", "date": "2026-12-06", "mode": "full", "seconds": 1.0,
+               "part2": part2}
+    written = report.write(summary, tmp_path, figures_of="part2")
+    assert tmp_path / "rank_curve.png" in written
+    assert (tmp_path / "rank_curve.png").stat().st_size > 0
+    return part2, (tmp_path / "report.md").read_text()
+
+
+def test_part2_report_shows_the_curve_the_multipliers_and_the_ceiling(monkeypatch, tmp_path):
+    """Three seeds, a rising LoRA curve and planted multipliers (20x; 2x for the
+    control), all below the ceiling: every sentence the figure rests on is in the
+    report, and it says that nothing shown is beyond these sizes."""
+    s = dataclasses.replace(phonebook.Settings(), facts=60, seeds=(0, 1, 2), resamples=2_000)
+    part2, text = _part2(monkeypatch, tmp_path, s, _on_log_curve, s.seeds)
+    *cera, control = part2["curves"]["multipliers"]
+    for m in cera:
+        assert m["where"] == "on" and 15 < m["low"] <= m["point"] <= m["high"] < 25, m
+    assert control["where"] == "on" and 1.5 < control["low"] <= control["high"] < 3
+    assert part2["curves"]["ceiling"] and all(
+        c["verdict"] == "worse" for c in part2["curves"]["ceiling"])  # fmt: skip
+    assert part2["cannot_separate"] == []
+    assert "![rank curve](rank_curve.png)" in text
+    assert "### Rank curves: information stored" in text  # compare's table, one level down
+    assert "| family | method | trainable params | score | 95 % interval | bits per param |" in text
+    for sentence in [m["sentence"] for m in [*cera, control]] + [
+            c["sentence"] for c in part2["curves"]["ceiling"]]:  # fmt: skip
+        assert sentence in text
+    assert ("### What these sizes cannot separate\n\n- Nothing above is beyond these sizes"
+            in text)  # fmt: skip
+    assert f"| CeRA r={s.exported_rank} | 0.9900 / 0.9800 |" in text  # the exported LoRA row
+    assert "GGUF adapter was not run in llama.cpp (skipped: not installed)" in text
+
+
+def test_part2_says_plainly_what_quick_sizes_cannot_separate(monkeypatch, tmp_path):
+    """One seed and a flat LoRA curve: the report says it is the quick run, that one
+    seed is no verdict, that the flat curve has no multiplier and the ceiling is not
+    separated, on stdout too."""
+    s = phonebook.Settings.quick()
+    part2, text = _part2(monkeypatch, tmp_path, s, lambda m, params: 5.0, s.seeds)
+    limits = part2["cannot_separate"]
+    assert limits[0].startswith("These are the --quick sizes")
+    assert limits[1].startswith("One seed: training's own spread is not measured")
+    flat = [x for x in limits if x.startswith("The LoRA curve is not distinguishable from flat")]
+    assert len(flat) == len(part2["curves"]["multipliers"]) == len(s.cera_ranks) + 1
+    assert " bits, 95 % interval " in flat[0]  # in bits over the facts, not points
+    ceiling = [x for x in limits if "and the linear ceiling (LoRA r=full) are not separated" in x]
+    assert len(ceiling) == len(s.cera_ranks) + 1
+    for line in limits:
+        assert f"- {line}" in text
+        assert f"- {line}" in report.table("part2", part2)  # stdout, after the table
+
+
+@pytest.mark.parametrize("low, high, says", [(2.0, 4.0, []), (0.5, 3.0, ["1x"]),
+                                              (5.0, None, ["8x"]), (0.0, None, ["1x", "8x"])])
+def test_a_multiplier_interval_that_holds_1x_or_8x_is_said_to(low, high, says):
+    curve = {"seeds": [0, 1, 2], "ceiling": [], "multipliers": [
+        {"method": "CeRA r=4", "family": "LoRA", "where": "on", "low": low, "high": high,
+         "family_rise": {"mean": 1.0, "low": 0.5, "high": 1.5}}]}  # fmt: skip
+    limits = phonebook.cannot_separate(curve, 100, True)
+    assert [x.split(" includes ")[1].split(":")[0] for x in limits] == says
+    assert all("below the smallest LoRA" in x for x in limits if low == 0)

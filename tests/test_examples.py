@@ -10,6 +10,7 @@ import nbformat
 from nbclient import NotebookClient
 
 from cera_rs.cli import main
+from cera_rs.demo import phonebook
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +47,7 @@ def _numbers(value):
 def test_quick_demo_writes_a_complete_finite_summary(tmp_path):
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
     for name in ("summary.json", "report.md", "linear_ceiling.png", "spectra.png",
-                 "lm_spectra.png"):  # fmt: skip
+                 "rank_curve.png", "phonebook/report.md", "phonebook/curves.png"):  # fmt: skip
         assert (tmp_path / name).stat().st_size > 0, name
     summary = json.loads((tmp_path / "summary.json").read_text())
     families = summary["part1"]["families"]
@@ -56,22 +57,32 @@ def test_quick_demo_writes_a_complete_finite_summary(tmp_path):
         for row in block["methods"].values():
             assert {"trainable_params", "test_error_mean", "effective_rank",
                     "tail_energy"} <= set(row)  # fmt: skip
-    part2 = summary["part2"]
-    assert "Q4_1" in part2["model"] and set(part2["tiers"]) == {"easy", "hard"}
-    for block in part2["tiers"].values():
-        assert 0 <= block["zero_shot_exact_match"] <= 1
-        for row in block["methods"].values():
-            low, high = row["wilson95"]
-            assert 0 <= low <= row["test_exact_match_mean"] <= high <= 1
-            assert row["spectra"]["effective_rank"] >= 1 and row["spectra"]["dim90"] >= 1
-            assert row["trainable_params"] > 0 and row["lr"] in part2["settings"]["lrs"]
-            if row["kind"] == "cera":  # its linearity and its exported, merged LoRA's score
-                lin = row["linearity"]
-                assert lin["layers"] == 2 * part2["settings"]["adapted_layers"]
-                assert 0 < lin["linearity_at_r"] <= lin["linearity_full_rank"] <= 1 + 1e-9
-                assert lin["held_out_linearity_at_r"] <= lin["held_out_linearity_full_rank"] + 1e-9
-                assert 0 <= row["exported_lora_test_exact_match"] <= 1
-                assert 0 <= row["exported_lora_same_verdict"] <= 1
+    part2, quick = summary["part2"], phonebook.Settings.quick()
+    assert "Q4_1" in part2["model"] and part2["data"].startswith(f"phonebook:{quick.facts} ")
+    assert list(part2["methods"]) == [m.name for m in quick.methods()]
+    for row in part2["methods"].values():
+        assert row["trainable_params"] > 0 and row["lr"] in part2["settings"]["lrs"]
+        assert all(0 <= x <= 1 for x in row["recall"] + row["transfer"]["exact_match"])
+    curves = part2["curves"]
+    assert curves["score"] == "bits" and list(curves["curves"]) == ["LoRA", "CeRA",
+                                                                    "CeRA, identity"]
+    lora = curves["curves"]["LoRA"]
+    assert lora[-1]["method"] == "LoRA r=full" and sorted(p["params"] for p in lora) == [
+        p["params"] for p in lora]  # the ceiling tops the LoRA curve
+    assert all(p["low"] <= p["mean"] <= p["high"] for ps in curves["curves"].values() for p in ps)
+    cera = len(quick.cera_ranks) + 1  # and the control
+    assert len(curves["multipliers"]) == len(curves["ceiling"]) == cera
+    assert part2["cannot_separate"][0].startswith("These are the --quick sizes")
+    # one CeRA adapter exported: its linearity and its merged LoRA's recall
+    exported = part2["methods"][f"CeRA r={quick.exported_rank}"]
+    lin = exported["linearity"]
+    assert lin["layers"] == len(phonebook.TARGETS) * quick.adapted_layers
+    assert 0 < lin["linearity_at_r"] <= lin["linearity_full_rank"] <= 1 + 1e-9
+    assert lin["held_out_linearity_at_r"] <= lin["held_out_linearity_full_rank"] + 1e-9
+    assert 0 <= exported["exported_lora_test_exact_match"] <= 1
+    assert 0 <= exported["exported_lora_same_verdict"] <= 1
     report = (tmp_path / "report.md").read_text()
-    assert "exported LoRA (merged) exact match %" in report
+    assert "![rank curve](rank_curve.png)" in report
+    assert "exported LoRA (merged) recall %" in report
+    assert "### What these sizes cannot separate\n\n- These are the --quick sizes" in report
     assert all(math.isfinite(x) for x in _numbers(summary))

@@ -1,6 +1,7 @@
-"""The real-model demo part on SmolLM2-135M, a preset of ``cera_rs.compare``: offline
-loading, the cached-prefix forward, the exact-match scorer against generate, the
-export of CeRA adapters to LoRA, and runs that depend on their seed only."""
+"""SmolLM2-135M under ``cera_rs.compare``'s runner, as the demo's part 2 uses it:
+offline loading, the cached-prefix forward, the exact-match scorer against generate,
+the export of CeRA adapters to LoRA (part 2's extras), and runs that depend on their
+seed only."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from cera_rs.compare import data
+from cera_rs.compare.methods import parse_spec
 from cera_rs.compare.runner import Runner, Stack, Suffix
-from cera_rs.demo import linearity, llama_cpp, lm_math, smollm2
+from cera_rs.demo import linearity, llama_cpp, phonebook, smollm2
 from cera_rs.export import to_lora
+
+QV = 'target_modules=["q_proj","v_proj"]'
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +83,7 @@ def test_teacher_forced_scorer_agrees_with_generate(smol):
     tokenizer.eos_token_id = tokenizer("\n", add_special_tokens=False)["input_ids"][0]
     try:
         runner = _runner(model, tokenizer, data.Problems(items, items, items, "few-shot", "-"), 2)
-        adapted = runner.build(lm_math.METHODS[4].spec(lm_math.Settings()), 0)
+        adapted = runner.build(parse_spec(f"cera:r=8,{QV}"), 0)
         forced, _ = runner.teacher_forced(adapted, "test", batch=10)
         generated = runner.generated(adapted)
     finally:
@@ -91,8 +95,8 @@ def test_teacher_forced_scorer_agrees_with_generate(smol):
 def _adapted(runner: Runner, activation: str, dropout: float, a_gain: float = 1.0):
     """CeRA r=4 on the runner's adapted layers with a non-zero B (and A times
     ``a_gain``), as if trained."""
-    method = lm_math.Method("CeRA", "cera", 4, activation=activation, dropout=dropout)
-    model = runner.build(method.spec(lm_math.Settings()), 0)
+    method = parse_spec(f"cera:r=4,activation={activation},cera_dropout={dropout},{QV}")
+    model = runner.build(method, 0)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -151,9 +155,8 @@ def test_exported_lora_of_a_linear_cera_adapter_gives_its_logits(smol):
                                    full.state_dict[b_key] @ full.state_dict[a_key],
                                    rtol=1e-3, atol=1e-5)  # fmt: skip
     assert [m.tokens for m in suffix.report] == [m.tokens for m in report]
-    spec = lm_math.Method("CeRA r=4", "cera", 4, activation="identity", dropout=0.0)
-    row = lm_math.exported_lora(spec.spec(lm_math.Settings()), model, runner,
-                                runner.generated(model))  # fmt: skip
+    spec = parse_spec(f"cera:r=4,activation=identity,cera_dropout=0.0,{QV}")
+    row = phonebook.exported_lora(spec, model, runner, runner.generated(model))
     assert row["exported_lora_same_verdict"] == 1.0
     # The same LoRA run by llama.cpp from its GGUF adapter file when llama-cpp-python is
     # importable (scripts/llama-cpp-check.sh); otherwise the row and report say why not.
@@ -162,13 +165,13 @@ def test_exported_lora_of_a_linear_cera_adapter_gives_its_logits(smol):
         assert row["llama_cpp_same_verdict"] >= 0.9 and "llama_cpp_skipped" not in row
     else:
         assert row["llama_cpp_skipped"] == reason and "llama-cpp-python" in reason
-    finding = linearity._llama_cpp_finding("hard", "CeRA r=4", {**row, "test_exact_match": [0.5]})
+    finding = linearity._llama_cpp_finding("CeRA r=4", {**row, "recall": [0.5]})
     assert ("run by llama.cpp" in finding) == (reason is None)
     assert row["linearity"]["held_out_linearity_at_r"] > 1 - 1e-5
     low, high = row["exported_lora_wilson95"]
     assert low <= row["exported_lora_test_exact_match"] <= high
-    assert lm_math.exported_lora(lm_math.METHODS[0].spec(lm_math.Settings()), model, runner,
-                                 runner.generated(model)) == {}  # LoRA: nothing to export
+    lora = parse_spec(f"lora:r=8,{QV}")
+    assert phonebook.exported_lora(lora, model, runner, runner.generated(model)) == {}
 
 
 def test_silu_cera_adapter_is_measured_below_linear(smol):
@@ -193,10 +196,8 @@ def test_a_run_depends_on_its_seed_not_on_the_runs_before_it(smol):
     runs, exports and adapter loads drew from the global generator does not change a
     run's result."""
     base, tokenizer = smol
-    s = lm_math.Settings.quick()
-    runner = _runner(base, tokenizer, data.tier("hard", s.n_train, s.n_val, s.n_test),
-                     s.adapted_layers, steps=s.steps, batch=s.batch)  # fmt: skip
-    method = lm_math.Method("CeRA r=8", "cera", 8).spec(s)
+    runner = _runner(base, tokenizer, data.tier("hard", 64, 24, 24), 2, steps=6, batch=8)
+    method = parse_spec(f"cera:r=8,{QV}")
     trained = []
     for earlier_draws in (0, 5):
         torch.rand(earlier_draws)

@@ -1,12 +1,13 @@
 """The main job (``cera-rs demo``): real training runs that show what CeRA is for.
 
 Part 1 (``ceiling``) measures the linear ceiling on a controlled task; part 2
-(``lm_math``) fine-tunes a real pretrained decoder (SmolLM2-135M, 4-bit-quantised
-weights, offline) on two tiers of arithmetic, scored by generated exact match.
-``report`` writes the tables, the pictures and the summary.
+(``phonebook``) draws the rank curve on a real pretrained decoder (SmolLM2-135M,
+4-bit-quantised weights, offline) memorising made-up facts, through
+``cera_rs.compare``. ``report`` writes the tables, the pictures and the summary.
 
 A part is a module of this package with ``Settings`` (``Settings.quick()`` for the
-short run) and ``run(settings, progress) -> dict``; its results go into the summary
+short run) and ``run(settings, progress) -> dict`` (with ``out_dir``, the part's own
+folder under the demo's, for a part that names one); its results go into the summary
 under ``"part<N>"``. What every chosen part needs is checked before any of them
 starts, and ``summary.json`` and ``report.md`` are rewritten after each part, so a
 part that fails leaves the finished ones on disk.
@@ -33,12 +34,13 @@ class Part:
     title: str
     module: str
     needs: tuple[Needs, ...] = ()
+    folder: str | None = None  # its own outputs' folder under the demo's (part 2: compare's)
 
 
 PARTS = {
     1: Part("the linear ceiling", "ceiling"),
-    2: Part("SmolLM2-135M on arithmetic", "lm_math",
-            (Needs(("gguf",), DEMO_EXTRA), SMOLLM2)),  # fmt: skip
+    2: Part("SmolLM2-135M, the phonebook rank curve", "phonebook",
+            (Needs(("gguf",), DEMO_EXTRA), SMOLLM2), folder="phonebook"),  # fmt: skip
 }
 
 
@@ -73,8 +75,10 @@ def run(parts: tuple[int, ...] = (1, 2), quick: bool = False,
     for number, module in modules.items():
         key = f"part{number}"
         settings = module.Settings.quick() if quick else module.Settings()
+        folder = chosen[number].folder
+        where = {"out_dir": out_dir / folder} if folder else {}
         try:
-            summary[key] = module.run(settings, progress=progress)
+            summary[key] = module.run(settings, progress=progress, **where)
         except Exception as err:
             failure = PartFailed(number, out_dir, err)
             summary.update(seconds=time.time() - start, failed=str(failure))

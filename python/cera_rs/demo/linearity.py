@@ -102,23 +102,21 @@ def ceiling_findings(part1: dict) -> list[str]:
 
 
 def _exported_rows(part2: dict):
-    for tier, block in part2["tiers"].items():
-        for name, row in block["methods"].items():
-            if "linearity" in row:
-                yield tier, name, row
+    for name, row in part2["methods"].items():
+        if "linearity" in row:
+            yield name, row
 
 
 def lm_table(part2: dict) -> str:
-    """Part 2: each CeRA adapter's linearity (seed 0) and the exact match of its
+    """Part 2: the exported CeRA adapter's linearity (seed 0) and the recall of its
     exported, merged LoRA beside the adapter's own on the same seed."""
-    lines = ["| tier | method | linearity at r (train / test) | full-rank linearity (train / "
-             "test) | CeRA exact match % (seed 0) | exported LoRA (merged) exact match % | "
+    lines = ["| method | linearity at r (train / test) | full-rank linearity (train / "
+             "test) | CeRA recall % (seed 0) | exported LoRA (merged) recall % | "
              "Wilson 95 % | same verdict % |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for tier, name, row in _exported_rows(part2):
+             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for name, row in _exported_rows(part2):
         low, high = row["exported_lora_wilson95"]
-        lines.append(f"| {tier} | {name} | {_pair(row['linearity'])} | "
-                     f"{pct(row['test_exact_match'][0])} | "
+        lines.append(f"| {name} | {_pair(row['linearity'])} | {pct(row['recall'][0])} | "
                      f"{pct(row['exported_lora_test_exact_match'])} | {pct(low)}-{pct(high)} | "
                      f"{pct(row['exported_lora_same_verdict'])} |")  # fmt: skip
     return "\n".join(lines)
@@ -126,28 +124,28 @@ def lm_table(part2: dict) -> str:
 
 def lm_findings(part2: dict) -> list[str]:
     out = []
-    for tier, name, row in _exported_rows(part2):
-        cera, lora = row["test_exact_match"][0], row["exported_lora_test_exact_match"]
+    for name, row in _exported_rows(part2):
+        cera, lora = row["recall"][0], row["exported_lora_test_exact_match"]
         change = ("keeps" if lora == cera else "gains" if lora > cera else "loses")
         out.append(
-            f"{tier} tier, {name}: the best linear map of rank {row['r']} leaves "
+            f"{name}: the best linear map of rank {row['r']} leaves "
             f"{1 - row['linearity']['held_out_linearity_at_r']:.1e} of the adapter's output "
             f"energy on the test tokens unexplained ({1 - row['linearity']['linearity_at_r']:.1e}"
-            f" on the training tokens it was fitted on): the non-linear part. Exported as a "
-            f"LoRA and merged, it {change} exact match "
+            f" on the training tokens it was fitted on; for a memorised task they are the same "
+            f"facts): the non-linear part. Exported as a LoRA and merged, it {change} recall "
             f"({pct(cera)} % -> {pct(lora)} %, same verdict on "
-            f"{pct(row['exported_lora_same_verdict'])} % of the test problems).")  # fmt: skip
-        out.append(_llama_cpp_finding(tier, name, row))
+            f"{pct(row['exported_lora_same_verdict'])} % of the facts).")  # fmt: skip
+        out.append(_llama_cpp_finding(name, row))
     return out
 
 
-def _llama_cpp_finding(tier: str, name: str, row: dict) -> str:
+def _llama_cpp_finding(name: str, row: dict) -> str:
     """The exported LoRA as a GGUF adapter run by llama.cpp, or why it was not run."""
     if "llama_cpp_skipped" in row:
-        return (f"{tier} tier, {name}: the GGUF adapter was not run in llama.cpp "
+        return (f"{name}: the GGUF adapter was not run in llama.cpp "
                 f"(skipped: {row['llama_cpp_skipped']}).")  # fmt: skip
-    return (f"{tier} tier, {name}: the same LoRA as a GGUF adapter, run by llama.cpp on the "
-            f"SmolLM2 GGUF: exact match {pct(row['llama_cpp_exact_match'])} % (CeRA "
-            f"{pct(row['test_exact_match'][0])} %, merged LoRA in PyTorch "
-            f"{pct(row['exported_lora_test_exact_match'])} %; same verdict as the merged LoRA "
-            f"on {pct(row['llama_cpp_same_verdict'])} % of the test problems).")  # fmt: skip
+    return (f"{name}: the same LoRA as a GGUF adapter, run by llama.cpp on the SmolLM2 GGUF: "
+            f"recall {pct(row['llama_cpp_exact_match'])} % (CeRA {pct(row['recall'][0])} %, "
+            f"merged LoRA in PyTorch {pct(row['exported_lora_test_exact_match'])} %; same "
+            f"verdict as the merged LoRA on {pct(row['llama_cpp_same_verdict'])} % of the "
+            f"facts).")  # fmt: skip

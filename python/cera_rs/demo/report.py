@@ -1,5 +1,6 @@
-"""The demo's outputs: summary.json, linear_ceiling.png, spectra.png, lm_spectra.png,
-report.md and the tables on stdout. Every sentence of the report is computed from the
+"""The demo's outputs: summary.json, linear_ceiling.png, spectra.png, rank_curve.png,
+report.md and the tables on stdout (part 2's comparison also writes its own report
+under ``phonebook/``). Every sentence of the report is computed from the
 measurements."""
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cera_rs.atomic import atomic_file  # noqa: E402
+from cera_rs.compare import curves  # noqa: E402
 from cera_rs.demo import linearity  # noqa: E402
+from cera_rs.demo.phonebook import TARGETS  # noqa: E402
 from cera_rs.table import pct  # noqa: E402
 
 
@@ -42,29 +45,23 @@ def ceiling_table(part1: dict) -> str:
     return "\n".join(lines)
 
 
-def _spread_pct(row: dict) -> str:
-    """The seeds' spread in points; one seed has none."""
-    return pct(row["test_exact_match_spread"]) if len(row["test_exact_match"]) > 1 else "-"
+def rank_table(part2: dict) -> str:
+    """The rank curves' table, each CeRA method's multiplier and the ceiling
+    (``compare.curves``), its headings one level below part 2's."""
+    return "\n".join("#" + line if line.startswith("#") else line
+                     for line in curves.markdown(part2["curves"]).splitlines())  # fmt: skip
 
 
-def lm_table(part2: dict) -> str:
-    """Exact match per tier and method: mean over seeds, the seeds' spread, the
-    Wilson 95 % interval of all seeds' answers pooled, and the centred spectra."""
-    lines = ["| tier | method | trainable params | lr | seeds | exact match % (mean) | "
-             "seed spread | Wilson 95 % | eff. rank | 90 % dim |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for tier, block in part2["tiers"].items():
-        lines.append(f"| {tier} | base model, zero-shot | 0 | - | - | "
-                     f"{pct(block['zero_shot_exact_match'])} | - | - | - | - |")  # fmt: skip
-        for name, row in block["methods"].items():
-            low, high = row["wilson95"]
-            spectra = row["spectra"]
-            lines.append(
-                f"| {tier} | {name} | {row['trainable_params']:,} | {row['lr']:g} | "
-                f"{len(row['test_exact_match'])} | {pct(row['test_exact_match_mean'])} | "
-                f"{_spread_pct(row)} | {pct(low)}-{pct(high)} | "
-                f"{spectra['effective_rank']:.1f} | {spectra['dim90']:.1f} |"
-            )
+def recall_table(part2: dict) -> str:
+    """Exact recall by greedy decoding, per seed, of the facts as trained and reworded."""
+    lines = ["| method | trainable params | lr | recall % per seed | reworded: recall % per "
+             "seed | reworded: bits stored |", "|---|---:|---:|---:|---:|---:|",
+             f"| base model, no adapter | 0 | - | {pct(part2['base_recall'])} | - | - |"]
+    for name, row in part2["methods"].items():
+        lines.append(f"| {name} | {row['trainable_params']:,} | {row['lr']:g} | "
+                     f"{' / '.join(pct(x) for x in row['recall'])} | "
+                     f"{' / '.join(pct(x) for x in row['transfer']['exact_match'])} | "
+                     f"{row['transfer']['bits']:.0f} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -103,57 +100,19 @@ def findings(summary: dict) -> list[str]:
 
 
 def lm_findings(part2: dict) -> list[str]:
-    """Per tier: the base model zero-shot, then each method against the first by the
-    paired bootstrap over seeds and problems (``cera_rs.compare``)."""
-    out = []
-    for tier, block in part2["tiers"].items():
-        out.append(f"{part2['model']}, {tier} tier ({block['task']}): zero-shot "
-                   f"{pct(block['zero_shot_exact_match'])} % exact match.")  # fmt: skip
-        out += [f"{tier} tier: {d['sentence']}" for d in block["differences"]]
-    for kind, label in (("lora", "LoRA"), ("cera", "CeRA")):
-        for tier, block in part2["tiers"].items():
-            rows = sorted((r for r in block["methods"].values() if r["kind"] == kind
-                           and r["activation"] == "silu"), key=lambda r: r["r"])  # fmt: skip
-            if len(rows) < 2:
-                continue
-            steps = ", ".join(f"r={r['r']}: {r['spectra']['effective_rank']:.1f} / "
-                              f"{r['spectra']['dim90']:.1f}" for r in rows)  # fmt: skip
-            out.append(f"{label} centred output-delta spectra, {tier} tier (effective rank / "
-                       f"90 % dimension, mean over adapted q/v layers): {steps}.")  # fmt: skip
-    return out
+    """The base model and recall per method (the multipliers and the ceiling are
+    sentences of the rank table, shown with it)."""
+    recall = "; ".join(f"{name} {pct(float(np.mean(row['recall'])))} % "
+                       f"({pct(float(np.mean(row['transfer']['exact_match'])))} % reworded)"
+                       for name, row in part2["methods"].items())  # fmt: skip
+    return [f"{part2['model']}, {part2['data']}: the base model recalls "
+            f"{pct(part2['base_recall'])} % of the facts; after training (mean over seeds "
+            f"{', '.join(map(str, part2['curves']['seeds']))}): {recall}."]  # fmt: skip
 
 
-def plot_lm_spectra(part2: dict, path: Path) -> None:
-    """Effective rank and 90 %-energy dimension of the centred output delta against
-    r, for LoRA and CeRA, per tier: does LoRA collapse as r grows, does CeRA use more
-    of its r?"""
-    tiers = list(part2["tiers"])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), squeeze=False)
-    for ax, (key, label) in zip(axes[0], (("effective_rank", "effective rank"),
-                                         ("dim90", "90 %-energy dimension"))):  # fmt: skip
-        rs: set[int] = set()
-        for tier, marker in zip(tiers, ("o", "s")):
-            rows = part2["tiers"][tier]["methods"].values()
-            for kind, color in (("lora", "tab:blue"), ("cera", "tab:red")):
-                pts = sorted((r["r"], r["spectra"][key]) for r in rows
-                             if r["kind"] == kind and r["activation"] == "silu")  # fmt: skip
-                if pts:
-                    rs.update(p[0] for p in pts)
-                    ax.plot(*zip(*pts), marker=marker, color=color,
-                            ls="-" if tier == tiers[0] else "--",
-                            label=f"{'CeRA' if kind == 'cera' else 'LoRA'}, {tier}")  # fmt: skip
-        grid = sorted(rs)
-        ax.plot(grid, grid, color="grey", ls=":", label="= r")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log", base=2)
-        ax.set_xlabel("adapter rank r")
-        ax.set_ylabel(label)
-        ax.set_title(f"{label} of the centred output delta")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, dpi=110, format="png")
-    plt.close(fig)
+def plot_rank_curve(part2: dict, path: Path) -> None:
+    curves.plot(part2["curves"], path, f"{part2['data'].split(' (')[0]}, adapters on the last "
+                f"{part2['settings']['adapted_layers']} block(s)")  # fmt: skip
 
 
 def plot_ceiling(part1: dict, path: Path) -> None:
@@ -210,6 +169,48 @@ def plot_spectra(part1: dict, path: Path, r: int = 16) -> None:
     plt.close(fig)
 
 
+def limits(part2: dict) -> list[str]:
+    """What the sizes cannot separate, or that nothing shown is beyond them."""
+    return part2["cannot_separate"] or [
+        "Nothing above is beyond these sizes: each multiplier's interval excludes 1x and the "
+        "paper's claim, and CeRA against the ceiling has a verdict."]  # fmt: skip
+
+
+def rank_summary(part2: dict) -> str:
+    """Part 2 on stdout: the curves' table and sentences, then what the sizes cannot
+    separate."""
+    return "\n".join([rank_table(part2), "", "What these sizes cannot separate:",
+                      *(f"- {x}" for x in limits(part2))])  # fmt: skip
+
+
+def _part2_markdown(part2: dict) -> list[str]:
+    s, last = part2["settings"], part2["settings"]["adapted_layers"]
+    specs = "\n".join(part2["specs"])
+    return [f"## Part 2: {part2['model']}, the phonebook rank curve", "",
+            f"{part2['data']}: trained on all {s['facts']} facts, scored on recalling them "
+            f"(and on the same facts asked in other words). Adapters on "
+            f"{'/'.join(TARGETS)} of the last {last} block{'s' if last > 1 else ''} (the "
+            f"frozen blocks below computed once), {s['steps']} AdamW steps of batch "
+            f"{s['batch']} at a constant rate (clipping 1.0), the rate per method from "
+            f"{s['lrs']} by teacher-forced recall (seed {s['seeds'][0]}), seeds {s['seeds']}. "
+            f"LoRA is rsLoRA (alpha {s['lora_alpha']} / sqrt(r), dropout 0), `LoRA r=full` "
+            f"every projection at its full rank min(in, out); CeRA at its defaults (dropout "
+            f"0.1, no scaling); the control is CeRA r={s['control_rank']} with the identity "
+            f"activation. The score is the information stored: the base model's loss on the "
+            f"numbers minus the adapted model's, in bits, summed over facts. One "
+            f"`cera_rs.compare` comparison, in `{Path(part2['folder']).name}/` (its "
+            f"report.md has every seed, the reworded split and the costs; run again into the "
+            f"same folder, it reuses the finished runs); the same methods as `cera-rs "
+            f"compare` takes them:", "", "```", specs, "```", "",
+            "![rank curve](rank_curve.png)", "", rank_table(part2), "",
+            "### Exact recall (greedy decoding)", "", recall_table(part2), "",
+            "One CeRA adapter's linearity (seed 0; the share of its output energy the best "
+            "linear map of its rank reproduces) and that map exported as a PEFT LoRA, merged "
+            "into the base model and scored on the same facts (`cera_rs.export`):", "",
+            linearity.lm_table(part2), "",
+            "### What these sizes cannot separate", "", *(f"- {x}" for x in limits(part2)), ""]
+
+
 def markdown(summary: dict) -> str:
     parts = ["# cera-rs demo", "", f"Machine: {summary['machine']}; date: {summary['date']}; "
              f"mode: {summary['mode']}; wall time {summary['seconds']:.0f} s.", ""]  # fmt: skip
@@ -229,40 +230,16 @@ def markdown(summary: dict) -> str:
                   "![linear ceiling](linear_ceiling.png)", "",
                   "![spectra](spectra.png)", ""]  # fmt: skip
     if "part2" in summary:
-        s = summary["part2"]["settings"]
-        parts += [f"## Part 2: {summary['part2']['model']}, arithmetic in two tiers", "",
-                  f"Adapters on q_proj/v_proj of the last {s['adapted_layers']} of 30 layers "
-                  f"(the frozen first layers' hidden states computed once), {s['n_train']} "
-                  f"training, {s['n_val']} validation and {s['n_test']} test problems per "
-                  f"tier, {s['steps']} AdamW steps of batch {s['batch']} at a constant rate "
-                  f"(clipping 1.0), loss on the answer tokens; learning rate per method from "
-                  f"{s['lrs']} by hard-tier validation exact match (teacher-forced, seed "
-                  f"{s['hard_seeds'][0]}; the easy tier reuses it), hard-tier seeds "
-                  f"{s['hard_seeds']} for every method, the first seed on the easy tier, "
-                  f"which runs {', '.join(s['easy'])}; the answer ends with the "
-                  f"end-of-sequence token; test exact match by greedy generate; each tier "
-                  f"is one `cera_rs.compare` comparison. LoRA/DoRA alpha "
-                  f"{s['lora_alpha']}, dropout 0; CeRA dropout {s['cera_dropout']}, no "
-                  f"scaling. Spectra: each adapter's output delta over the test tokens, "
-                  f"columns centred; effective rank and 90 %-energy dimension averaged over "
-                  f"the adapted layers (seed 0).", "",
-                  lm_table(summary["part2"]), "",
-                  "How linear each CeRA adapter is (seed 0; the share of its output energy "
-                  "the best linear map of its rank reproduces, fitted on the training tokens and "
-                  "measured on them / on the test tokens) and "
-                  "that map exported as a PEFT LoRA, merged into the base model and scored by "
-                  "greedy generate on the same test problems (`cera_rs.export`):", "",
-                  linearity.lm_table(summary["part2"]), "",
-                  "![spectra against rank](lm_spectra.png)", ""]  # fmt: skip
+        parts += _part2_markdown(summary["part2"])
     if "failed" in summary:
         parts += ["## Not finished", "", summary["failed"], ""]
     parts += ["## What was measured", ""] + [f"- {line}" for line in findings(summary)]
     return "\n".join(parts) + "\n"
 
 
-TABLES = {"part1": ceiling_table, "part2": lm_table}
+TABLES = {"part1": ceiling_table, "part2": rank_summary}
 FIGURES = {"part1": (("linear_ceiling.png", plot_ceiling), ("spectra.png", plot_spectra)),
-           "part2": (("lm_spectra.png", plot_lm_spectra),)}  # fmt: skip
+           "part2": (("rank_curve.png", plot_rank_curve),)}  # fmt: skip
 """Each part's table, and its figures: (file name, function of its results and a path)."""
 
 
