@@ -205,6 +205,15 @@ def _is_diffusers(loader: Any) -> bool:
     return loader.__module__.startswith("diffusers")
 
 
+def _diffusers_base(adapter_dir: Path, base: str | os.PathLike | None) -> bool:
+    """Whether the base resolves to a diffusers model (False where it does not resolve:
+    ``_base_source`` says why once the data is checked)."""
+    try:
+        return _is_diffusers(_base_source(adapter_dir, base)[1])
+    except (OSError, ValueError):
+        return False
+
+
 def _vocab_size(base: Path) -> int | None:
     """The base model's vocabulary size from its config alone (None if it names none)."""
     from transformers import AutoConfig
@@ -248,15 +257,15 @@ def export_adapter_dir(
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     check_folder_writable(out_dir, parents=False)  # before the fit; a mistyped parent too
     adapter_dir = Path(adapter_dir)
-    source = _base_source(adapter_dir, base)
     paths = [p for p in (data, held_out) if p is not None]
     if held_out is not None and data is None:
         raise ValueError("held_out needs data: the held-out inputs score the maps fitted on it")
-    if _is_diffusers(source[1]):
+    if _diffusers_base(adapter_dir, base):
         batches = [load_inputs(p, batch_size) for p in paths]
-        model = _cera_model(adapter_dir, source)
-    else:
+        model = _cera_model(adapter_dir, _base_source(adapter_dir, base))
+    else:  # token ids are checked first: a wrong file fails before anything loads
         files = [load_token_ids(p, seq_len) for p in paths]
+        source = _base_source(adapter_dir, base)
         # Token ids against the vocabulary before the model loads (its config says the
         # size), and again against the loaded embeddings.
         vocab = _vocab_size(source[0])
