@@ -90,18 +90,23 @@ def test_part2_methods_are_a_lora_sweep_its_ceiling_cera_and_the_control():
 FULL_PARAMS = 5_000_000
 
 
-def _fake_compare(s: phonebook.Settings, score, seeds: tuple[int, ...], calls: dict):
+def _fake_compare(s: phonebook.Settings, score, seeds: tuple[int, ...], calls: dict,
+                  noise: float):  # fmt: skip
     """``compare`` as part 2 calls it, returning a summary whose curves come from
-    ``score(params)`` (bits per fact) plus noise, through ``curves.summarise``."""
+    ``score(params)`` (bits per fact) plus each run's own ``noise`` and the facts'
+    (the same for every method: some facts are harder), through ``curves.summarise``."""
 
     def compare(methods, **kwargs):
         calls.update(kwargs, methods=methods)
         rng = np.random.default_rng(0)
+        facts = rng.normal(0, 1, s.facts)
         methods = [dataclasses.replace(m, fields=dict(m.fields, r=576), ceiling=True)
                    if m.full_rank else m for m in methods]  # what at_full_rank does
         params = {m.name: FULL_PARAMS if m.ceiling else 10_000 * m.fields["r"] for m in methods}
-        runs = {m.name: [{"seed": seed, "test": {"bits": (score(m, params[m.name]) + rng.normal(
-                    0, 0.3, s.facts)).tolist()}} for seed in seeds] for m in methods}  # fmt: skip
+        bits = {m.name: [score(m, params[m.name]) + facts + rng.normal(0, noise, s.facts)
+                         for _ in seeds] for m in methods}  # fmt: skip
+        runs = {name: [{"seed": seed, "test": {"bits": b.tolist()}} for seed, b in zip(seeds, bs)]
+                for name, bs in bits.items()}  # fmt: skip
         out = {"model": "SmolLM2-135M-Instruct, Q4_1", "base_exact_match": 0.0,
                "data": {"source": f"phonebook:{s.facts} (made-up names)"},
                "curves": curves.summarise(methods, runs, params, "bits", 2_000),
@@ -133,9 +138,9 @@ EXPORT_ROW = {"linearity": {"linearity_at_r": 0.99, "held_out_linearity_at_r": 0
               "exported_lora_same_verdict": 0.9, "llama_cpp_skipped": "not installed"}  # fmt: skip
 
 
-def _part2(monkeypatch, tmp_path, s, score, seeds):
+def _part2(monkeypatch, tmp_path, s, score, noise=0.3):
     calls: dict = {}
-    monkeypatch.setattr(cera_rs.compare, "compare", _fake_compare(s, score, seeds, calls))
+    monkeypatch.setattr(cera_rs.compare, "compare", _fake_compare(s, score, s.seeds, calls, noise))
     exported = []
     monkeypatch.setattr(phonebook, "exported_lora",
                         lambda m, *rest: exported.append(m.name) or EXPORT_ROW)  # fmt: skip
@@ -160,7 +165,7 @@ def test_part2_report_shows_the_curve_the_multipliers_and_the_ceiling(monkeypatc
     control), all below the ceiling: every sentence the figure rests on is in the
     report, and it says that nothing shown is beyond these sizes."""
     s = dataclasses.replace(phonebook.Settings(), facts=60, seeds=(0, 1, 2), resamples=2_000)
-    part2, text = _part2(monkeypatch, tmp_path, s, _on_log_curve, s.seeds)
+    part2, text = _part2(monkeypatch, tmp_path, s, _on_log_curve)
     *cera, control = part2["curves"]["multipliers"]
     for m in cera:
         assert m["where"] == "on" and 15 < m["low"] <= m["point"] <= m["high"] < 25, m
@@ -181,11 +186,11 @@ def test_part2_report_shows_the_curve_the_multipliers_and_the_ceiling(monkeypatc
 
 
 def test_part2_says_plainly_what_quick_sizes_cannot_separate(monkeypatch, tmp_path):
-    """One seed and a flat LoRA curve: the report says it is the quick run, that one
-    seed is no verdict, that the flat curve has no multiplier and the ceiling is not
-    separated, on stdout too."""
+    """One seed and a flat LoRA curve (every method alike, fact by fact): the report
+    says it is the quick run, that one seed is no verdict, that the flat curve has no
+    multiplier and the ceiling is not separated, on stdout too."""
     s = phonebook.Settings.quick()
-    part2, text = _part2(monkeypatch, tmp_path, s, lambda m, params: 5.0, s.seeds)
+    part2, text = _part2(monkeypatch, tmp_path, s, lambda m, params: 5.0, noise=0.0)
     limits = part2["cannot_separate"]
     assert limits[0].startswith("These are the --quick sizes")
     assert limits[1].startswith("One seed: training's own spread is not measured")

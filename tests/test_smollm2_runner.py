@@ -84,7 +84,7 @@ def test_teacher_forced_scorer_agrees_with_generate(smol):
     try:
         runner = _runner(model, tokenizer, data.Problems(items, items, items, "few-shot", "-"), 2)
         adapted = runner.build(parse_spec(f"cera:r=8,{QV}"), 0)
-        forced, _ = runner.teacher_forced(adapted, "test", batch=10)
+        forced, _, _ = runner.forced_scores(adapted, "test", batch=10)  # batches of 10
         generated = runner.generated(adapted)
     finally:
         tokenizer.eos_token_id = eos
