@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
         help="measure the linear ceiling: CeRA against LoRA, DoRA, on toy and SmolLM2",
     )  # fmt: skip
     demo.add_argument("--quick", action="store_true",
-                      help="fewer steps and seeds (minutes on 2 cores, not the full 18)")
+                      help="fewer steps, seeds and facts: minutes on 2 cores, not the full ~20, "
+                           "and too small to separate anything (its report says so)")
     demo.add_argument("--part", type=int, choices=sorted(PARTS), action="append",
                       help="run only this part: " + ", ".join(
                           f"{n}: {p.title}" for n, p in PARTS.items()))  # fmt: skip
