@@ -35,8 +35,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cera_rs.config import PEFT_TYPE, CeraConfig
-from cera_rs.layer import CeraLayer
-from cera_rs.model import _cannot_merge, save_folder_atomically
+from cera_rs.layer import CeraLayer, CeraMergeError
+from cera_rs.model import save_folder_atomically
 
 _PREFIX = "base_model.model."
 """Key prefix of PeftModel's adapter files, written here too so that the folder also
@@ -193,7 +193,7 @@ def guard_lora_file_api(mixin: type) -> None:
     @functools.wraps(fuse)
     def fuse_lora(self, *args, **kwargs):
         if _has_cera(self):
-            raise _cannot_merge("fuse_lora")
+            raise CeraMergeError.refusing("fuse_lora")
         return fuse(self, *args, **kwargs)
 
     mixin.save_lora_adapter = save_lora_adapter

@@ -33,6 +33,15 @@ BASE_ADAPTER = "__base__"
 class CeraMergeError(NotImplementedError):
     """CeRA's branch is non-linear in x: there is no weight it could be folded into."""
 
+    @classmethod
+    def refusing(cls, method: str) -> CeraMergeError:
+        """The error ``method`` (``merge_adapter``, diffusers' ``fuse_lora``, ...) raises."""
+        return cls(
+            f"{method} is impossible for CeRA: the branch B·act(A x) is non-linear in x, so it "
+            "cannot be folded into the base weight. Keep the adapter at inference, or use "
+            "unload() to get the base model back without it."
+        )
+
 
 _NOT_A_WEIGHT_DELTA = (
     "PEFT's LoRA adapts it by adding a weight delta B·A to a weight the layer uses directly, "

@@ -127,10 +127,10 @@ class CeraModel(BaseTuner):
             yield
 
     def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
-        raise _cannot_merge("merge_and_unload")
+        raise CeraMergeError.refusing("merge_and_unload")
 
     def merge_adapter(self, *args: Any, **kwargs: Any) -> None:
-        raise _cannot_merge("merge_adapter")
+        raise CeraMergeError.refusing("merge_adapter")
 
     def unload(self) -> nn.Module:
         model = super().unload()
@@ -158,14 +158,6 @@ def _custom_class(config: CeraConfig, target: nn.Module) -> type[nn.Module] | No
         if isinstance(target, base_cls):
             return layer_cls
     return None
-
-
-def _cannot_merge(method: str) -> CeraMergeError:
-    return CeraMergeError(
-        f"{method} is impossible for CeRA: the branch B·act(A x) is non-linear in x, so it "
-        "cannot be folded into the base weight. Keep the adapter at inference, or use "
-        "unload() to get the base model back without it."
-    )
 
 
 def _check_adapter_state(
