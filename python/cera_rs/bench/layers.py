@@ -183,11 +183,13 @@ def run_layers(cases: tuple[LayerCase, ...] = FULL, repeats: int = 7, device: st
         s = build(case, device)
         for scope in ("branch", "layer"):
             fwd = forwards(s, scope)
+            samples: dict[str, list[float]] = {}
             times = median_times({k: _step(s, f) for k, f in fwd.items()}, warmup=1,
-                                 repeats=repeats, sync=sync)  # fmt: skip
+                                 repeats=repeats, sync=sync, samples=samples)  # fmt: skip
             ms = {k: 1e3 * v for k, v in times.items()}
             saved = {k: saved_bytes(f, s.keep) for k, f in fwd.items() if k != "base_only"}
             rows.append({**asdict(case), "label": case.label(), "scope": scope, "ms": ms,
+                         "min_ms": {k: 1e3 * min(v) for k, v in samples.items()},
                          "saved_bytes": saved, **ratios(ms)})  # fmt: skip
         del s
     return {"machine": describe_machine(), "date": date.today().isoformat(), "device": device,
@@ -287,9 +289,12 @@ def run_model(base: nn.Module | None = None, case: ModelCase = ModelCase(),
                                            ids)  # fmt: skip
     rows = []
     for path in tqdm(("whole", "split"), desc="bench --model", disable=not progress):
-        times = median_times(steps[path], warmup=1, repeats=case.repeats)
+        samples: dict[str, list[float]] = {}
+        times = median_times(steps[path], warmup=1, repeats=case.repeats, samples=samples)
         ms = {k: 1e3 * v for k, v in times.items()}
-        rows.append({"path": path, "ms": ms,
+        low = {k: 1e3 * min(v) for k, v in samples.items()}
+        rows.append({"path": path, "ms": ms, "min_ms": low,
+                     "min_vs_lora": {k: v / low["lora"] for k, v in low.items()},
                      "vs_lora": {k: v / ms["lora"] for k, v in ms.items()},
                      "tokens_per_s": {k: case.batch * case.seq / (v / 1e3)
                                       for k, v in ms.items()}})  # fmt: skip
@@ -326,7 +331,8 @@ def format_model(results: dict[str, Any]) -> str:
     for row in results["rows"]:
         path = "whole model" if row["path"] == "whole" else "split path (--adapted-layers)"
         cells = "  ".join(f"{k} {v:.1f} ms ({row['vs_lora'][k]:.3f}x, "
-                          f"{row['tokens_per_s'][k]:.0f} tok/s)" for k, v in row["ms"].items())
+                          f"{row['tokens_per_s'][k]:.0f} tok/s; fastest {row['min_ms'][k]:.1f} "
+                          f"ms, {row['min_vs_lora'][k]:.3f}x)" for k, v in row["ms"].items())
         lines.append(f"{path}: {cells}")
     return "\n".join(lines + _format_targets(results["targets"]))
 

@@ -25,14 +25,16 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
 
 def median_times(
     cases: dict[str, Callable[[], object]], *, warmup: int = 2, repeats: int = 7,
-    sync: Callable[[], None] = lambda: None,
+    sync: Callable[[], None] = lambda: None, samples: dict[str, list[float]] | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """Median seconds per case; the cases run interleaved so machine noise hits all alike.
-    ``sync`` runs before and after each timed call (see ``synchronizer``)."""
+    ``sync`` runs before and after each timed call (see ``synchronizer``); ``samples``,
+    a dict, receives every case's timings (for their spread on a busy machine)."""
     for _ in range(warmup):
         for fn in cases.values():
             fn()
-    samples: dict[str, list[float]] = {name: [] for name in cases}
+    samples = {} if samples is None else samples
+    samples.update({name: [] for name in cases})
     for _ in range(repeats):
         for name, fn in cases.items():
             sync()
@@ -40,7 +42,7 @@ def median_times(
             fn()
             sync()
             samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return {name: statistics.median(samples[name]) for name in cases}
 
 
 def saved_bytes(fn: Callable[[], torch.Tensor], exclude: tuple[torch.Tensor, ...] = ()) -> int:

@@ -3,7 +3,9 @@ each adapted layer really is.
 
 - ``to_lora`` / ``save_lora``: fit the best rank-``k`` linear map of each layer's
   CeRA branch over calibration batches and write it as a PEFT LoRA adapter folder,
-  which plain PEFT loads and ``merge_and_unload()`` merges.
+  which plain PEFT loads and ``merge_and_unload()`` merges (embeddings: the exact
+  truncated SVD of the branch table; convolutions: a LoRA conv fitted on input
+  patches; ``cera_rs.export.layers``).
 - ``save_gguf_lora``: the exported LoRA as a llama.cpp LoRA adapter (GGUF) for the
   GGUF base model, checked against that file's names and shapes.
 - ``measure_linearity``: that report without the export; ``LinearityCallback`` logs it

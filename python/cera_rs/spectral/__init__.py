@@ -4,7 +4,8 @@ the rank-collapse metrics over them (definitions: ``docs/cera-method.md``).
 - ``spectrum`` / ``lowrank_spectrum`` / ``StreamingSpectrum``: one matrix, a factored
   update ``B·A``, or rows streamed batch by batch (memory independent of their count).
 - ``analyze``: spectra of each adapter's output delta over real batches (CeRA, PEFT
-  LoRA and DoRA layers); ``weight_spectrum``: of each adapter's linear update.
+  LoRA and DoRA layers; linear, embedding and convolution: a row per token, per id
+  looked up, per output position); ``weight_spectrum``: of each adapter's linear update.
 - ``SpectralCallback``: logs effective rank and tail energy during Trainer training.
 """
 
