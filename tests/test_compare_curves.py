@@ -250,3 +250,23 @@ def test_a_sweep_with_the_ceiling_end_to_end(tmp_path):
     assert summary["methods"]["cera:r=1"]["test_bits"] == pytest.approx(
         np.mean([sum(json.loads((out / "runs" / "cera_r=1" / f"lr0.01-seed{s}.json")
                                 .read_text())["test"]["bits"]) for s in (0, 1)]))
+
+
+def test_the_model_digest_is_exact_and_independent_of_threads():
+    """A Ray worker (one thread) checks it loaded the driver's model (two): the digest
+    is the weights' bytes, not a sum whose rounding follows the thread count."""
+    from cera_rs.compare.engine import model_digest
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4096, 256), nn.Embedding(10, 8).to(torch.bfloat16))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = model_digest(model)
+        torch.set_num_threads(max(2, threads))
+        assert model_digest(model) == one
+    finally:
+        torch.set_num_threads(threads)
+    with torch.no_grad():
+        model[0].weight[3, 5] = torch.nextafter(model[0].weight[3, 5], torch.tensor(1.0))
+    assert model_digest(model) != one  # one ulp in one weight

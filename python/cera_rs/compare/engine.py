@@ -134,12 +134,15 @@ def _fingerprint(*parts: Any) -> str:
 
 
 def model_digest(model: nn.Module) -> str:
-    """The base model's weights, summarised: a resumed comparison refuses runs of
-    another model under the same name."""
+    """The base model's weights, hashed byte for byte: a resumed comparison refuses runs
+    of another model under the same name, and a Ray worker checks it loaded the
+    driver's model. (A sum of each tensor would not do: its rounding depends on how
+    many threads torch reduces with, which differs between the driver and a worker.)"""
     sha = hashlib.sha256()
     with torch.no_grad():
         for name, p in model.state_dict().items():
-            sha.update(f"{name}{tuple(p.shape)}{float(p.float().sum()):.6e}".encode())
+            sha.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+            sha.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return sha.hexdigest()[:16]
 
 
