@@ -87,6 +87,26 @@ pub fn same_device(t: &Tensor, u: &Tensor) -> bool {
     device == u.device() && (device != Device::Mps || is_meta(t) == is_meta(u))
 }
 
+/// Errors unless `t` has the dtype and device of `like`; the CPU loops read buffers of
+/// one element type, so a mismatch must never reach them.
+pub fn same_kind_and_device(t: &Tensor, what: &str, like: &Tensor, like_what: &str) -> Result<()> {
+    if !same_device(t, like) {
+        return Err(CeraError::Device(format!(
+            "{what} is on {}, {like_what} on {}",
+            device_name(t),
+            device_name(like)
+        )));
+    }
+    if t.f_kind()? != like.f_kind()? {
+        return Err(CeraError::DType(format!(
+            "{what} is {}, {like_what} {}",
+            tensor_dtype_name(t),
+            tensor_dtype_name(like)
+        )));
+    }
+    Ok(())
+}
+
 fn is_meta(t: &Tensor) -> bool {
     // A zero-element slice keeps the device and costs nothing to reduce.
     let probe = t

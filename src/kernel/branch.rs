@@ -13,7 +13,9 @@
 
 use super::activation::Activation;
 use super::elementwise::{self, Elementwise};
-use crate::error::{device_name, same_device, tensor_dtype_name, CeraError, Result};
+use crate::error::{
+    device_name, same_device, same_kind_and_device, tensor_dtype_name, CeraError, Result,
+};
 use std::str::FromStr;
 use tch::{Kind, Tensor};
 
@@ -196,31 +198,6 @@ fn dropped_input(t: &Tensor, input: Option<Elementwise>) -> Result<Tensor> {
         None => Ok(t.shallow_clone()),
         Some(ew) => Ok(elementwise::forward(t, &ew)?.0),
     }
-}
-
-/// Errors unless `t` has the dtype and device of `like`; the CPU loops read buffers of
-/// one element type, so a mismatch must never reach them.
-pub(super) fn same_kind_and_device(
-    t: &Tensor,
-    what: &str,
-    like: &Tensor,
-    like_what: &str,
-) -> Result<()> {
-    if !same_device(t, like) {
-        return Err(CeraError::Device(format!(
-            "{what} is on {}, {like_what} on {}",
-            device_name(t),
-            device_name(like)
-        )));
-    }
-    if t.f_kind()? != like.f_kind()? {
-        return Err(CeraError::DType(format!(
-            "{what} is {}, {like_what} {}",
-            tensor_dtype_name(t),
-            tensor_dtype_name(like)
-        )));
-    }
-    Ok(())
 }
 
 fn out_shape(x: &Tensor, d_out: i64) -> Vec<i64> {

@@ -13,9 +13,8 @@
 //! in the input dtype with float32 math inside, as the plain composition's ops are.
 
 use super::activation::Activation;
-use super::branch::same_kind_and_device;
 use super::mask::Dropout;
-use crate::error::{dtype_name, CeraError, Result};
+use crate::error::{dtype_name, same_kind_and_device, CeraError, Result};
 use crate::threads;
 use half::{bf16, f16};
 use rayon::prelude::*;
