@@ -136,3 +136,21 @@ def test_failed_first_save_leaves_no_adapter_behind(tmp_path, monkeypatch, fault
     assert leftovers(folder) == []
     with pytest.raises(ValueError, match="Can't find 'adapter_config.json'"):
         PeftModel.from_pretrained(tiny_llama(), folder)
+
+
+def test_a_save_keeps_the_folders_other_adapters(tmp_path):
+    """The save updates the files it writes and leaves the others: PEFT puts an adapter
+    not named "default" in a subfolder, and saving it alone must not drop the default
+    one beside (why save_pretrained uses atomic_update, not atomic_folder)."""
+    folder = tmp_path / "adapters"
+    first = trained(4, seed=1)
+    save_pretrained(first, folder)
+    before = snapshot(folder)
+    second = trained(4, seed=2)
+    second.add_adapter("other", CeraConfig(r=2, target_modules=TARGETS))
+    save_pretrained(second, folder, selected_adapters=["other"])
+    after = snapshot(folder)
+    assert {k: v for k, v in after.items() if not k.startswith("other/")} == before
+    assert "other/adapter_model.safetensors" in after
+    assert torch.equal(logits(PeftModel.from_pretrained(tiny_llama(), folder)), logits(first))
+    assert leftovers(folder) == []

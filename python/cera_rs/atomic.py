@@ -2,8 +2,9 @@
 half-written one: a temporary file beside the target, flushed to disk, renamed over
 it. Every single-file output of cera_rs (reports, JSON, figures, benchmark results)
 goes through ``atomic_file``, or ``atomic_path`` for a writer that opens the file by
-name (the GGUF adapter); a folder written as one (a saved adapter) through
-``atomic_folder``."""
+name (the GGUF adapter); a folder written as one (a run's adapter in the compare store)
+through ``atomic_folder``, and files written into a folder that may hold others
+(``cera_rs.save_pretrained``'s adapter folder) through ``atomic_update``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -45,6 +46,17 @@ def _create_temp(path: Path) -> tuple[int, Path]:
             continue
         except OSError as err:  # name the file the caller asked for, not the temporary
             raise OSError(err.errno, err.strerror, str(path)) from None
+
+
+def _create_temp_folder(path: Path) -> Path:
+    """A new, empty folder beside ``path``, named as the temporaries are."""
+    while True:
+        tmp = _temp_name(path)
+        try:
+            os.mkdir(tmp)
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def check_writable(path: str | os.PathLike) -> None:
@@ -142,13 +154,7 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write {path}: the folder {path.parent} does not exist")
-    while True:
-        tmp = _temp_name(path)
-        try:
-            os.mkdir(tmp)
-            break
-        except FileExistsError:
-            continue
+    tmp = _create_temp_folder(path)
     try:
         yield tmp
         for inner in sorted(tmp.rglob("*"), reverse=True):  # files before their folders
@@ -164,6 +170,62 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     _fsync(path.parent)
     if old is not None:
         shutil.rmtree(old)
+
+
+@contextmanager
+def atomic_update(path: str | os.PathLike, last: Collection[str] = ()) -> Iterator[Path]:
+    """Files written into a folder that may hold others (an adapter folder: PEFT saves a
+    second adapter into a subfolder, a user may keep files beside): yields a new, empty
+    temporary folder beside ``path`` for the block to fill. When the block ends without
+    an exception, each file it wrote is flushed and moved to the same place under
+    ``path`` (created with its parents), those named in ``last`` after the others, all
+    or none (``_move_all``); files of ``path`` the block did not write stay. On any
+    exception ``path`` is left as it was. ``atomic_folder`` instead replaces a folder
+    whole, which would drop those other files."""
+    path = Path(path)
+    check_folder_writable(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = _create_temp_folder(path)
+    try:
+        yield staging
+        files = sorted(p for p in staging.rglob("*") if p.is_file())
+        files.sort(key=lambda p: p.name in last)
+        for file in files:
+            _fsync(file)
+        _move_all(staging, files, path)
+        _fsync(path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_all(staging: Path, files: list[Path], target: Path) -> None:
+    """Moves ``files`` (under ``staging``) to the same paths under ``target``, all or
+    none: the previous version of each file is kept (as a hard link, or a copy) in
+    ``staging`` until every move succeeded, and restored if one fails."""
+    previous = staging / ".previous"
+    done: list[tuple[Path, Path | None]] = []
+    try:
+        for file in files:
+            relative = file.relative_to(staging)
+            dest = target / relative
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            backup = None
+            if dest.is_file():
+                backup = previous / relative
+                backup.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(dest, backup)
+                except OSError:
+                    shutil.copy2(dest, backup)
+            os.replace(file, dest)
+            done.append((dest, backup))
+    except BaseException:
+        for dest, backup in reversed(done):
+            if backup is None:
+                dest.unlink(missing_ok=True)
+            else:
+                os.replace(backup, dest)
+        raise
 
 
 def remove_temporaries(folder: str | os.PathLike) -> list[Path]:

@@ -34,9 +34,9 @@ from peft.utils.constants import CONFIG_NAME
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cera_rs.atomic import atomic_update
 from cera_rs.config import PEFT_TYPE, CeraConfig
 from cera_rs.layer import CeraLayer, CeraMergeError
-from cera_rs.model import save_folder_atomically
 
 _PREFIX = "base_model.model."
 """Key prefix of PeftModel's adapter files, written here too so that the folder also
@@ -58,11 +58,9 @@ def save_adapter(
         raise ValueError(f"the model holds no weights of the CeRA adapter {adapter_name!r}")
     state = {_PREFIX + key: value.detach().contiguous() for key, value in state.items()}
 
-    def write(staging: Path) -> None:
+    with atomic_update(save_directory, last=(CONFIG_NAME,)) as staging:  # config last
         save_file(state, staging / SAFETENSORS_WEIGHTS_NAME, metadata={"format": "pt"})
         config.save_pretrained(staging)
-
-    save_folder_atomically(save_directory, write)
 
 
 def load_adapter(

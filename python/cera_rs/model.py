@@ -15,12 +15,9 @@ is copied. ``save_pretrained`` here is PEFT's save made atomic.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import peft
@@ -30,7 +27,7 @@ from peft.utils.constants import CONFIG_NAME
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from cera_rs.atomic import check_folder_writable
+from cera_rs.atomic import atomic_update
 from cera_rs.config import CeraConfig
 from cera_rs.layer import (
     CeraLayer,
@@ -206,55 +203,9 @@ def save_pretrained(
     by one (``os.replace``). A failed write leaves the old files intact; a failure while
     moving puts back the files already replaced. (``PeftModel.save_pretrained`` itself
     writes in place, and no tuner hook spans its whole save.)"""
-    save_folder_atomically(save_directory, lambda staging: model.save_pretrained(staging, **kwargs))
-
-
-def save_folder_atomically(save_directory: str | os.PathLike, write: Any) -> None:
-    """Runs ``write(staging)`` on a new folder beside ``save_directory``, then moves the
-    files it wrote into ``save_directory`` (weights before ``adapter_config.json``), all
-    or none (``_replace_all``)."""
-    check_folder_writable(save_directory)
-    target = Path(save_directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write(staging)
-        # Weights before config: a reader never sees a new config with old weights.
-        files = sorted(p for p in staging.rglob("*") if p.is_file())
-        files.sort(key=lambda p: p.name == CONFIG_NAME)
-        _replace_all(staging, files, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _replace_all(staging: Path, files: list[Path], target: Path) -> None:
-    """Moves ``files`` (under ``staging``) to the same paths under ``target``, all or
-    none: the previous version of each file is kept (as a hard link, or a copy) in
-    ``staging`` until every move succeeded, and restored if one fails."""
-    previous = staging / ".previous"
-    done: list[tuple[Path, Path | None]] = []
-    try:
-        for file in files:
-            relative = file.relative_to(staging)
-            dest = target / relative
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            backup = None
-            if dest.is_file():
-                backup = previous / relative
-                backup.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    os.link(dest, backup)
-                except OSError:
-                    shutil.copy2(dest, backup)
-            os.replace(file, dest)
-            done.append((dest, backup))
-    except BaseException:
-        for dest, backup in reversed(done):
-            if backup is None:
-                dest.unlink(missing_ok=True)
-            else:
-                os.replace(backup, dest)
-        raise
+    # Weights before config: a reader never sees a new config with old weights.
+    with atomic_update(save_directory, last=(CONFIG_NAME,)) as staging:
+        model.save_pretrained(staging, **kwargs)
 
 
 def get_cera_model(
