@@ -9,7 +9,7 @@ import io
 import os
 
 MARKER = "<!-- cera-rs --help -->"
-WIDTH = "88"  # argparse wraps to $COLUMNS: a fixed width gives the same page everywhere
+WIDTH = "76"  # argparse wraps to $COLUMNS: one width everywhere, and within the page
 
 
 def _help(argv: list[str]) -> str:
