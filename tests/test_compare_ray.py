@@ -4,7 +4,8 @@ run for run (added --resolve seeds included); a driver stopped by Ctrl-C once it
 first run is on disk cancels its tasks and, started again, does not redo that run
 (tests/test_compare.py kills a driver for real; here a killed driver would cost a
 second process and its workers half a minute to start); a worker killed mid-run is
-retried once, then reported; a failing method is named; without Ray, one line."""
+retried once, then reported; a failing method is named; without Ray, one line; adapter
+folders are written whole, and what a kill left half-written is removed."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import pytest
 import ray
 from test_compare import _scores, _tiny
 
+from cera_rs.atomic import atomic_folder
 from cera_rs.cli import main
 from cera_rs.compare import Settings, compare
 from cera_rs.compare.cluster import RunFailed
@@ -203,3 +205,31 @@ def test_ray_flags_are_checked_before_the_model_loads(tiny, tmp_path, capsys, mo
     assert capsys.readouterr().err == ("cera-rs: error: --ray needs ray (not installed); "
                                        'install with: pip install "cera_rs[ray]"\n')  # fmt: skip
     assert not out.exists()
+
+
+def test_adapter_folders_are_written_whole_and_stale_temporaries_removed(tmp_path):
+    """The store, hardened: an adapter folder is replaced whole or not at all, and
+    what a kill left half-written is removed when the next comparison starts."""
+    target = tmp_path / "runs" / "m" / "lr0.01-seed0"
+    target.parent.mkdir(parents=True)
+    with atomic_folder(target) as tmp:
+        (tmp / "a.bin").write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="mid-write"), atomic_folder(target) as tmp:
+        (tmp / "a.bin").write_bytes(b"half")
+        raise RuntimeError("mid-write")
+    assert (target / "a.bin").read_bytes() == b"old" and os.listdir(target.parent) == [target.name]
+    with atomic_folder(target) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "b.bin").write_bytes(b"new")
+    assert sorted(p.name for p in target.rglob("*")) == ["b.bin", "sub"]  # the old one gone
+    stale = [target.parent / ".lr0.01-seed1.0123abcd.tmp",  # a kill's adapter folder
+             target.parent / ".lr0.01-seed1.json.89abcdef.tmp",  # and record
+             tmp_path / "runs" / ".base.json.00ff00ff.tmp"]  # fmt: skip
+    stale[0].mkdir()
+    (stale[0] / "adapter_model.safetensors").write_bytes(b"")
+    stale[1].write_text("{")
+    stale[2].write_text("{")
+    hidden = target.parent / ".notes"  # not a temporary's name
+    hidden.write_text("")
+    Store(tmp_path)
+    assert not any(p.exists() for p in stale) and hidden.exists() and target.is_dir()
