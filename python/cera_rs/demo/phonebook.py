@@ -144,24 +144,26 @@ def cannot_separate(curves: dict, facts: int, sized_to_separate: bool) -> list[s
     if len(curves["seeds"]) < 2:
         out.append("One seed: training's own spread is not measured, so the intervals hold "
                    "only the choice of facts, and no difference is a verdict.")  # fmt: skip
+    flat = [m for m in curves["multipliers"] if m["where"] == FLAT]
+    if flat:  # one family, one rise: said once
+        rise = flat[0]["family_rise"]
+        out.append(f"The {flat[0]['family']} curve is not distinguishable from flat (its best "
+                   f"rank against its smallest: {rise['mean'] * facts:+.0f} bits, 95 % "
+                   f"interval {rise['low'] * facts:+.0f} to {rise['high'] * facts:+.0f}): rank "
+                   f"does not bind at this size, so no multiplier can be read for "
+                   f"{', '.join(m['method'] for m in flat)}.")  # fmt: skip
     for m in curves["multipliers"]:
-        rise = m["family_rise"]
-        if m["where"] == FLAT:
-            out.append(f"The {m['family']} curve is not distinguishable from flat (its best "
-                       f"rank against its smallest: {rise['mean'] * facts:+.0f} bits, 95 % "
-                       f"interval {rise['low'] * facts:+.0f} to {rise['high'] * facts:+.0f}): "
-                       f"rank does not bind at this size, so {m['method']} has no multiplier "
-                       "to read.")  # fmt: skip
-        elif m["where"] in (BELOW, ABOVE):
+        if m["where"] in (BELOW, ABOVE):
             out.append(f"{m['method']} is off the {m['family']} curve ({m['where']} it), so "
                        "its multiplier is a bound, not a value.")  # fmt: skip
-        else:
+        elif m["where"] != FLAT:
             low, high = _end(m["low"]), _end(m["high"])
-            for x, what in ((1, "a LoRA of its own size"), (PAPER_MULTIPLIER, "the paper's claim")):
+            for x, what in ((1, "be told from a LoRA of its own size"),
+                            (PAPER_MULTIPLIER, "say whether the paper's claim (that many or "
+                                               "more) holds")):  # fmt: skip
                 if low <= x <= high:
                     out.append(f"{m['method']}'s multiplier interval ({_times(low)} to "
-                               f"{_times(high)}) includes {x}x: it cannot be told from "
-                               f"{what}.")  # fmt: skip
+                               f"{_times(high)}) includes {x}x: it cannot {what}.")
     out += [f"{c['method']} and the linear ceiling ({c['ceiling']}) are not separated "
             f"({c['mean']:+.0f} {c['unit']}, 95 % interval {c['low']:+.0f} to "
             f"{c['high']:+.0f})." for c in curves["ceiling"] if c["verdict"] == TIE]
