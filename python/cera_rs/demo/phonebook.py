@@ -38,11 +38,13 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @dataclass(frozen=True)
 class Settings:
-    """Part 2's sizes, for about 15 minutes on a quiet 2-core box: 6 methods x 2 seeds
-    = 12 runs, each 150 steps (0.2-0.5 s a step at batch 16 with one adapted block:
-    the LM head dominates) and a scoring pass (greedy decoding of the 200 facts and of
-    their 200 rewordings through the whole model: about 20 s, scaled from 30-60 s for
-    300 facts on a busy box), plus the model, the base model's answers and one export.
+    """Part 2's sizes, for about 15 minutes on a quiet 2-core box (estimated, not yet
+    run): 6 methods x 2 seeds = 12 runs, each 150 steps (0.2-0.5 s a step at batch 16
+    with one adapted block, where the LM head dominates; 0.67 s in --quick at load 10)
+    and a scoring pass (greedy decoding of the facts and of their rewordings through
+    the whole model, the spectra on the first seed: 47-72 s for 32 facts in --quick at
+    load 10, mostly fixed costs, one generate call per prompt length; about 30-40 s for
+    200 facts on a quiet box), plus the model, the base model's answers and one export.
 
     Why these: pilots on this model (phonebook:300, the same block and projections)
     stored 35-37 bits per fact after 100-300 steps (LoRA r=4 at 3e-3, 100 steps:
@@ -52,8 +54,10 @@ class Settings:
     at the study's lower rate 1e-2 (rsLoRA: one rate for every rank; the study picks
     it per method). Two seeds are the fewest that give a verdict at all (Student's t
     at 1 degree of freedom, 12.7, widens every interval), so the report says what
-    they leave unseparated; three would need a third fewer methods. ``quick()`` is
-    sized for 2-3 minutes and separates nothing, which its report says."""
+    they leave unseparated; three would need a third fewer methods. ``quick()`` (32
+    facts, 30 steps, one seed) separates nothing, which its report says first; with
+    LoRA r=4 too it took 10 of the 15 minutes of a --quick demo at load 10, so LoRA
+    is r=1 and full only, for 2-3 minutes on a quiet box."""
 
     facts: int = 200
     steps: int = 150
@@ -71,7 +75,7 @@ class Settings:
 
     @classmethod
     def quick(cls) -> Settings:
-        return cls(facts=32, steps=30, seeds=(0,), lora_ranks=(1, 4), resamples=2_000,
+        return cls(facts=32, steps=30, seeds=(0,), lora_ranks=(1,), resamples=2_000,
                    sized_to_separate=False)  # fmt: skip
 
     def specs(self) -> list[str]:
