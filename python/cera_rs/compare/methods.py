@@ -149,13 +149,16 @@ def _top_level(text: str) -> list[str]:
     return parts + [text[start:]]
 
 
+_UNIONS = (typing.Union, getattr(types, "UnionType", typing.Union))  # X | Y from Python 3.10
+
+
 def _accepts(hint: Any, value: Any) -> bool:
     """Whether ``value`` (parsed from a spec) fits a config field's type; a type this
     check does not know is left to the config class itself."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:
         return True
-    if origin in (typing.Union, types.UnionType):
+    if origin in _UNIONS:
         return any(_accepts(arg, value) for arg in args)
     if origin is typing.Literal:
         return value in args
