@@ -5,7 +5,8 @@ first run is on disk cancels its tasks and, started again, does not redo that ru
 (tests/test_compare.py kills a driver for real; here a killed driver would cost a
 second process and its workers half a minute to start); a worker killed mid-run is
 retried once, then reported; a failing method is named; without Ray, one line; adapter
-folders are written whole, and what a kill left half-written is removed."""
+folders are written whole, what a kill left half-written is removed, and a run is not
+reused at another precision."""
 
 from __future__ import annotations
 
@@ -233,3 +234,21 @@ def test_adapter_folders_are_written_whole_and_stale_temporaries_removed(tmp_pat
     hidden.write_text("")
     Store(tmp_path)
     assert not any(p.exists() for p in stale) and hidden.exists() and target.is_dir()
+
+
+def test_a_run_is_not_reused_at_another_precision(tiny, tmp_path, monkeypatch):
+    """A run's fingerprint holds its device kind and precision: a CPU float32 run is
+    not taken for a CUDA bf16 comparison's (the precision is what a GPU would change)."""
+    from cera_rs.compare import engine
+
+    def run() -> dict:
+        compare(["lora:r=4"], model=tiny / "model", train=tiny / "train.jsonl",
+                test=tiny / "test.jsonl", out_dir=tmp_path, progress=False,
+                settings=Settings(steps=2, batch=4, lrs=(0.01,), seeds=(0,)))  # fmt: skip
+        return json.loads((tmp_path / "runs" / "lora_r=4" / "lr0.01-seed0.json").read_text())
+
+    first = run()
+    assert run() == first  # the same device and precision: kept
+    monkeypatch.setattr(engine, "precision", lambda device: "bfloat16 autocast")
+    again = run()
+    assert again["fingerprint"] != first["fingerprint"]  # trained again, not reused
