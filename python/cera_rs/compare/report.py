@@ -207,7 +207,9 @@ def _resolve_markdown(r: dict[str, Any], reference: str) -> str:
     lines = [f"## Seeds (--resolve {r['target_points']:g}, --max-seeds {r['max_seeds']})", "",
              f"Seeds were added to the first {r['first_seeds']} until every interval against "
              f"{reference} was within +-{r['target_points']:g} points or {r['max_seeds']} seeds "
-             f"were run: {r['seeds']} seeds, stopped because {why}.", "",
+             f"were run: {r['seeds']} seeds, stopped because {why}. The seeds a method "
+             "needs: the smallest k with t975(k-1) s / sqrt(k) within the target, s the "
+             "per-seed spread of its difference after the first seeds.", "",
              "| method | half-width reached (points) | after the first seeds: per-seed "
              "spread (points) | seeds it needs |", "|---|---:|---:|---:|"]  # fmt: skip
     for name, width in r["half_width_points"].items():

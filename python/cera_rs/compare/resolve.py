@@ -76,7 +76,9 @@ def describe(step: Round, reference: str, target: float, max_seeds: int, pilot: 
     arithmetic: per method, the spread s and the smallest k with
     t975(k - 1) * s / sqrt(k) <= target."""
     lines = [f"resolve (+-{target:g} points against {reference}, at most {max_seeds} seeds), "
-             f"after {step.seeds} seed{'s' if step.seeds > 1 else ''}:"]  # fmt: skip
+             f"after {step.seeds} seed{'s' if step.seeds > 1 else ''}"
+             + (f" (seeds needed: the smallest k with t975(k-1) * spread / sqrt(k) <= {target:g})"
+                if pilot and step.seeds > 1 else "") + ":"]  # fmt: skip
     for name, w in step.half_width.items():
         s, k = step.spread[name], step.needed[name]
         line = f"  {name}: half-width {w:.1f} points"
