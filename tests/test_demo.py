@@ -174,6 +174,7 @@ def test_part2_report_shows_the_curve_the_multipliers_and_the_ceiling(monkeypatc
         c["verdict"] == "worse" for c in part2["curves"]["ceiling"])  # fmt: skip
     assert part2["cannot_separate"] == []
     assert "![rank curve](rank_curve.png)" in text
+    assert f"{s.lrs[0]:g} for every method (rsLoRA's scaling" in text  # one rate: said so
     assert "### Rank curves: information stored" in text  # compare's table, one level down
     assert "| family | method | trainable params | score | 95 % interval | bits per param |" in text
     for sentence in [m["sentence"] for m in [*cera, control]] + [

@@ -110,9 +110,13 @@ def lm_findings(part2: dict) -> list[str]:
             f"{', '.join(map(str, part2['curves']['seeds']))}): {recall}."]  # fmt: skip
 
 
+def _last_blocks(n: int) -> str:
+    return "the last block" if n == 1 else f"the last {n} blocks"
+
+
 def plot_rank_curve(part2: dict, path: Path) -> None:
-    curves.plot(part2["curves"], path, f"{part2['data'].split(' (')[0]}, adapters on the last "
-                f"{part2['settings']['adapted_layers']} block(s)")  # fmt: skip
+    curves.plot(part2["curves"], path, f"{part2['data'].split(' (')[0]}, adapters on "
+                f"{_last_blocks(part2['settings']['adapted_layers'])}")  # fmt: skip
 
 
 def plot_ceiling(part1: dict, path: Path) -> None:
@@ -183,16 +187,24 @@ def rank_summary(part2: dict) -> str:
                       *(f"- {x}" for x in limits(part2))])  # fmt: skip
 
 
+def _rates(s: dict) -> str:
+    if len(s["lrs"]) > 1:
+        return (f"the rate per method from {s['lrs']} by teacher-forced recall (seed "
+                f"{s['seeds'][0]})")  # fmt: skip
+    return (f"{s['lrs'][0]:g} for every method (rsLoRA's scaling is meant to suit every rank; "
+            "a method it does not suit, the full-rank ceiling included, falls short of its "
+            "best, which a rate grid such as the study's would show)")
+
+
 def _part2_markdown(part2: dict) -> list[str]:
-    s, last = part2["settings"], part2["settings"]["adapted_layers"]
+    s = part2["settings"]
     specs = "\n".join(part2["specs"])
     return [f"## Part 2: {part2['model']}, the phonebook rank curve", "",
             f"{part2['data']}: trained on all {s['facts']} facts, scored on recalling them "
             f"(and on the same facts asked in other words). Adapters on "
-            f"{'/'.join(TARGETS)} of the last {last} block{'s' if last > 1 else ''} (the "
-            f"frozen blocks below computed once), {s['steps']} AdamW steps of batch "
-            f"{s['batch']} at a constant rate (clipping 1.0), the rate per method from "
-            f"{s['lrs']} by teacher-forced recall (seed {s['seeds'][0]}), seeds {s['seeds']}. "
+            f"{'/'.join(TARGETS)} of {_last_blocks(s['adapted_layers'])} (the frozen blocks "
+            f"below computed once), {s['steps']} AdamW steps of batch "
+            f"{s['batch']} at a constant rate (clipping 1.0), {_rates(s)}, seeds {s['seeds']}. "
             f"LoRA is rsLoRA (alpha {s['lora_alpha']} / sqrt(r), dropout 0), `LoRA r=full` "
             f"every projection at its full rank min(in, out); CeRA at its defaults (dropout "
             f"0.1, no scaling); the control is CeRA r={s['control_rank']} with the identity "
