@@ -255,10 +255,11 @@ def _methods(r: int, targets: str) -> dict[str, Any]:
 
 
 def run_model(base: nn.Module | None = None, case: ModelCase = ModelCase(),
-              progress: bool = True) -> dict[str, Any]:  # fmt: skip
+              progress: bool = True, paths: tuple[str, ...] = ("whole", "split"),
+              ) -> dict[str, Any]:  # fmt: skip
     """One AdamW step of ``base`` (default: the built-in SmolLM2-135M) per method, on
-    the whole model and on the split path; each method's copy shares the frozen
-    weights; interleaved medians."""
+    the whole model and (or, ``paths``) the split path; each method's copy shares the
+    frozen weights; interleaved medians."""
     from cera_rs import get_cera_model
     from cera_rs.compare.runner import Stack
 
@@ -288,7 +289,7 @@ def run_model(base: nn.Module | None = None, case: ModelCase = ModelCase(),
         steps["split"][name] = _train_step(optimizer, lambda s=stack, h=hidden: _split_logits(s, h),
                                            ids)  # fmt: skip
     rows = []
-    for path in tqdm(("whole", "split"), desc="bench --model", disable=not progress):
+    for path in tqdm(paths, desc="bench --model", disable=not progress):
         samples: dict[str, list[float]] = {}
         times = median_times(steps[path], warmup=1, repeats=case.repeats, samples=samples)
         ms = {k: 1e3 * v for k, v in times.items()}
