@@ -35,7 +35,7 @@ from cera_rs.compare.engine import Store
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray for the module; its address, for a second driver to join."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

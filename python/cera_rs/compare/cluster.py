@@ -134,8 +134,8 @@ def _connect(options: Ray) -> bool:
 
     if ray.is_initialized():
         return False
-    if options.address == "local":
-        ray.init(include_dashboard=False, log_to_driver=False)
+    if options.address == "local":  # a new one, never another Ray found running here
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
     else:
         ray.init(address=options.address, log_to_driver=False)
     return True
