@@ -171,8 +171,8 @@ def _compare_parser(commands, debug: argparse.ArgumentParser) -> None:
                     "method_comparison experiment folder. A list sweeps a field, one method "
                     "per value (lora:r=[1,4,16,64]: a rank curve, from which each CeRA "
                     "method's parameter multiplier is read), and lora:r=full puts every "
-                    "targeted layer at its own full rank (the linear ceiling). Finished runs are kept in --out: "
-                    "the same command again resumes.",
+                    "targeted layer at its own full rank (the linear ceiling). Finished "
+                    "runs are kept in --out: the same command again resumes.",
     )  # fmt: skip
     p.add_argument("methods", nargs="+", metavar="METHOD")
     p.add_argument("--model", default=BUILTIN_MODEL,
