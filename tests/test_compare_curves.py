@@ -147,6 +147,11 @@ def test_off_the_curve_and_a_flat_curve_are_said_not_read():
     m = stats.parameter_multiplier(_hits_with_mean(0.3), 100, flat, params, ("c", "l"),
                                    resamples=1000)  # fmt: skip
     assert m.where == stats.FLAT and "rank does not bind here" in m.sentence()
+    assert "points, 95 % interval" in m.sentence()
+    bits = stats.parameter_multiplier(_hits_with_mean(0.3), 100, flat, params, ("c", "l"),
+                                      resamples=1000, unit="bits")  # fmt: skip
+    rise = bits.family_rise
+    assert f"{400 * rise.mean:+.1f} bits, 95 % interval {400 * rise.low:+.1f}" in bits.sentence()
 
 
 def test_isotonic_and_crossed_means():

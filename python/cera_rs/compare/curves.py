@@ -107,7 +107,7 @@ def summarise(methods: list[Method], runs_by_method: dict[str, list[dict]],
             mult = parameter_multiplier(arrays[m.name], params[m.name],
                                         [arrays[x.name] for x in members],
                                         [params[x.name] for x in members], (m.name, linear),
-                                        resamples)  # fmt: skip
+                                        resamples, unit="bits" if total else "points")  # fmt: skip
             out["multipliers"].append({
                 "method": m.name, "family": linear, "params": mult.params,
                 "point": finite(mult.point), "low": finite(mult.low), "high": finite(mult.high),
@@ -128,8 +128,9 @@ def summarise(methods: list[Method], runs_by_method: dict[str, list[dict]],
                 "verdict": d.verdict,
                 "sentence": f"{m.name} against the linear ceiling {ceiling.name}: "
                             f"{d.mean * scale:+.1f} {unit} (95 % interval {d.low * scale:+.1f} "
-                            f"to {d.high * scale:+.1f}; {len(seeds)} seeds x "
-                            f"{arrays[m.name].shape[1]} problems): {d.verdict}."})  # fmt: skip
+                            f"to {d.high * scale:+.1f}; {len(seeds)} "
+                            f"seed{'s' * (len(seeds) > 1)} x {arrays[m.name].shape[1]} "
+                            f"problems): {d.verdict}."})  # fmt: skip
     return out
 
 

@@ -186,13 +186,16 @@ class Multiplier:
     high: float
     where: str  # ON, BELOW or ABOVE the family's curve, or FLAT (no curve to read)
     family_rise: Difference  # the family's best member against its smallest
+    unit: str = "points"  # the score's: "points" of exact match, or "bits" summed over problems
 
     def sentence(self) -> str:
         if self.where == FLAT:
+            rise = self.family_rise
+            scale = 100 if self.unit == "points" else rise.problems
             return (f"{self.method}: no multiplier can be read, because the {self.family} "
                     f"curve is flat (its best member against its smallest: "
-                    f"{100 * self.family_rise.mean:+.1f} points, 95 % interval "
-                    f"{100 * self.family_rise.low:+.1f} to {100 * self.family_rise.high:+.1f}): "
+                    f"{scale * rise.mean:+.1f} {self.unit}, 95 % interval "
+                    f"{scale * rise.low:+.1f} to {scale * rise.high:+.1f}): "
                     "rank does not bind here.")  # fmt: skip
         if self.where == BELOW:
             return (f"{self.method} scores below the smallest {self.family} tried, so no "
@@ -209,7 +212,8 @@ class Multiplier:
 
 def parameter_multiplier(method: np.ndarray, params: int, family: list[np.ndarray],
                          family_params: list[int], names: tuple[str, str],
-                         resamples: int = 10_000, seed: int = 0) -> Multiplier:  # fmt: skip
+                         resamples: int = 10_000, seed: int = 0,
+                         unit: str = "points") -> Multiplier:  # fmt: skip
     """``method``'s score (a (seeds, problems) array) read off the family's curve of
     score against parameters (one array per member, ascending parameters), under the
     paired crossed resampling ``paired_bootstrap`` uses. The curve is flat, and no
@@ -235,7 +239,7 @@ def parameter_multiplier(method: np.ndarray, params: int, family: list[np.ndarra
     else:
         where = ON
     return Multiplier(names[0], names[1], int(params), float(point), float(low), float(high),
-                      where, rise)  # fmt: skip
+                      where, rise, unit)  # fmt: skip
 
 
 def seeds_needed(spread: float, half_width: float) -> int:
