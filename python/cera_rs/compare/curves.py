@@ -12,6 +12,7 @@ seeds all of them ran."""
 from __future__ import annotations
 
 import math
+import textwrap
 from typing import Any
 
 import numpy as np
@@ -182,17 +183,17 @@ def plot(curves: dict[str, Any], path, title: str) -> None:
         err = [[max(0.0, p["mean"] - p["low"]) * scale for p in points],
                [max(0.0, p["high"] - p["mean"]) * scale for p in points]]  # fmt: skip
         ax.errorbar(x, y, yerr=err, fmt="o-" if len(points) > 1 else "o", capsize=3,
-                    label=label)  # fmt: skip
+                    label=textwrap.fill(label, 70))  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel("bits stored (sum over facts)" if total else "test exact match %")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7)
+    # below the axes: a family's label is its spec, often longer than the plot is wide
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15))
     if not total:
         ax.set_ylim(bottom=min(0, ax.get_ylim()[0]))
-    fig.tight_layout()
     with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=120)
+        fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
