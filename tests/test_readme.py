@@ -1,22 +1,24 @@
-"""The README's Python examples run as written (tests/codeblocks.py: which blocks run)."""
+"""The README's Python block is the quick start of docs/guides/peft.md, which
+tests/test_docs.py runs (with the pages that continue it: spectra, export), so the
+README's example runs as written; and every file the README links to exists."""
 
 from __future__ import annotations
 
-from codeblocks import ROOT, check_shown_output, python_blocks, run
+import re
+
+from codeblocks import DOCS, ROOT, python_blocks
 
 README = ROOT / "README.md"
 
 
-def test_readme_python_blocks_run(tmp_path):
-    blocks = python_blocks(README)
-    # the diffusers example runs on its own in tests/test_diffusers.py
-    blocks = [b for b in blocks if "cera_rs.diffusion" not in b]
-    assert len(blocks) == 3, "README: the quick start, the spectral and the export examples"
-    done = run(blocks, tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "trainable params" in done.stdout and "step 2: loss" in done.stdout
-    assert "eff.rank" in done.stdout and "lin@k" in done.stdout
-    for name in ("cera-adapter/adapter_model.safetensors", "spectra.png", "spectra.json",
-                 "lora-adapter/adapter_model.safetensors"):
-        assert (tmp_path / name).is_file(), name
-    assert check_shown_output(README, done.stdout) == 4
+def test_readme_quick_start_is_the_one_the_docs_run():
+    quick_start = python_blocks(DOCS / "guides" / "peft.md")[:1]
+    assert python_blocks(README) == quick_start, "README: the quick start, as in the docs"
+
+
+def test_readme_links_resolve():
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", README.read_text())
+    local = [link for link in links if "://" not in link]
+    assert local, "README: links into docs/"
+    for link in local:
+        assert (ROOT / link).exists(), link
