@@ -259,14 +259,8 @@ def test_compare_runs_end_to_end_and_resumes_after_a_kill(tiny, whole, tmp_path)
 
     # Killed once its first run is on disk, then the same command again.
     resumed = tmp_path / "resumed"
-    proc = subprocess.Popen([sys.executable, "-m", "cera_rs.cli", *_args(tiny, resumed)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = resumed / "runs" / "lora_llama-3.2-3B-rank32" / "lr0.01-seed0.json"
-    deadline = time.monotonic() + 300
-    while not first.is_file() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
+    killed_once_written(_args(tiny, resumed), first)
     assert first.is_file() and not (resumed / "report.md").exists()
     kept = json.loads(first.read_text())
     assert main(_args(tiny, resumed)) == 0
@@ -279,6 +273,18 @@ def test_compare_runs_end_to_end_and_resumes_after_a_kill(tiny, whole, tmp_path)
     assert main(_args(tiny, resumed)) == 0
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
     assert _scores(resumed) == (report, summary)
+
+
+def killed_once_written(args: list[str], path: Path, timeout: float = 300) -> None:
+    """``cera-rs ARGS`` in a process of its own, killed as soon as ``path`` is on disk
+    (or it ended, or ``timeout`` seconds passed): a comparison stopped mid-way."""
+    proc = subprocess.Popen([sys.executable, "-m", "cera_rs.cli", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while not path.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
 
 
 def test_results_carry_what_peft_processing_reads(whole):

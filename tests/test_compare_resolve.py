@@ -10,14 +10,11 @@ import contextlib
 import io
 import json
 import math
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_compare import _scores, _tiny
+from test_compare import _scores, _tiny, killed_once_written
 
 from cera_rs.cli import main
 from cera_rs.compare import stats
@@ -115,14 +112,8 @@ def test_resolve_adds_seeds_says_why_it_stopped_and_resumes_after_a_kill(tiny, t
 
     # Killed once the added seed's first run is on disk, then the same command again.
     resumed = tmp_path / "resumed"
-    proc = subprocess.Popen([sys.executable, "-m", "cera_rs.cli", *_args(tiny, resumed)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     added = resumed / "runs" / "lora_r=4" / "lr0.03-seed2.json"
-    deadline = time.monotonic() + 300
-    while not added.is_file() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
+    killed_once_written(_args(tiny, resumed), added)
     assert added.is_file() and not (resumed / "report.md").exists()
     kept = json.loads(added.read_text())
     with contextlib.redirect_stdout(io.StringIO()):
