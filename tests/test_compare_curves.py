@@ -55,11 +55,35 @@ def test_a_sweep_expands_to_one_method_per_value_in_one_family():
     ("cera:activation=gelu", "activation=gelu is not a valid value"),
     ("ia3:r=full", "has no field 'r'"),
     ("lora:lora_alhpa=4", "has no field 'lora_alhpa'; did you mean 'lora_alpha'"),
+    ("lora:r=4,lrs=[]", r"lrs=\[\] is not a rate grid"),
+    ("lora:r=4,lrs=[1e-3,-1]", "is not a rate grid: give positive learning rates"),
+    ("cera:r=4,lrs=fast", "lrs=fast is not a rate grid"),
 ])  # fmt: skip
 def test_bad_specs_are_refused_naming_the_spec_and_field(spec, message):
     with pytest.raises(ValueError, match=message) as err:
         methods(spec)
     assert spec.split(":")[0] in str(err.value)
+
+
+def test_a_spec_sets_its_own_rate_grid_which_is_never_swept():
+    """``lrs=[...]`` is the method's grid (each member of a sweep gets it); the name
+    leaves it out, since a run is its config, rate and seed."""
+    found = parse_specs("lora:r=[1,64],lrs=[3e-3,1e-3],lora_alpha=8")
+    assert [m.name for m in found] == ["lora:r=1,lora_alpha=8", "lora:r=64,lora_alpha=8"]
+    assert [m.lrs for m in found] == [(1e-3, 3e-3)] * 2
+    one = parse_spec('cera:r=4,lrs=1e-2,target_modules=["q_proj"]')
+    assert one.lrs == (1e-2,) and one.name == 'cera:r=4,target_modules=["q_proj"]'
+    assert parse_spec("cera:r=4").lrs is None
+
+
+def test_the_rate_is_chosen_on_the_score_the_curves_read():
+    """Exact match first where the task scores it; by loss alone where it scores bits
+    stored (a fact more or less recalled must not outweigh the bits)."""
+    from cera_rs.compare.engine import merit
+
+    a, b = {"exact_match": 0.02, "loss": 1.9}, {"exact_match": 0.0, "loss": 1.2}
+    assert max((a, b), key=lambda v: merit("exact_match", v)) is a
+    assert max((a, b), key=lambda v: merit("bits", v)) is b
 
 
 def test_r_full_gives_each_layer_its_own_full_rank():
@@ -255,6 +279,29 @@ def test_a_sweep_with_the_ceiling_end_to_end(tmp_path):
     assert summary["methods"]["cera:r=1"]["test_bits"] == pytest.approx(
         np.mean([sum(json.loads((out / "runs" / "cera_r=1" / f"lr0.01-seed{s}.json")
                                 .read_text())["test"]["bits"]) for s in (0, 1)]))
+
+
+def test_a_grid_that_grows_keeps_the_runs_it_had(tmp_path):
+    """A comparison at one rate, then again with the method's own grid around it: the
+    run at the first rate is read back, not trained again, and the grid is reported."""
+    from cera_rs.compare import Settings, compare
+
+    tiny = _tiny(tmp_path / "tiny")
+    out = tmp_path / "out"
+
+    def once(spec):
+        return compare([spec], model=tiny / "model", train=tiny / "train.jsonl",
+                       test=tiny / "test.jsonl", out_dir=out, progress=False,
+                       settings=Settings(steps=2, batch=8, lrs=(0.01,), seeds=(0,),
+                                         resamples=200))  # fmt: skip
+
+    once("lora:r=2")
+    first = out / "runs" / "lora_r=2" / "lr0.01-seed0.json"
+    kept = first.read_bytes(), first.stat().st_mtime_ns
+    summary = once("lora:r=2,lrs=[0.003,0.01]")
+    assert (first.read_bytes(), first.stat().st_mtime_ns) == kept  # not written again
+    assert (out / "runs" / "lora_r=2" / "lr0.003-seed0.json").is_file()
+    assert summary["methods"]["lora:r=2"]["lr_grid"] == [0.003, 0.01]
 
 
 def test_the_model_digest_is_exact_and_independent_of_threads():

@@ -171,7 +171,9 @@ def _compare_parser(commands, debug: argparse.ArgumentParser) -> None:
                     "method_comparison experiment folder. A list sweeps a field, one method "
                     "per value (lora:r=[1,4,16,64]: a rank curve, from which each CeRA "
                     "method's parameter multiplier is read), and lora:r=full puts every "
-                    "targeted layer at its own full rank (the linear ceiling). Finished "
+                    "targeted layer at its own full rank (the linear ceiling); "
+                    "lrs=[1e-3,3e-3] in a spec is that method's own rate grid instead of "
+                    "--lrs (large adapters often need lower rates). Finished "
                     "runs are kept in --out: the same command again resumes.",
     )  # fmt: skip
     p.add_argument("methods", nargs="+", metavar="METHOD")

@@ -232,6 +232,15 @@ def _lr_grid(method: Method, settings: Settings) -> list[float]:
     return sorted(set(settings.lrs) | ({float(own)} if own else set()))
 
 
+def merit(score: str, valid: dict) -> tuple[float, ...]:
+    """How a rate is chosen: by the comparison's score on the valid split. Bits stored
+    fall as the completions' loss rises (the same problems), so where the task scores
+    bits the lower loss wins; else exact match, the lower loss breaking ties."""
+    if score == "bits":
+        return (-valid["loss"],)
+    return (valid["exact_match"], -valid["loss"])
+
+
 @dataclass(frozen=True)
 class Job:
     """One piece of a comparison: train a run (scored on the valid split), score a run
@@ -370,7 +379,7 @@ def run(model_name: str, base: nn.Module, tokenizer, problems: Problems, methods
             m.config(layers)
         common = (RECORD_VERSION, model_name, digest, problems.digest, settings.shared(),
                   device.type, precision(device))  # fmt: skip
-        plan = _Plan(methods, settings, store, common, executor, bar, progress)
+        plan = _Plan(methods, settings, store, common, executor, bar, progress, problems.score)
         plan.run()
     finally:
         executor.close()
@@ -390,8 +399,10 @@ class _Plan:
     neither the order they finish in nor the number of workers changes them."""
 
     def __init__(self, methods: list[Method], settings: Settings, store: Store,
-                 common: tuple, executor, bar: tqdm, progress: bool) -> None:  # fmt: skip
+                 common: tuple, executor, bar: tqdm, progress: bool,
+                 score: str = "exact_match") -> None:  # fmt: skip
         self.methods, self.settings, self.store, self.common = methods, settings, store, common
+        self.score = score
         self.executor, self.bar, self.progress = executor, bar, progress
         self.first = settings.seeds[0]
         self.grid = {m.name: dict.fromkeys(_lr_grid(m, settings)) for m in methods}
@@ -407,7 +418,9 @@ class _Plan:
     def fingerprint(self, job: Job) -> str:
         if job.method is None:
             return _fingerprint(*self.common)
-        return _fingerprint(*self.common, job.method.describe(), job.lr, job.seed)
+        # a run is its method's config, rate and seed: not the grid it was chosen from
+        method = replace(job.method, lrs=None)
+        return _fingerprint(*self.common, method.describe(), job.lr, job.seed)
 
     def run(self) -> None:
         self.want(Job())
@@ -471,8 +484,7 @@ class _Plan:
             grid = self.grid[name]
             grid[job.lr] = result
             if all(r is not None for r in grid.values()):
-                lr = max(grid, key=lambda x: (grid[x]["valid"]["exact_match"],
-                                              -grid[x]["valid"]["loss"]))  # fmt: skip
+                lr = max(grid, key=lambda x: merit(self.score, grid[x]["valid"]))
                 self.chosen[name] = lr
                 for seed in self.seeds:
                     self.want(Job(job.method, lr, seed, train=seed != self.first, test=True,

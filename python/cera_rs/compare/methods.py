@@ -23,6 +23,10 @@ from peft import PeftConfig, PeftType
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from torch import nn
 
+LRS = "lrs"
+"""``lrs=[1e-3,3e-3]`` in a spec: that method's rate grid instead of the comparison's
+(``--lrs``); a run's identity is its config, rate and seed, so a grid that grows keeps
+the runs it had."""
 FULL = "full"
 """``r=full``: each targeted layer at min(in, out), the linear ceiling of those layers."""
 SPECTRAL_METHODS = ("LORA", "CERA")
@@ -207,8 +211,9 @@ def parse_specs(spec: str) -> list[Method]:
     """``kind[:key=value,...]``: ``kind`` is ``dora`` (LoRA with ``use_dora``) or any
     PEFT method's name (``lora``, ``cera``, ``hira``, ...); the keys are its config's
     fields. A list where the field takes one value is a sweep, one method per value
-    (``lora:r=[1,4,16],lora_alpha=32``; several lists give every combination), and
-    ``r=full`` gives each targeted layer its own full rank."""
+    (``lora:r=[1,4,16],lora_alpha=32``; several lists give every combination),
+    ``r=full`` gives each targeted layer its own full rank, and ``lrs=[1e-3,3e-3]``
+    is the method's own rate grid (every method of a sweep gets it)."""
     spec = spec.strip()
     kind, _, rest = spec.partition(":")
     kind = kind.strip().lower()
@@ -219,11 +224,17 @@ def parse_specs(spec: str) -> list[Method]:
     hints = _field_types(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     parts: list[tuple[str, list[Any]]] = []  # key and its values (one unless swept)
+    written: list[str] = []  # the spec's parts as given, its rate grid left out
+    lrs: tuple[float, ...] | None = None
     for part in filter(None, (p.strip() for p in _top_level(rest))):
         key, eq, text = part.partition("=")
         key, text = key.strip(), text.strip()
         if not eq or not key:
             raise ValueError(f"method spec {spec!r}: {part!r} is not key=value")
+        if key == LRS:
+            lrs = _rate_grid(spec, text)
+            continue
+        written.append(part)
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -252,13 +263,25 @@ def parse_specs(spec: str) -> list[Method]:
         if kind == "dora":
             fields.setdefault("use_dora", True)
         body = ",".join(f"{k}={_render(v)}" for k, v in zip(keys, combo))
-        name = f"{kind}:{body}" if body and swept else (spec if body else kind)
+        name = f"{kind}:{body}" if body and swept else (f"{kind}:{','.join(written)}"
+                                                        if body else kind)  # fmt: skip
         rest = ",".join(f"{k}={_render(v)}" for k, v in zip(keys, combo) if k != "r")
         family = f"{kind}:{rest}" if rest else kind
         checked = dict(fields, r=1) if fields.get("r") == FULL else fields
         make_config(cls, checked, name)  # refused now, not after other runs
-        out.append(Method(name, PeftType(peft_type).value, fields, family=family))
+        out.append(Method(name, PeftType(peft_type).value, fields, lrs=lrs, family=family))
     return out
+
+
+def _rate_grid(spec: str, text: str) -> tuple[float, ...]:
+    """``lrs=[1e-3,3e-3]`` (or one rate): the method's own rate grid, never a sweep."""
+    value = _value(text)
+    rates = value if isinstance(value, list) else [value]
+    if not rates or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
+                            for x in rates):  # fmt: skip
+        raise ValueError(f"{spec}: {LRS}={text} is not a rate grid: give positive learning "
+                         f"rates, e.g. {LRS}=[1e-3,3e-3]")  # fmt: skip
+    return tuple(sorted({float(x) for x in rates}))
 
 
 def parse_spec(spec: str) -> Method:
