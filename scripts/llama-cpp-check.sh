@@ -20,8 +20,8 @@ mkdir -p "$OUT"
     exit 2
 }
 "$PYTHON" scripts/llama_cpp_check.py train "$OUT"
-base=$("$PYTHON" -c 'from cera_rs.demo import smollm2; print(smollm2.cached_dir())')
-gguf=$("$PYTHON" -c 'from cera_rs.demo import smollm2; print(smollm2.gguf_path())')
+base=$("$PYTHON" -c 'from cera_rs import smollm2; print(smollm2.cached_dir())')
+gguf=$("$PYTHON" -c 'from cera_rs import smollm2; print(smollm2.gguf_path())')
 # The user's command: a saved CeRA adapter and token ids in, a PEFT LoRA and a llama.cpp
 # adapter out.
 "$PYTHON" -m cera_rs.cli export-lora "$OUT/cera" "$OUT/lora" --data "$OUT/train.txt" \

@@ -36,14 +36,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cera_rs import save_pretrained
+from cera_rs import save_pretrained, smollm2
 from cera_rs.atomic import atomic_file, atomic_path
-from cera_rs.bench.suite import describe_machine
 from cera_rs.compare import data
 from cera_rs.compare.methods import parse_spec
 from cera_rs.compare.runner import Runner, answered, greedy_tokens
-from cera_rs.demo import smollm2
 from cera_rs.demo.llama_cpp import LlamaCpp
+from cera_rs.measure import describe_machine
 
 TIER, RANK, LR, SEED = "hard", 8, 6e-3, 0
 NAME = f"CeRA r={RANK}"

@@ -20,8 +20,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from cera_rs.cli import main
-from cera_rs.compare import data, parse_spec, read_folder, stats
-from cera_rs.compare.methods import method
+from cera_rs.compare import data, stats
+from cera_rs.compare.methods import method, parse_spec, read_folder
 
 # PEFT's method_comparison/MetaMathQA/experiments/lora/llama-3.2-3B-rank32/adapter_config.json
 # (huggingface/peft, 2026-08), field for field.
@@ -43,7 +43,7 @@ PEFT_LORA_RANK32 = {
 def test_identical_methods_give_an_interval_at_zero():
     rng = np.random.default_rng(0)
     hits = rng.random((3, 200)) < 0.4
-    d = stats.paired_bootstrap(hits, hits.copy(), ("B", "A"), resamples=2000)
+    d = stats.paired_difference(hits, hits.copy(), ("B", "A"), resamples=2000)
     assert d.mean == 0 and d.low == 0 and d.high == 0 and d.discordant == 0
     assert d.verdict == stats.TIE
     assert d.sentence().startswith("B and A are not distinguishable at this size: +0.0 points")
@@ -55,7 +55,7 @@ def test_same_skill_different_draws_is_not_distinguishable():
     rng = np.random.default_rng(1)
     p = rng.random(300)
     a, b = (rng.random((3, 300)) < p for _ in range(2))
-    d = stats.paired_bootstrap(a, b, ("B", "A"), resamples=4000)
+    d = stats.paired_difference(a, b, ("B", "A"), resamples=4000)
     assert d.low < 0 < d.high and d.verdict == stats.TIE
 
 
@@ -66,10 +66,10 @@ def test_a_planted_difference_is_found_and_its_sign_kept():
     a = rng.random((3, 400)) < 0.4
     b = a | ((rng.random(a.shape) < 0.1) & ~a)
     planted = b.mean() - a.mean()
-    d = stats.paired_bootstrap(b, a, ("B", "A"), resamples=4000)
+    d = stats.paired_difference(b, a, ("B", "A"), resamples=4000)
     assert d.verdict == stats.BETTER and 0 < d.low < planted < d.high
     assert d.sentence().startswith("B is better than A: +")
-    assert stats.paired_bootstrap(a, b, ("A", "B"), resamples=4000).verdict == stats.WORSE
+    assert stats.paired_difference(a, b, ("A", "B"), resamples=4000).verdict == stats.WORSE
 
 
 def test_seed_spread_widens_the_interval_and_one_seed_gives_no_verdict():
@@ -82,9 +82,9 @@ def test_seed_spread_widens_the_interval_and_one_seed_gives_no_verdict():
     b = a.copy()
     b[0] |= rng.random(400) < 0.3  # seed 0: much better
     b[1] &= rng.random(400) < 0.7  # seed 1: much worse
-    d = stats.paired_bootstrap(b, a, ("B", "A"), resamples=4000)
+    d = stats.paired_difference(b, a, ("B", "A"), resamples=4000)
     assert d.verdict == stats.TIE and d.high - d.low > 0.2
-    one = stats.paired_bootstrap(b[:1], a[:1], ("B", "A"), resamples=2000)
+    one = stats.paired_difference(b[:1], a[:1], ("B", "A"), resamples=2000)
     assert one.low > 0 and one.verdict == stats.TIE  # above zero on its one seed, no verdict
     assert "one seed: training's own spread is not measured" in one.sentence()
 
@@ -94,7 +94,7 @@ def test_seed_spread_widens_the_interval_and_one_seed_gives_no_verdict():
         b[seed] |= rng.random(600) < gain
     per_seed = (b.astype(float) - a).mean(axis=1)
     half = stats.t975(2) * per_seed.std(ddof=1) / np.sqrt(3)
-    d = stats.paired_bootstrap(b, a, ("B", "A"), resamples=4000)
+    d = stats.paired_difference(b, a, ("B", "A"), resamples=4000)
     assert d.low <= per_seed.mean() - half + 1e-12 and d.verdict == stats.TIE
 
 
@@ -107,7 +107,7 @@ def test_t_quantiles():
 
 def test_bootstrap_refuses_unpaired_answers():
     with pytest.raises(ValueError, match="one shape"):
-        stats.paired_bootstrap(np.ones((2, 5)), np.ones((2, 6)), ("B", "A"))
+        stats.paired_difference(np.ones((2, 5)), np.ones((2, 6)), ("B", "A"))
 
 
 def test_wilson_interval():

@@ -307,7 +307,7 @@ def test_a_grid_that_grows_keeps_the_runs_it_had(tmp_path):
 def test_the_model_digest_is_exact_and_independent_of_threads():
     """A Ray worker (one thread) checks it loaded the driver's model (two): the digest
     is the weights' bytes, not a sum whose rounding follows the thread count."""
-    from cera_rs.compare.engine import model_digest
+    from cera_rs.compare.jobs import model_digest
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4096, 256), nn.Embedding(10, 8).to(torch.bfloat16))

@@ -13,8 +13,7 @@ import pytest
 import torch
 from models import tiny_llama
 
-from cera_rs import CeraConfig, cli, get_cera_model
-from cera_rs.demo import smollm2
+from cera_rs import CeraConfig, cli, get_cera_model, smollm2
 from cera_rs.export import save_gguf_lora, to_lora
 from cera_rs.export.gguf_lora import BaseGGUF, _rope_rows
 

@@ -14,8 +14,7 @@ import trl
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-from cera_rs import CeraConfig
-from cera_rs.demo import smollm2
+from cera_rs import CeraConfig, smollm2
 
 LAST = [29]  # one layer: the test is about the folder, not the training
 

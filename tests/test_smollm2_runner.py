@@ -12,10 +12,11 @@ import pytest
 import torch
 from transformers.utils import logging as hf_logging
 
+from cera_rs import smollm2
 from cera_rs.compare import data
 from cera_rs.compare.methods import parse_spec
 from cera_rs.compare.runner import Runner, Stack, Suffix
-from cera_rs.demo import linearity, llama_cpp, phonebook, smollm2
+from cera_rs.demo import linearity, llama_cpp, phonebook
 from cera_rs.export import to_lora
 
 QV = 'target_modules=["q_proj","v_proj"]'

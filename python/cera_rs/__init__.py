@@ -5,7 +5,7 @@ frozen layer. The branch's forward and backward run in Rust (``cera_rs._native``
 Swap ``peft.LoraConfig`` for ``CeraConfig`` and keep the rest of a PEFT script.
 """
 
-import torch  # first: the extension links the libtorch that importing torch loads
+import torch  # noqa: F401  (first: the extension links the libtorch that importing torch loads)
 
 from cera_rs._native_loader import load_native
 
@@ -42,6 +42,5 @@ __all__ = [
     "load_reference_model",
     "reference_config",
     "save_pretrained",
-    "torch",
 ]
 __version__ = "0.1.0"

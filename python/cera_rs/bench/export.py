@@ -94,7 +94,7 @@ def run(layers: int, n: int, d: int, r: int, batch: int, ref_layers: int,
     makes the peaks meaningless but the run quick); the largest last."""
     import torch
 
-    from cera_rs.bench.suite import describe_machine
+    from cera_rs.measure import describe_machine
 
     cases = [("reference", ref_layers, n), ("streaming", ref_layers, n),
              ("streaming", layers, n // 4), ("streaming", layers, n)]  # fmt: skip

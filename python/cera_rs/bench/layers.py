@@ -33,9 +33,8 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from cera_rs.atomic import atomic_file
-from cera_rs.bench.measure import median_times, saved_bytes, synchronizer
-from cera_rs.bench.suite import describe_machine
 from cera_rs.layer import CeraConv, CeraEmbedding
+from cera_rs.measure import describe_machine, median_times, saved_bytes, synchronizer
 
 P = 0.1
 LORA_BOUND = 1.2
@@ -264,7 +263,7 @@ def run_model(base: nn.Module | None = None, case: ModelCase = ModelCase(),
     from cera_rs.compare.runner import Stack
 
     if base is None:
-        from cera_rs.demo import smollm2
+        from cera_rs import smollm2
 
         base, _ = smollm2.load()
     n = base.config.num_hidden_layers

@@ -23,28 +23,11 @@ from datetime import date
 from pathlib import Path
 
 from cera_rs.atomic import atomic_file
+from cera_rs.measure import peak_growth_mib, reset_peak
 
 METHODS = ("streaming", "reference")
 QUICK = {"ns": (1024, 2048), "d": 64, "batch": 256, "r": 4, "repeats": 1}
 """Tiny shapes: checks that the benchmark runs."""
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def reset_peak() -> int:
-    """Resets this process's resident high-water mark (``VmHWM``) to its resident set
-    and returns that set in KiB: the baseline for ``peak_growth_mib``."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_kib("VmRSS")
-
-
-def peak_growth_mib(baseline: int) -> float:
-    """How far the resident high-water mark rose above ``baseline`` (from ``reset_peak``)."""
-    return (_status_kib("VmHWM") - baseline) / 1024
 
 
 def _case(method: str, n: int, d: int, batch: int, r: int) -> dict:
@@ -93,7 +76,7 @@ def run(ns: tuple[int, ...] = (16384, 65536), d: int = 2048, batch: int = 4096,
     """Each (method, N) case ``repeats`` times, each time in its own subprocess, the
     methods alternating so a busy machine slows both alike; median time, largest
     peak."""
-    from cera_rs.bench.suite import describe_machine
+    from cera_rs.measure import describe_machine
 
     rows = []
     for n in ns:

@@ -11,8 +11,6 @@ timers wait for the GPU, peak memory from ``torch.cuda.max_memory_allocated``).
 from __future__ import annotations
 
 import json
-import os
-import platform
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -23,7 +21,7 @@ from tqdm import tqdm
 from cera_rs.atomic import atomic_file
 from cera_rs.bench import cases
 from cera_rs.bench.cases import Shape
-from cera_rs.bench.measure import median_times, peak_growth, saved_bytes, synchronizer
+from cera_rs.measure import describe_machine, median_times, peak_growth, saved_bytes, synchronizer
 
 DTYPES = (torch.float32, torch.bfloat16)
 HEADLINE = {"n": 4096, "d": 2048, "r": 64}
@@ -131,18 +129,6 @@ def _infer(results: Results, shape: Shape, grid: Grid) -> None:
     times = median_times({**runs, "floor": cases.branch_floor(s, backward=False)},
                          warmup=5, repeats=repeats, sync=sync)  # fmt: skip
     results.add("branch_infer", shape, times)
-
-
-def describe_machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads")  # fmt: skip
 
 
 def targets(results: Results) -> list[dict]:

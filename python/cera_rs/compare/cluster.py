@@ -19,16 +19,9 @@ from typing import Any
 import torch
 
 from cera_rs.compare.data import Problems
-from cera_rs.compare.engine import (
-    Extras,
-    Job,
-    Settings,
-    execute,
-    model_digest,
-    read_files,
-    write_files,
-)
+from cera_rs.compare.jobs import Extras, Job, execute, model_digest, read_files, write_files
 from cera_rs.compare.runner import Runner
+from cera_rs.compare.settings import Settings
 from cera_rs.extras import Needs, require
 
 RAY = Needs(("ray",), 'pip install "cera_rs[ray]"')

@@ -23,7 +23,7 @@ from cera_rs.compare.stats import (
     BELOW,
     FLAT,
     crossed_means,
-    paired_bootstrap,
+    paired_difference,
     parameter_multiplier,
 )
 
@@ -119,7 +119,7 @@ def summarise(methods: list[Method], runs_by_method: dict[str, list[dict]],
                 "sentence": mult.sentence()})  # fmt: skip
     for ceiling in [m for m in methods if m.ceiling]:
         for m in cera:
-            d = paired_bootstrap(arrays[m.name], arrays[ceiling.name], (m.name, ceiling.name),
+            d = paired_difference(arrays[m.name], arrays[ceiling.name], (m.name, ceiling.name),
                                  resamples)  # fmt: skip
             scale = arrays[m.name].shape[1] if total else 100
             unit = "bits" if total else "points"

@@ -10,99 +10,27 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
-import tempfile
-import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from peft import PeftModel
 from torch import nn
 from tqdm import tqdm
 
 from cera_rs.atomic import atomic_file, atomic_folder, check_folder_writable, remove_temporaries
 from cera_rs.compare import resolve
 from cera_rs.compare.data import Problems
-from cera_rs.compare.methods import SPECTRAL_METHODS, Method, distinct
-from cera_rs.compare.runner import Runner, Stack, Suffix
+from cera_rs.compare.jobs import Extras, Job, execute, model_digest, precision, write_files
+from cera_rs.compare.methods import Method, distinct
+from cera_rs.compare.runner import Runner, Stack
+from cera_rs.compare.settings import Settings
 
 if TYPE_CHECKING:
     from cera_rs.compare.cluster import Ray
 
 RECORD_VERSION = 2  # 2: the fingerprint holds the device kind and precision
-
-
-@dataclass
-class Settings:
-    """What every method shares. The rate grid is per method (a method folder's own
-    rate joins it); a grid wide enough that no chosen rate sits at its edge is part of
-    a fair comparison, and the report says where one does."""
-
-    steps: int = 200
-    batch: int = 16
-    lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
-    seeds: tuple[int, ...] = (0, 1, 2)
-    adapted_layers: int | None = None
-    max_seq_length: int | None = None
-    reference: str | None = None  # default: the first method
-    device: str = "auto"
-    resamples: int = 10_000
-    resolve: float | None = None  # points: add seeds until every interval is within +-resolve
-    max_seeds: int | None = None  # with resolve: the most seeds, the first ones included
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch", "resamples"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not self.lrs or not all(isinstance(x, (int, float)) and x > 0 for x in self.lrs):
-            raise ValueError(f"lrs must be positive learning rates, got {self.lrs!r}")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be distinct integers, got {self.seeds!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        self._check_resolve()
-        self.lrs, self.seeds = tuple(self.lrs), tuple(self.seeds)
-
-    def _check_resolve(self) -> None:
-        if self.resolve is None and self.max_seeds is None:
-            return
-        if self.resolve is None or self.max_seeds is None:
-            raise ValueError("resolve (--resolve D) and max_seeds (--max-seeds S) go together: "
-                             "the half-width to reach, in points, and the most seeds to run")
-        if isinstance(self.resolve, bool) or not isinstance(self.resolve, (int, float)) \
-                or not self.resolve > 0:  # fmt: skip
-            raise ValueError(f"resolve (--resolve) must be a positive number of points, got "
-                             f"{self.resolve!r}")  # fmt: skip
-        if not isinstance(self.max_seeds, int) or self.max_seeds <= len(self.seeds):
-            raise ValueError(f"max_seeds (--max-seeds) {self.max_seeds!r} is not above the "
-                             f"{len(self.seeds)} first seeds (--seeds), so resolve could add "
-                             "none")  # fmt: skip
-
-    def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device cuda: torch sees no CUDA device")
-        return torch.device(self.device)
-
-    def shared(self) -> dict[str, Any]:
-        """What a run's result depends on (not the grid, seeds or reference: a run is a
-        rate and a seed of its own)."""
-        return {"steps": self.steps, "batch": self.batch, "adapted_layers": self.adapted_layers,
-                "max_seq_length": self.max_seq_length}  # fmt: skip
-
-
-Extras = Callable[[Method, nn.Module, Runner, np.ndarray], dict]
-"""Called on each method's first-seed run at its chosen rate, after scoring, with the
-trained model and its test answers (right/wrong); what it returns is kept in that
-run's record under ``extras`` (the demo's LoRA export)."""
 
 
 @dataclass
@@ -131,38 +59,6 @@ def _key(lr: float, seed: int) -> str:
 
 def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-def model_digest(model: nn.Module) -> str:
-    """The base model's weights, hashed byte for byte: a resumed comparison refuses runs
-    of another model under the same name, and a Ray worker checks it loaded the
-    driver's model. (A sum of each tensor would not do: its rounding depends on how
-    many threads torch reduces with, which differs between the driver and a worker.)"""
-    sha = hashlib.sha256()
-    with torch.no_grad():
-        for name, p in model.state_dict().items():
-            sha.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-            sha.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return sha.hexdigest()[:16]
-
-
-def precision(device: torch.device) -> str:
-    """How the Runner computes on ``device`` (bf16 autocast on CUDA): part of a run's
-    fingerprint, so that a CPU float32 run is not reused by a CUDA comparison."""
-    return "bfloat16 autocast" if device.type == "cuda" else "float32"
-
-
-def read_files(folder: Path) -> dict[str, bytes]:
-    """A folder's files by relative path: a saved adapter as a Ray task returns it."""
-    return {p.relative_to(folder).as_posix(): p.read_bytes()
-            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
-
-
-def write_files(folder: Path, files: dict[str, bytes]) -> None:
-    for name, content in files.items():
-        path = folder / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content)
 
 
 class Store:
@@ -239,67 +135,6 @@ def merit(score: str, valid: dict) -> tuple[float, ...]:
     if score == "bits":
         return (-valid["loss"],)
     return (valid["exact_match"], -valid["loss"])
-
-
-@dataclass(frozen=True)
-class Job:
-    """One piece of a comparison: train a run (scored on the valid split), score a run
-    on the test split, or both; with no method, the base model's test answers."""
-
-    method: Method | None = None
-    lr: float = 0.0
-    seed: int = 0
-    train: bool = False
-    test: bool = False
-    first: bool = False  # the first seed's scoring: spectra, linearity, extras
-
-    def __str__(self) -> str:
-        if self.method is None:
-            return "the base model's test answers"
-        return f"{self.method.name} (lr {self.lr:g}, seed {self.seed})"
-
-
-def where(device: torch.device) -> dict[str, str]:
-    """Where a job ran: the machine, and the GPU's name or the CPU threads."""
-    if device.type == "cuda":
-        return {"node": socket.gethostname(), "device": torch.cuda.get_device_name(device)}
-    threads = torch.get_num_threads()
-    return {"node": socket.gethostname(), "device": f"cpu, {threads} thread(s)"}
-
-
-def execute(runner: Runner, job: Job, adapter: Path | None, extras: Extras | None,
-            bar: tqdm | None = None) -> dict:  # fmt: skip
-    """Does ``job`` (in this process, or on a Ray worker) and returns what the driver
-    stores: the new run's record and adapter files, its test scores (of ``adapter``,
-    the saved run, when the job does not train), or the base model's test answers."""
-    here = where(runner.device)
-    if job.method is None:
-        return {"hits": runner.generated(runner.base).astype(int).tolist(), "ran_on": here}
-    method, out = job.method, {}
-    with tempfile.TemporaryDirectory(prefix="cera-rs-run-") as tmp:
-        if job.train:
-            model = runner.build(method, job.seed)
-            stats = runner.train(model, method, job.lr, job.seed, bar)
-            runner.check_base(method)
-            model.save_pretrained(tmp)
-            out["files"] = read_files(Path(tmp))
-            hits, loss = runner.teacher_forced(model, "valid")
-            trainable, total = model.get_nb_trainable_parameters()
-            size = sum(len(b) for n, b in out["files"].items() if n.startswith("adapter_model."))
-            out["record"] = {"method": method.name, "lr": job.lr, "seed": job.seed,
-                             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                             "device": runner.device.type, "ran_on": here,
-                             "train": asdict(stats), "file_size": size,
-                             "trainable_params": trainable, "total_params": total,
-                             "valid": {"exact_match": float(hits.mean()),
-                                       "loss": loss}}  # fmt: skip
-            del model
-            adapter = Path(tmp)
-        if job.test:
-            out["test"] = {**_score(runner, method, adapter, job.seed, job.first, extras),
-                           "ran_on": here}  # fmt: skip
-            runner.check_base(method)
-    return out
 
 
 class InProcess:
@@ -519,75 +354,3 @@ class _Plan:
         tested = [self.tested[method.name][s] for s in self.seeds]
         grid[self.chosen[method.name]] = tested[0]
         return list(grid.values()) + tested[1:]
-
-
-def _score(runner: Runner, method: Method, adapter: Path, seed: int, first: bool,
-           extras: Extras | None) -> dict:  # fmt: skip
-    """The test scores of a saved run, loaded back as a user would load it: exact
-    match by greedy decoding (and how often the teacher-forced check agrees), test
-    loss; for the first seed the spectra of the adapters' output deltas and, for
-    CeRA, how much of each adapter a linear map of its rank reproduces on held-out
-    tokens."""
-    start = time.perf_counter()
-    model = PeftModel.from_pretrained(runner.copy_base(), adapter).to(runner.device).eval()
-    hits = runner.generated(model)
-    forced, nats, tokens = runner.forced_scores(model, "test")
-    out: dict[str, Any] = {"hits": hits.astype(int).tolist(), "exact_match": float(hits.mean()),
-                           "loss": float(nats.sum() / tokens),
-                           "teacher_forced_agreement": float((forced == hits).mean()),
-                           "bits": _bits(runner.base_nats("test") - nats)}  # fmt: skip
-    for name in runner.problems.extra_tests:  # e.g. phonebook's reworded prompts
-        extra = runner.generated(model, name)
-        out[name] = {"hits": extra.astype(int).tolist(), "exact_match": float(extra.mean()),
-                     "bits": _bits(runner.base_nats(name) - runner.forced_scores(model, name)[1])}
-    if first and method.peft_type in SPECTRAL_METHODS:
-        out["spectra"] = spectra(runner, model)
-        if method.peft_type == "CERA":
-            out["linearity"] = linearity(runner, model)
-    if first and extras is not None:
-        out["extras"] = extras(method, model, runner, hits)
-    out["score_time"] = time.perf_counter() - start
-    return out
-
-
-def _bits(nats_saved: np.ndarray) -> list[float]:
-    """Per problem, the information the adapter stored about its completion: the base
-    model's cross-entropy on it minus the adapted model's, in bits."""
-    return (nats_saved / np.log(2)).round(4).tolist()
-
-
-def _analysed(runner: Runner, model: PeftModel) -> nn.Module:
-    """What the analyses stream through: the adapted layers on the cached prefix
-    states when the stack is used, else the whole model on token ids."""
-    if runner.stack is not None:
-        return Suffix(runner.stack_of(model))
-    return model
-
-
-def spectra(runner: Runner, model: PeftModel) -> dict:
-    """The paper's recipe: each adapter's output delta over the test tokens (padding
-    left out), columns centred; effective rank and 90 %-energy dimension, averaged
-    over the adapted layers."""
-    from cera_rs.spectral import analyze
-
-    target = _analysed(runner, model)
-    report = analyze(target, runner.splits["test"].batches(), progress=False, center=True)
-    ranks = [m.spectrum.effective_rank for m in report.modules]
-    dims = [m.spectrum.energy_rank(0.9) for m in report.modules]
-    return {"effective_rank": float(np.mean(ranks)), "dim90": float(np.mean(dims)),
-            "layers": len(ranks)}  # fmt: skip
-
-
-def linearity(runner: Runner, model: PeftModel) -> dict:
-    """Each CeRA adapter's linearity at its rank (the share of its output energy the
-    best rank-r linear map reproduces), fitted on the training tokens and measured on
-    the test tokens, averaged over layers."""
-    from cera_rs.export import measure_linearity
-
-    target = _analysed(runner, model)
-    splits = runner.splits
-    report = measure_linearity(target, splits["train"].batches(),
-                               held_out=splits["test"].batches(), progress=False)
-    return {"linearity_at_r": report.mean("linearity_at_adapter_rank"),
-            "held_out_linearity_at_r": report.mean("held_out_linearity_at_adapter_rank"),
-            "layers": len(report)}  # fmt: skip

@@ -23,7 +23,7 @@ from cera_rs.atomic import atomic_file
 from cera_rs.compare import curves
 from cera_rs.compare.engine import Comparison
 from cera_rs.compare.methods import Method
-from cera_rs.compare.stats import Difference, paired_bootstrap, wilson
+from cera_rs.compare.stats import Difference, paired_difference, wilson
 from cera_rs.table import pct as _pct
 
 MiB = 1 << 20
@@ -44,7 +44,7 @@ def differences(comparison: Comparison) -> list[Difference]:
     """Each method against the reference (the first method unless one was named)."""
     reference = _reference(comparison)
     ref_hits = _hits(comparison, reference)
-    return [paired_bootstrap(_hits(comparison, m), ref_hits, (m.name, reference.name),
+    return [paired_difference(_hits(comparison, m), ref_hits, (m.name, reference.name),
                              resamples=comparison.settings.resamples)
             for m in comparison.methods if m is not reference]  # fmt: skip
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cera_rs.compare.stats import paired_bootstrap, seeds_needed
+from cera_rs.compare.stats import paired_difference, seeds_needed
 
 REACHED, MAX_SEEDS = "reached", "max-seeds"
 
@@ -56,7 +56,7 @@ def decide(hits: dict[str, np.ndarray], reference: str, target: float, max_seeds
     for name, h in hits.items():
         if name == reference:
             continue
-        d = paired_bootstrap(h, ref, (name, reference), resamples=resamples)
+        d = paired_difference(h, ref, (name, reference), resamples=resamples)
         half_width[name] = 100 * (d.high - d.low) / 2
         per_seed = 100 * (h.astype(np.float64) - ref).mean(axis=1)
         spread[name] = float(per_seed.std(ddof=1)) if k > 1 else None

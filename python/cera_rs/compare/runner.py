@@ -127,7 +127,7 @@ def memory_samples(device: torch.device, interval: float = 0.01) -> Iterator[lis
     """Memory in use above its level at entry, sampled every ``interval`` seconds while
     the block runs: the resident set on CPU; on a GPU the CUDA allocator's reserved
     bytes, and at the end its peak allocation."""
-    from cera_rs.bench.measure import rss_bytes, sampled
+    from cera_rs.measure import rss_bytes, sampled
 
     if device.type != "cuda":
         with sampled(rss_bytes, interval) as samples:

@@ -85,12 +85,12 @@ class Difference:
         return text + "."
 
 
-def paired_bootstrap(method: np.ndarray, reference: np.ndarray, names: tuple[str, str],
+def paired_difference(method: np.ndarray, reference: np.ndarray, names: tuple[str, str],
                      resamples: int = 10_000, seed: int = 0) -> Difference:  # fmt: skip
-    """The difference of two (seeds, problems) arrays of right/wrong answers: the
-    percentile interval of ``resamples`` crossed resamplings of seeds and problems,
-    widened to the t interval over the per-seed differences where that is wider (95 %
-    only: the t table is for 95 %). Deterministic for a given ``seed``."""
+    """The difference of two (seeds, problems) arrays of right/wrong answers, with its
+    95 % interval: the percentile interval of ``resamples`` crossed resamplings of
+    seeds and problems, widened to the t interval over the per-seed differences where
+    that is wider. Deterministic for a given ``seed``."""
     a, b = np.asarray(method, dtype=np.float64), np.asarray(reference, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 2 or a.size == 0:
         raise ValueError(f"paired answers must be two (seeds, problems) arrays of one shape; "
@@ -120,7 +120,7 @@ def paired_bootstrap(method: np.ndarray, reference: np.ndarray, names: tuple[str
 
 def crossed_means(scores: np.ndarray, resamples: int = 10_000, seed: int = 0) -> np.ndarray:
     """Each method's mean score under the same crossed resamplings of seeds and problems
-    as ``paired_bootstrap`` draws: ``scores`` is (methods, seeds, problems), the result
+    as ``paired_difference`` draws: ``scores`` is (methods, seeds, problems), the result
     (resamples, methods). Every method sees the same draws, so the pairing holds."""
     x = np.asarray(scores, dtype=np.float64)
     if x.ndim != 3 or x.size == 0:
@@ -216,7 +216,7 @@ def parameter_multiplier(method: np.ndarray, params: int, family: list[np.ndarra
                          unit: str = "points") -> Multiplier:  # fmt: skip
     """``method``'s score (a (seeds, problems) array) read off the family's curve of
     score against parameters (one array per member, ascending parameters), under the
-    paired crossed resampling ``paired_bootstrap`` uses. The curve is flat, and no
+    paired crossed resampling ``paired_difference`` uses. The curve is flat, and no
     multiplier is read, when its best member is not distinguishable from its smallest."""
     order = np.argsort(family_params)
     fam_params = np.asarray(family_params, dtype=np.float64)[order]
@@ -225,7 +225,7 @@ def parameter_multiplier(method: np.ndarray, params: int, family: list[np.ndarra
         raise ValueError(f"{names[1]}: a curve needs at least two members, got {len(fam_params)}")
     means = stacked.mean(axis=(1, 2))
     best = 1 + int(np.argmax(means[1:]))
-    rise = paired_bootstrap(stacked[best], stacked[1], (names[1], names[1]), resamples, seed)
+    rise = paired_difference(stacked[best], stacked[1], (names[1], names[1]), resamples, seed)
     draws = crossed_means(stacked, resamples, seed)
     multiples = np.array([equivalent_params(fam_params, d[1:], d[0]) for d in draws]) / params
     point = equivalent_params(fam_params, means[1:], means[0]) / params

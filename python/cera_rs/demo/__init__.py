@@ -22,8 +22,8 @@ from datetime import date
 from pathlib import Path
 
 from cera_rs.atomic import check_folder_writable
-from cera_rs.bench.suite import describe_machine
 from cera_rs.extras import DEMO_EXTRA, SMOLLM2, Needs, require
+from cera_rs.measure import describe_machine
 
 REPORT_NEEDS = Needs(("matplotlib",), DEMO_EXTRA)
 """The report's figures."""

@@ -26,11 +26,12 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from cera_rs import smollm2
 from cera_rs.compare.curves import PAPER_MULTIPLIER
 from cera_rs.compare.methods import Method, parse_specs
 from cera_rs.compare.runner import Runner, Suffix
 from cera_rs.compare.stats import ABOVE, BELOW, FLAT, TIE, wilson
-from cera_rs.demo import linearity, llama_cpp, smollm2
+from cera_rs.demo import linearity, llama_cpp
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """Where facts can live in a block: its attention and MLP projections."""

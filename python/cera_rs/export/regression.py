@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from cera_rs import _native
-from cera_rs.spectral.core import Spectrum, _as_tensor, all_reduce_state
+from cera_rs.spectral.core import Spectrum, all_reduce_state, as_tensor
 
 STATE_KEYS = ("xx", "yx", "sum_x", "sum_y", "sum_yy")
 
@@ -131,7 +131,7 @@ class StreamingRegression:
     def update(self, x: Tensor | np.ndarray, y: Tensor | np.ndarray) -> None:
         """Adds the token pairs of ``x`` ``(..., d_in)`` and ``y`` ``(..., d_out)``
         (same leading shape). A rejected batch leaves the state as it was."""
-        self._native.update(_as_tensor(x, "x"), _as_tensor(y, "y"))
+        self._native.update(as_tensor(x, "x"), as_tensor(y, "y"))
 
     def merge(self, other: StreamingRegression) -> None:
         """Adds the tokens ``other`` has seen (``other`` is left as it is)."""

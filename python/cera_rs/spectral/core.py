@@ -18,7 +18,9 @@ ENERGY_TAUS = (0.90, 0.95, 0.99)
 """The energy-rank thresholds every report shows."""
 
 
-def _as_tensor(value: Any, what: str) -> Tensor:
+def as_tensor(value: Any, what: str) -> Tensor:
+    """``value`` as a tensor (a numpy array shares its memory); anything else is a
+    TypeError naming ``what``: the input check the spectral and regression engines share."""
     if isinstance(value, Tensor):
         return value
     if isinstance(value, np.ndarray):
@@ -107,7 +109,7 @@ class Spectrum:
 
 def spectrum(matrix: Tensor | np.ndarray, rank: int | None = None) -> Spectrum:
     """The spectrum of a 2-D matrix (any real dtype; computed in float64)."""
-    return Spectrum(_native.spectrum(_as_tensor(matrix, "matrix")), rank)
+    return Spectrum(_native.spectrum(as_tensor(matrix, "matrix")), rank)
 
 
 def lowrank_spectra(
@@ -118,7 +120,7 @@ def lowrank_spectra(
     ranks = ranks if ranks is not None else [None] * len(factors)
     if len(ranks) != len(factors):
         raise ValueError(f"{len(factors)} factor pairs but {len(ranks)} ranks")
-    pairs = [(_as_tensor(b, "B"), _as_tensor(a, "A")) for b, a in factors]
+    pairs = [(as_tensor(b, "B"), as_tensor(a, "A")) for b, a in factors]
     return [Spectrum(s, r) for s, r in zip(_native.lowrank_spectra(pairs), ranks)]
 
 
@@ -168,7 +170,7 @@ class StreamingSpectrum:
     def update(self, rows: Tensor | np.ndarray) -> None:
         """Adds every row of ``rows`` (any leading shape, last dimension ``dim``).
         A rejected batch leaves the accumulated rows as they were."""
-        rows = _as_tensor(rows, "rows")
+        rows = as_tensor(rows, "rows")
         if rows.is_nested:
             raise TypeError(
                 "update takes a dense tensor of rows, not a nested tensor: "

