@@ -6,6 +6,8 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
+# what ruff checks and formats (`ruff format --check` in `make test`: the formatter is the style)
+PY_SOURCES := python tests build_backend scripts fuzz docs/cli_hook.py
 NATIVE := python/cera_rs/_native.abi3.so
 RUST_SRC := $(shell find src -name '*.rs') Cargo.toml build.rs
 # installed beside the package by maturin: the .pth hook that registers CeRA with PEFT
@@ -66,7 +68,8 @@ lint: $(NATIVE)
 	cargo fmt --check
 	cargo clippy --all-targets --quiet -- -D warnings
 	cargo clippy --all-targets --features python --quiet -- -D warnings
-	$(VENV)/bin/ruff check python tests build_backend
+	$(VENV)/bin/ruff check $(PY_SOURCES)
+	$(VENV)/bin/ruff format --check $(PY_SOURCES)
 
 test-rust: $(VENV)/.installed
 	LD_LIBRARY_PATH=$(TORCH_LIB) cargo test --quiet

@@ -64,8 +64,10 @@ def _fail(message: str) -> None:
 try:
     import maturin
 except ImportError:  # --no-build-isolation without maturin installed
-    _fail("cera_rs builds with maturin, which is not installed in this environment: "
-          "pip install 'maturin>=1.7,<2', then build again with --no-build-isolation")  # fmt: skip
+    _fail(
+        "cera_rs builds with maturin, which is not installed in this environment: "
+        "pip install 'maturin>=1.7,<2', then build again with --no-build-isolation"
+    )
 
 
 def _minor(version: str) -> tuple[int, int]:
@@ -121,18 +123,24 @@ def apply_patch(text: str, patch: str) -> str:
                 old.append(body)
             elif kind == "+":
                 new.append(body)
-        starts = [i for i in range(len(lines) - len(old) + 1) if lines[i:i + len(old)] == old]
+        starts = [i for i in range(len(lines) - len(old) + 1) if lines[i : i + len(old)] == old]
         if len(starts) != 1:
-            raise BuildError(f"{PATCH.name} does not apply to this torch-sys "
-                             f"({len(starts)} places match a hunk)")  # fmt: skip
-        lines[starts[0]:starts[0] + len(old)] = new
+            raise BuildError(
+                f"{PATCH.name} does not apply to this torch-sys ({len(starts)} places match a hunk)"
+            )
+        lines[starts[0] : starts[0] + len(old)] = new
     return "\n".join(lines)
 
 
 def torch_sys_source(env: dict[str, str]) -> Path:
     """The registry copy of torch-sys that Cargo.lock names (fetched if need be)."""
-    run = subprocess.run(["cargo", "metadata", "--format-version", "1"], cwd=ROOT, env=env,
-                         capture_output=True, text=True)  # fmt: skip
+    run = subprocess.run(
+        ["cargo", "metadata", "--format-version", "1"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if run.returncode != 0:
         raise BuildError(f"cargo metadata failed: {run.stderr.strip().splitlines()[-1:]}")
     packages = json.loads(run.stdout)["packages"]
@@ -177,8 +185,9 @@ def build_environment(version: str, folder: Path) -> tuple[dict[str, str], list[
     if os.name == "nt":  # python.exe: torch-sys runs that name
         env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"
     else:
-        env["PATH"] = f"{_python_shims(work / 'bin')}{os.pathsep}{bindir}{os.pathsep}" \
-                      f"{env.get('PATH', '')}"  # fmt: skip
+        env["PATH"] = (
+            f"{_python_shims(work / 'bin')}{os.pathsep}{bindir}{os.pathsep}{env.get('PATH', '')}"
+        )
     args = ["--target-dir", str(work / "target")]
     if _minor(version) != TCH_TORCH_MINOR:
         env["LIBTORCH_BYPASS_VERSION_CHECK"] = "1"

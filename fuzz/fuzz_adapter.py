@@ -71,15 +71,19 @@ def valid_files() -> tuple[bytes, bytes]:
         torch.manual_seed(0)
         model = get_cera_model(Tiny(), CeraConfig(r=2, target_modules=["q_proj", "v_proj"]))
         model.save_pretrained(tmp)
-        return ((Path(tmp) / "adapter_config.json").read_bytes(),
-                (Path(tmp) / "adapter_model.safetensors").read_bytes())  # fmt: skip
+        return (
+            (Path(tmp) / "adapter_config.json").read_bytes(),
+            (Path(tmp) / "adapter_model.safetensors").read_bytes(),
+        )
 
 
 def reference_state() -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
-    return {f"{name}.cera.{part}.weight": torch.randn(shape, generator=gen)
-            for name in ("q_proj", "v_proj")
-            for part, shape in (("A", (2, 8)), ("B", (8, 2)))}  # fmt: skip
+    return {
+        f"{name}.cera.{part}.weight": torch.randn(shape, generator=gen)
+        for name in ("q_proj", "v_proj")
+        for part, shape in (("A", (2, 8)), ("B", (8, 2)))
+    }
 
 
 VALID_CONFIG, VALID_WEIGHTS = valid_files()
@@ -104,8 +108,25 @@ def load_reference(data: bytes) -> None:
         model(X)
 
 
-TOKENS = ["q_proj", "v_proj", "all-linear", "CERA", "LORA", "silu", "relu", "identity",
-          "none", "all", "cera_only", "CAUSAL_LM", "((", ".*", "", "layers", "default"]
+TOKENS = [
+    "q_proj",
+    "v_proj",
+    "all-linear",
+    "CERA",
+    "LORA",
+    "silu",
+    "relu",
+    "identity",
+    "none",
+    "all",
+    "cera_only",
+    "CAUSAL_LM",
+    "((",
+    ".*",
+    "",
+    "layers",
+    "default",
+]
 
 
 def fuzz_value(fdp: atheris.FuzzedDataProvider, depth: int = 0) -> object:
@@ -124,8 +145,10 @@ def fuzz_value(fdp: atheris.FuzzedDataProvider, depth: int = 0) -> object:
         return fdp.PickValueInList(TOKENS)
     if kind in (6, 7):
         return [fuzz_value(fdp, depth + 1) for _ in range(fdp.ConsumeIntInRange(0, 3))]
-    return {fdp.PickValueInList(TOKENS): fuzz_value(fdp, depth + 1)
-            for _ in range(fdp.ConsumeIntInRange(0, 3))}  # fmt: skip
+    return {
+        fdp.PickValueInList(TOKENS): fuzz_value(fdp, depth + 1)
+        for _ in range(fdp.ConsumeIntInRange(0, 3))
+    }
 
 
 def structured_config(body: bytes) -> bytes:
@@ -168,8 +191,8 @@ def make_corpus() -> None:
     seeds = {
         "config_valid": b"\x00" + VALID_CONFIG,
         "config_rank3": b"\x00" + json.dumps({**config, "r": 3}).encode(),
-        "config_relu_list_targets": b"\x00" + json.dumps(
-            {**config, "activation": "relu", "target_modules": ["v_proj"]}).encode(),
+        "config_relu_list_targets": b"\x00"
+        + json.dumps({**config, "activation": "relu", "target_modules": ["v_proj"]}).encode(),
         "config_minimal": b"\x00" + json.dumps({"peft_type": "CERA", "r": 2}).encode(),
         "weights_valid": b"\x01" + VALID_WEIGHTS,
         "weights_truncated": b"\x01" + VALID_WEIGHTS[: len(VALID_WEIGHTS) // 2],

@@ -89,8 +89,15 @@ def f32_gguf(source: Path, target: Path) -> None:
 def _runner(base, tokenizer, adapted_layers: int | None) -> Runner:
     """The hard-tier problems, encoded as ``cera_rs.compare`` trains and scores them."""
     problems = data.tier(TIER, *SIZES)
-    return Runner(base, tokenizer, problems, steps=STEPS, batch=BATCH,
-                  adapted_layers=adapted_layers, device=torch.device("cpu"))  # fmt: skip
+    return Runner(
+        base,
+        tokenizer,
+        problems,
+        steps=STEPS,
+        batch=BATCH,
+        adapted_layers=adapted_layers,
+        device=torch.device("cpu"),
+    )
 
 
 def _ids_file(path: Path, encoded: data.Encoded) -> None:
@@ -122,15 +129,19 @@ def _pytorch_speed(model, ids: list[int], new_tokens: int, repeats: int) -> floa
     prompt = torch.tensor([ids])
     for _ in range(repeats):
         start = time.perf_counter()
-        model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                       max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                       pad_token_id=0)  # fmt: skip
+        model.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            pad_token_id=0,
+        )
         best = max(best, new_tokens / (time.perf_counter() - start))
     return best
 
 
-def _engines(pytorch, gguf: Path, lora: Path | None, sequences, encoded: data.Encoded,
-             tokenizer):  # fmt: skip
+def _engines(pytorch, gguf: Path, lora: Path | None, sequences, encoded: data.Encoded, tokenizer):
     """PyTorch against llama.cpp on the same token ids: logits everywhere, greedy
     continuations; and llama.cpp's logits, to measure the adapter's effect."""
     runner = LlamaCpp(gguf, lora)
@@ -148,10 +159,14 @@ def _engines(pytorch, gguf: Path, lora: Path | None, sequences, encoded: data.En
     finally:
         runner.close()
     torch_rows = greedy_tokens(pytorch, prompts, budget, eos)
-    texts = [[tokenizer.decode(r, skip_special_tokens=True) for r in rows]
-             for rows in (torch_rows, llama_rows)]  # fmt: skip
-    hits = [np.array([answered(tokenizer, r, a, eos) for r, (_, a) in zip(rows, items)])
-            for rows in (torch_rows, llama_rows)]  # fmt: skip
+    texts = [
+        [tokenizer.decode(r, skip_special_tokens=True) for r in rows]
+        for rows in (torch_rows, llama_rows)
+    ]
+    hits = [
+        np.array([answered(tokenizer, r, a, eos) for r, (_, a) in zip(rows, items)])
+        for rows in (torch_rows, llama_rows)
+    ]
     return {
         "max_abs_logit_diff": max(diffs),
         "mean_max_abs_logit_diff": float(np.mean(diffs)),
@@ -161,9 +176,12 @@ def _engines(pytorch, gguf: Path, lora: Path | None, sequences, encoded: data.En
         "same_verdict": float((hits[0] == hits[1]).mean()),
         "pytorch_exact_match": float(hits[0].mean()),
         "llama_cpp_exact_match": float(hits[1].mean()),
-        "disagreements": [{"prompt": items[i][0], "pytorch": texts[0][i], "llama_cpp": texts[1][i]}
-                          for i in range(len(items)) if torch_rows[i] != llama_rows[i]][:10],
-    }, theirs_all  # fmt: skip
+        "disagreements": [
+            {"prompt": items[i][0], "pytorch": texts[0][i], "llama_cpp": texts[1][i]}
+            for i in range(len(items))
+            if torch_rows[i] != llama_rows[i]
+        ][:10],
+    }, theirs_all
 
 
 def _speeds(merged, base, gguf: Path, lora: Path, prompt: list[int], rounds: int = 3) -> dict:
@@ -202,30 +220,36 @@ def compare(out: Path) -> int:
     adapter = out / "adapter.gguf"
     runs, effect = {}, {}
     for name, gguf in (("f32", f32), ("q4_1", q4)):
-        adapted, with_logits = _engines(merged.eval(), gguf, adapter, sequences, encoded,
-                                        tokenizer)  # fmt: skip
+        adapted, with_logits = _engines(merged.eval(), gguf, adapter, sequences, encoded, tokenizer)
         plain, without_logits = _engines(base, gguf, None, sequences, encoded, tokenizer)
         runs[name] = {"with_adapter": adapted, "base_only": plain}
-        effect[name] = max(float(np.abs(a - p).max()) for a, p in zip(with_logits,
-                                                                     without_logits))  # fmt: skip
+        effect[name] = max(float(np.abs(a - p).max()) for a, p in zip(with_logits, without_logits))
     speed = _speeds(merged, base, q4, adapter, prompts[0])
     strict = runs["f32"]["with_adapter"]
+    moved = min(effect.values()) > 100 * LOGIT_TOL
+    near = strict["max_abs_logit_diff"] <= LOGIT_TOL
+    same = strict["same_continuation"] == 1.0
     checks = {
-        "the adapter moves llama.cpp's logits (it is applied), by over 100x the tolerance":
-            min(effect.values()) > 100 * LOGIT_TOL,
-        f"F32 base: PyTorch merged LoRA and llama.cpp GGUF adapter logits within {LOGIT_TOL}":
-            strict["max_abs_logit_diff"] <= LOGIT_TOL,
-        "F32 base: the same greedy continuation on every test problem":
-            strict["same_continuation"] == 1.0,
-    }  # fmt: skip
+        "the adapter moves llama.cpp's logits (it is applied), by over 100x the tolerance": moved,
+        f"F32 base: PyTorch merged LoRA and llama.cpp GGUF adapter logits within {LOGIT_TOL}": near,
+        "F32 base: the same greedy continuation on every test problem": same,
+    }
     result = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": describe_machine(), "llama_cpp_python": _llama_cpp_version(),
-        "problems": len(items), "tier": TIER, "method": NAME, "lora_rank": RANK,
-        "cera_exact_match": float(cera_hits.mean()), "runs": runs,
-        "adapter_effect_max_abs_logit": effect, "tokens_per_s": speed,
-        "logit_tolerance": LOGIT_TOL, "checks": checks, "ok": all(checks.values()),
-    }  # fmt: skip
+        "machine": describe_machine(),
+        "llama_cpp_python": _llama_cpp_version(),
+        "problems": len(items),
+        "tier": TIER,
+        "method": NAME,
+        "lora_rank": RANK,
+        "cera_exact_match": float(cera_hits.mean()),
+        "runs": runs,
+        "adapter_effect_max_abs_logit": effect,
+        "tokens_per_s": speed,
+        "logit_tolerance": LOGIT_TOL,
+        "checks": checks,
+        "ok": all(checks.values()),
+    }
     with atomic_file(out / "llama-cpp-check.json") as f:
         json.dump(result, f, indent=2)
     _print(result)
@@ -239,25 +263,40 @@ def _llama_cpp_version() -> str:
 
 
 def _print(result: dict) -> None:
-    print(f"{result['problems']} held-out problems ({TIER} tier), {NAME} exported at "
-          f"rank {RANK}; {result['machine']}; llama-cpp-python "
-          f"{result['llama_cpp_python']}")  # fmt: skip
-    print("| PyTorch vs llama.cpp | F32 base + adapter | F32 base | Q4_1 base + adapter | "
-          "Q4_1 base |\n|---|---:|---:|---:|---:|")  # fmt: skip
+    print(
+        f"{result['problems']} held-out problems ({TIER} tier), {NAME} exported at "
+        f"rank {RANK}; {result['machine']}; llama-cpp-python "
+        f"{result['llama_cpp_python']}"
+    )
+    print(
+        "| PyTorch vs llama.cpp | F32 base + adapter | F32 base | Q4_1 base + adapter | "
+        "Q4_1 base |\n|---|---:|---:|---:|---:|"
+    )
     runs = result["runs"]
-    for key, fmt in (("same_answer", "{:.1%}"), ("same_continuation", "{:.1%}"),
-                     ("top1_agreement_all_positions", "{:.2%}"),
-                     ("max_abs_logit_diff", "{:.4f}"), ("mean_max_abs_logit_diff", "{:.4f}"),
-                     ("pytorch_exact_match", "{:.1%}"),
-                     ("llama_cpp_exact_match", "{:.1%}")):  # fmt: skip
-        cells = [fmt.format(runs[b][side][key]) for b in ("f32", "q4_1")
-                 for side in ("with_adapter", "base_only")]  # fmt: skip
+    for key, fmt in (
+        ("same_answer", "{:.1%}"),
+        ("same_continuation", "{:.1%}"),
+        ("top1_agreement_all_positions", "{:.2%}"),
+        ("max_abs_logit_diff", "{:.4f}"),
+        ("mean_max_abs_logit_diff", "{:.4f}"),
+        ("pytorch_exact_match", "{:.1%}"),
+        ("llama_cpp_exact_match", "{:.1%}"),
+    ):
+        cells = [
+            fmt.format(runs[b][side][key])
+            for b in ("f32", "q4_1")
+            for side in ("with_adapter", "base_only")
+        ]
         print(f"| {key} | " + " | ".join(cells) + " |")
-    print(f"CeRA adapter's own exact match (PyTorch): {result['cera_exact_match']:.1%}; the "
-          f"adapter moves llama.cpp's logits by up to "
-          f"{max(result['adapter_effect_max_abs_logit'].values()):.1f}")  # fmt: skip
-    print("tokens/s, greedy, batch 1: " + ", ".join(
-        f"{k} {v:.0f}" for k, v in result["tokens_per_s"].items()))  # fmt: skip
+    print(
+        f"CeRA adapter's own exact match (PyTorch): {result['cera_exact_match']:.1%}; the "
+        f"adapter moves llama.cpp's logits by up to "
+        f"{max(result['adapter_effect_max_abs_logit'].values()):.1f}"
+    )
+    print(
+        "tokens/s, greedy, batch 1: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in result["tokens_per_s"].items())
+    )
     for name, passed in result["checks"].items():
         print(f"{'ok  ' if passed else 'FAIL'} {name}")
 

@@ -50,8 +50,9 @@ def hqq(model: nn.Module) -> nn.Module:
 
     config = BaseQuantizeConfig(nbits=4, group_size=16)
     for name in TARGETS:
-        layer = HQQLinear(getattr(model, name), quant_config=config,
-                          compute_dtype=torch.float32, device="cpu")  # fmt: skip
+        layer = HQQLinear(
+            getattr(model, name), quant_config=config, compute_dtype=torch.float32, device="cpu"
+        )
         setattr(model, name, layer)
     return model
 
@@ -62,8 +63,9 @@ def bnb_4bit(model: nn.Module) -> nn.Module:
     for name in TARGETS:
         old = getattr(model, name)
         layer = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type="nf4")
-        layer.weight = bnb.nn.Params4bit(old.weight.data.clone(), requires_grad=False,
-                                         quant_type="nf4")  # fmt: skip
+        layer.weight = bnb.nn.Params4bit(
+            old.weight.data.clone(), requires_grad=False, quant_type="nf4"
+        )
         layer.bias = nn.Parameter(old.bias.data.clone(), requires_grad=False)
         setattr(model, name, layer.to("cpu"))
     return model
@@ -75,8 +77,9 @@ def bnb_8bit(model: nn.Module) -> nn.Module:
     for name in TARGETS:
         old = getattr(model, name)
         layer = bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False)
-        layer.weight = bnb.nn.Int8Params(old.weight.data.clone(), requires_grad=False,
-                                         has_fp16_weights=False)  # fmt: skip
+        layer.weight = bnb.nn.Int8Params(
+            old.weight.data.clone(), requires_grad=False, has_fp16_weights=False
+        )
         layer.bias = nn.Parameter(old.bias.data.clone(), requires_grad=False)
         setattr(model, name, layer.to("cpu"))
     return model
@@ -90,9 +93,13 @@ def quanto(model: nn.Module) -> nn.Module:
     return model
 
 
-BACKENDS = {"torchao int8 weight-only": torchao, "HQQ 4-bit": hqq,
-            "bitsandbytes 4-bit": bnb_4bit, "bitsandbytes 8-bit": bnb_8bit,
-            "optimum-quanto int8": quanto}  # fmt: skip
+BACKENDS = {
+    "torchao int8 weight-only": torchao,
+    "HQQ 4-bit": hqq,
+    "bitsandbytes 4-bit": bnb_4bit,
+    "bitsandbytes 8-bit": bnb_8bit,
+    "optimum-quanto int8": quanto,
+}
 
 
 def quantized(quantize) -> nn.Module:
@@ -102,15 +109,23 @@ def quantized(quantize) -> nn.Module:
 
 def check(quantize, config) -> str:
     model = get_peft_model(quantized(quantize), config)
-    kinds = sorted({type(m.base_layer).__name__ for n, m in model.named_modules()
-                    if n.endswith(tuple(TARGETS)) and hasattr(m, "base_layer")})  # fmt: skip
+    kinds = sorted(
+        {
+            type(m.base_layer).__name__
+            for n, m in model.named_modules()
+            if n.endswith(tuple(TARGETS)) and hasattr(m, "base_layer")
+        }
+    )
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(32, 64, generator=gen), torch.randn(32, 8, generator=gen)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     # quantized weights are tensor subclasses (torchao, quanto) without torch.equal: the
     # plain float parameters are compared, and the quantized ones must not require grad
-    plain = {n: p for n, p in model.named_parameters()
-             if type(p.data) is torch.Tensor and p.dtype.is_floating_point}  # fmt: skip
+    plain = {
+        n: p
+        for n, p in model.named_parameters()
+        if type(p.data) is torch.Tensor and p.dtype.is_floating_point
+    }
     assert not any(p.requires_grad for n, p in model.named_parameters() if n not in plain)
     before = {n: p.detach().clone() for n, p in plain.items()}
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -122,8 +137,11 @@ def check(quantize, config) -> str:
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    changed = {n for n, p in model.named_parameters()
-               if n in before and not torch.equal(p.detach(), before[n])}  # fmt: skip
+    changed = {
+        n
+        for n, p in model.named_parameters()
+        if n in before and not torch.equal(p.detach(), before[n])
+    }
     assert changed == trainable and trainable, f"changed {sorted(changed - trainable)}"
     assert losses[-1] < losses[0], f"loss did not fall: {losses}"
     model.eval()
@@ -142,8 +160,10 @@ def main() -> int:
     print(f"torch {torch.__version__}, cera_rs {cera_rs.__version__}")
     failures = 0
     for name, quantize in BACKENDS.items():
-        configs = (("CeRA", CeraConfig(r=8, target_modules=TARGETS, init_weights=False)),
-                   ("LoRA", LoraConfig(r=8, target_modules=TARGETS, init_lora_weights=False)))
+        configs = (
+            ("CeRA", CeraConfig(r=8, target_modules=TARGETS, init_weights=False)),
+            ("LoRA", LoraConfig(r=8, target_modules=TARGETS, init_lora_weights=False)),
+        )
         for method, config in configs:
             try:
                 result = check(quantize, config)

@@ -39,15 +39,19 @@ def gradcheck() -> str:
     from cera_rs import cera_delta
 
     gen = torch.Generator().manual_seed(0)
-    x, a, b = (torch.randn(*s, dtype=torch.float64, generator=gen, requires_grad=True)
-               for s in ((6, 5), (3, 5), (4, 3)))  # fmt: skip
+    x, a, b = (
+        torch.randn(*s, dtype=torch.float64, generator=gen, requires_grad=True)
+        for s in ((6, 5), (3, 5), (4, 3))
+    )
     for activation in ("silu", "relu", "identity"):
+
         def fn(x, a, b, activation=activation):
             return cera_delta(x, a, b, activation=activation)
 
         assert torch.autograd.gradcheck(fn, (x, a, b)), activation
-        expected = {"silu": torch.nn.functional.silu, "relu": torch.relu,
-                    "identity": lambda t: t}[activation]  # fmt: skip
+        expected = {"silu": torch.nn.functional.silu, "relu": torch.relu, "identity": lambda t: t}[
+            activation
+        ]
         torch.testing.assert_close(fn(x, a, b), expected(x @ a.T) @ b.T)
     return "silu, relu, identity"
 
@@ -56,16 +60,20 @@ def gradcheck() -> str:
 def quick_start() -> str:
     code = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)[0]
     with tempfile.TemporaryDirectory() as folder:
-        run = subprocess.run([sys.executable, "-c", code], cwd=folder, capture_output=True,
-                             text=True, timeout=600)  # fmt: skip
+        run = subprocess.run(
+            [sys.executable, "-c", code], cwd=folder, capture_output=True, text=True, timeout=600
+        )
         assert run.returncode == 0, run.stderr[-3000:]
         assert "step 2: loss" in run.stdout, run.stdout
         # and a process that never imports cera_rs loads the adapter through PEFT alone
-        load = ("import sys\nfrom peft import PeftConfig\n"
-                "config = PeftConfig.from_pretrained('cera-adapter')\n"
-                "print(type(config).__name__)")  # fmt: skip
-        run = subprocess.run([sys.executable, "-c", load], cwd=folder, capture_output=True,
-                             text=True, timeout=300)  # fmt: skip
+        load = (
+            "import sys\nfrom peft import PeftConfig\n"
+            "config = PeftConfig.from_pretrained('cera-adapter')\n"
+            "print(type(config).__name__)"
+        )
+        run = subprocess.run(
+            [sys.executable, "-c", load], cwd=folder, capture_output=True, text=True, timeout=300
+        )
         assert run.stdout.strip() == "CeraConfig", run.stderr[-3000:]
     return "ok"
 
@@ -79,10 +87,16 @@ def autocast_step() -> str:
     from cera_rs import CeraConfig
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4)  # fmt: skip
-    model = get_peft_model(LlamaForCausalLM(config),
-                           CeraConfig(r=4, target_modules=["q_proj", "v_proj"]))  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+    )
+    model = get_peft_model(
+        LlamaForCausalLM(config), CeraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.randint(0, 128, (2, 12))
     losses = []

@@ -38,11 +38,15 @@ def rewrite(metadata: Path, minors: list[str]) -> str:
     """Replaces the one unconditional ``Requires-Dist: torch`` line of ``metadata`` (an
     extra's pin, ``; extra == 'dev'``, stays); returns the new one."""
     lines = metadata.read_text().split("\n")
-    found = [i for i, line in enumerate(lines) if ";" not in line and re.fullmatch(
-        r"Requires-Dist:\s*torch\s*[<>=!~].*", line)]  # fmt: skip
+    found = [
+        i
+        for i, line in enumerate(lines)
+        if ";" not in line and re.fullmatch(r"Requires-Dist:\s*torch\s*[<>=!~].*", line)
+    ]
     if len(found) != 1:
-        raise ValueError(f"{metadata}: expected one Requires-Dist line for torch, found "
-                         f"{len(found)}")  # fmt: skip
+        raise ValueError(
+            f"{metadata}: expected one Requires-Dist line for torch, found {len(found)}"
+        )
     lines[found[0]] = f"Requires-Dist: {requirement(minors)}"
     metadata.write_text("\n".join(lines))
     return lines[found[0]]

@@ -54,8 +54,19 @@ class Wrapper(nn.Module):
         return base + self.cera(x).to(base.dtype)
 
 
-def adapt(model, *, rank=4, targets=("q_proj", "v_proj"), variant="legacy", act_fn="silu",
-          dropout=0.1, alpha=None, dtype=None, seed=0, layers=None):  # fmt: skip
+def adapt(
+    model,
+    *,
+    rank=4,
+    targets=("q_proj", "v_proj"),
+    variant="legacy",
+    act_fn="silu",
+    dropout=0.1,
+    alpha=None,
+    dtype=None,
+    seed=0,
+    layers=None,
+):
     """Wraps the named projections of every decoder layer of a Llama (of the layers
     with these indices: their ``layer_indices``), in place."""
     torch.manual_seed(seed)
@@ -67,35 +78,62 @@ def adapt(model, *, rank=4, targets=("q_proj", "v_proj"), variant="legacy", act_
         for group in (layer.self_attn, layer.mlp):
             for name, module in list(group.named_children()):
                 if name in targets:
-                    wrapper = Wrapper(module, rank=rank, variant=variant, act_fn=act_fn,
-                                      dropout=dropout, scale=scale,
-                                      dtype=dtype or module.weight.dtype)  # fmt: skip
+                    wrapper = Wrapper(
+                        module,
+                        rank=rank,
+                        variant=variant,
+                        act_fn=act_fn,
+                        dropout=dropout,
+                        scale=scale,
+                        dtype=dtype or module.weight.dtype,
+                    )
                     setattr(group, name, wrapper)
     return model
 
 
-def config_of(*, rank=4, targets=("q_proj", "v_proj"), variant="legacy", act_fn="silu",
-              dropout=0.1, alpha=None, dtype="float32", version=2):  # fmt: skip
+def config_of(
+    *,
+    rank=4,
+    targets=("q_proj", "v_proj"),
+    variant="legacy",
+    act_fn="silu",
+    dropout=0.1,
+    alpha=None,
+    dtype="float32",
+    version=2,
+):
     """The metadata their training script stores with a fixed-rank CeRA checkpoint."""
     alpha = rank if alpha is None else alpha
     config = {
-        "pipeline": "peft", "model": "tiny-llama", "model_type": "CeRA", "dataset": "math",
-        "rank": rank, "lr": 3e-4, "dropout": dropout, "act_fn": act_fn,
-        "cera_variant": variant, "recurrent_steps": 0, "alpha": None,
-        "target_modules": ",".join(targets), "epochs": 1, "seed": 42,
-    }  # fmt: skip
+        "pipeline": "peft",
+        "model": "tiny-llama",
+        "model_type": "CeRA",
+        "dataset": "math",
+        "rank": rank,
+        "lr": 3e-4,
+        "dropout": dropout,
+        "act_fn": act_fn,
+        "cera_variant": variant,
+        "recurrent_steps": 0,
+        "alpha": None,
+        "target_modules": ",".join(targets),
+        "epochs": 1,
+        "seed": 42,
+    }
     if version >= 2:
         config.update(
-            cera_format_version=version, rank_mode="fixed",
-            scale=alpha / rank if variant == "peft_aligned" else 1.0, alpha=alpha,
+            cera_format_version=version,
+            rank_mode="fixed",
+            scale=alpha / rank if variant == "peft_aligned" else 1.0,
+            alpha=alpha,
             adapter_dtype=dtype,
-            initialization="kaiming_uniform_A_zero_B" if variant == "peft_aligned"
+            initialization="kaiming_uniform_A_zero_B"
+            if variant == "peft_aligned"
             else "kaiming_normal_A_zero_B",
             dropout_position="input" if variant == "peft_aligned" else "post_activation",
-        )  # fmt: skip
+        )
     else:
-        config.update(cera_format_version=1, rank_mode="fixed", scale=1.0,
-                      adapter_dtype=dtype)  # fmt: skip
+        config.update(cera_format_version=1, rank_mode="fixed", scale=1.0, adapter_dtype=dtype)
     return config
 
 
@@ -103,10 +141,19 @@ def train_py_config(*, rank=4, targets=("q_proj", "v_proj"), act_fn="silu", drop
     """The config their ``train.py`` builds for a CeRA run: it goes into the run log only,
     never into the checkpoint."""
     return {
-        "model": "tiny-llama", "model_type": "CeRA", "dataset": "math", "rank": rank,
-        "lr": 5e-4, "dropout": dropout, "act_fn": act_fn, "alpha": None,
-        "target_modules": ",".join(targets), "epochs": 3, "grad_accum": 16, "batch_size": 4,
-    }  # fmt: skip
+        "model": "tiny-llama",
+        "model_type": "CeRA",
+        "dataset": "math",
+        "rank": rank,
+        "lr": 5e-4,
+        "dropout": dropout,
+        "act_fn": act_fn,
+        "alpha": None,
+        "target_modules": ",".join(targets),
+        "epochs": 3,
+        "grad_accum": 16,
+        "batch_size": 4,
+    }
 
 
 def write_run_log(folder, config, model_type="CeRA"):
@@ -122,13 +169,22 @@ def save(model, path, *, config=None, legacy_names=False, wrapped=True, write=Tr
     the state dict (alone: ``write=False`` writes nothing)."""
     state = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     if legacy_names:
-        state = {name.replace(".cera.A.", ".cera.up_proj.").replace(".cera.B.", ".cera.down_proj."):
-                 value for name, value in state.items()}  # fmt: skip
+        state = {
+            name.replace(".cera.A.", ".cera.up_proj.").replace(
+                ".cera.B.", ".cera.down_proj."
+            ): value
+            for name, value in state.items()
+        }
     if not write:
         return state
     if wrapped:
-        payload = {"step": 10, "data_count": 640, "model_type": "CeRA",
-                   "model_state_dict": state, "metrics": {"test_loss": 1.5}}  # fmt: skip
+        payload = {
+            "step": 10,
+            "data_count": 640,
+            "model_type": "CeRA",
+            "model_state_dict": state,
+            "metrics": {"test_loss": 1.5},
+        }
         if config is not None:
             payload["config"] = config
         torch.save(payload, path)

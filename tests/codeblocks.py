@@ -34,8 +34,13 @@ def continued(page: Path) -> Path | None:
 
 def run(blocks: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """``blocks`` as one script in a fresh interpreter, in ``cwd`` (where they write)."""
-    return subprocess.run([sys.executable, "-c", "\n".join(blocks)], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", "\n".join(blocks)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def check_shown_output(page: Path, stdout: str) -> int:

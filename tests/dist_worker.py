@@ -58,8 +58,11 @@ def my_half(ids: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 
 
 def adapter_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n.removeprefix("module."): p.grad.detach().clone()
-            for n, p in model.named_parameters() if p.requires_grad}  # fmt: skip
+    return {
+        n.removeprefix("module."): p.grad.detach().clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
 
 
 def ddp(rank: int, world: int) -> dict:
@@ -103,8 +106,13 @@ def fsdp(rank: int, world: int) -> dict:
     fully_shard(model)
     sharded = [n for n, p in model.named_parameters() if isinstance(p, DTensor)]
     losses, weights = train(model, steps, rank, world)
-    return {"losses": losses, "reference_losses": ref_losses, "weights": weights,
-            "reference_weights": ref_weights, "sharded_params": len(sharded)}  # fmt: skip
+    return {
+        "losses": losses,
+        "reference_losses": ref_losses,
+        "weights": weights,
+        "reference_weights": ref_weights,
+        "sharded_params": len(sharded),
+    }
 
 
 def rows_of(rank: int) -> torch.Tensor:
@@ -152,8 +160,12 @@ def main(out: Path) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {"world": world}
-    for name, scenario in (("ddp", ddp), ("fsdp", fsdp), ("spectral", spectral),
-                           ("regression", regression)):
+    for name, scenario in (
+        ("ddp", ddp),
+        ("fsdp", fsdp),
+        ("spectral", spectral),
+        ("regression", regression),
+    ):
         results[name] = scenario(rank, world)
         dist.barrier()
     torch.save(results, out / f"rank{rank}.pt")

@@ -241,17 +241,42 @@ def abort_process():
     os.abort()
 
 
-CASES = {f.__name__: f for f in (
-    nested_x, nested_x_native, sparse_x, scalar_x, bool_tensors, complex_tensors, quantized_x,
-    huge_allocation, meta_tensors, stride_zero_x_and_grad, channels_last_4d, zero_width,
-    negative_seed, seed_too_large, not_a_tensor, backward_grad_wrong_shape,
-    backward_grad_wrong_dtype, backward_grad_on_meta, backward_meta_inputs_cpu_grad,
-    forward_mixed_devices_native, bad_dropout_position_native,
-    backward_hidden_wrong_shape, backward_hidden_wrong_dtype, custom_op_bad_activation,
-    custom_op_backward_bad_grad, nested_matrix_spectrum, nested_rows_streaming,
-    accumulator_survives_a_failed_update, gram_dim_overflow, huge_matrix_spectrum,
-    abort_process,
-)}  # fmt: skip
+CASES = {
+    f.__name__: f
+    for f in (
+        nested_x,
+        nested_x_native,
+        sparse_x,
+        scalar_x,
+        bool_tensors,
+        complex_tensors,
+        quantized_x,
+        huge_allocation,
+        meta_tensors,
+        stride_zero_x_and_grad,
+        channels_last_4d,
+        zero_width,
+        negative_seed,
+        seed_too_large,
+        not_a_tensor,
+        backward_grad_wrong_shape,
+        backward_grad_wrong_dtype,
+        backward_grad_on_meta,
+        backward_meta_inputs_cpu_grad,
+        forward_mixed_devices_native,
+        bad_dropout_position_native,
+        backward_hidden_wrong_shape,
+        backward_hidden_wrong_dtype,
+        custom_op_bad_activation,
+        custom_op_backward_bad_grad,
+        nested_matrix_spectrum,
+        nested_rows_streaming,
+        accumulator_survives_a_failed_update,
+        gram_dim_overflow,
+        huge_matrix_spectrum,
+        abort_process,
+    )
+}
 
 
 def main(names: list[str]) -> None:

@@ -46,16 +46,21 @@ def run(fn, x, a, b, device_type, dtype, **kwargs):
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize(
     "activation, p, position",
-    [("silu", 0.0, "hidden"), ("silu", 0.2, "hidden"), ("silu", 0.2, "input"),
-     ("relu", 0.0, "hidden")],  # fmt: skip
+    [
+        ("silu", 0.0, "hidden"),
+        ("silu", 0.2, "hidden"),
+        ("silu", 0.2, "input"),
+        ("relu", 0.0, "hidden"),
+    ],
 )
 def test_matches_lora_shaped_composition_under_cpu_autocast(
     make_inputs, dtype, activation, p, position
 ):
     x, a, b = make_inputs()
     kwargs = {"activation": activation, "scaling": 0.5}
-    y, grads = run(cera_delta, x, a, b, "cpu", dtype, dropout=p, dropout_position=position,
-                   **kwargs)  # fmt: skip
+    y, grads = run(
+        cera_delta, x, a, b, "cpu", dtype, dropout=p, dropout_position=position, **kwargs
+    )
     y_ref, grads_ref = run(lora_shaped, x, a, b, "cpu", dtype, p=p, position=position, **kwargs)
     assert y.dtype == y_ref.dtype == dtype
     # The kernel's activation runs in float32, LoRA's composition in the low dtype:
@@ -67,8 +72,9 @@ def test_matches_lora_shaped_composition_under_cpu_autocast(
         assert max_rel(g, g_ref) < tol
     # And both sit within the low dtype's precision of the float32 branch (ReLU's
     # gradient flips where h rounds across zero, for LoRA's composition as for CeRA).
-    y32, grads32 = run(cera_delta, x, a, b, "cpu", None, dropout=p, dropout_position=position,
-                       **kwargs)  # fmt: skip
+    y32, grads32 = run(
+        cera_delta, x, a, b, "cpu", None, dropout=p, dropout_position=position, **kwargs
+    )
     assert max_rel(y, y32) < tol
     if activation != "relu":
         assert all(max_rel(g, g32) < tol for g, g32 in zip(grads, grads32))
@@ -219,10 +225,19 @@ def train_with_trainer(tmp_path, bf16: bool):
             rec.record()
 
     args = TrainingArguments(
-        output_dir=str(tmp_path / f"bf16-{bf16}"), max_steps=4, per_device_train_batch_size=4,
-        learning_rate=1e-2, bf16=bf16, use_cpu=True, logging_steps=1, seed=7, report_to=[],
-        dataloader_num_workers=0, disable_tqdm=True, save_strategy="no",
-    )  # fmt: skip
+        output_dir=str(tmp_path / f"bf16-{bf16}"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        bf16=bf16,
+        use_cpu=True,
+        logging_steps=1,
+        seed=7,
+        report_to=[],
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        save_strategy="no",
+    )
     trainer = Trainer(model=model, args=args, train_dataset=TokenData(), callbacks=[Grads()])
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

@@ -110,9 +110,12 @@ def run_cases(names: list[str]) -> dict[str, dict]:
     while pending:
         proc = subprocess.run(
             [sys.executable, str(TESTS / "nasty_inputs.py"), *pending],
-            capture_output=True, text=True, timeout=300, cwd=TESTS,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=TESTS,
             env={**os.environ, "RUST_BACKTRACE": "0"},
-        )  # fmt: skip
+        )
         stderr_by_case = dict(
             re.findall(r"BEGIN (\w+)\n(.*?)(?=BEGIN \w+\n|\Z)", proc.stderr, re.S)
         )
@@ -125,8 +128,12 @@ def run_cases(names: list[str]) -> dict[str, dict]:
         if proc.returncode != 0:
             dead = begun[-1] if begun else pending[0]
             if dead not in results:
-                results[dead] = {"outcome": "crashed", "type": f"exit {proc.returncode}",
-                                 "message": proc.stderr[-2000:], "stderr": proc.stderr}  # fmt: skip
+                results[dead] = {
+                    "outcome": "crashed",
+                    "type": f"exit {proc.returncode}",
+                    "message": proc.stderr[-2000:],
+                    "stderr": proc.stderr,
+                }
         pending = [n for n in pending if n not in results]
     return results
 
@@ -396,8 +403,11 @@ def test_config_bad_values(kwargs, error, match):
 
 
 def test_config_target_that_cera_cannot_wrap():
-    with pytest.raises(TypeError, match=r"target module 'model.norm'.*got LlamaRMSNorm; "
-                                        r"register a CeRA layer for it"):  # fmt: skip
+    with pytest.raises(
+        TypeError,
+        match=r"target module 'model.norm'.*got LlamaRMSNorm; "
+        r"register a CeRA layer for it",
+    ):
         get_cera_model(tiny_llama(), CeraConfig(r=2, target_modules=["norm"]))
 
 
@@ -423,8 +433,9 @@ def copy_of(saved: Path, tmp_path: Path, *, config=None, weights=None, name="ada
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         (folder / name).write_bytes((saved / name).read_bytes())
     if isinstance(config, dict):
-        config = json.dumps({**json.loads((saved / "adapter_config.json").read_text()),
-                             **config}).encode()  # fmt: skip
+        config = json.dumps(
+            {**json.loads((saved / "adapter_config.json").read_text()), **config}
+        ).encode()
     if config is not None:
         (folder / "adapter_config.json").write_bytes(config)
     if isinstance(weights, dict):
@@ -451,10 +462,13 @@ def test_load_a_valid_copy_works(saved, tmp_path):
     "missing,error,match",
     [
         ("adapter_config.json", ValueError, r"Can't find 'adapter_config.json' at '{folder}'"),
-        ("adapter_model.safetensors", FileNotFoundError,
-         r"{folder} has no adapter_model.safetensors \(or adapter_model.bin\)"),
+        (
+            "adapter_model.safetensors",
+            FileNotFoundError,
+            r"{folder} has no adapter_model.safetensors \(or adapter_model.bin\)",
+        ),
     ],
-)  # fmt: skip
+)
 def test_load_folder_missing_a_file(saved, tmp_path, missing, error, match):
     folder = copy_of(saved, tmp_path)
     (folder / missing).unlink()
@@ -524,10 +538,12 @@ def test_load_config_with_wrong_types(saved, tmp_path, change, error, match):
 
 @pytest.mark.parametrize(
     "peft_type,match",
-    [("LORA", r"describes a 'LORA' adapter, not a CeRA one"),
-     ("NOPE", r"describes a 'NOPE' adapter"),
-     (["CERA"], r"describes a \['CERA'\] adapter")],
-)  # fmt: skip
+    [
+        ("LORA", r"describes a 'LORA' adapter, not a CeRA one"),
+        ("NOPE", r"describes a 'NOPE' adapter"),
+        (["CERA"], r"describes a \['CERA'\] adapter"),
+    ],
+)
 def test_load_config_of_another_method(saved, tmp_path, peft_type, match):
     """PeftModel.from_pretrained dispatches on peft_type (a LORA file loads as LoRA);
     CeRA's own config refuses another method's file."""
@@ -674,8 +690,10 @@ def test_reference_checkpoint_path_that_is_a_folder(cera_llama, tmp_path):
 
 def rows(n=40, d=6, seed=0, dtype=torch.float64):
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, d, generator=gen, dtype=torch.float64)
-            * torch.linspace(3, 0.1, d, dtype=torch.float64)).to(dtype)  # fmt: skip
+    return (
+        torch.randn(n, d, generator=gen, dtype=torch.float64)
+        * torch.linspace(3, 0.1, d, dtype=torch.float64)
+    ).to(dtype)
 
 
 def values(s) -> torch.Tensor:

@@ -37,11 +37,16 @@ def test_quick_export_bench_compares_both_routes(tmp_path, capsys):
     assert main(["bench", "--export", "--quick", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["method"], r["layers"]) for r in rows] == [
-        ("reference", 2), ("streaming", 2), ("streaming", 3), ("streaming", 3)]
+        ("reference", 2),
+        ("streaming", 2),
+        ("streaming", 3),
+        ("streaming", 3),
+    ]
     assert all(r["seconds"] > 0 and math.isfinite(r["peak_mib"]) for r in rows)
     # both routes solve the same least-squares problem, in float64
     assert rows[1]["max_diff_vs_reference"] < 1e-8
     assert "streaming float64 moments" in capsys.readouterr().out
+
 
 def test_gpu_grid_code_path_runs_on_cpu_and_checkpoints(tmp_path):
     """``--device cuda``'s grid (kinds, methods, decode, per-shape JSON) at tiny shapes
@@ -62,8 +67,9 @@ def test_cuda_target_is_the_branch_against_plain_at_the_headline_shape():
     times = {"cera_rs": 1.05, "plain": 1.0, "lora_p0": 0.9, "floor": 0.8}
     memory = {"saved_bytes": {"cera_rs": 2**20, "plain": 2**21}, "peak_bytes": {}}
     results.add("branch_train", Shape(8192, 4096, 64, torch.bfloat16), dict(times), **memory)
-    results.add("branch_train", Shape(8192, 4096, 16, torch.bfloat16), {**times, "cera_rs": 2.0},
-                **memory)  # fmt: skip
+    results.add(
+        "branch_train", Shape(8192, 4096, 16, torch.bfloat16), {**times, "cera_rs": 2.0}, **memory
+    )
     (check,) = suite.targets(results)
     assert check["met"] and check["ratio"] == pytest.approx(1.05) and check["bound"] == 1.10
     table = suite.format_table(results)
@@ -85,7 +91,11 @@ def test_quick_layers_bench_times_conv_and_embedding_against_plain_and_lora(tmp_
     assert main(["bench", "--layers", "--quick", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert [(r["kind"], r["scope"]) for r in data["rows"]] == [
-        ("conv", "branch"), ("conv", "layer"), ("embedding", "branch"), ("embedding", "layer")]
+        ("conv", "branch"),
+        ("conv", "layer"),
+        ("embedding", "branch"),
+        ("embedding", "layer"),
+    ]
     for row in data["rows"]:
         assert {"cera_rs", "plain", "lora_p0"} <= row["ms"].keys()
         assert all(math.isfinite(v) and v > 0 for v in row["ms"].values())

@@ -27,8 +27,9 @@ ADAPTED = [f"model.layers.{i}.self_attn.{t}" for i in range(2) for t in ("q_proj
 @pytest.fixture(scope="module")
 def lora():
     torch.manual_seed(3)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                        init_lora_weights=False)  # fmt: skip
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
     return get_peft_model(tiny_llama(), config)
 
 
@@ -63,14 +64,17 @@ def test_version(capsys):
 def test_version_says_in_one_line_when_cera_rs_cannot_load(tmp_path):
     """The installed entry point (_cera_rs_cli, outside the package): with a torch the
     extension was not built for, one line and exit status 1, not an import traceback."""
-    code = ("import sys, torch\n"
-            "torch.__version__ = '2.13.0'  # not the minor this extension was built for\n"
-            "import _cera_rs_cli\n"
-            "sys.argv[0] = 'cera-rs'\n"
-            "raise SystemExit(_cera_rs_cli.main())\n")  # fmt: skip
+    code = (
+        "import sys, torch\n"
+        "torch.__version__ = '2.13.0'  # not the minor this extension was built for\n"
+        "import _cera_rs_cli\n"
+        "sys.argv[0] = 'cera-rs'\n"
+        "raise SystemExit(_cera_rs_cli.main())\n"
+    )
     for argv in (["--version"], ["demo", "--quick"]):
-        run = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True,
-                             text=True, cwd=tmp_path)  # fmt: skip
+        run = subprocess.run(
+            [sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=tmp_path
+        )
         assert run.returncode == 1 and run.stdout == ""
         assert run.stderr == (
             f"cera-rs {cera_rs.__version__}: error: cannot import cera_rs: cera_rs was built "
@@ -78,8 +82,12 @@ def test_version_says_in_one_line_when_cera_rs_cannot_load(tmp_path):
             f"torch=={cera_rs._native.TORCH_VERSION.split('+')[0]} or rebuild cera_rs against "
             f"this torch (--debug shows the traceback)\n"
         )
-    run = subprocess.run([sys.executable, "-c", code, "--version", "--debug"],
-                         capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", code, "--version", "--debug"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert run.returncode == 1 and "Traceback" in run.stderr
     assert not list(tmp_path.iterdir())
 
@@ -87,10 +95,13 @@ def test_version_says_in_one_line_when_cera_rs_cannot_load(tmp_path):
 def test_help_shows_no_docstring_markup():
     """Nor a doubled %: argparse %-formats help strings, but a description only when it
     names %(prog)s, so "%%" there prints as written."""
-    for argv in (["--help"], *([c, "--help"] for c in ("demo", "compare", "bench", "analyze",
-                                                        "export-lora"))):  # fmt: skip
-        run = subprocess.run([sys.executable, "-m", "cera_rs.cli", *argv], capture_output=True,
-                             text=True)  # fmt: skip
+    for argv in (
+        ["--help"],
+        *([c, "--help"] for c in ("demo", "compare", "bench", "analyze", "export-lora")),
+    ):
+        run = subprocess.run(
+            [sys.executable, "-m", "cera_rs.cli", *argv], capture_output=True, text=True
+        )
         assert run.returncode == 0 and "usage: cera-rs" in run.stdout
         assert "``" not in run.stdout and "%%" not in run.stdout, argv
 
@@ -125,8 +136,14 @@ def test_bin_adapter_is_read_like_safetensors(capsys, saved, tmp_path):
 
 def test_analyze_lists_modules_in_layer_order(capsys, tmp_path):
     """layers.2 before layers.10, as the model numbers them (not as text sorts them)."""
-    config = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=11,
-                         num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=16,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=11,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     torch.manual_seed(0)
     adapter = LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
     lora = get_peft_model(LlamaForCausalLM(config), adapter)
@@ -189,8 +206,10 @@ def test_outputs_get_a_normal_files_permissions(saved, tmp_path):
     old = os.umask(0o022)
     try:
         out, png = tmp_path / "report.json", tmp_path / "report.png"
-        assert main(["analyze", str(saved / "safetensors"), "--json", str(out),
-                     "--plot", str(png)]) == 0  # fmt: skip
+        assert (
+            main(["analyze", str(saved / "safetensors"), "--json", str(out), "--plot", str(png)])
+            == 0
+        )
     finally:
         os.umask(old)
     assert (out.stat().st_mode & 0o777) == 0o644 and (png.stat().st_mode & 0o777) == 0o644
@@ -223,8 +242,12 @@ def test_usage_errors_are_one_line(capsys):
 
 def test_console_script_exit_status_and_stderr(tmp_path):
     """The installed entry point, in its own process: one line, status 2."""
-    run = subprocess.run([sys.executable, "-m", "cera_rs.cli", "analyze", str(tmp_path / "x")],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-m", "cera_rs.cli", "analyze", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 2
     assert run.stderr == f"cera-rs: error: {tmp_path / 'x'} does not exist\n"
 
@@ -274,8 +297,18 @@ def no_work(monkeypatch):
 
 def export_argv(tmp_path, data, out=None, *extra):
     out = tmp_path / "lora" if out is None else out
-    return ["export-lora", str(tmp_path / "cera"), str(out), "--data", str(data), "--rank", "2",
-            "--base", str(tmp_path / "base"), *extra]  # fmt: skip
+    return [
+        "export-lora",
+        str(tmp_path / "cera"),
+        str(out),
+        "--data",
+        str(data),
+        "--rank",
+        "2",
+        "--base",
+        str(tmp_path / "base"),
+        *extra,
+    ]
 
 
 def test_export_lora_refuses_float_token_ids(capsys, no_work, tmp_path):
@@ -286,24 +319,29 @@ def test_export_lora_refuses_float_token_ids(capsys, no_work, tmp_path):
     for name, dtype in (("f.npy", "torch.float32"), ("f.pt", "torch.float32")):
         err = fails(capsys, export_argv(tmp_path, tmp_path / name))
         assert f"{tmp_path / name}: token ids must be integers, got {dtype}" in err
-        err = fails(capsys, export_argv(tmp_path, tmp_path / "ids.npy", None,
-                                        "--held-out", str(tmp_path / name)))  # fmt: skip
+        err = fails(
+            capsys,
+            export_argv(tmp_path, tmp_path / "ids.npy", None, "--held-out", str(tmp_path / name)),
+        )
         assert f"{tmp_path / name}: token ids must be integers" in err
 
 
 @pytest.mark.parametrize("suffix,reader", [(".npy", "numpy.load"), (".pt", "torch.load")])
-def test_export_lora_refuses_a_text_file_named_as_an_array(capsys, no_work, tmp_path, suffix,
-                                                           reader):  # fmt: skip
+def test_export_lora_refuses_a_text_file_named_as_an_array(
+    capsys, no_work, tmp_path, suffix, reader
+):
     text = tmp_path / f"ids{suffix}"
     text.write_text("1 2 3\n4 5 6\n")
     err = fails(capsys, export_argv(tmp_path, text))
     assert f"{text} is not an array of token ids {reader} can read: " in err
     torch.save({"ids": torch.ones(3)}, text)  # readable, but a dict
     assert f"{text} is not an array of token ids {reader} can read" in fails(
-        capsys, export_argv(tmp_path, text))  # fmt: skip
+        capsys, export_argv(tmp_path, text)
+    )
     (tmp_path / "folder.npy").mkdir()
     assert f"token id file {tmp_path / 'folder.npy'} is a folder" in fails(
-        capsys, export_argv(tmp_path, tmp_path / "folder.npy"))  # fmt: skip
+        capsys, export_argv(tmp_path, tmp_path / "folder.npy")
+    )
 
 
 def test_outputs_that_are_files_are_refused_before_any_work(capsys, no_work, tmp_path):

@@ -26,15 +26,35 @@ from cera_rs.compare.methods import method, parse_spec, read_folder
 # PEFT's method_comparison/MetaMathQA/experiments/lora/llama-3.2-3B-rank32/adapter_config.json
 # (huggingface/peft, 2026-08), field for field.
 PEFT_LORA_RANK32 = {
-    "alpha_pattern": {}, "auto_mapping": None, "base_model_name_or_path": None, "bias": "none",
-    "corda_config": None, "eva_config": None, "exclude_modules": None, "fan_in_fan_out": False,
-    "inference_mode": False, "init_lora_weights": True, "layer_replication": None,
-    "layers_pattern": None, "layers_to_transform": None, "loftq_config": {}, "lora_alpha": 64,
-    "lora_bias": False, "lora_dropout": 0.0, "megatron_config": None,
-    "megatron_core": "megatron.core", "modules_to_save": None, "peft_type": "LORA", "r": 32,
-    "rank_pattern": {}, "revision": None, "target_modules": None, "task_type": "CAUSAL_LM",
-    "use_dora": False, "use_rslora": False,
-}  # fmt: skip
+    "alpha_pattern": {},
+    "auto_mapping": None,
+    "base_model_name_or_path": None,
+    "bias": "none",
+    "corda_config": None,
+    "eva_config": None,
+    "exclude_modules": None,
+    "fan_in_fan_out": False,
+    "inference_mode": False,
+    "init_lora_weights": True,
+    "layer_replication": None,
+    "layers_pattern": None,
+    "layers_to_transform": None,
+    "loftq_config": {},
+    "lora_alpha": 64,
+    "lora_bias": False,
+    "lora_dropout": 0.0,
+    "megatron_config": None,
+    "megatron_core": "megatron.core",
+    "modules_to_save": None,
+    "peft_type": "LORA",
+    "r": 32,
+    "rank_pattern": {},
+    "revision": None,
+    "target_modules": None,
+    "task_type": "CAUSAL_LM",
+    "use_dora": False,
+    "use_rslora": False,
+}
 
 
 # --- the bootstrap -----------------------------------------------------------------
@@ -121,11 +141,16 @@ def test_wilson_interval():
 
 
 def test_specs_name_any_peft_method():
-    m = parse_spec('cera:r=64,activation=identity,cera_dropout=0,'
-                   'target_modules=["q_proj","v_proj"]')
+    m = parse_spec(
+        'cera:r=64,activation=identity,cera_dropout=0,target_modules=["q_proj","v_proj"]'
+    )
     assert m.peft_type == "CERA"
-    assert m.fields == {"r": 64, "activation": "identity", "cera_dropout": 0,
-                        "target_modules": ["q_proj", "v_proj"]}  # fmt: skip
+    assert m.fields == {
+        "r": 64,
+        "activation": "identity",
+        "cera_dropout": 0,
+        "target_modules": ["q_proj", "v_proj"],
+    }
     assert m.config().activation == "identity"
     dora = parse_spec("dora:r=8")
     assert dora.peft_type == "LORA" and dora.config().use_dora is True
@@ -144,8 +169,9 @@ def test_a_peft_experiment_folder_is_read_as_peft_lays_it_out(tmp_path):
     folder = tmp_path / "lora" / "llama-3.2-3B-rank32"
     folder.mkdir(parents=True)
     (folder / "adapter_config.json").write_text(json.dumps(PEFT_LORA_RANK32))
-    (folder / "training_params.json").write_text(json.dumps(
-        {"optimizer_kwargs": {"lr": 4.5e-3, "weight_decay": 0.0}, "max_steps": 5000}))
+    (folder / "training_params.json").write_text(
+        json.dumps({"optimizer_kwargs": {"lr": 4.5e-3, "weight_decay": 0.0}, "max_steps": 5000})
+    )
     m = method(folder)
     assert m.name == "lora/llama-3.2-3B-rank32" and m.peft_type == "LORA"
     assert m.fields["r"] == 32 and m.fields["lora_alpha"] == 64
@@ -192,19 +218,31 @@ def _tiny(folder: Path, attention_bias: bool = False) -> Path:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>")  # fmt: skip
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64, eos_token_id=1, pad_token_id=0,
-                         bos_token_id=None, attention_bias=attention_bias)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        eos_token_id=1,
+        pad_token_id=0,
+        bos_token_id=None,
+        attention_bias=attention_bias,
+    )
     LlamaForCausalLM(config).save_pretrained(folder / "model")
     fast.save_pretrained(folder / "model")
     rng = random.Random(0)
     for name, n in (("train", 160), ("test", 40)):
-        rows = [{"prompt": f"{a}+{b}=", "completion": str(a + b)}
-                for a, b in ((rng.randrange(10), rng.randrange(10)) for _ in range(n))]  # fmt: skip
+        rows = [
+            {"prompt": f"{a}+{b}=", "completion": str(a + b)}
+            for a, b in ((rng.randrange(10), rng.randrange(10)) for _ in range(n))
+        ]
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     lora = folder / "experiments" / "lora" / "llama-3.2-3B-rank32"
     lora.mkdir(parents=True)
@@ -218,10 +256,28 @@ def tiny(tmp_path_factory):
 
 
 def _args(tiny: Path, out: Path) -> list[str]:
-    return ["compare", str(tiny / "experiments" / "lora" / "llama-3.2-3B-rank32"), "cera:r=4",
-            "hira:r=4", "--model", str(tiny / "model"), "--train", str(tiny / "train.jsonl"),
-            "--test", str(tiny / "test.jsonl"), "--steps", "6", "--batch", "8",
-            "--lrs", "0.01,0.03", "--seeds", "0,1", "--out", str(out)]  # fmt: skip
+    return [
+        "compare",
+        str(tiny / "experiments" / "lora" / "llama-3.2-3B-rank32"),
+        "cera:r=4",
+        "hira:r=4",
+        "--model",
+        str(tiny / "model"),
+        "--train",
+        str(tiny / "train.jsonl"),
+        "--test",
+        str(tiny / "test.jsonl"),
+        "--steps",
+        "6",
+        "--batch",
+        "8",
+        "--lrs",
+        "0.01,0.03",
+        "--seeds",
+        "0,1",
+        "--out",
+        str(out),
+    ]
 
 
 def _scores(out: Path) -> tuple[str, dict]:
@@ -250,7 +306,8 @@ def test_compare_runs_end_to_end_and_resumes_after_a_kill(tiny, whole, tmp_path)
     # q_proj 32 -> 32, v_proj 32 -> 16 (two key-value heads), r=4, two layers
     assert summary["methods"]["cera:r=4"]["trainable_params"] == 2 * 4 * ((32 + 32) + (32 + 16))
     assert [d["verdict"] for d in summary["differences"]] and all(
-        d["verdict"] in (stats.BETTER, stats.WORSE, stats.TIE) for d in summary["differences"])
+        d["verdict"] in (stats.BETTER, stats.WORSE, stats.TIE) for d in summary["differences"]
+    )
     assert "linearity" in summary["methods"]["cera:r=4"]
     assert "spectra" in summary["methods"]["lora/llama-3.2-3B-rank32"]
     assert "spectra" not in summary["methods"]["hira:r=4"]
@@ -278,8 +335,11 @@ def test_compare_runs_end_to_end_and_resumes_after_a_kill(tiny, whole, tmp_path)
 def killed_once_written(args: list[str], path: Path, timeout: float = 300) -> None:
     """``cera-rs ARGS`` in a process of its own, killed as soon as ``path`` is on disk
     (or it ended, or ``timeout`` seconds passed): a comparison stopped mid-way."""
-    proc = subprocess.Popen([sys.executable, "-m", "cera_rs.cli", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cera_rs.cli", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + timeout
     while not path.is_file() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -297,36 +357,101 @@ def test_results_carry_what_peft_processing_reads(whole):
         for key in ("experiment_name", "train_config", "total_time", "peft_branch", "created_at"):
             assert key in run
         assert isinstance(run["train_config"]["model_id"], str)
-        for key in ("accelerator_memory_reserved_avg", "accelerator_memory_max",
-                    "accelerator_memory_reserved_99th", "file_size", "num_trainable_params"):
+        for key in (
+            "accelerator_memory_reserved_avg",
+            "accelerator_memory_max",
+            "accelerator_memory_reserved_99th",
+            "file_size",
+            "num_trainable_params",
+        ):
             assert isinstance(train[key], int) and train[key] >= 0, key
         assert train["status"] == "success" and isinstance(train["train_time"], float)
         last = train["metrics"][-1]
         assert 0 <= last["test accuracy"] <= 1 and isinstance(last["train samples"], int)
         for key in ("train loss", "train total tokens"):
             assert key in last
-        for key in ("peft-version", "transformers-version", "datasets-version", "torch-version",
-                    "bitsandbytes-version"):
+        for key in (
+            "peft-version",
+            "transformers-version",
+            "datasets-version",
+            "torch-version",
+            "bitsandbytes-version",
+        ):
             assert key in meta["package_info"]
         assert {"system_info", "pytorch_info"} <= set(meta)
 
 
 def test_bad_arguments_are_one_line_before_any_work(tiny, tmp_path, capsys):
     out = tmp_path / "never"
-    assert main(["compare", "lora:r=4", "--model", str(tiny / "model"), "--data",
-                 "tiers:medium", "--out", str(out)]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "compare",
+                "lora:r=4",
+                "--model",
+                str(tiny / "model"),
+                "--data",
+                "tiers:medium",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "unknown built-in data 'tiers:medium'" in capsys.readouterr().err
-    assert main(["compare", "lora:r=4", "lora:r=4", "--model", str(tiny / "model"),
-                 "--train", str(tiny / "train.jsonl"), "--test", str(tiny / "test.jsonl"),
-                 "--out", str(out)]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "compare",
+                "lora:r=4",
+                "lora:r=4",
+                "--model",
+                str(tiny / "model"),
+                "--train",
+                str(tiny / "train.jsonl"),
+                "--test",
+                str(tiny / "test.jsonl"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "given twice" in capsys.readouterr().err
-    assert main(["compare", "cera:r=4", "--adapted-layers", "1", "--model", str(tiny / "model"),
-                 "--train", str(tiny / "train.jsonl"), "--test", str(tiny / "test.jsonl"),
-                 "--reference", "lora:r=9", "--out", str(out), "--steps", "1",
-                 "--seeds", "0", "--lrs", "0.01"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "compare",
+                "cera:r=4",
+                "--adapted-layers",
+                "1",
+                "--model",
+                str(tiny / "model"),
+                "--train",
+                str(tiny / "train.jsonl"),
+                "--test",
+                str(tiny / "test.jsonl"),
+                "--reference",
+                "lora:r=9",
+                "--out",
+                str(out),
+                "--steps",
+                "1",
+                "--seeds",
+                "0",
+                "--lrs",
+                "0.01",
+            ]
+        )
+        == 2
+    )
     assert "reference 'lora:r=9' is not one of the methods" in capsys.readouterr().err
-    assert main(["compare", "lora:r=4", "--data", "tiers:hard", "--sizes", "10,0,5",
-                 "--out", str(out)]) == 2  # fmt: skip
+    assert (
+        main(
+            ["compare", "lora:r=4", "--data", "tiers:hard", "--sizes", "10,0,5", "--out", str(out)]
+        )
+        == 2
+    )
     assert "three positive counts" in capsys.readouterr().err
     assert main(["compare", "lora:r=4", "--out", str(out)]) == 2
     assert "no data: give --data tiers:hard" in capsys.readouterr().err
@@ -341,6 +466,12 @@ def test_a_method_that_changes_the_shared_base_is_refused(tmp_path, spec):
 
     tiny = _tiny(tmp_path / "tiny", attention_bias=True)
     with pytest.raises(ValueError, match="writes to or trains the base model's own weights"):
-        compare([spec], model=tiny / "model", train=tiny / "train.jsonl",
-                test=tiny / "test.jsonl", out_dir=tmp_path / "out", progress=False,
-                settings=Settings(steps=1, batch=2, lrs=(0.01,), seeds=(0,)))  # fmt: skip
+        compare(
+            [spec],
+            model=tiny / "model",
+            train=tiny / "train.jsonl",
+            test=tiny / "test.jsonl",
+            out_dir=tmp_path / "out",
+            progress=False,
+            settings=Settings(steps=1, batch=2, lrs=(0.01,), seeds=(0,)),
+        )

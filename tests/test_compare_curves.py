@@ -28,8 +28,10 @@ def test_a_sweep_expands_to_one_method_per_value_in_one_family():
     assert [m.fields for m in found] == [{"r": r, "lora_alpha": 32} for r in (1, 2, 4, 8)]
     assert {m.family for m in found} == {"lora:lora_alpha=32"}
     cera = parse_specs("cera:r=[1,2],activation=identity")
-    assert [m.name for m in cera] == ["cera:r=1,activation=identity",
-                                      "cera:r=2,activation=identity"]  # fmt: skip
+    assert [m.name for m in cera] == [
+        "cera:r=1,activation=identity",
+        "cera:r=2,activation=identity",
+    ]
     # Two lists: every combination, each in the family of its non-rank fields.
     grid = parse_specs("lora:r=[2,4],lora_dropout=[0.0,0.1]")
     assert len(grid) == 4 and len(curves.families(grid)) == 2
@@ -38,27 +40,36 @@ def test_a_sweep_expands_to_one_method_per_value_in_one_family():
     assert len(one) == 1 and one[0].fields["target_modules"] == ["q_proj", "v_proj"]
     assert one[0].name == 'lora:r=8,target_modules=["q_proj","v_proj"]'  # the spec as given
     # Families: a sweep, a full-rank LoRA with the same fields, DoRA apart.
-    named = curves.families([*found, parse_spec("lora:r=full,lora_alpha=32"),
-                             parse_spec("dora:r=8,lora_alpha=32"), *cera])  # fmt: skip
+    named = curves.families(
+        [
+            *found,
+            parse_spec("lora:r=full,lora_alpha=32"),
+            parse_spec("dora:r=8,lora_alpha=32"),
+            *cera,
+        ]
+    )
     assert [len(v) for v in named.values()] == [5, 1, 2]
     assert curves.linear_family(named) == "lora:lora_alpha=32"
     with pytest.raises(ValueError, match="a sweep of 4 methods"):
         parse_spec("lora:r=[1,2,4,8]")
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("lora:r=two", "r=two is not a valid value: r is int"),
-    ("lora:r=[1,2", r"r=\[1,2 is not a list"),
-    ("cera:r=[]", r"r=\[\] is an empty sweep"),
-    ('cera:r=[1,"x"]', "r=x is not a valid value"),
-    ("lora:use_dora=maybe", "use_dora=maybe is not a valid value: use_dora is bool"),
-    ("cera:activation=gelu", "activation=gelu is not a valid value"),
-    ("ia3:r=full", "has no field 'r'"),
-    ("lora:lora_alhpa=4", "has no field 'lora_alhpa'; did you mean 'lora_alpha'"),
-    ("lora:r=4,lrs=[]", r"lrs=\[\] is not a rate grid"),
-    ("lora:r=4,lrs=[1e-3,-1]", "is not a rate grid: give positive learning rates"),
-    ("cera:r=4,lrs=fast", "lrs=fast is not a rate grid"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("lora:r=two", "r=two is not a valid value: r is int"),
+        ("lora:r=[1,2", r"r=\[1,2 is not a list"),
+        ("cera:r=[]", r"r=\[\] is an empty sweep"),
+        ('cera:r=[1,"x"]', "r=x is not a valid value"),
+        ("lora:use_dora=maybe", "use_dora=maybe is not a valid value: use_dora is bool"),
+        ("cera:activation=gelu", "activation=gelu is not a valid value"),
+        ("ia3:r=full", "has no field 'r'"),
+        ("lora:lora_alhpa=4", "has no field 'lora_alhpa'; did you mean 'lora_alpha'"),
+        ("lora:r=4,lrs=[]", r"lrs=\[\] is not a rate grid"),
+        ("lora:r=4,lrs=[1e-3,-1]", "is not a rate grid: give positive learning rates"),
+        ("cera:r=4,lrs=fast", "lrs=fast is not a rate grid"),
+    ],
+)
 def test_bad_specs_are_refused_naming_the_spec_and_field(spec, message):
     with pytest.raises(ValueError, match=message) as err:
         methods(spec)
@@ -91,26 +102,43 @@ def test_r_full_gives_each_layer_its_own_full_rank():
     64 -> 32: every layer at min(in, out), the most common as r and the rest through
     rank_pattern; with the last layer only, only its modules."""
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=20, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=20,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = LlamaForCausalLM(config)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     spec = f"lora:r=full,target_modules={json.dumps(targets, separators=(',', ':'))}"
     m = at_full_rank(parse_spec(spec), model)
     assert m.ceiling and m.fields["r"] == 32
     assert m.fields["rank_pattern"] == {
-        rf"model\.layers\.{i}\.self_attn\.{p}": 16 for i in (0, 1) for p in ("k_proj", "v_proj")}
+        rf"model\.layers\.{i}\.self_attn\.{p}": 16 for i in (0, 1) for p in ("k_proj", "v_proj")
+    }
     from peft import get_peft_model
 
     peft_model = get_peft_model(model, m.config())
-    ranks = {name.removeprefix("base_model.model."): mod.r["default"]
-             for name, mod in peft_model.named_modules() if hasattr(mod, "lora_A")}
-    expected = {f"model.layers.{i}.{part}.{p}": min(shape)
-                for i in (0, 1) for part, p, shape in (
-                    ("self_attn", "q_proj", (32, 32)), ("self_attn", "k_proj", (32, 16)),
-                    ("self_attn", "v_proj", (32, 16)), ("self_attn", "o_proj", (32, 32)),
-                    ("mlp", "gate_proj", (32, 64)), ("mlp", "up_proj", (32, 64)),
-                    ("mlp", "down_proj", (64, 32)))}  # fmt: skip
+    ranks = {
+        name.removeprefix("base_model.model."): mod.r["default"]
+        for name, mod in peft_model.named_modules()
+        if hasattr(mod, "lora_A")
+    }
+    expected = {
+        f"model.layers.{i}.{part}.{p}": min(shape)
+        for i in (0, 1)
+        for part, p, shape in (
+            ("self_attn", "q_proj", (32, 32)),
+            ("self_attn", "k_proj", (32, 16)),
+            ("self_attn", "v_proj", (32, 16)),
+            ("self_attn", "o_proj", (32, 32)),
+            ("mlp", "gate_proj", (32, 64)),
+            ("mlp", "up_proj", (32, 64)),
+            ("mlp", "down_proj", (64, 32)),
+        )
+    }
     assert ranks == expected
     last = at_full_rank(parse_spec('lora:r=full,target_modules=["v_proj"]'), model, [1])
     assert last.fields["r"] == 16 and "rank_pattern" not in last.fields
@@ -139,41 +167,48 @@ def test_the_multiplier_recovers_a_planted_one():
     parameters: 35 % lies halfway between 400 and 800 in log, sqrt(2) * 4."""
     params = [100, 200, 400, 800, 1600]
     family = [_hits_with_mean(m, seed=i) for i, m in enumerate((0.1, 0.2, 0.3, 0.4, 0.5))]
-    m = stats.parameter_multiplier(_hits_with_mean(0.3, seed=9), 100, family, params,
-                                   ("cera", "lora"), resamples=2000)  # fmt: skip
+    m = stats.parameter_multiplier(
+        _hits_with_mean(0.3, seed=9), 100, family, params, ("cera", "lora"), resamples=2000
+    )
     assert m.where == stats.ON and m.point == pytest.approx(4.0)
     assert m.low < 4.0 < m.high and m.high < 16
     assert m.sentence().startswith("cera scores like lora with 4x its parameters (95 % interval")
-    half = stats.parameter_multiplier(_hits_with_mean(0.35), 100, family, params,
-                                      ("cera", "lora"), resamples=500)  # fmt: skip
+    half = stats.parameter_multiplier(
+        _hits_with_mean(0.35), 100, family, params, ("cera", "lora"), resamples=500
+    )
     assert half.point == pytest.approx(4 * math.sqrt(2))
     # Identical families: each member read off its own curve is 1x.
     for i in range(len(params)):
-        same = stats.parameter_multiplier(family[i], params[i], family, params, ("x", "lora"),
-                                          resamples=500)  # fmt: skip
+        same = stats.parameter_multiplier(
+            family[i], params[i], family, params, ("x", "lora"), resamples=500
+        )
         assert same.point == pytest.approx(1.0)
 
 
 def test_off_the_curve_and_a_flat_curve_are_said_not_read():
     params = [100, 400, 1600]
     rising = [_hits_with_mean(m, seed=i) for i, m in enumerate((0.1, 0.3, 0.5))]
-    above = stats.parameter_multiplier(_hits_with_mean(0.8), 100, rising, params, ("c", "l"),
-                                       resamples=500)  # fmt: skip
+    above = stats.parameter_multiplier(
+        _hits_with_mean(0.8), 100, rising, params, ("c", "l"), resamples=500
+    )
     assert above.where == stats.ABOVE and math.isinf(above.point)
     assert "above the largest l tried" in above.sentence()
-    below = stats.parameter_multiplier(_hits_with_mean(0.02), 100, rising, params, ("c", "l"),
-                                       resamples=500)  # fmt: skip
+    below = stats.parameter_multiplier(
+        _hits_with_mean(0.02), 100, rising, params, ("c", "l"), resamples=500
+    )
     assert below.where == stats.BELOW and below.point == 0
     assert "below the smallest l tried" in below.sentence()
     rng = np.random.default_rng(5)
     p = rng.random(400) * 0.6
     flat = [(rng.random((3, 400)) < p).astype(float) for _ in params]  # one skill, three draws
-    m = stats.parameter_multiplier(_hits_with_mean(0.3), 100, flat, params, ("c", "l"),
-                                   resamples=1000)  # fmt: skip
+    m = stats.parameter_multiplier(
+        _hits_with_mean(0.3), 100, flat, params, ("c", "l"), resamples=1000
+    )
     assert m.where == stats.FLAT and "rank does not bind here" in m.sentence()
     assert "points, 95 % interval" in m.sentence()
-    bits = stats.parameter_multiplier(_hits_with_mean(0.3), 100, flat, params, ("c", "l"),
-                                      resamples=1000, unit="bits")  # fmt: skip
+    bits = stats.parameter_multiplier(
+        _hits_with_mean(0.3), 100, flat, params, ("c", "l"), resamples=1000, unit="bits"
+    )
     rise = bits.family_rise
     assert f"{400 * rise.mean:+.1f} bits, 95 % interval {400 * rise.low:+.1f}" in bits.sentence()
 
@@ -203,8 +238,9 @@ def test_phonebook_is_deterministic_unique_and_valid_prompt_completion(tmp_path)
     assert [c for _, c in book.extra_tests["transfer"]] == [c for _, c in book.train]
     assert all(p != q for (p, _), (q, _) in zip(book.train, book.extra_tests["transfer"]))
     path = tmp_path / "book.jsonl"
-    path.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n"
-                            for p, c in book.train))  # fmt: skip
+    path.write_text(
+        "".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in book.train)
+    )
     assert data.read_jsonl(path) == book.train
     for bad in ("phonebook:0", "phonebook:x", "phonebook:"):
         with pytest.raises(ValueError, match="positive number of facts"):
@@ -213,8 +249,9 @@ def test_phonebook_is_deterministic_unique_and_valid_prompt_completion(tmp_path)
 
 def test_a_jsonl_that_is_not_utf8_names_file_and_line(tmp_path):
     path = tmp_path / "latin1.jsonl"
-    path.write_bytes(b'{"prompt": "a", "completion": "b"}\n'
-                     b'{"prompt": "caf\xe9", "completion": "x"}\n')
+    path.write_bytes(
+        b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "x"}\n'
+    )
     with pytest.raises(ValueError, match=r"latin1.jsonl, line 2: not UTF-8 \(byte 0xe9"):
         data.read_jsonl(path)
 
@@ -226,9 +263,11 @@ def test_bad_input_is_one_line_before_the_model_loads(tmp_path, capsys):
         (["lora:r=[]"], "empty sweep"),
         (["ia3:r=full"], "has no field 'r'"),
         (["lora:r=4", "--data", "phonebook:0"], "positive number of facts"),
-        (["lora:r=4", "--data", "phonebook:5", "--out", "/proc/cera-rs-out"],
-         "cannot create the output folder /proc/cera-rs-out"),
-    ]  # fmt: skip
+        (
+            ["lora:r=4", "--data", "phonebook:5", "--out", "/proc/cera-rs-out"],
+            "cannot create the output folder /proc/cera-rs-out",
+        ),
+    ]
     for args, message in cases:
         argv = ["compare", *args, "--model", missing_model]
         if "--data" not in args:
@@ -252,20 +291,31 @@ def test_a_sweep_with_the_ceiling_end_to_end(tmp_path):
 
     tiny = _tiny(tmp_path / "tiny")
     out = tmp_path / "out"
-    summary = compare(["lora:r=[1,2],lora_alpha=4", "lora:r=full,lora_alpha=4", "cera:r=1"],
-                      model=tiny / "model", train=tiny / "train.jsonl",
-                      test=tiny / "test.jsonl", out_dir=out, progress=False,
-                      settings=Settings(steps=4, batch=8, lrs=(0.01,), seeds=(0, 1),
-                                        resamples=500))  # fmt: skip
-    assert list(summary["methods"]) == ["lora:r=1,lora_alpha=4", "lora:r=2,lora_alpha=4",
-                                        "lora:r=full,lora_alpha=4", "cera:r=1"]  # fmt: skip
+    summary = compare(
+        ["lora:r=[1,2],lora_alpha=4", "lora:r=full,lora_alpha=4", "cera:r=1"],
+        model=tiny / "model",
+        train=tiny / "train.jsonl",
+        test=tiny / "test.jsonl",
+        out_dir=out,
+        progress=False,
+        settings=Settings(steps=4, batch=8, lrs=(0.01,), seeds=(0, 1), resamples=500),
+    )
+    assert list(summary["methods"]) == [
+        "lora:r=1,lora_alpha=4",
+        "lora:r=2,lora_alpha=4",
+        "lora:r=full,lora_alpha=4",
+        "cera:r=1",
+    ]
     # q_proj 32 -> 32 (full rank 32), v_proj 32 -> 16 (16), two layers
     full = summary["methods"]["lora:r=full,lora_alpha=4"]
     assert full["trainable_params"] == 2 * (32 * 64 + 16 * 48)
     c = summary["curves"]
     assert c["score"] == "exact_match" and c["linear_family"] == "lora:lora_alpha=4"
     assert [p["method"] for p in c["curves"]["lora:lora_alpha=4"]] == [
-        "lora:r=1,lora_alpha=4", "lora:r=2,lora_alpha=4", "lora:r=full,lora_alpha=4"]
+        "lora:r=1,lora_alpha=4",
+        "lora:r=2,lora_alpha=4",
+        "lora:r=full,lora_alpha=4",
+    ]
     (mult,) = c["multipliers"]
     assert mult["method"] == "cera:r=1" and mult["where"] in ("on", "below", "above", "flat")
     (ceiling,) = c["ceiling"]
@@ -277,8 +327,17 @@ def test_a_sweep_with_the_ceiling_end_to_end(tmp_path):
     record = json.loads((out / "runs" / "cera_r=1" / "lr0.01-seed1.json").read_text())
     assert len(record["test"]["bits"]) == 40
     assert summary["methods"]["cera:r=1"]["test_bits"] == pytest.approx(
-        np.mean([sum(json.loads((out / "runs" / "cera_r=1" / f"lr0.01-seed{s}.json")
-                                .read_text())["test"]["bits"]) for s in (0, 1)]))
+        np.mean(
+            [
+                sum(
+                    json.loads((out / "runs" / "cera_r=1" / f"lr0.01-seed{s}.json").read_text())[
+                        "test"
+                    ]["bits"]
+                )
+                for s in (0, 1)
+            ]
+        )
+    )
 
 
 def test_a_grid_that_grows_keeps_the_runs_it_had(tmp_path):
@@ -290,10 +349,15 @@ def test_a_grid_that_grows_keeps_the_runs_it_had(tmp_path):
     out = tmp_path / "out"
 
     def once(spec):
-        return compare([spec], model=tiny / "model", train=tiny / "train.jsonl",
-                       test=tiny / "test.jsonl", out_dir=out, progress=False,
-                       settings=Settings(steps=2, batch=8, lrs=(0.01,), seeds=(0,),
-                                         resamples=200))  # fmt: skip
+        return compare(
+            [spec],
+            model=tiny / "model",
+            train=tiny / "train.jsonl",
+            test=tiny / "test.jsonl",
+            out_dir=out,
+            progress=False,
+            settings=Settings(steps=2, batch=8, lrs=(0.01,), seeds=(0,), resamples=200),
+        )
 
     once("lora:r=2")
     first = out / "runs" / "lora_r=2" / "lr0.01-seed0.json"

@@ -48,10 +48,32 @@ def tiny(tmp_path_factory):
 def _args(tiny: Path, out: Path, *more: str) -> list[str]:
     """Two methods, two rates, seeds 0 and 1, and --resolve narrow enough that a third
     seed is always added (up to --max-seeds 3)."""
-    return ["compare", "lora:r=4", "cera:r=4", "--model", str(tiny / "model"),
-            "--train", str(tiny / "train.jsonl"), "--test", str(tiny / "test.jsonl"),
-            "--steps", "6", "--batch", "8", "--lrs", "0.01,0.03", "--seeds", "0,1",
-            "--resolve", "0.01", "--max-seeds", "3", "--out", str(out), *more]  # fmt: skip
+    return [
+        "compare",
+        "lora:r=4",
+        "cera:r=4",
+        "--model",
+        str(tiny / "model"),
+        "--train",
+        str(tiny / "train.jsonl"),
+        "--test",
+        str(tiny / "test.jsonl"),
+        "--steps",
+        "6",
+        "--batch",
+        "8",
+        "--lrs",
+        "0.01,0.03",
+        "--seeds",
+        "0,1",
+        "--resolve",
+        "0.01",
+        "--max-seeds",
+        "3",
+        "--out",
+        str(out),
+        *more,
+    ]
 
 
 def _quiet(argv: list[str]) -> int:
@@ -138,10 +160,28 @@ def test_a_failing_method_is_named_and_finished_runs_kept(local_ray, tmp_path, c
     worker, and reported as in this process, in one line naming the method."""
     tiny = _tiny(tmp_path / "biased", attention_bias=True)
     out = tmp_path / "out"
-    args = ["compare", "lora:r=4", "lora:r=4,bias=all", "--model", str(tiny / "model"),
-            "--train", str(tiny / "train.jsonl"), "--test", str(tiny / "test.jsonl"),
-            "--steps", "4", "--batch", "8", "--lrs", "0.01", "--seeds", "0", "--out", str(out),
-            "--ray"]  # fmt: skip
+    args = [
+        "compare",
+        "lora:r=4",
+        "lora:r=4,bias=all",
+        "--model",
+        str(tiny / "model"),
+        "--train",
+        str(tiny / "train.jsonl"),
+        "--test",
+        str(tiny / "test.jsonl"),
+        "--steps",
+        "4",
+        "--batch",
+        "8",
+        "--lrs",
+        "0.01",
+        "--seeds",
+        "0",
+        "--out",
+        str(out),
+        "--ray",
+    ]
     assert _quiet(args) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
     assert err.startswith("cera-rs: error: lora:r=4,bias=all (lr 0.01, seed 0), on ")
@@ -172,9 +212,16 @@ class _Killer(threading.Thread):
 
 def _one_run(tiny: Path, out: Path) -> dict:
     settings = Settings(steps=40, batch=8, lrs=(0.01,), seeds=(0,))
-    return compare(["cera:r=4"], model=tiny / "model", train=tiny / "train.jsonl",
-                   test=tiny / "test.jsonl", out_dir=out, settings=settings, progress=False,
-                   ray=True)  # fmt: skip
+    return compare(
+        ["cera:r=4"],
+        model=tiny / "model",
+        train=tiny / "train.jsonl",
+        test=tiny / "test.jsonl",
+        out_dir=out,
+        settings=settings,
+        progress=False,
+        ray=True,
+    )
 
 
 def test_a_killed_worker_is_retried_once_then_reported(local_ray, tiny, tmp_path):
@@ -195,16 +242,28 @@ def test_a_killed_worker_is_retried_once_then_reported(local_ray, tiny, tmp_path
 
 def test_ray_flags_are_checked_before_the_model_loads(tiny, tmp_path, capsys, monkeypatch):
     out = tmp_path / "never"
-    base = ["compare", "lora:r=4", "--model", str(tiny / "model"), "--train",
-            str(tiny / "train.jsonl"), "--test", str(tiny / "test.jsonl"), "--out", str(out)]
+    base = [
+        "compare",
+        "lora:r=4",
+        "--model",
+        str(tiny / "model"),
+        "--train",
+        str(tiny / "train.jsonl"),
+        "--test",
+        str(tiny / "test.jsonl"),
+        "--out",
+        str(out),
+    ]
     assert main([*base, "--cpus-per-run", "2"]) == 2
     assert "--gpus-per-run and --cpus-per-run are for --ray" in capsys.readouterr().err
     assert main([*base, "--ray", "head-node"]) == 2
     assert "--ray 'head-node': not a Ray address" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     assert main([*base, "--ray"]) == 2
-    assert capsys.readouterr().err == ("cera-rs: error: --ray needs ray (not installed); "
-                                       'install with: pip install "cera_rs[ray]"\n')  # fmt: skip
+    assert capsys.readouterr().err == (
+        "cera-rs: error: --ray needs ray (not installed); "
+        'install with: pip install "cera_rs[ray]"\n'
+    )
     assert not out.exists()
 
 
@@ -223,9 +282,11 @@ def test_adapter_folders_are_written_whole_and_stale_temporaries_removed(tmp_pat
         (tmp / "sub").mkdir()
         (tmp / "sub" / "b.bin").write_bytes(b"new")
     assert sorted(p.name for p in target.rglob("*")) == ["b.bin", "sub"]  # the old one gone
-    stale = [target.parent / ".lr0.01-seed1.0123abcd.tmp",  # a kill's adapter folder
-             target.parent / ".lr0.01-seed1.json.89abcdef.tmp",  # and record
-             tmp_path / "runs" / ".base.json.00ff00ff.tmp"]  # fmt: skip
+    stale = [
+        target.parent / ".lr0.01-seed1.0123abcd.tmp",  # a kill's adapter folder
+        target.parent / ".lr0.01-seed1.json.89abcdef.tmp",  # and record
+        tmp_path / "runs" / ".base.json.00ff00ff.tmp",
+    ]
     stale[0].mkdir()
     (stale[0] / "adapter_model.safetensors").write_bytes(b"")
     stale[1].write_text("{")
@@ -242,9 +303,15 @@ def test_a_run_is_not_reused_at_another_precision(tiny, tmp_path, monkeypatch):
     from cera_rs.compare import engine
 
     def run() -> dict:
-        compare(["lora:r=4"], model=tiny / "model", train=tiny / "train.jsonl",
-                test=tiny / "test.jsonl", out_dir=tmp_path, progress=False,
-                settings=Settings(steps=2, batch=4, lrs=(0.01,), seeds=(0,)))  # fmt: skip
+        compare(
+            ["lora:r=4"],
+            model=tiny / "model",
+            train=tiny / "train.jsonl",
+            test=tiny / "test.jsonl",
+            out_dir=tmp_path,
+            progress=False,
+            settings=Settings(steps=2, batch=4, lrs=(0.01,), seeds=(0,)),
+        )
         return json.loads((tmp_path / "runs" / "lora_r=4" / "lr0.01-seed0.json").read_text())
 
     first = run()

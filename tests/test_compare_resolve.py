@@ -38,8 +38,9 @@ def test_seeds_come_in_a_fixed_order():
     assert seed_order((3,), 1) == [3]
 
 
-def _rounds(method: np.ndarray, reference: np.ndarray, first: int, target: float,
-            max_seeds: int) -> list[Round]:  # fmt: skip
+def _rounds(
+    method: np.ndarray, reference: np.ndarray, first: int, target: float, max_seeds: int
+) -> list[Round]:
     """resolve's rounds on planted answers, row i being the i-th seed in order."""
     k, rounds = first, []
     while True:
@@ -80,10 +81,31 @@ def test_a_null_effect_runs_to_max_seeds():
 def _args(tiny: Path, out: Path) -> list[str]:
     """Two methods, seeds 0 and 1 (whose answers differ), and a target they do not
     reach: seed 2 is added."""
-    return ["compare", "lora:r=4", "cera:r=4", "--model", str(tiny / "model"),
-            "--train", str(tiny / "train.jsonl"), "--test", str(tiny / "test.jsonl"),
-            "--steps", "6", "--batch", "8", "--lrs", "0.03", "--seeds", "0,1",
-            "--resolve", "0.01", "--max-seeds", "3", "--out", str(out)]  # fmt: skip
+    return [
+        "compare",
+        "lora:r=4",
+        "cera:r=4",
+        "--model",
+        str(tiny / "model"),
+        "--train",
+        str(tiny / "train.jsonl"),
+        "--test",
+        str(tiny / "test.jsonl"),
+        "--steps",
+        "6",
+        "--batch",
+        "8",
+        "--lrs",
+        "0.03",
+        "--seeds",
+        "0,1",
+        "--resolve",
+        "0.01",
+        "--max-seeds",
+        "3",
+        "--out",
+        str(out),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -124,11 +146,24 @@ def test_resolve_adds_seeds_says_why_it_stopped_and_resumes_after_a_kill(tiny, t
 
 def test_resolve_is_checked_before_the_model_loads(tiny, tmp_path, capsys):
     out = tmp_path / "never"
-    base = ["compare", "lora:r=4", "cera:r=4", "--model", str(tiny / "model"), "--train",
-            str(tiny / "train.jsonl"), "--test", str(tiny / "test.jsonl"), "--out", str(out)]
+    base = [
+        "compare",
+        "lora:r=4",
+        "cera:r=4",
+        "--model",
+        str(tiny / "model"),
+        "--train",
+        str(tiny / "train.jsonl"),
+        "--test",
+        str(tiny / "test.jsonl"),
+        "--out",
+        str(out),
+    ]
     assert main([*base, "--seeds", "0,1", "--resolve", "5", "--max-seeds", "2"]) == 2
-    assert ("max_seeds (--max-seeds) 2 is not above the 2 first seeds (--seeds), so resolve "
-            "could add none") in capsys.readouterr().err  # fmt: skip
+    assert (
+        "max_seeds (--max-seeds) 2 is not above the 2 first seeds (--seeds), so resolve "
+        "could add none"
+    ) in capsys.readouterr().err
     assert main([*base, "--resolve", "5"]) == 2
     assert "go together" in capsys.readouterr().err
     assert main([*base[:2], *base[3:], "--resolve", "5", "--max-seeds", "5"]) == 2  # one method

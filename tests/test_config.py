@@ -71,8 +71,11 @@ def test_lora_only_keywords_name_the_cera_equivalent(name, value, match):
 
 
 def test_a_misspelt_keyword_names_the_field_meant():
-    with pytest.raises(TypeError, match=r"unexpected keyword argument 'cera_dropot'; "
-                                        r"did you mean 'cera_dropout'\?$"):  # fmt: skip
+    with pytest.raises(
+        TypeError,
+        match=r"unexpected keyword argument 'cera_dropot'; "
+        r"did you mean 'cera_dropout'\?$",
+    ):
         CeraConfig(r=4, cera_dropot=0.1)
     with pytest.raises(TypeError, match=r"'target_module'; did you mean 'target_modules'\?$"):
         CeraConfig(target_module=["q_proj"])
@@ -81,10 +84,20 @@ def test_a_misspelt_keyword_names_the_field_meant():
 
 
 def test_from_lora_config_carries_what_it_can_and_says_what_not():
-    lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"],
-                      exclude_modules=["k_proj"], lora_dropout=0.05, modules_to_save=["lm_head"],
-                      layers_to_transform=[1], layers_pattern="layers", rank_pattern={"q_proj": 4},
-                      task_type="CAUSAL_LM", bias="lora_only", use_dora=True)  # fmt: skip
+    lora = LoraConfig(
+        r=16,
+        lora_alpha=32,
+        target_modules=["q_proj", "v_proj"],
+        exclude_modules=["k_proj"],
+        lora_dropout=0.05,
+        modules_to_save=["lm_head"],
+        layers_to_transform=[1],
+        layers_pattern="layers",
+        rank_pattern={"q_proj": 4},
+        task_type="CAUSAL_LM",
+        bias="lora_only",
+        use_dora=True,
+    )
     with pytest.warns(UserWarning, match=r"could not carry over lora_alpha=32, .*use_dora=True"):
         config = CeraConfig.from_lora_config(lora, scaling=2.0)
     assert (config.r, config.cera_dropout, config.scaling) == (16, 0.05, 2.0)
@@ -98,19 +111,31 @@ def test_from_lora_config_carries_what_it_can_and_says_what_not():
 
 
 def test_rank_and_scaling_patterns_per_module(tmp_path):
-    config = CeraConfig(r=4, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2},
-                        scaling_pattern={r"layers\.1\.self_attn\.q_proj": 0.5}, init_weights=False)
+    config = CeraConfig(
+        r=4,
+        target_modules=["q_proj", "v_proj"],
+        rank_pattern={"v_proj": 2},
+        scaling_pattern={r"layers\.1\.self_attn\.q_proj": 0.5},
+        init_weights=False,
+    )
     model = get_peft_model(tiny_llama(), config).eval()
-    layers = {n.removeprefix("base_model.model.model."): m for n, m in model.named_modules()
-              if isinstance(m, CeraLinear)}  # fmt: skip
+    layers = {
+        n.removeprefix("base_model.model.model."): m
+        for n, m in model.named_modules()
+        if isinstance(m, CeraLinear)
+    }
     assert {n: m.cera_A["default"].weight.shape[0] for n, m in layers.items()} == {
-        "layers.0.self_attn.q_proj": 4, "layers.0.self_attn.v_proj": 2,
-        "layers.1.self_attn.q_proj": 4, "layers.1.self_attn.v_proj": 2,
-    }  # fmt: skip
+        "layers.0.self_attn.q_proj": 4,
+        "layers.0.self_attn.v_proj": 2,
+        "layers.1.self_attn.q_proj": 4,
+        "layers.1.self_attn.v_proj": 2,
+    }
     assert {n: m.scaling["default"] for n, m in layers.items()} == {
-        "layers.0.self_attn.q_proj": 1.0, "layers.0.self_attn.v_proj": 1.0,
-        "layers.1.self_attn.q_proj": 0.5, "layers.1.self_attn.v_proj": 1.0,
-    }  # fmt: skip
+        "layers.0.self_attn.q_proj": 1.0,
+        "layers.0.self_attn.v_proj": 1.0,
+        "layers.1.self_attn.q_proj": 0.5,
+        "layers.1.self_attn.v_proj": 1.0,
+    }
     model.save_pretrained(tmp_path)
     reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
     with torch.no_grad():
@@ -131,10 +156,18 @@ def test_init_weights_true_is_the_identity_false_acts_at_once():
 
 
 def test_config_round_trips_through_json(tmp_path):
-    config = CeraConfig(r=16, target_modules=["q_proj"], cera_dropout=0.2, activation="relu",
-                        scaling=0.5, task_type="CAUSAL_LM", rank_pattern={"q_proj": 2},
-                        scaling_pattern={"q_proj": 3.0}, init_weights=False,
-                        dropout_position="input")  # fmt: skip
+    config = CeraConfig(
+        r=16,
+        target_modules=["q_proj"],
+        cera_dropout=0.2,
+        activation="relu",
+        scaling=0.5,
+        task_type="CAUSAL_LM",
+        rank_pattern={"q_proj": 2},
+        scaling_pattern={"q_proj": 3.0},
+        init_weights=False,
+        dropout_position="input",
+    )
     config.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "CERA"
     with warnings.catch_warnings():

@@ -19,8 +19,17 @@ from cera_rs.demo import ceiling, phonebook, report
 
 
 def tiny(cls):
-    return cls(d=32, k=4, n_train=256, n_eval=128, steps=3, batch=64, lrs=(3e-3,), seeds=(0,),
-               spectrum_rank=4)  # fmt: skip
+    return cls(
+        d=32,
+        k=4,
+        n_train=256,
+        n_eval=128,
+        steps=3,
+        batch=64,
+        lrs=(3e-3,),
+        seeds=(0,),
+        spectrum_rank=4,
+    )
 
 
 def two_methods(settings):
@@ -54,7 +63,11 @@ def test_a_failing_part_keeps_the_finished_ones(monkeypatch, tmp_path, capsys):
     text = (tmp_path / "report.md").read_text()
     assert "## Part 1: the linear ceiling" in text and "## Not finished" in text
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "linear_ceiling.png", "report.md", "spectra.png", "summary.json"]  # no temp left
+        "linear_ceiling.png",
+        "report.md",
+        "spectra.png",
+        "summary.json",
+    ]  # no temp left
 
     # One seed: no "± 0.000" pretending to be a spread; several seeds show it.
     assert "±" not in report.ceiling_table(summary["part1"])
@@ -66,11 +79,15 @@ def test_part2_methods_are_a_lora_sweep_its_ceiling_cera_and_the_control():
     s = phonebook.Settings()
     methods = s.methods()
     assert [m.name for m in methods] == [
-        *(f"LoRA r={r}" for r in s.lora_ranks), "LoRA r=full",
-        *(f"CeRA r={r}" for r in s.cera_ranks), f"CeRA r={s.control_rank}, identity"]
+        *(f"LoRA r={r}" for r in s.lora_ranks),
+        "LoRA r=full",
+        *(f"CeRA r={r}" for r in s.cera_ranks),
+        f"CeRA r={s.control_rank}, identity",
+    ]
     # what a user gets from the same specs, under short names
     assert [(m.peft_type, m.fields) for m in methods] == [
-        (m.peft_type, m.fields) for spec in s.specs() for m in parse_specs(spec)]
+        (m.peft_type, m.fields) for spec in s.specs() for m in parse_specs(spec)
+    ]
     lora, control = methods[0].fields, methods[-1].fields
     assert lora["use_rslora"] is True and lora["lora_alpha"] == s.lora_alpha
     assert lora["target_modules"] == control["target_modules"] == list(phonebook.TARGETS)
@@ -79,7 +96,8 @@ def test_part2_methods_are_a_lora_sweep_its_ceiling_cera_and_the_control():
     assert {label: [m.name for m in ms] for label, ms in curves.families(methods).items()} == {
         "LoRA": [m.name for m in methods[: len(s.lora_ranks) + 1]],
         "CeRA": [f"CeRA r={r}" for r in s.cera_ranks],
-        "CeRA, identity": [methods[-1].name]}  # fmt: skip
+        "CeRA, identity": [methods[-1].name],
+    }
     assert s.compare_settings().adapted_layers == 1 and s.sized_to_separate
     quick = phonebook.Settings.quick()
     assert not quick.sized_to_separate and quick.facts < s.facts
@@ -90,8 +108,7 @@ def test_part2_methods_are_a_lora_sweep_its_ceiling_cera_and_the_control():
 FULL_PARAMS = 5_000_000
 
 
-def _fake_compare(s: phonebook.Settings, score, seeds: tuple[int, ...], calls: dict,
-                  noise: float):  # fmt: skip
+def _fake_compare(s: phonebook.Settings, score, seeds: tuple[int, ...], calls: dict, noise: float):
     """``compare`` as part 2 calls it, returning a summary whose curves come from
     ``score(params)`` (bits per fact) plus each run's own ``noise`` and the facts'
     (the same for every method: some facts are harder), through ``curves.summarise``."""
@@ -100,22 +117,39 @@ def _fake_compare(s: phonebook.Settings, score, seeds: tuple[int, ...], calls: d
         calls.update(kwargs, methods=methods)
         rng = np.random.default_rng(0)
         facts = rng.normal(0, 1, s.facts)
-        methods = [dataclasses.replace(m, fields=dict(m.fields, r=576), ceiling=True)
-                   if m.full_rank else m for m in methods]  # what at_full_rank does
+        methods = [
+            dataclasses.replace(m, fields=dict(m.fields, r=576), ceiling=True) if m.full_rank else m
+            for m in methods
+        ]  # what at_full_rank does
         params = {m.name: FULL_PARAMS if m.ceiling else 10_000 * m.fields["r"] for m in methods}
-        bits = {m.name: [score(m, params[m.name]) + facts + rng.normal(0, noise, s.facts)
-                         for _ in seeds] for m in methods}  # fmt: skip
-        runs = {name: [{"seed": seed, "test": {"bits": b.tolist()}} for seed, b in zip(seeds, bs)]
-                for name, bs in bits.items()}  # fmt: skip
-        out = {"model": "SmolLM2-135M-Instruct, Q4_1", "base_exact_match": 0.0,
-               "data": {"source": f"phonebook:{s.facts} (made-up names)"},
-               "curves": curves.summarise(methods, runs, params, "bits", 2_000),
-               "methods": {m.name: {
-                   "peft_type": m.peft_type, "fields": m.fields, "lr": s.lrs[0],
-                   "trainable_params": params[m.name], "test_exact_match": [0.5] * len(seeds),
-                   "test_bits": float(np.mean([np.sum(r["test"]["bits"]) for r in runs[m.name]])),
-                   "transfer": {"exact_match": [0.0] * len(seeds), "bits": 1.0}}
-                   for m in methods}}  # fmt: skip
+        bits = {
+            m.name: [
+                score(m, params[m.name]) + facts + rng.normal(0, noise, s.facts) for _ in seeds
+            ]
+            for m in methods
+        }
+        runs = {
+            name: [{"seed": seed, "test": {"bits": b.tolist()}} for seed, b in zip(seeds, bs)]
+            for name, bs in bits.items()
+        }
+        out = {
+            "model": "SmolLM2-135M-Instruct, Q4_1",
+            "base_exact_match": 0.0,
+            "data": {"source": f"phonebook:{s.facts} (made-up names)"},
+            "curves": curves.summarise(methods, runs, params, "bits", 2_000),
+            "methods": {
+                m.name: {
+                    "peft_type": m.peft_type,
+                    "fields": m.fields,
+                    "lr": s.lrs[0],
+                    "trainable_params": params[m.name],
+                    "test_exact_match": [0.5] * len(seeds),
+                    "test_bits": float(np.mean([np.sum(r["test"]["bits"]) for r in runs[m.name]])),
+                    "transfer": {"exact_match": [0.0] * len(seeds), "bits": 1.0},
+                }
+                for m in methods
+            },
+        }
         for m in methods:  # as the engine calls it: each method's first seed
             extras = kwargs["extras"](m, None, None, None)
             if extras:
@@ -131,19 +165,28 @@ def _on_log_curve(m, params: int) -> float:
     return 3 * np.log(params * {"CeRA": 20, "CeRA, identity": 2}.get(m.family, 1) / 1000)
 
 
-EXPORT_ROW = {"linearity": {"linearity_at_r": 0.99, "held_out_linearity_at_r": 0.98,
-                            "linearity_full_rank": 0.995, "held_out_linearity_full_rank": 0.99,
-                            "layers": 7},
-              "exported_lora_test_exact_match": 0.4, "exported_lora_wilson95": [0.3, 0.5],
-              "exported_lora_same_verdict": 0.9, "llama_cpp_skipped": "not installed"}  # fmt: skip
+EXPORT_ROW = {
+    "linearity": {
+        "linearity_at_r": 0.99,
+        "held_out_linearity_at_r": 0.98,
+        "linearity_full_rank": 0.995,
+        "held_out_linearity_full_rank": 0.99,
+        "layers": 7,
+    },
+    "exported_lora_test_exact_match": 0.4,
+    "exported_lora_wilson95": [0.3, 0.5],
+    "exported_lora_same_verdict": 0.9,
+    "llama_cpp_skipped": "not installed",
+}
 
 
 def _part2(monkeypatch, tmp_path, s, score, noise=0.3):
     calls: dict = {}
     monkeypatch.setattr(cera_rs.compare, "compare", _fake_compare(s, score, s.seeds, calls, noise))
     exported = []
-    monkeypatch.setattr(phonebook, "exported_lora",
-                        lambda m, *rest: exported.append(m.name) or EXPORT_ROW)  # fmt: skip
+    monkeypatch.setattr(
+        phonebook, "exported_lora", lambda m, *rest: exported.append(m.name) or EXPORT_ROW
+    )
     part2 = phonebook.run(s, tmp_path / "phonebook", progress=False)
     assert calls["data"] == f"phonebook:{s.facts}" and calls["model"] == "smollm2"
     assert calls["out_dir"] == tmp_path / "phonebook"
@@ -152,8 +195,13 @@ def _part2(monkeypatch, tmp_path, s, score, noise=0.3):
     # the export (a scoring pass of its own) runs for one CeRA method only
     assert exported == [f"CeRA r={s.exported_rank}"]
     assert [n for n, m in part2["methods"].items() if "linearity" in m] == exported
-    summary = {"machine": "test", "date": "2026-12-06", "mode": "full", "seconds": 1.0,
-               "part2": part2}
+    summary = {
+        "machine": "test",
+        "date": "2026-12-06",
+        "mode": "full",
+        "seconds": 1.0,
+        "part2": part2,
+    }
     written = report.write(summary, tmp_path, figures_of="part2")
     assert tmp_path / "rank_curve.png" in written
     assert (tmp_path / "rank_curve.png").stat().st_size > 0
@@ -171,17 +219,18 @@ def test_part2_report_shows_the_curve_the_multipliers_and_the_ceiling(monkeypatc
         assert m["where"] == "on" and 15 < m["low"] <= m["point"] <= m["high"] < 25, m
     assert control["where"] == "on" and 1.5 < control["low"] <= control["high"] < 3
     assert part2["curves"]["ceiling"] and all(
-        c["verdict"] == "worse" for c in part2["curves"]["ceiling"])  # fmt: skip
+        c["verdict"] == "worse" for c in part2["curves"]["ceiling"]
+    )
     assert part2["cannot_separate"] == []
     assert "![rank curve](rank_curve.png)" in text
     assert f"{s.lrs[0]:g} for every method (rsLoRA's scaling" in text  # one rate: said so
     assert "### Rank curves: information stored" in text  # compare's table, one level down
     assert "| family | method | trainable params | score | 95 % interval | bits per param |" in text
     for sentence in [m["sentence"] for m in [*cera, control]] + [
-            c["sentence"] for c in part2["curves"]["ceiling"]]:  # fmt: skip
+        c["sentence"] for c in part2["curves"]["ceiling"]
+    ]:
         assert sentence in text
-    assert ("### What these sizes cannot separate\n\n- Nothing above is beyond these sizes"
-            in text)  # fmt: skip
+    assert "### What these sizes cannot separate\n\n- Nothing above is beyond these sizes" in text
     assert f"| CeRA r={s.exported_rank} | 0.9900 / 0.9800 |" in text  # the exported LoRA row
     assert "GGUF adapter was not run in llama.cpp (skipped: not installed)" in text
 
@@ -207,12 +256,25 @@ def test_part2_says_plainly_what_quick_sizes_cannot_separate(monkeypatch, tmp_pa
         assert f"- {line}" in report.table("part2", part2)  # stdout, after the table
 
 
-@pytest.mark.parametrize("low, high, says", [(2.0, 4.0, []), (0.5, 3.0, ["1x"]),
-                                              (5.0, None, ["8x"]), (0.0, None, ["1x", "8x"])])
+@pytest.mark.parametrize(
+    "low, high, says",
+    [(2.0, 4.0, []), (0.5, 3.0, ["1x"]), (5.0, None, ["8x"]), (0.0, None, ["1x", "8x"])],
+)
 def test_a_multiplier_interval_that_holds_1x_or_8x_is_said_to(low, high, says):
-    curve = {"seeds": [0, 1, 2], "ceiling": [], "multipliers": [
-        {"method": "CeRA r=4", "family": "LoRA", "where": "on", "low": low, "high": high,
-         "family_rise": {"mean": 1.0, "low": 0.5, "high": 1.5}}]}  # fmt: skip
+    curve = {
+        "seeds": [0, 1, 2],
+        "ceiling": [],
+        "multipliers": [
+            {
+                "method": "CeRA r=4",
+                "family": "LoRA",
+                "where": "on",
+                "low": low,
+                "high": high,
+                "family_rise": {"mean": 1.0, "low": 0.5, "high": 1.5},
+            }
+        ],
+    }
     limits = phonebook.cannot_separate(curve, 100, True)
     assert [x.split(" includes ")[1].split(":")[0] for x in limits] == says
     assert all("below the smallest LoRA" in x for x in limits if low == 0)

@@ -84,8 +84,9 @@ def test_same_mask_bits_as_the_fused_cpu_loop(device, make_inputs, monkeypatch):
     x, a, b = make_inputs(shape=(64, 32), r=48, requires_grad=False)
     b = torch.eye(48, dtype=x.dtype)  # delta = the masked hidden state itself
     torch.manual_seed(21)
-    on_device = cera_delta(*on(device, x, a, b, requires_grad=False), dropout=0.4,
-                           activation="identity")  # fmt: skip
+    on_device = cera_delta(
+        *on(device, x, a, b, requires_grad=False), dropout=0.4, activation="identity"
+    )
     monkeypatch.setattr(functional, "_TENSOR_OPS", False)
     torch.manual_seed(21)
     on_cpu_loop = cera_delta(x, a, b, dropout=0.4, activation="identity")
@@ -141,8 +142,9 @@ def test_torch_compile_with_dropout_matches_eager(device, make_inputs):
 
 
 def test_tiny_llama_training_step_and_generate(device):
-    config = CeraConfig(r=4, target_modules=["q_proj", "v_proj"], cera_dropout=0.1,
-                        task_type="CAUSAL_LM")  # fmt: skip
+    config = CeraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], cera_dropout=0.1, task_type="CAUSAL_LM"
+    )
     model = get_cera_model(tiny_llama(), config).to(device)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0)).to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -242,7 +244,8 @@ def test_meta_tensors_give_shapes_through_forward_and_backward(position):
     y.sum().backward()
     assert (x.grad.shape, a.grad.shape, b.grad.shape) == (x.shape, a.shape, b.shape)
     with torch.device("meta"):
-        model = get_cera_model(tiny_llama(0), CeraConfig(r=4, target_modules=["q_proj"],
-                                                         cera_dropout=0.1))  # fmt: skip
+        model = get_cera_model(
+            tiny_llama(0), CeraConfig(r=4, target_modules=["q_proj"], cera_dropout=0.1)
+        )
     logits = model(input_ids=torch.zeros(2, 6, dtype=torch.long, device="meta")).logits
     assert logits.device.type == "meta" and logits.shape[:2] == (2, 6)

@@ -26,36 +26,53 @@ FLUX_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "proj_out"]
 def unet(seed: int = 0) -> UNet2DConditionModel:
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
-        attention_head_dim=2, norm_num_groups=4,
-    ).eval()  # fmt: skip
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8,
+        attention_head_dim=2,
+        norm_num_groups=4,
+    ).eval()
 
 
 def flux(seed: int = 0) -> FluxTransformer2DModel:
     torch.manual_seed(seed)
     return FluxTransformer2DModel(
-        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
-        num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        pooled_projection_dim=8,
         axes_dims_rope=[2, 2, 4],
-    ).eval()  # fmt: skip
+    ).eval()
 
 
 def unet_inputs(n: int = 2) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
-    return {"sample": torch.randn(n, 4, 8, 8, generator=gen),
-            "timestep": torch.tensor([1, 10][:n]),
-            "encoder_hidden_states": torch.randn(n, 3, 8, generator=gen)}  # fmt: skip
+    return {
+        "sample": torch.randn(n, 4, 8, 8, generator=gen),
+        "timestep": torch.tensor([1, 10][:n]),
+        "encoder_hidden_states": torch.randn(n, 3, 8, generator=gen),
+    }
 
 
 def flux_inputs(n: int = 2) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
-    return {"hidden_states": torch.randn(n, 16, 4, generator=gen),
-            "encoder_hidden_states": torch.randn(n, 5, 16, generator=gen),
-            "pooled_projections": torch.randn(n, 8, generator=gen),
-            "timestep": torch.tensor([0.2, 0.7][:n]),
-            "img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(5, 3)}  # fmt: skip
+    return {
+        "hidden_states": torch.randn(n, 16, 4, generator=gen),
+        "encoder_hidden_states": torch.randn(n, 5, 16, generator=gen),
+        "pooled_projections": torch.randn(n, 8, generator=gen),
+        "timestep": torch.tensor([0.2, 0.7][:n]),
+        "img_ids": torch.zeros(16, 3),
+        "txt_ids": torch.zeros(5, 3),
+    }
 
 
 MODELS = {"unet": (unet, unet_inputs, UNET_TARGETS), "flux": (flux, flux_inputs, FLUX_TARGETS)}
@@ -164,7 +181,9 @@ def test_save_and_load_back(kind, tmp_path):
     expected = run(model, x)
     save_adapter(model, tmp_path / "adapter")
     assert {p.name for p in (tmp_path / "adapter").iterdir()} == {
-        "adapter_config.json", "adapter_model.safetensors"}  # fmt: skip
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    }
     fresh = MODELS[kind][0]()
     config = load_adapter(fresh, tmp_path / "adapter")
     fresh.eval()
@@ -182,11 +201,17 @@ def test_loading_into_another_architecture_is_refused(tmp_path):
     model, _ = adapted("unet")
     save_adapter(model, tmp_path)
     other = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(8, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
-        attention_head_dim=2, norm_num_groups=4,
-    )  # fmt: skip
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8,
+        attention_head_dim=2,
+        norm_num_groups=4,
+    )
     with pytest.raises(ValueError, match="size mismatch|do not fit"):
         load_adapter(other, tmp_path)
 
@@ -194,8 +219,11 @@ def test_loading_into_another_architecture_is_refused(tmp_path):
 def test_diffusers_lora_file_api_and_fuse_refuse_cera(tmp_path):
     model, x = adapted("unet")
     expected = run(model, x)
-    with pytest.raises(TypeError, match=r"save_lora_adapter writes LoRA weight files.*"
-                                        r"cera_rs\.diffusion\.save_adapter"):  # fmt: skip
+    with pytest.raises(
+        TypeError,
+        match=r"save_lora_adapter writes LoRA weight files.*"
+        r"cera_rs\.diffusion\.save_adapter",
+    ):
         model.save_lora_adapter(tmp_path / "lora")
     assert not (tmp_path / "lora").exists()
     with pytest.raises(CeraMergeError, match="fuse_lora is impossible for CeRA"):
@@ -204,12 +232,18 @@ def test_diffusers_lora_file_api_and_fuse_refuse_cera(tmp_path):
     torch.testing.assert_close(run(model, x), expected, rtol=0, atol=0)
     save_adapter(model, tmp_path / "cera")
     fresh = unet()
-    for source in (tmp_path / "cera", {"unet." + k: v for k, v in
-                                       model.state_dict().items() if ".cera_" in k}):  # fmt: skip
-        with pytest.raises(TypeError, match=r"load_lora_adapter reads LoRA weights.*"
-                                            r"cera_rs\.diffusion\.load_adapter"):  # fmt: skip
-            fresh.load_lora_adapter(source, prefix="unet",
-                                    weight_name="pytorch_lora_weights.safetensors")  # fmt: skip
+    for source in (
+        tmp_path / "cera",
+        {"unet." + k: v for k, v in model.state_dict().items() if ".cera_" in k},
+    ):
+        with pytest.raises(
+            TypeError,
+            match=r"load_lora_adapter reads LoRA weights.*"
+            r"cera_rs\.diffusion\.load_adapter",
+        ):
+            fresh.load_lora_adapter(
+                source, prefix="unet", weight_name="pytorch_lora_weights.safetensors"
+            )
     assert not getattr(fresh, "peft_config", None)
 
 
@@ -222,8 +256,12 @@ def test_lora_adapters_still_go_to_diffusers(tmp_path):
     model.save_lora_adapter(tmp_path)
     fresh = unet()
     # (diffusers looks for the .bin file unless told the name: it does so for LoRA too)
-    fresh.load_lora_adapter(tmp_path, prefix=None, adapter_name="default",
-                            weight_name="pytorch_lora_weights.safetensors")  # fmt: skip
+    fresh.load_lora_adapter(
+        tmp_path,
+        prefix=None,
+        adapter_name="default",
+        weight_name="pytorch_lora_weights.safetensors",
+    )
     fresh.eval()
     torch.testing.assert_close(run(fresh, x), expected, rtol=1e-5, atol=1e-6)
     fresh.fuse_lora()
@@ -248,7 +286,8 @@ def test_the_guard_waits_for_diffusers_and_import_cera_rs_does_not_import_it():
         "'__wrapped__'))\n"
     )
     for order in ("cera_rs first", "diffusers first"):
-        out = subprocess.run([sys.executable, "-c", script, order], capture_output=True,
-                             text=True, timeout=300)  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", script, order], capture_output=True, text=True, timeout=300
+        )
         assert out.returncode == 0, out.stderr[-2000:]
         assert out.stdout.split() == ["True", "True"], order

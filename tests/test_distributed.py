@@ -30,14 +30,20 @@ def free_port() -> int:
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("dist")
     command = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
-        "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-        "--max_restarts=0", str(TESTS / "dist_worker.py"), str(out),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={WORLD}",
+        "--nnodes=1",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "--max_restarts=0",
+        str(TESTS / "dist_worker.py"),
+        str(out),
+    ]
     path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=400, env=env,
-                          cwd=TESTS)  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=400, env=env, cwd=TESTS)
     assert proc.returncode == 0, f"torchrun failed:\n{(proc.stdout + proc.stderr)[-6000:]}"
     results = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     assert all(r["world"] == WORLD for r in results)
@@ -61,12 +67,12 @@ def test_fsdp2_training_loss_matches_one_process(ranks):
         run = rank["fsdp"]
         assert run["sharded_params"] > 0
         assert run["losses"][-1] < run["losses"][0]
-        torch.testing.assert_close(torch.tensor(run["losses"]),
-                                   torch.tensor(run["reference_losses"]), rtol=1e-5, atol=0)
+        torch.testing.assert_close(
+            torch.tensor(run["losses"]), torch.tensor(run["reference_losses"]), rtol=1e-5, atol=0
+        )
         assert run["weights"].keys() == run["reference_weights"].keys()
         for key, weight in run["weights"].items():
-            torch.testing.assert_close(weight, run["reference_weights"][key], rtol=1e-4,
-                                       atol=1e-6)  # fmt: skip
+            torch.testing.assert_close(weight, run["reference_weights"][key], rtol=1e-4, atol=1e-6)
     assert ranks[0]["fsdp"]["losses"] == ranks[1]["fsdp"]["losses"]
 
 
@@ -74,8 +80,7 @@ def test_streaming_spectrum_states_merge_across_ranks_with_all_reduce(ranks):
     for rank in ranks:
         run = rank["spectral"]
         assert run["tokens_seen"] == run["reference_tokens"] == 30 + 37
-        torch.testing.assert_close(run["values"], run["reference_values"], rtol=1e-10,
-                                   atol=1e-12)  # fmt: skip
+        torch.testing.assert_close(run["values"], run["reference_values"], rtol=1e-10, atol=1e-12)
 
 
 def test_streaming_regression_states_merge_across_ranks_with_all_reduce(ranks):
@@ -83,5 +88,4 @@ def test_streaming_regression_states_merge_across_ranks_with_all_reduce(ranks):
         run = rank["regression"]
         assert run["tokens_seen"] == run["reference_tokens"] == 30 + 37
         assert 0.5 < run["linearity"][-1] < 1  # silu of 3 features is not linear
-        torch.testing.assert_close(run["linearity"], run["reference_linearity"], rtol=0,
-                                   atol=1e-12)  # fmt: skip
+        torch.testing.assert_close(run["linearity"], run["reference_linearity"], rtol=0, atol=1e-12)

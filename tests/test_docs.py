@@ -25,11 +25,21 @@ from codeblocks import DOCS, ROOT, check_shown_output, continued, python_blocks,
 
 def mkdocs(config: Path, site: Path) -> subprocess.CompletedProcess:
     # not --quiet: it drops the warnings before --strict counts them
-    command = [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file",
-               str(config), "--site-dir", str(site)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "mkdocs",
+        "build",
+        "--strict",
+        "--config-file",
+        str(config),
+        "--site-dir",
+        str(site),
+    ]
     quiet = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}  # Material's notice, not the site's
-    return subprocess.run(command, cwd=config.parent, capture_output=True, text=True,
-                          timeout=300, env=quiet)  # fmt: skip
+    return subprocess.run(
+        command, cwd=config.parent, capture_output=True, text=True, timeout=300, env=quiet
+    )
 
 
 @pytest.fixture(scope="module")
@@ -75,19 +85,25 @@ def test_api_pages_hold_the_docstrings(site):
     assert 'id="cera_rs.export.to_lora"' in export
 
 
-@pytest.mark.parametrize(("broken", "said"), [
-    ("[a page](missing.md)", "contains a link 'missing.md', but the target is not found"),
-    ("[an anchor](#nowhere)", "there is no such anchor on this page"),
-    ("::: cera_rs.no_such_name", "cera_rs.no_such_name could not be found"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("broken", "said"),
+    [
+        ("[a page](missing.md)", "contains a link 'missing.md', but the target is not found"),
+        ("[an anchor](#nowhere)", "there is no such anchor on this page"),
+        ("::: cera_rs.no_such_name", "cera_rs.no_such_name could not be found"),
+    ],
+)
 def test_a_broken_page_fails_the_strict_build(tmp_path, broken, said):
     """The build this file runs would notice: the same validation and API handler,
     one page holding one mistake."""
     ours = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
     handler = ours["plugins"][1]["mkdocstrings"]["handlers"]["python"]
     handler["paths"] = [str(ROOT / "python")]
-    config = {"site_name": "broken", "validation": ours["validation"],
-              "plugins": [{"mkdocstrings": {"handlers": {"python": handler}}}]}  # fmt: skip
+    config = {
+        "site_name": "broken",
+        "validation": ours["validation"],
+        "plugins": [{"mkdocstrings": {"handlers": {"python": handler}}}],
+    }
     (tmp_path / "mkdocs.yml").write_text(yaml.safe_dump(config))
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "index.md").write_text(f"# Broken\n\n{broken}\n")
@@ -110,8 +126,12 @@ def _chains() -> dict[str, list[Path]]:
 def _quick_start(out: str, cwd: Path) -> None:
     assert "trainable params" in out and "step 2: loss" in out
     assert "eff.rank" in out and "lin@k" in out  # guides/spectra.md, guides/export.md
-    for name in ("cera-adapter/adapter_model.safetensors", "spectra.png", "spectra.json",
-                 "lora-adapter/adapter_model.safetensors"):
+    for name in (
+        "cera-adapter/adapter_model.safetensors",
+        "spectra.png",
+        "spectra.json",
+        "lora-adapter/adapter_model.safetensors",
+    ):
         assert (cwd / name).is_file(), name
     assert check_shown_output(DOCS / "guides" / "export.md", out) == 4
 

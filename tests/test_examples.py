@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_quickstart_notebook_runs_every_cell(tmp_path):
     nb = nbformat.read(ROOT / "examples" / "quickstart.ipynb", as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": str(tmp_path)}}).execute()  # fmt: skip
+    NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.execution_count is not None for c in code)
     assert not [o for c in code for o in c.outputs if o.output_type == "error"]
@@ -46,8 +47,15 @@ def _numbers(value):
 
 def test_quick_demo_writes_a_complete_finite_summary(tmp_path):
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
-    for name in ("summary.json", "report.md", "linear_ceiling.png", "spectra.png",
-                 "rank_curve.png", "phonebook/report.md", "phonebook/curves.png"):  # fmt: skip
+    for name in (
+        "summary.json",
+        "report.md",
+        "linear_ceiling.png",
+        "spectra.png",
+        "rank_curve.png",
+        "phonebook/report.md",
+        "phonebook/curves.png",
+    ):
         assert (tmp_path / name).stat().st_size > 0, name
     summary = json.loads((tmp_path / "summary.json").read_text())
     families = summary["part1"]["families"]
@@ -55,8 +63,9 @@ def test_quick_demo_writes_a_complete_finite_summary(tmp_path):
     for block in families.values():
         assert len(block["methods"]) == 8
         for row in block["methods"].values():
-            assert {"trainable_params", "test_error_mean", "effective_rank",
-                    "tail_energy"} <= set(row)  # fmt: skip
+            assert {"trainable_params", "test_error_mean", "effective_rank", "tail_energy"} <= set(
+                row
+            )
     part2, quick = summary["part2"], phonebook.Settings.quick()
     assert "Q4_1" in part2["model"] and part2["data"].startswith(f"phonebook:{quick.facts} ")
     assert list(part2["methods"]) == [m.name for m in quick.methods()]
@@ -64,11 +73,15 @@ def test_quick_demo_writes_a_complete_finite_summary(tmp_path):
         assert row["trainable_params"] > 0 and row["lr"] in part2["settings"]["lrs"]
         assert all(0 <= x <= 1 for x in row["recall"] + row["transfer"]["exact_match"])
     curves = part2["curves"]
-    assert curves["score"] == "bits" and list(curves["curves"]) == ["LoRA", "CeRA",
-                                                                    "CeRA, identity"]
+    assert curves["score"] == "bits" and list(curves["curves"]) == [
+        "LoRA",
+        "CeRA",
+        "CeRA, identity",
+    ]
     lora = curves["curves"]["LoRA"]
     assert lora[-1]["method"] == "LoRA r=full" and sorted(p["params"] for p in lora) == [
-        p["params"] for p in lora]  # the ceiling tops the LoRA curve
+        p["params"] for p in lora
+    ]  # the ceiling tops the LoRA curve
     assert all(p["low"] <= p["mean"] <= p["high"] for ps in curves["curves"].values() for p in ps)
     cera = len(quick.cera_ranks) + 1  # and the control
     assert len(curves["multipliers"]) == len(curves["ceiling"]) == cera

@@ -59,8 +59,7 @@ def test_full_rank_equals_numpy_least_squares():
     with_bias = fitted(x, y, bias=True)
     ones = np.ones((len(x), 1))
     solution = np.linalg.lstsq(np.hstack([x, ones]), y, rcond=None)[0]
-    np.testing.assert_allclose(with_bias.weight.numpy(), solution[:-1].T, rtol=1e-8,
-                               atol=1e-10)  # fmt: skip
+    np.testing.assert_allclose(with_bias.weight.numpy(), solution[:-1].T, rtol=1e-8, atol=1e-10)
     _, _, bias = with_bias.factors(9)
     np.testing.assert_allclose(bias.numpy(), solution[-1], rtol=1e-8, atol=1e-10)
 
@@ -152,8 +151,9 @@ def test_ridge_is_relative_to_the_mean_input_eigenvalue():
     expected = np.linalg.solve(cxx + shift * np.eye(len(cxx)), cxy).T
     np.testing.assert_allclose(fitted(x, y, ridge=ridge).weight.numpy(), expected, rtol=1e-9)
     # Scaling x scales W* by the inverse, ridge included.
-    np.testing.assert_allclose(fitted(10 * x, y, ridge=ridge).weight.numpy(), expected / 10,
-                               rtol=1e-9)  # fmt: skip
+    np.testing.assert_allclose(
+        fitted(10 * x, y, ridge=ridge).weight.numpy(), expected / 10, rtol=1e-9
+    )
 
 
 # ---- to_lora on models -----------------------------------------------------------------
@@ -291,9 +291,12 @@ def test_padding_is_left_out_and_batch_order_does_not_matter():
         product = key.endswith("lora_A.weight")
         if product:
             b_key = key.replace("lora_A", "lora_B")
-            torch.testing.assert_close(forward.state_dict[b_key] @ value,
-                                       backward.state_dict[b_key] @ backward.state_dict[key],
-                                       rtol=1e-5, atol=1e-6)  # fmt: skip
+            torch.testing.assert_close(
+                forward.state_dict[b_key] @ value,
+                backward.state_dict[b_key] @ backward.state_dict[key],
+                rtol=1e-5,
+                atol=1e-6,
+            )
     for f, b in zip(forward.report, backward.report):
         np.testing.assert_allclose(f.linearity, b.linearity, atol=1e-9)
     assert forward.config.target_modules == {
@@ -327,18 +330,29 @@ def test_report_table_json_and_plot(tmp_path):
     report = exported.report
     assert isinstance(report, LinearityReport) and len(report) == 2
     text = str(report)
-    assert text.splitlines()[0].split() == ["module", "method", "r", "tokens", "k", "lin@k",
-                                            "lin@r", "lin", "full"]  # fmt: skip
+    assert text.splitlines()[0].split() == [
+        "module",
+        "method",
+        "r",
+        "tokens",
+        "k",
+        "lin@k",
+        "lin@r",
+        "lin",
+        "full",
+    ]
     assert "<table>" in report._repr_html_()
     row = report.rows()[0]
     assert row["rank"] == 2 and row["tokens"] == 384
-    assert row["linearity_at_rank"] <= row["linearity_at_adapter_rank"] <= row[
-        "linearity_full_rank"] + 1e-12  # fmt: skip
+    assert (
+        row["linearity_at_rank"]
+        <= row["linearity_at_adapter_rank"]
+        <= row["linearity_full_rank"] + 1e-12
+    )
     report.to_json(tmp_path / "linearity.json")
     saved = json.loads((tmp_path / "linearity.json").read_text())
     assert len(saved["modules"][0]["linearity"]) == D + 1
-    assert report.mean("linearity_full_rank") == pytest.approx(
-        np.mean([m.at(D) for m in report]))
+    assert report.mean("linearity_full_rank") == pytest.approx(np.mean([m.at(D) for m in report]))
     report.plot(tmp_path / "linearity.png")
     assert (tmp_path / "linearity.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -349,8 +363,7 @@ def test_held_out_linearity_is_the_exported_maps_error_on_other_tokens(tmp_path)
     the table, JSON and figure carry it."""
     cera = cera_toy(activation="silu", bias=True)
     held_out = toy_batches(n=2, seed=7)
-    exported = to_lora(cera, toy_batches(n=1), rank=3, bias=True, held_out=held_out,
-                       progress=False)  # fmt: skip
+    exported = to_lora(cera, toy_batches(n=1), rank=3, bias=True, held_out=held_out, progress=False)
     b, a = (t.double().numpy() for t in cera_factors(cera, 0))
 
     def layer0(batches):  # layer 0's inputs and CeRA deltas (eval: no dropout)
@@ -401,9 +414,21 @@ def test_cli_export_lora_from_saved_adapter_and_token_ids(tmp_path, capsys):
     cera.save_pretrained(adapter_dir)
     ids = torch.randint(0, 128, (6, 12), generator=torch.Generator().manual_seed(4))
     np.save(tmp_path / "ids.npy", ids.numpy())
-    code = cli.main(["export-lora", str(adapter_dir), str(out_dir), "--data",
-                     str(tmp_path / "ids.npy"), "--rank", "2", "--base", str(base_dir),
-                     "--json", str(tmp_path / "lin.json")])  # fmt: skip
+    code = cli.main(
+        [
+            "export-lora",
+            str(adapter_dir),
+            str(out_dir),
+            "--data",
+            str(tmp_path / "ids.npy"),
+            "--rank",
+            "2",
+            "--base",
+            str(base_dir),
+            "--json",
+            str(tmp_path / "lin.json"),
+        ]
+    )
     assert code == 0
     stdout = capsys.readouterr().out
     assert "model.layers.1.self_attn.v_proj" in stdout and "written:" in stdout
@@ -411,35 +436,93 @@ def test_cli_export_lora_from_saved_adapter_and_token_ids(tmp_path, capsys):
     lora = PeftModel.from_pretrained(tiny_llama(0), str(out_dir)).eval()
     with torch.no_grad():
         out = lora(input_ids=ids[:2]).logits
-        torch.testing.assert_close(lora.merge_and_unload()(input_ids=ids[:2]).logits, out,
-                                   rtol=1e-4, atol=1e-4)  # fmt: skip
+        torch.testing.assert_close(
+            lora.merge_and_unload()(input_ids=ids[:2]).logits, out, rtol=1e-4, atol=1e-4
+        )
 
     # A text file of ids gives the same export; ids out of the vocabulary are refused.
     (tmp_path / "ids.txt").write_text("\n".join(" ".join(map(str, r.tolist())) for r in ids))
-    assert cli.main(["export-lora", str(adapter_dir), str(tmp_path / "lora2"), "--data",
-                     str(tmp_path / "ids.txt"), "--rank", "2", "--base", str(base_dir)]) == 0
+    assert (
+        cli.main(
+            [
+                "export-lora",
+                str(adapter_dir),
+                str(tmp_path / "lora2"),
+                "--data",
+                str(tmp_path / "ids.txt"),
+                "--rank",
+                "2",
+                "--base",
+                str(base_dir),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "lora2" / "adapter_model.safetensors").read_bytes() == (
-        out_dir / "adapter_model.safetensors").read_bytes()  # fmt: skip
+        out_dir / "adapter_model.safetensors"
+    ).read_bytes()
     # --held-out: the same LoRA, the report measured on other ids too.
     np.save(tmp_path / "other.npy", torch.randint(0, 128, (3, 12)).numpy())
     capsys.readouterr()
-    assert cli.main(["export-lora", str(adapter_dir), str(tmp_path / "lora4"), "--data",
-                     str(tmp_path / "ids.npy"), "--rank", "2", "--base", str(base_dir),
-                     "--held-out", str(tmp_path / "other.npy"), "--json",
-                     str(tmp_path / "lin4.json")]) == 0  # fmt: skip
+    assert (
+        cli.main(
+            [
+                "export-lora",
+                str(adapter_dir),
+                str(tmp_path / "lora4"),
+                "--data",
+                str(tmp_path / "ids.npy"),
+                "--rank",
+                "2",
+                "--base",
+                str(base_dir),
+                "--held-out",
+                str(tmp_path / "other.npy"),
+                "--json",
+                str(tmp_path / "lin4.json"),
+            ]
+        )
+        == 0
+    )
     assert "held-out lin@k" in capsys.readouterr().out
     saved = json.loads((tmp_path / "lin4.json").read_text())["modules"]
     assert all(m["held_out_tokens"] == 36 and len(m["held_out_linearity"]) > 2 for m in saved)
     assert (tmp_path / "lora4" / "adapter_model.safetensors").read_bytes() == (
-        out_dir / "adapter_model.safetensors").read_bytes()  # fmt: skip
+        out_dir / "adapter_model.safetensors"
+    ).read_bytes()
     (tmp_path / "bad.txt").write_text("1 2 500\n")
     capsys.readouterr()
-    assert cli.main(["export-lora", str(adapter_dir), str(tmp_path / "lora3"), "--data",
-                     str(tmp_path / "bad.txt"), "--energy", "0.9", "--base",
-                     str(base_dir)]) == 2  # fmt: skip
+    assert (
+        cli.main(
+            [
+                "export-lora",
+                str(adapter_dir),
+                str(tmp_path / "lora3"),
+                "--data",
+                str(tmp_path / "bad.txt"),
+                "--energy",
+                "0.9",
+                "--base",
+                str(base_dir),
+            ]
+        )
+        == 2
+    )
     assert "token ids must be in [0, 128)" in capsys.readouterr().err
-    assert cli.main(["export-lora", str(adapter_dir), str(tmp_path / "lora3"), "--data",
-                     str(tmp_path / "ids.txt"), "--rank", "2"]) == 2
+    assert (
+        cli.main(
+            [
+                "export-lora",
+                str(adapter_dir),
+                str(tmp_path / "lora3"),
+                "--data",
+                str(tmp_path / "ids.txt"),
+                "--rank",
+                "2",
+            ]
+        )
+        == 2
+    )
     assert "--base" in capsys.readouterr().err
     assert not (tmp_path / "lora3").exists()
 
@@ -449,8 +532,9 @@ def test_demo_export_and_merge_leaves_the_shared_base_alone():
 
     cera, base = cera_toy(), plain_base()
     before = {n: p.clone() for n, p in base.state_dict().items()}
-    merged, report = export_and_merge(cera, base, toy_batches(), rank=3,
-                                      held_out=toy_batches(n=1, seed=7))  # fmt: skip
+    merged, report = export_and_merge(
+        cera, base, toy_batches(), rank=3, held_out=toy_batches(n=1, seed=7)
+    )
     for name, value in base.state_dict().items():
         assert torch.equal(value, before[name]), f"{name} of the shared base was written"
     assert merged[0].bias is base[0].bias  # what the merge does not write is shared
@@ -460,7 +544,12 @@ def test_demo_export_and_merge_leaves_the_shared_base_alone():
         a = state[f"base_model.model.{layer}.lora_A.weight"]
         torch.testing.assert_close(merged[layer].weight, base[layer].weight + b @ a)
     means = summary(report)
-    assert set(means) == {"linearity_at_r", "linearity_full_rank", "held_out_linearity_at_r",
-                          "held_out_linearity_full_rank", "layers"}  # fmt: skip
+    assert set(means) == {
+        "linearity_at_r",
+        "linearity_full_rank",
+        "held_out_linearity_at_r",
+        "held_out_linearity_full_rank",
+        "layers",
+    }
     assert 0 < means["linearity_at_r"] <= means["linearity_full_rank"] < 1
     assert means["held_out_linearity_at_r"] == report.mean("held_out_linearity_at_adapter_rank")

@@ -43,6 +43,7 @@ def test_matches_plain_composition(make_inputs, activation, p, shape, dtype, tol
 @pytest.mark.parametrize("p", [0.0, 0.25])
 def test_gradcheck_float64(make_inputs, activation, p):
     x, a, b = make_inputs(shape=(2, 5, 6), r=3, d_out=4, dtype=torch.float64)
+
     def fn(x, a, b):
         torch.manual_seed(3)
         return cera_delta(x, a, b, dropout=p, activation=activation, scaling=1.3)

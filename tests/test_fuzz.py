@@ -31,11 +31,23 @@ def test_bounded_fuzz_run_finds_no_crash(tmp_path):
     found = tmp_path / "found"
     found.mkdir()
     proc = subprocess.run(
-        [sys.executable, str(TARGET), f"-runs={RUNS}", "-seed=1", "-timeout=30",
-         "-rss_limit_mb=4096", "-max_len=4096", f"-artifact_prefix={tmp_path}/",
-         str(found), str(CORPUS)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(TARGET),
+            f"-runs={RUNS}",
+            "-seed=1",
+            "-timeout=30",
+            "-rss_limit_mb=4096",
+            "-max_len=4096",
+            f"-artifact_prefix={tmp_path}/",
+            str(found),
+            str(CORPUS),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     log = proc.stdout + proc.stderr
     artifacts = sorted(p.name for p in tmp_path.iterdir() if p.name != "found")
     assert proc.returncode == 0, f"fuzzer found {artifacts}:\n{log[-4000:]}"

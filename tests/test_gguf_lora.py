@@ -19,8 +19,12 @@ from cera_rs.export.gguf_lora import BaseGGUF, _rope_rows
 
 LAYERS = (28, 29)
 TARGETS = r".*\.layers\.(28|29)\.(self_attn\.(q_proj|k_proj|v_proj)|mlp\.down_proj)"
-PROJ = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-        "attn_v": "self_attn.v_proj", "ffn_down": "mlp.down_proj"}  # fmt: skip
+PROJ = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "ffn_down": "mlp.down_proj",
+}
 HEADS = {"attn_q": 9, "attn_k": 3}
 """SmolLM2-135M's query heads and key/value heads: the row groups of q and k."""
 
@@ -110,8 +114,13 @@ def test_rank_pattern_and_scaling_are_folded_into_b(exported, tmp_path):
     state[key + ".lora_B.weight"] = state[key + ".lora_B.weight"][:, :2]
     config = exported.config
     pattern = {"model.layers.29.self_attn.v_proj": 2}
-    config = type(config)(**{**config.to_dict(), "rank_pattern": pattern,
-                             "alpha_pattern": {"model.layers.29.self_attn.v_proj": 6}})  # fmt: skip
+    config = type(config)(
+        **{
+            **config.to_dict(),
+            "rank_pattern": pattern,
+            "alpha_pattern": {"model.layers.29.self_attn.v_proj": 6},
+        }
+    )
     changed = type(exported)(config, state, exported.report)
     save_gguf_lora(changed, tmp_path / "a.gguf", base_gguf=smollm2.gguf_path())
     reader = gguf.GGUFReader(tmp_path / "a.gguf")
@@ -120,8 +129,9 @@ def test_rank_pattern_and_scaling_are_folded_into_b(exported, tmp_path):
     b = tensors["blk.29.attn_v.weight.lora_b"]
     assert b.shape == (192, 2) and alpha == 4.0
     # llama.cpp's scale alpha / r times the written B is PEFT's scale 6 / 2 times B.
-    np.testing.assert_allclose(alpha / 2 * b, 6 / 2 * state[key + ".lora_B.weight"].numpy(),
-                               rtol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        alpha / 2 * b, 6 / 2 * state[key + ".lora_B.weight"].numpy(), rtol=1e-6
+    )
 
 
 def test_what_llama_cpp_cannot_hold_is_refused(exported, tmp_path, smollm):
@@ -190,19 +200,37 @@ def test_cli_export_lora_writes_the_gguf_adapter(smollm, tmp_path, capsys):
     ids = torch.randint(0, 49152, (3, 16), generator=torch.Generator().manual_seed(2))
     np.save(tmp_path / "ids.npy", ids.numpy())
     out, gguf_out = tmp_path / "lora", tmp_path / "adapter.gguf"
-    argv = ["export-lora", str(tmp_path / "cera"), str(out), "--data", str(tmp_path / "ids.npy"),
-            "--rank", "4", "--base", str(smollm2.cached_dir()), "--gguf", str(gguf_out),
-            "--gguf-base", str(smollm2.gguf_path())]  # fmt: skip
+    argv = [
+        "export-lora",
+        str(tmp_path / "cera"),
+        str(out),
+        "--data",
+        str(tmp_path / "ids.npy"),
+        "--rank",
+        "4",
+        "--base",
+        str(smollm2.cached_dir()),
+        "--gguf",
+        str(gguf_out),
+        "--gguf-base",
+        str(smollm2.gguf_path()),
+    ]
     assert cli.main(argv) == 0
     assert f"written: {out}, {gguf_out}" in capsys.readouterr().out
     reader = gguf.GGUFReader(gguf_out)
     assert len(reader.tensors) == 16 and fields(reader)["adapter.type"] == "lora"
     # What the user could not mean is refused before any work: no base GGUF, a bias.
-    for extra, message in ((["--gguf", str(tmp_path / "b.gguf")], "--gguf needs --gguf-base"),
-                           (["--gguf", str(tmp_path / "b.gguf"), "--gguf-base",
-                             str(smollm2.gguf_path()), "--bias"], "no bias"),
-                           (["--gguf", str(tmp_path / "b.gguf"), "--gguf-base",
-                             str(tmp_path / "nope.gguf")], "does not exist")):  # fmt: skip
+    for extra, message in (
+        (["--gguf", str(tmp_path / "b.gguf")], "--gguf needs --gguf-base"),
+        (
+            ["--gguf", str(tmp_path / "b.gguf"), "--gguf-base", str(smollm2.gguf_path()), "--bias"],
+            "no bias",
+        ),
+        (
+            ["--gguf", str(tmp_path / "b.gguf"), "--gguf-base", str(tmp_path / "nope.gguf")],
+            "does not exist",
+        ),
+    ):
         assert cli.main(argv[:9] + extra) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "b.gguf").exists()

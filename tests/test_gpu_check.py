@@ -25,8 +25,11 @@ def zip_wheel(dist: Path) -> Path:
         for path in files:
             z.write(path, f"cera_rs/{path.relative_to(package)}")
         z.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: cera_rs\nVersion: 0.1.0\n")
-        z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: false\n"
-                                    "Tag: cp39-abi3-linux_x86_64\n")  # fmt: skip
+        z.writestr(
+            f"{info}/WHEEL",
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: false\n"
+            "Tag: cp39-abi3-linux_x86_64\n",
+        )
         names = [f"cera_rs/{p.relative_to(package)}" for p in files]
         names += [f"{info}/METADATA", f"{info}/WHEEL", f"{info}/RECORD"]
         z.writestr(f"{info}/RECORD", "".join(f"{n},,\n" for n in names))
@@ -35,17 +38,30 @@ def zip_wheel(dist: Path) -> Path:
 
 def test_dry_run_installs_runs_each_step_within_its_limit_and_summarises(tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "DIST": str(tmp_path / "dist"), "PYTHON": sys.executable,
-           "PYTEST_ARGS": "tests/test_tensor_ops.py -k fewest", "BENCH_LIMIT": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "OUT": str(out),
+        "DIST": str(tmp_path / "dist"),
+        "PYTHON": sys.executable,
+        "PYTEST_ARGS": "tests/test_tensor_ops.py -k fewest",
+        "BENCH_LIMIT": "1",
+    }
     zip_wheel(tmp_path / "dist")
-    proc = subprocess.run(["bash", "scripts/gpu-check.sh", "--dry-run"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        ["bash", "scripts/gpu-check.sh", "--dry-run"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     log = (out / "gpu-check.log").read_text()
     summary = json.loads((out / "gpu-check.json").read_text())
     steps = {step["name"]: step for step in summary["steps"]}
     assert list(steps) == ["install", "environment", "tests", "bench-layers", "bench"], log
-    assert all(steps[name]["exit"] == 0
-               for name in ("install", "environment", "tests", "bench-layers")), log
+    assert all(
+        steps[name]["exit"] == 0 for name in ("install", "environment", "tests", "bench-layers")
+    ), log
     # the embedding and conv cases' quick run, summarised with their targets
     assert summary["layers"]["rows"] == 4 and len(summary["layers"]["targets"]) == 8
     # the environment step checked that the installed copy, not this tree, is imported

@@ -29,10 +29,12 @@ def test_other_torch_version_is_refused_with_both_versions_named():
 def test_core_imports_without_matplotlib():
     """matplotlib is the demo extra's: the package, the spectral API and the CLI import
     without it (the wheel test also runs the quick start where it is not installed)."""
-    code = ("import sys; sys.modules['matplotlib'] = None\n"
-            "import cera_rs, cera_rs.spectral, cera_rs.cli, cera_rs.demo, cera_rs.bench.suite\n"
-            "loaded = {name.split('.')[0] for name, m in sys.modules.items() if m}\n"
-            "assert 'matplotlib' not in loaded")  # fmt: skip
+    code = (
+        "import sys; sys.modules['matplotlib'] = None\n"
+        "import cera_rs, cera_rs.spectral, cera_rs.cli, cera_rs.demo, cera_rs.bench.suite\n"
+        "loaded = {name.split('.')[0] for name, m in sys.modules.items() if m}\n"
+        "assert 'matplotlib' not in loaded"
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
 
@@ -86,12 +88,14 @@ def _run_in(root: Path, code: str) -> subprocess.CompletedProcess:
 
 
 def test_wheel_layout_loads_the_build_for_the_installed_torch(wheel_layout):
-    code = ("import torch, cera_rs\n"
-            "print(cera_rs.__file__); print(cera_rs._native.__file__)\n"
-            "f64 = torch.float64\n"
-            "x, a, b = (torch.randn(*s, dtype=f64) for s in ((3, 8), (2, 8), (4, 2)))\n"
-            "y = cera_rs.cera_delta(x, a, b, activation='silu')\n"
-            "torch.testing.assert_close(y, torch.nn.functional.silu(x @ a.T) @ b.T)")  # fmt: skip
+    code = (
+        "import torch, cera_rs\n"
+        "print(cera_rs.__file__); print(cera_rs._native.__file__)\n"
+        "f64 = torch.float64\n"
+        "x, a, b = (torch.randn(*s, dtype=f64) for s in ((3, 8), (2, 8), (4, 2)))\n"
+        "y = cera_rs.cera_delta(x, a, b, activation='silu')\n"
+        "torch.testing.assert_close(y, torch.nn.functional.silu(x @ a.T) @ b.T)"
+    )
     run = _run_in(wheel_layout, code)
     assert run.returncode == 0, run.stderr[-3000:]
     package_file, native_file = run.stdout.split()

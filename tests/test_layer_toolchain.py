@@ -45,8 +45,13 @@ def conv_base(seed=0, **net) -> ConvNet:
 
 def conv_model(activation="silu", r=4, seed=0, **net) -> nn.Module:
     base = conv_base(seed, **net)
-    config = CeraConfig(r=r, target_modules=["conv1", "conv2"], activation=activation,
-                        cera_dropout=0.0, init_weights=False)  # fmt: skip
+    config = CeraConfig(
+        r=r,
+        target_modules=["conv1", "conv2"],
+        activation=activation,
+        cera_dropout=0.0,
+        init_weights=False,
+    )
     return get_cera_model(base, config).eval()
 
 
@@ -56,8 +61,13 @@ def images(n=6, seed=1, size=8):
 
 def embedding_model(activation="silu", r=4, seed=0, targets=("embed_tokens",)):
     torch.manual_seed(seed)
-    config = CeraConfig(r=r, target_modules=list(targets), activation=activation,
-                        cera_dropout=0.0, init_weights=False)  # fmt: skip
+    config = CeraConfig(
+        r=r,
+        target_modules=list(targets),
+        activation=activation,
+        cera_dropout=0.0,
+        init_weights=False,
+    )
     return get_cera_model(tiny_llama(0), config).eval()
 
 
@@ -131,14 +141,17 @@ def test_analyze_embedding_rows_are_tokens_and_conv_rows_are_output_positions():
     # the callback reads the same report
     logged = SpectralCallback([x], every_n_steps=1).measure(conv)
     assert logged["spectral/conv2/effective_rank"] == pytest.approx(
-        analyze(conv, [x], progress=False)["conv2"].spectrum.effective_rank)  # fmt: skip
+        analyze(conv, [x], progress=False)["conv2"].spectrum.effective_rank
+    )
 
 
 def test_weight_spectra_of_grouped_convs_and_embeddings_and_their_folders(tmp_path, capsys):
     conv = conv_model(groups=2)
     emb = embedding_model()
-    for model, name in ((conv, "base_model.model.conv2"),
-                        (emb, "base_model.model.model.embed_tokens")):  # fmt: skip
+    for model, name in (
+        (conv, "base_model.model.conv2"),
+        (emb, "base_model.model.model.embed_tokens"),
+    ):
         m = layer(model, name)
         a, b = m.cera_A["default"].weight.double(), m.cera_B["default"].weight.double()
         if a.dim() > 2:  # grouped: output group j reads hidden group j reads input group j
@@ -172,15 +185,17 @@ def test_embedding_export_is_the_tables_truncated_svd_weighted_by_counts(tmp_pat
     assert max_rel(b @ a, best) < 1e-5
     (row,) = export.report.modules
     energy = (s**2).numpy()
-    np.testing.assert_allclose(row.linearity[:7], np.r_[0, np.cumsum(energy[:6])] / energy.sum(),
-                               atol=1e-9)  # fmt: skip
+    np.testing.assert_allclose(
+        row.linearity[:7], np.r_[0, np.cumsum(energy[:6])] / energy.sum(), atol=1e-9
+    )
     assert row.tokens == 128 and row.at(6) == pytest.approx(1.0)  # rank <= r: exact at r
     # with data: each id weighted by its count (ids >= 40 never occur)
     batches = token_batches()
     counts = torch.zeros(128, dtype=torch.float64)
     for batch in batches:
-        counts += torch.bincount(batch["input_ids"][batch["attention_mask"].bool()],
-                                 minlength=128).double()  # fmt: skip
+        counts += torch.bincount(
+            batch["input_ids"][batch["attention_mask"].bool()], minlength=128
+        ).double()
     held = token_batches(seed=7)
     export = to_lora(model, batches, rank=2, held_out=held, progress=False)
     uw, sw, _ = torch.linalg.svd(table * counts.sqrt(), full_matrices=False)
@@ -207,8 +222,15 @@ def test_cli_exports_embed_tokens_without_data_and_peft_reproduces_the_model(tmp
     model = embedding_model(targets=("embed_tokens", "q_proj"))
     model.save_pretrained(tmp_path / "cera")
     tiny_llama(0).save_pretrained(tmp_path / "base")
-    argv = ["export-lora", str(tmp_path / "cera"), str(tmp_path / "lora"), "--rank", "4",
-            "--base", str(tmp_path / "base")]  # fmt: skip
+    argv = [
+        "export-lora",
+        str(tmp_path / "cera"),
+        str(tmp_path / "lora"),
+        "--rank",
+        "4",
+        "--base",
+        str(tmp_path / "base"),
+    ]
     assert cli.main(argv) == 2  # q_proj needs data
     assert "batches are needed to fit model.layers.0.self_attn.q_proj" in capsys.readouterr().err
     embedding_only = embedding_model()
@@ -229,12 +251,15 @@ def test_cli_exports_embed_tokens_without_data_and_peft_reproduces_the_model(tmp
 # --- export: convolutions -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("make", [
-    lambda: nn.Conv2d(3, 5, 3, stride=2, padding=1),
-    lambda: nn.Conv2d(3, 5, (2, 3), padding="same", padding_mode="reflect"),
-    lambda: nn.Conv1d(3, 5, 3, dilation=2, padding=2),
-    lambda: nn.Conv3d(3, 5, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nn.Conv2d(3, 5, 3, stride=2, padding=1),
+        lambda: nn.Conv2d(3, 5, (2, 3), padding="same", padding_mode="reflect"),
+        lambda: nn.Conv1d(3, 5, 3, dilation=2, padding=2),
+        lambda: nn.Conv3d(3, 5, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),
+    ],
+)
 def test_patches_are_what_a_zero_padded_conv_reads(make):
     torch.manual_seed(0)
     base = make()
@@ -244,8 +269,9 @@ def test_patches_are_what_a_zero_padded_conv_reads(make):
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
     padded = F.pad(x, base._reversed_padding_repeated_twice)
     expected = conv(padded, w, None, base.stride, 0, base.dilation).movedim(1, -1)
-    torch.testing.assert_close(conv_patches(base, x) @ w.reshape(4, -1).T, expected,
-                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        conv_patches(base, x) @ w.reshape(4, -1).T, expected, rtol=1e-5, atol=1e-5
+    )
     torch.testing.assert_close(conv_patches(base, x[0]), conv_patches(base, x)[0])
 
 
@@ -289,8 +315,9 @@ def test_convs_peft_cannot_hold_and_other_bad_requests_are_refused():
     assert len(report.modules) == 2
     with pytest.raises(ValueError, match="batches are needed to fit conv1"):
         to_lora(conv_model(), None, rank=2, progress=False)
-    with pytest.raises(ValueError, match="embed_tokens is an embedding: PEFT's LoRA embedding "
-                                         "holds no bias"):  # fmt: skip
+    with pytest.raises(
+        ValueError, match="embed_tokens is an embedding: PEFT's LoRA embedding holds no bias"
+    ):
         to_lora(embedding_model(), None, rank=2, bias=True, progress=False)
     with pytest.raises(ValueError, match="rank 200 exceeds model.embed_tokens's"):
         to_lora(embedding_model(), None, rank=200, progress=False)
@@ -308,34 +335,56 @@ def test_unet_export_through_the_cli_loads_with_diffusers_load_lora_adapter(tmp_
 
     model = unet()
     targets = ["conv1", "conv2", "to_q", "to_v"]
-    model.add_adapter(CeraConfig(r=4, target_modules=targets, activation="identity",
-                                 cera_dropout=0.0, init_weights=False))  # fmt: skip
+    model.add_adapter(
+        CeraConfig(
+            r=4, target_modules=targets, activation="identity", cera_dropout=0.0, init_weights=False
+        )
+    )
     model.eval()
     unet().save_pretrained(tmp_path / "base")
     save_adapter(model, tmp_path / "cera")
     inputs = unet_inputs(2)
     gen = torch.Generator().manual_seed(5)
-    calibration = {"sample": torch.randn(24, 4, 8, 8, generator=gen),
-                   "timestep": torch.tensor(10),
-                   "encoder_hidden_states": torch.randn(24, 3, 8, generator=gen)}  # fmt: skip
+    calibration = {
+        "sample": torch.randn(24, 4, 8, 8, generator=gen),
+        "timestep": torch.tensor(10),
+        "encoder_hidden_states": torch.randn(24, 3, 8, generator=gen),
+    }
     save_file(calibration, tmp_path / "inputs.safetensors")
-    argv = ["export-lora", str(tmp_path / "cera"), str(tmp_path / "lora"), "--rank", "4",
-            "--data", str(tmp_path / "inputs.safetensors"), "--base", str(tmp_path / "base"),
-            "--batch-size", "8", "--json", str(tmp_path / "report.json")]  # fmt: skip
+    argv = [
+        "export-lora",
+        str(tmp_path / "cera"),
+        str(tmp_path / "lora"),
+        "--rank",
+        "4",
+        "--data",
+        str(tmp_path / "inputs.safetensors"),
+        "--base",
+        str(tmp_path / "base"),
+        "--batch-size",
+        "8",
+        "--json",
+        str(tmp_path / "report.json"),
+    ]
     assert cli.main(argv) == 0, capsys.readouterr().err
     rows = json.loads((tmp_path / "report.json").read_text())["modules"]
     assert {r["module"].rsplit(".", 1)[-1] for r in rows} == {"conv1", "conv2", "to_q", "to_v"}
     assert min(r["linearity_at_rank"] for r in rows) > 1 - 1e-6  # identity: exact at r
     fresh = unet()
-    fresh.load_lora_adapter(tmp_path / "lora", prefix="base_model.model",
-                            weight_name="adapter_model.safetensors")  # fmt: skip
+    fresh.load_lora_adapter(
+        tmp_path / "lora", prefix="base_model.model", weight_name="adapter_model.safetensors"
+    )
     assert max_rel(run(fresh.eval(), inputs), run(model, inputs)) < 1e-4
     assert max_rel(run(unet(), inputs), run(model, inputs)) > 1e-3  # the adapter matters
     # and PEFT's own loader takes the same folder
     from peft import PeftModel as Peft
 
-    assert max_rel(run(Peft.from_pretrained(unet(), tmp_path / "lora").eval(), inputs),
-                   run(model, inputs)) < 1e-4  # fmt: skip
+    assert (
+        max_rel(
+            run(Peft.from_pretrained(unet(), tmp_path / "lora").eval(), inputs), run(model, inputs)
+        )
+        < 1e-4
+    )
 
 
 # --- llama.cpp ----------------------------------------------------------------------
@@ -368,8 +417,10 @@ def test_token_embd_gguf_is_what_llama_cpp_computes_and_the_rest_is_refused(tmp_
     reader = gguf.GGUFReader(tmp_path / "adapter.gguf")
     tensors = {t.name: (tuple(int(n) for n in t.shape), np.array(t.data)) for t in reader.tensors}
     alpha = reader.fields["adapter.lora.alpha"].contents()
-    (ne_a, lora_a), (ne_b, lora_b) = (tensors["token_embd.weight.lora_a"],
-                                      tensors["token_embd.weight.lora_b"])  # fmt: skip
+    (ne_a, lora_a), (ne_b, lora_b) = (
+        tensors["token_embd.weight.lora_a"],
+        tensors["token_embd.weight.lora_b"],
+    )
     # llama.cpp's loader: token_embd [n_embd, n_vocab]; b->ne[1] = n_embd, a->ne[1] = n_vocab
     assert ne_a == (4, 128) and ne_b == (4, 64)
     # build_inp_embd: scale * lora_b · get_rows(lora_a, ids), scale = alpha / b->ne[0]
@@ -377,24 +428,33 @@ def test_token_embd_gguf_is_what_llama_cpp_computes_and_the_rest_is_refused(tmp_
     state = export.state_dict
     key = "base_model.model.model.embed_tokens.lora_embedding_"
     peft_delta = (state[key + "B"] @ state[key + "A"][:, ids]).T.numpy()
-    np.testing.assert_allclose(alpha / 4 * lora_a[ids.numpy()] @ lora_b.T, peft_delta,
-                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        alpha / 4 * lora_a[ids.numpy()] @ lora_b.T, peft_delta, rtol=1e-5, atol=1e-6
+    )
     assert tensors["blk.0.attn_q.weight.lora_a"][0] == (64, 4)  # linear layers as before
     # a base whose output is the token embedding: refused, naming why
     tied = tiny_base_gguf(tmp_path / "tied.gguf", tied=True)
-    with pytest.raises(ValueError, match=r"model.embed_tokens: the base GGUF .* ties its output "
-                                         r"to token_embd .* by tensor name"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"model.embed_tokens: the base GGUF .* ties its output "
+        r"to token_embd .* by tensor name",
+    ):
         save_gguf_lora(export, tmp_path / "b.gguf", tied)
     # an embedding elsewhere, and a convolution
-    moved = {k.replace("model.embed_tokens", "model.layers.0.self_attn.q_proj"): v
-             for k, v in state.items() if "embed_tokens" in k}  # fmt: skip
+    moved = {
+        k.replace("model.embed_tokens", "model.layers.0.self_attn.q_proj"): v
+        for k, v in state.items()
+        if "embed_tokens" in k
+    }
     message = r"is an embedding mapped to blk.0.attn_q.weight: llama.cpp applies a LoRA to"
     with pytest.raises(ValueError, match=message + " the token embedding"):
-        save_gguf_lora(type(export)(export.config, moved, export.report), tmp_path / "b.gguf",
-                       base)  # fmt: skip
+        save_gguf_lora(type(export)(export.config, moved, export.report), tmp_path / "b.gguf", base)
     conv = to_lora(conv_model(), [images()], rank=2, progress=False)
-    with pytest.raises(ValueError, match=r"conv1 is a convolution .* matrix multiplications "
-                                         r"and the token embedding only"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"conv1 is a convolution .* matrix multiplications "
+        r"and the token embedding only",
+    ):
         save_gguf_lora(conv, tmp_path / "b.gguf", base)
     assert not (tmp_path / "b.gguf").exists()
 
@@ -405,17 +465,23 @@ def test_input_files_for_diffusers_models_and_their_errors(tmp_path):
     folder = tmp_path / "inputs"
     folder.mkdir()
     for i, n in enumerate((3, 2)):
-        torch.save({"sample": torch.full((n, 4, 2, 2), float(i)), "timestep": torch.tensor(7)},
-                   folder / f"part{i}.pt")  # fmt: skip
+        torch.save(
+            {"sample": torch.full((n, 4, 2, 2), float(i)), "timestep": torch.tensor(7)},
+            folder / f"part{i}.pt",
+        )
     batches = load_inputs(folder, batch_size=2)
     assert [len(b["sample"]) for b in batches] == [2, 2, 1]
     assert torch.cat([b["sample"][:, 0, 0, 0] for b in batches]).tolist() == [0, 0, 0, 1, 1]
     assert all(int(b["timestep"]) == 7 for b in batches)  # 0-d: whole to every batch
     np.save(tmp_path / "x.npy", np.zeros((5, 3, 4, 4), np.float32))
-    assert [tuple(b.shape) for b in load_inputs(tmp_path / "x.npy", 4)] == [(4, 3, 4, 4),
-                                                                           (1, 3, 4, 4)]
-    torch.save({"sample": torch.zeros(3, 1), "encoder_hidden_states": torch.zeros(2, 1)},
-               tmp_path / "uneven.pt")  # fmt: skip
+    assert [tuple(b.shape) for b in load_inputs(tmp_path / "x.npy", 4)] == [
+        (4, 3, 4, 4),
+        (1, 3, 4, 4),
+    ]
+    torch.save(
+        {"sample": torch.zeros(3, 1), "encoder_hidden_states": torch.zeros(2, 1)},
+        tmp_path / "uneven.pt",
+    )
     torch.save([1, 2], tmp_path / "list.pt")
     (tmp_path / "ids.txt").write_text("1 2 3")
     (tmp_path / "broken.safetensors").write_bytes(b"not safetensors")
@@ -430,6 +496,6 @@ def test_input_files_for_diffusers_models_and_their_errors(tmp_path):
         (tmp_path / "broken.safetensors", ValueError, "cannot be read as model inputs"),
         (tmp_path / "missing.pt", FileNotFoundError, "does not exist"),
         (mixed, ValueError, "every input file must hold the same kind"),
-    ):  # fmt: skip
+    ):
         with pytest.raises(error, match=message):
             load_inputs(path, 2)

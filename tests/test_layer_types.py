@@ -26,12 +26,14 @@ CONVS = [
     ("conv2d", lambda: nn.Conv2d(6, 10, 3, padding=1), (7, 6)),
     ("conv2d groups", lambda: nn.Conv2d(6, 10, 3, groups=2, padding=1), (7, 6)),
     ("conv2d depthwise", lambda: nn.Conv2d(6, 6, 3, groups=6), (6, 6)),
-    ("conv2d same reflect", lambda: nn.Conv2d(6, 10, (2, 3), padding="same",
-                                              padding_mode="reflect"), (6, 5)),
+    (
+        "conv2d same reflect",
+        lambda: nn.Conv2d(6, 10, (2, 3), padding="same", padding_mode="reflect"),
+        (6, 5),
+    ),
     ("conv2d same even kernel", lambda: nn.Conv2d(6, 10, 4, padding="same"), (6, 6)),
-    ("conv3d", lambda: nn.Conv3d(6, 10, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),
-     (3, 5, 5)),
-]  # fmt: skip
+    ("conv3d", lambda: nn.Conv3d(6, 10, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)), (3, 5, 5)),
+]
 
 
 def conv_layer(make, r=6, **kwargs) -> CeraConv:
@@ -44,8 +46,9 @@ def conv_input(layer: CeraConv, spatial, n=3, dtype=torch.float32) -> torch.Tens
     return torch.randn(n, layer.in_features, *spatial, generator=gen).to(dtype)
 
 
-def plain_conv_branch(layer, x, a, b, *, activation="silu", scaling=1.0, p=0.0, seed=0,
-                      position="hidden"):  # fmt: skip
+def plain_conv_branch(
+    layer, x, a, b, *, activation="silu", scaling=1.0, p=0.0, seed=0, position="hidden"
+):
     """scaling * B ⊛ Dropout(act(A ⊛ x)) with torch's conv ops, the padding done as the
     base layer does it, and the kernel's documented mask."""
     base = layer.base_layer
@@ -69,8 +72,9 @@ def plain_conv_branch(layer, x, a, b, *, activation="silu", scaling=1.0, p=0.0, 
 
 def plain_embedding_branch(layer, ids, a, b, *, activation="silu", scaling=1.0, p=0.0, seed=0):
     base = layer.base_layer
-    h = F.embedding(ids, a.T, padding_idx=base.padding_idx,
-                    scale_grad_by_freq=base.scale_grad_by_freq)  # fmt: skip
+    h = F.embedding(
+        ids, a.T, padding_idx=base.padding_idx, scale_grad_by_freq=base.scale_grad_by_freq
+    )
     out = ACT[activation](h)
     if p > 0:
         out = dropped(out, p, seed)
@@ -85,12 +89,19 @@ def weights(layer: CeraLayer, name="default"):
 
 
 @pytest.mark.parametrize("name, make, spatial", CONVS, ids=[c[0] for c in CONVS])
-@pytest.mark.parametrize("activation, p, position",
-                         [("silu", 0.0, "hidden"), ("silu", 0.3, "hidden"),
-                          ("relu", 0.2, "hidden"), ("identity", 0.25, "input")])  # fmt: skip
+@pytest.mark.parametrize(
+    "activation, p, position",
+    [
+        ("silu", 0.0, "hidden"),
+        ("silu", 0.3, "hidden"),
+        ("relu", 0.2, "hidden"),
+        ("identity", 0.25, "input"),
+    ],
+)
 def test_conv_matches_plain_composition(name, make, spatial, activation, p, position):
-    layer = conv_layer(make, dropout=p, activation=activation, scaling=0.7,
-                       dropout_position=position).train()  # fmt: skip
+    layer = conv_layer(
+        make, dropout=p, activation=activation, scaling=0.7, dropout_position=position
+    ).train()
     x = conv_input(layer, spatial).requires_grad_(True)
     g = torch.randn(layer.base_layer(x).shape, generator=torch.Generator().manual_seed(5))
     seed = seed_after_manual_seed(4)
@@ -113,8 +124,9 @@ def test_conv_matches_plain_composition(name, make, spatial, activation, p, posi
 def test_embedding_matches_plain_composition(activation, p, padding_idx, freq):
     torch.manual_seed(0)
     base = nn.Embedding(40, 12, padding_idx=padding_idx, scale_grad_by_freq=freq)
-    layer = CeraEmbedding(base, r=5, dropout=p, activation=activation, scaling=1.5,
-                          init_weights=False).train()  # fmt: skip
+    layer = CeraEmbedding(
+        base, r=5, dropout=p, activation=activation, scaling=1.5, init_weights=False
+    ).train()
     ids = torch.randint(0, 40, (4, 9), generator=torch.Generator().manual_seed(1))
     ids[0, :3] = 3  # repeated ids, and the padding index where there is one
     g = torch.randn(4, 9, 12, generator=torch.Generator().manual_seed(5))
@@ -123,8 +135,9 @@ def test_embedding_matches_plain_composition(activation, p, padding_idx, freq):
     y = layer(ids)
     da, db = torch.autograd.grad(y, weights(layer), g)
     a, b = (w.detach().clone().requires_grad_(True) for w in weights(layer))
-    expected = base(ids) + plain_embedding_branch(layer, ids, a, b, activation=activation,
-                                                  scaling=1.5, p=p, seed=seed)  # fmt: skip
+    expected = base(ids) + plain_embedding_branch(
+        layer, ids, a, b, activation=activation, scaling=1.5, p=p, seed=seed
+    )
     ea, eb = torch.autograd.grad(expected, (a, b), g)
     for got, want in ((y, expected), (da, ea), (db, eb)):
         assert max_rel(got, want) < 2e-5
@@ -208,8 +221,17 @@ class OpLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-ELEMENTWISE_OPS = ("silu", "sigmoid", "relu", "threshold", "dropout", "bernoulli", "mul",
-                   "native_dropout", "where")  # fmt: skip
+ELEMENTWISE_OPS = (
+    "silu",
+    "sigmoid",
+    "relu",
+    "threshold",
+    "dropout",
+    "bernoulli",
+    "mul",
+    "native_dropout",
+    "where",
+)
 
 
 def saved_tensors(fn):
@@ -247,8 +269,11 @@ def test_rust_pass_runs_and_only_h_is_saved(kind):
         y.sum().backward()
     # torch's own activation, dropout or masking ops never run: the Rust pass does them
     assert not [op for op in log.ops if op.split(".")[0] in ELEMENTWISE_OPS], log.ops
-    branch = [t for t in saved if t is not x and t is not a and t is not b
-              and t.dim() > 0 and t.numel() > 0]  # fmt: skip
+    branch = [
+        t
+        for t in saved
+        if t is not x and t is not a and t is not b and t.dim() > 0 and t.numel() > 0
+    ]
     hidden = [t for t in branch if t.shape[-1 if kind == "embedding" else 1] == 8]
     # besides the inputs and the seed, the branch keeps one tensor: h (r channels)
     assert len(hidden) == 1 and all(t.dtype != torch.bool for t in hidden)
@@ -307,8 +332,9 @@ def test_settings_the_layer_types_cannot_take():
         CeraConv(nn.Linear(3, 3), r=2)
     layer = conv_layer(CONVS[2][1])
     with pytest.raises(TypeError, match="mixed dtypes"):
-        mapped_delta(torch.randn(1, 6, 5, 5).double(), *weights(layer),
-                     ConvMaps((1, 1), (1, 1), (1, 1), 1))  # fmt: skip
+        mapped_delta(
+            torch.randn(1, 6, 5, 5).double(), *weights(layer), ConvMaps((1, 1), (1, 1), (1, 1), 1)
+        )
     with pytest.raises(ValueError, match="channels"):
         mapped_delta(torch.randn(1, 5, 5, 5), *weights(layer), ConvMaps((1, 1), (1, 1), (1, 1), 1))
     emb = CeraEmbedding(nn.Embedding(10, 4), r=2)
@@ -466,17 +492,23 @@ def test_multihead_attention_is_refused_naming_why_and_what_instead(target):
 
     from cera_rs import CeraConfig
 
-    with pytest.raises(TypeError, match=r"cannot adapt nn.MultiheadAttention: .*non-linear in "
-                                        r"x, so no weight delta equals it.*Target the model's "
-                                        r"query/key/value/output projections"):  # fmt: skip
+    with pytest.raises(
+        TypeError,
+        match=r"cannot adapt nn.MultiheadAttention: .*non-linear in "
+        r"x, so no weight delta equals it.*Target the model's "
+        r"query/key/value/output projections",
+    ):
         get_peft_model(net(), CeraConfig(r=4, target_modules=[target]))
 
 
 def test_target_parameters_is_refused_naming_why_and_what_instead():
     from cera_rs import CeraConfig
 
-    with pytest.raises(TypeError, match=r"target_parameters.*no weight delta equals it; "
-                                        r"target the Linear layers"):  # fmt: skip
+    with pytest.raises(
+        TypeError,
+        match=r"target_parameters.*no weight delta equals it; "
+        r"target the Linear layers",
+    ):
         CeraConfig(target_parameters=["experts.gate_up_proj"])
 
 
@@ -494,12 +526,16 @@ def _compiled_case(kind: str, device: str = "cpu"):
         def plain(x, a, b):
             return layer.base_layer(x) + plain_conv_branch(layer, x, a, b)
     else:
-        layer = CeraEmbedding(nn.Embedding(40, 12, padding_idx=3), r=4, dropout=0.0,
-                              init_weights=False).to(device).train()  # fmt: skip
+        layer = (
+            CeraEmbedding(nn.Embedding(40, 12, padding_idx=3), r=4, dropout=0.0, init_weights=False)
+            .to(device)
+            .train()
+        )
         x = torch.randint(0, 40, (3, 7), generator=torch.Generator().manual_seed(1)).to(device)
 
         def plain(x, a, b):
             return layer.base_layer(x) + plain_embedding_branch(layer, x, a, b)
+
     return layer, x, plain
 
 

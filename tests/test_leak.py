@@ -75,8 +75,7 @@ def failing_step() -> Callable[[], None]:
     def step() -> None:
         for call in (
             lambda: _native.delta(x, a, b, activation="silu", scaling=1.0),
-            lambda: _native.forward(x, a, b, activation="silu", scaling=1.0, dropout=0.1,
-                                    seed=1),  # fmt: skip
+            lambda: _native.forward(x, a, b, activation="silu", scaling=1.0, dropout=0.1, seed=1),
         ):
             with pytest.raises(ValueError):
                 call()
@@ -95,9 +94,10 @@ def spectral_step() -> Callable[[], None]:
 
 
 @pytest.mark.parametrize(
-    "make", [training_step, inference_step, failing_step, spectral_step],
+    "make",
+    [training_step, inference_step, failing_step, spectral_step],
     ids=["forward_backward", "inference", "errors", "spectral"],
-)  # fmt: skip
+)
 def test_memory_stays_flat(make):
     grown = growth_mb(make())
     assert grown < LIMIT_MB, f"resident memory grew {grown:.1f} MB over {STEPS} steps"

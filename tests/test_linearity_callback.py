@@ -25,8 +25,9 @@ def probe(seed):
 
 def cera(seed=0):
     torch.manual_seed(seed)
-    return get_cera_model(tiny_llama(0), CeraConfig(r=4, target_modules=["q_proj", "v_proj"],
-                                                    init_weights=False))  # fmt: skip
+    return get_cera_model(
+        tiny_llama(0), CeraConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False)
+    )
 
 
 class Snapshots(TrainerCallback):
@@ -38,16 +39,25 @@ class Snapshots(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every == 0:
-            self.reports[state.global_step] = to_lora(model, probe(1), rank=4, held_out=probe(2),
-                                                      progress=False).report  # fmt: skip
+            self.reports[state.global_step] = to_lora(
+                model, probe(1), rank=4, held_out=probe(2), progress=False
+            ).report
 
 
 def train(tmp_path, callbacks, steps=4):
     model = cera()
     data = [{"input_ids": row, "labels": row} for row in ids(9, n=16)]
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, learning_rate=3e-2,
-                             per_device_train_batch_size=4, logging_steps=100, report_to=[],
-                             save_strategy="no", use_cpu=True, disable_tqdm=True)  # fmt: skip
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        learning_rate=3e-2,
+        per_device_train_batch_size=4,
+        logging_steps=100,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
     trainer.train()
     return model, trainer
@@ -57,17 +67,22 @@ def test_logs_to_loras_linearity_of_each_module_every_n_steps(tmp_path):
     callback = LinearityCallback(probe(1), held_out=probe(2), every_n_steps=2)
     snapshots = Snapshots(2)
     _, trainer = train(tmp_path, [callback, snapshots])
-    logged = {h["step"]: h for h in trainer.state.log_history
-              if any(k.startswith("linearity/") for k in h)}  # fmt: skip
+    logged = {
+        h["step"]: h
+        for h in trainer.state.log_history
+        if any(k.startswith("linearity/") for k in h)
+    }
     assert sorted(logged) == [2, 4] == sorted(snapshots.reports)
     for step, record in logged.items():
         rows = {row["module"]: row for row in snapshots.reports[step].rows()}
         assert sorted(rows) == sorted(ADAPTED)
         for name, row in rows.items():
             assert record[f"linearity/{name}/at_r"] == pytest.approx(
-                row["linearity_at_adapter_rank"], rel=1e-12, abs=1e-12)  # fmt: skip
+                row["linearity_at_adapter_rank"], rel=1e-12, abs=1e-12
+            )
             assert record[f"linearity/{name}/held_out_at_r"] == pytest.approx(
-                row["held_out_linearity_at_adapter_rank"], rel=1e-12, abs=1e-12)  # fmt: skip
+                row["held_out_linearity_at_adapter_rank"], rel=1e-12, abs=1e-12
+            )
         held_out = [record[f"linearity/{name}/held_out_at_r"] for name in ADAPTED]
         assert record["linearity/mean_held_out_at_r"] == pytest.approx(sum(held_out) / 4)
         # A non-linear adapter: its rank-4 map keeps much of the output, not all of
@@ -99,8 +114,9 @@ def test_bad_arguments_are_clear_errors():
         LinearityCallback(probe(1), every_n_steps=0)
     with pytest.raises(TypeError, match="every_n_steps must be an int"):
         LinearityCallback(probe(1), every_n_steps=2.0)
-    with pytest.raises(ValueError, match="LinearityCallback needs at least one probe batch in "
-                                         "held_out"):  # fmt: skip
+    with pytest.raises(
+        ValueError, match="LinearityCallback needs at least one probe batch in held_out"
+    ):
         LinearityCallback(probe(1), held_out=[])
     with pytest.raises(ValueError, match="needs at least one probe batch in batches"):
         LinearityCallback(iter([]))

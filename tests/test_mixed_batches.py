@@ -99,8 +99,16 @@ def test_beam_search_on_an_encoder_decoder_keeps_the_encoder_batch():
     from transformers import T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(0)
-    config = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                      decoder_start_token_id=0, pad_token_id=0)  # fmt: skip
+    config = T5Config(
+        vocab_size=64,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )
     cera = CeraConfig(r=4, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM")
     model = get_peft_model(T5ForConditionalGeneration(config), cera, "first")
     model.add_adapter("second", CeraConfig(r=2, target_modules=["v"], task_type="SEQ_2_SEQ_LM"))

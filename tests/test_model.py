@@ -66,8 +66,10 @@ def test_save_reload_disable_generate_unload(case, tmp_path):
     assert not torch.allclose(logits, reference)
     model.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "README.md", "adapter_config.json", "adapter_model.safetensors",
-    ]  # fmt: skip
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "CERA"
 
     reloaded = peft.PeftModel.from_pretrained(case.build(0), tmp_path)
@@ -171,15 +173,17 @@ def test_transformers_and_auto_classes_load_a_cera_adapter(tmp_path, monkeypatch
     tiny_llama().save_pretrained(base_dir)
     model = peft.get_peft_model(
         AutoModelForCausalLM.from_pretrained(base_dir),
-        CeraConfig(r=R, target_modules=["q_proj", "v_proj"], init_weights=False,
-                   task_type="CAUSAL_LM"),
-    ).eval()  # fmt: skip
+        CeraConfig(
+            r=R, target_modules=["q_proj", "v_proj"], init_weights=False, task_type="CAUSAL_LM"
+        ),
+    ).eval()
     model.save_pretrained(adapter_dir)
     saved = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert saved["peft_type"] == "CERA" and saved["base_model_name_or_path"] == str(base_dir)
     expected = llama_logits(model)
-    reference = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir),
-                                               adapter_dir)  # fmt: skip
+    reference = peft.PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir
+    )
     assert torch.equal(llama_logits(reference), expected)
 
     base = AutoModelForCausalLM.from_pretrained(base_dir)
@@ -202,9 +206,17 @@ def test_mixed_models_refuse_cera_cleanly():
 def test_seq_cls_task_trains_and_saves_its_head(tmp_path):
     def classifier() -> LlamaForSequenceClassification:
         torch.manual_seed(0)
-        return LlamaForSequenceClassification(LlamaConfig(
-            vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_labels=3, pad_token_id=0)).eval()  # fmt: skip
+        return LlamaForSequenceClassification(
+            LlamaConfig(
+                vocab_size=128,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_labels=3,
+                pad_token_id=0,
+            )
+        ).eval()
 
     config = CeraConfig(r=R, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS")
     model = peft.get_peft_model(classifier(), config)
@@ -223,8 +235,9 @@ def test_seq_cls_task_trains_and_saves_its_head(tmp_path):
 
 def test_adapter_dtype_follows_autocast_adapter_dtype():
     for autocast, dtype in ((True, torch.float32), (False, torch.bfloat16)):
-        model = peft.get_peft_model(tiny_llama().to(torch.bfloat16), CeraConfig(r=R),
-                                    autocast_adapter_dtype=autocast)  # fmt: skip
+        model = peft.get_peft_model(
+            tiny_llama().to(torch.bfloat16), CeraConfig(r=R), autocast_adapter_dtype=autocast
+        )
         assert {p.dtype for n, p in model.named_parameters() if ".cera_" in n} == {dtype}
         assert llama_logits(model).dtype == torch.bfloat16
 
@@ -255,8 +268,9 @@ def test_bin_format_saves_and_loads_and_is_checked_first(tmp_path):
     model.save_pretrained(tmp_path, safe_serialization=False)
     assert (tmp_path / "adapter_model.bin").is_file()
     assert not (tmp_path / "adapter_model.safetensors").exists()
-    assert torch.equal(llama_logits(peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)),
-                       llama_logits(model))  # fmt: skip
+    assert torch.equal(
+        llama_logits(peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)), llama_logits(model)
+    )
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "r": 10**9}))
     with pytest.raises(ValueError, match=r"says r=1000000000, but .*model.bin holds rank-4"):
@@ -320,8 +334,9 @@ def test_transformers_load_adapter_reports_missing_weights_it_does_not_refuse(tm
     trained_llama().save_pretrained(tmp_path)
     weights = tmp_path / "adapter_model.safetensors"
     state = safetensors.torch.load_file(weights)
-    safetensors.torch.save_file({k: v for k, v in state.items() if "layers.0.self_attn.q_proj"
-                                 not in k}, weights)  # fmt: skip
+    safetensors.torch.save_file(
+        {k: v for k, v in state.items() if "layers.0.self_attn.q_proj" not in k}, weights
+    )
     info = tiny_llama().load_adapter(str(tmp_path))
     assert sorted(info.missing_keys) == [
         f"model.layers.0.self_attn.q_proj.cera_{p}.default.weight" for p in "AB"

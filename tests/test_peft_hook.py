@@ -43,10 +43,11 @@ def saved(tmp_path_factory):
 
 
 def test_a_process_that_imports_neither_gets_neither(tmp_path):
-    code = ("import sys, json\n"
-            "print('_cera_rs_peft_hook' in sys.modules)\n"
-            "print(sorted(m for m in ('torch', 'peft', 'cera_rs') if m in sys.modules))"
-            )  # fmt: skip
+    code = (
+        "import sys, json\n"
+        "print('_cera_rs_peft_hook' in sys.modules)\n"
+        "print(sorted(m for m in ('torch', 'peft', 'cera_rs') if m in sys.modules))"
+    )
     # the hook is installed and loaded, and has imported nothing heavy
     assert python(code, tmp_path).splitlines() == ["True", "[]"]
 
@@ -64,12 +65,12 @@ def test_a_process_that_imports_neither_gets_neither(tmp_path):
     ids=["PeftModel.from_pretrained", "AutoModelForCausalLM.from_pretrained(adapter_dir)"],
 )
 def test_cera_adapter_loads_without_importing_cera_rs(saved, load):
-    code = ("import sys, torch\n"
-            + load +
-            "data = torch.load('expected.pt')\n"
-            "with torch.no_grad():\n"
-            "    got = model.eval()(input_ids=data['ids']).logits\n"
-            "torch.testing.assert_close(got, data['expected'])\n"
-            "kinds = {type(m).__name__ for m in model.modules()}\n"
-            "print('CeraLinear' in kinds, 'cera_rs' in sys.modules)")  # fmt: skip
+    code = (
+        "import sys, torch\n" + load + "data = torch.load('expected.pt')\n"
+        "with torch.no_grad():\n"
+        "    got = model.eval()(input_ids=data['ids']).logits\n"
+        "torch.testing.assert_close(got, data['expected'])\n"
+        "kinds = {type(m).__name__ for m in model.modules()}\n"
+        "print('CeraLinear' in kinds, 'cera_rs' in sys.modules)"
+    )
     assert python(code, saved).split() == ["True", "True"]

@@ -64,44 +64,81 @@ class ConvNet(nn.Module):
         return self.lin0(torch.relu(self.conv(X)).flatten(1))
 
 
-MODELS = {"mlp": MLP, "conv1d": Conv1DNet, "emb": EmbLinear,
-          "nn.conv1d": lambda: ConvNet(1), "conv2d": lambda: ConvNet(2),
-          "conv2d groups": lambda: ConvNet(2, groups=2), "conv3d": lambda: ConvNet(3)}  # fmt: skip
+MODELS = {
+    "mlp": MLP,
+    "conv1d": Conv1DNet,
+    "emb": EmbLinear,
+    "nn.conv1d": lambda: ConvNet(1),
+    "conv2d": lambda: ConvNet(2),
+    "conv2d groups": lambda: ConvNet(2, groups=2),
+    "conv3d": lambda: ConvNet(3),
+}
 
 ROWS = [
     ("mlp one target", "mlp", {"target_modules": ["lin0"]}),
     ("mlp all targets r4", "mlp", {"target_modules": ["lin0", "lin1", "lin2"], "r": 4}),
-    ("mlp regex relu", "mlp", {"target_modules": r".*lin[01]", "activation": "relu",
-                               "cera_dropout": 0.0}),
-    ("mlp identity dropout", "mlp", {"target_modules": ["lin1"], "activation": "identity",
-                                     "cera_dropout": 0.3}),
+    (
+        "mlp regex relu",
+        "mlp",
+        {"target_modules": r".*lin[01]", "activation": "relu", "cera_dropout": 0.0},
+    ),
+    (
+        "mlp identity dropout",
+        "mlp",
+        {"target_modules": ["lin1"], "activation": "identity", "cera_dropout": 0.3},
+    ),
     ("mlp modules_to_save", "mlp", {"target_modules": ["lin0"], "modules_to_save": ["lin2"]}),
     ("mlp bias all", "mlp", {"target_modules": ["lin0", "lin1"], "bias": "all"}),
-    ("mlp bias cera_only scaled", "mlp", {"target_modules": ["lin1"], "bias": "cera_only",
-                                          "scaling": 0.5}),
+    (
+        "mlp bias cera_only scaled",
+        "mlp",
+        {"target_modules": ["lin1"], "bias": "cera_only", "scaling": 0.5},
+    ),
     ("mlp exclude", "mlp", {"target_modules": r"lin\d", "exclude_modules": ["lin2"], "r": 2}),
-    ("mlp rank and scaling patterns", "mlp", {"target_modules": ["lin0", "lin1", "lin2"], "r": 6,
-                                              "rank_pattern": {"lin1": 2, "lin2": 3},
-                                              "scaling_pattern": {"lin0": 0.25}}),
+    (
+        "mlp rank and scaling patterns",
+        "mlp",
+        {
+            "target_modules": ["lin0", "lin1", "lin2"],
+            "r": 6,
+            "rank_pattern": {"lin1": 2, "lin2": 3},
+            "scaling_pattern": {"lin0": 0.25},
+        },
+    ),
     ("mlp init_weights False", "mlp", {"target_modules": ["lin1"], "init_weights": False}),
-    ("mlp input dropout", "mlp", {"target_modules": ["lin0", "lin1"], "cera_dropout": 0.2,
-                                  "dropout_position": "input"}),
+    (
+        "mlp input dropout",
+        "mlp",
+        {"target_modules": ["lin0", "lin1"], "cera_dropout": 0.2, "dropout_position": "input"},
+    ),
     ("conv1d one target", "conv1d", {"target_modules": ["conv0"]}),
-    ("conv1d both relu", "conv1d", {"target_modules": ["conv0", "conv1"], "activation": "relu",
-                                    "cera_dropout": 0.0, "r": 3}),
+    (
+        "conv1d both relu",
+        "conv1d",
+        {"target_modules": ["conv0", "conv1"], "activation": "relu", "cera_dropout": 0.0, "r": 3},
+    ),
     ("emb+linear", "emb", {"target_modules": ["lin0"]}),
-    ("emb+linear save emb", "emb", {"target_modules": ["lin0", "lin1"],
-                                    "modules_to_save": ["emb"]}),
+    (
+        "emb+linear save emb",
+        "emb",
+        {"target_modules": ["lin0", "lin1"], "modules_to_save": ["emb"]},
+    ),
     ("embedding", "emb", {"target_modules": ["emb"]}),
-    ("embedding and linear relu", "emb", {"target_modules": ["emb", "lin0"], "r": 4,
-                                          "activation": "relu"}),
+    (
+        "embedding and linear relu",
+        "emb",
+        {"target_modules": ["emb", "lin0"], "r": 4, "activation": "relu"},
+    ),
     ("nn.Conv1d", "nn.conv1d", {"target_modules": ["conv"]}),
     ("Conv2d", "conv2d", {"target_modules": ["conv"]}),
-    ("Conv2d and linear input dropout", "conv2d", {"target_modules": ["conv", "lin0"],
-                                                   "dropout_position": "input"}),
+    (
+        "Conv2d and linear input dropout",
+        "conv2d",
+        {"target_modules": ["conv", "lin0"], "dropout_position": "input"},
+    ),
     ("Conv2d groups", "conv2d groups", {"target_modules": ["conv"], "r": 4}),
     ("Conv3d", "conv3d", {"target_modules": ["conv", "lin0"]}),
-]  # fmt: skip
+]
 
 pytestmark = pytest.mark.parametrize(
     "model_id, config_kwargs", [row[1:] for row in ROWS], ids=[row[0] for row in ROWS]
@@ -270,8 +307,9 @@ def test_multiple_adapters_switch_and_delete(model_id, config_kwargs):
     model.set_adapter("other")
     second = output(model, x)
     alone = get_peft_model(base(model_id), second_config(config_kwargs), "other").eval()
-    set_peft_model_state_dict(alone, get_peft_model_state_dict(model, adapter_name="other"),
-                              adapter_name="other")  # fmt: skip
+    set_peft_model_state_dict(
+        alone, get_peft_model_state_dict(model, adapter_name="other"), adapter_name="other"
+    )
     torch.testing.assert_close(second, output(alone, x), rtol=0, atol=0)
     assert max_rel(second, first) > 1e-3
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

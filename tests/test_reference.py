@@ -33,12 +33,22 @@ def logits(model):
 @pytest.mark.parametrize("legacy_names", [False, True], ids=["A_B", "up_down"])
 @pytest.mark.parametrize("wrapped", [True, False], ids=["wrapped", "flat"])
 def test_import_gives_the_authors_logits(tmp_path, variant, legacy_names, wrapped):
-    settings = {"variant": variant, "act_fn": "silu", "alpha": 8, "dropout": 0.2,
-                "targets": ("q_proj", "v_proj", "down_proj")}  # fmt: skip
+    settings = {
+        "variant": variant,
+        "act_fn": "silu",
+        "alpha": 8,
+        "dropout": 0.2,
+        "targets": ("q_proj", "v_proj", "down_proj"),
+    }
     theirs = authors.adapt(tiny_llama(), **settings).eval()
     path = tmp_path / "cera_ckpt_640.pt"
-    authors.save(theirs, path, config=authors.config_of(**settings),
-                 legacy_names=legacy_names, wrapped=wrapped)  # fmt: skip
+    authors.save(
+        theirs,
+        path,
+        config=authors.config_of(**settings),
+        legacy_names=legacy_names,
+        wrapped=wrapped,
+    )
     # A plain state dict carries no config: what it cannot say is passed in.
     peft_aligned = {"dropout_position": "input", "scaling": 2.0}
     overrides = {} if wrapped else {"activation": "silu"}
@@ -93,15 +103,24 @@ def test_peft_aligned_adapters_train_with_input_dropout(tmp_path):
 
 
 def test_reference_config_reads_the_files_own_settings(tmp_path):
-    settings = {"variant": "peft_aligned", "act_fn": "identity", "dropout": 0.05, "alpha": 16,
-                "targets": ("q_proj", "k_proj")}  # fmt: skip
+    settings = {
+        "variant": "peft_aligned",
+        "act_fn": "identity",
+        "dropout": 0.05,
+        "alpha": 16,
+        "targets": ("q_proj", "k_proj"),
+    }
     theirs = authors.adapt(tiny_llama(), **settings)
     path = tmp_path / "ckpt.pt"
     authors.save(theirs, path, config=authors.config_of(**settings))
     config = reference_config(path, cera_dropout=0.0)
     assert isinstance(config, CeraConfig)
     assert (config.r, config.activation, config.scaling, config.dropout_position) == (
-        4, "identity", 4.0, "input")  # fmt: skip
+        4,
+        "identity",
+        4.0,
+        "input",
+    )
     assert config.cera_dropout == 0.0 and set(config.target_modules) == {"q_proj", "k_proj"}
 
 
@@ -123,10 +142,15 @@ def train_py_run(tmp_path, act_fn="relu", dropout=0.2, log=True):
 
 def test_a_config_less_checkpoint_is_never_imported_as_silu(tmp_path):
     theirs, path = train_py_run(tmp_path, log=False)
-    for load in (lambda **kw: load_reference_model(tiny_llama(), path, **kw),
-                 lambda **kw: reference_config(path, **kw)):  # fmt: skip
-        with pytest.raises(ValueError, match=r"cera_ckpt_640\.pt does not say which "
-                           r"activation.*CeRA_log\.json.*pass activation= one of"):  # fmt: skip
+    for load in (
+        lambda **kw: load_reference_model(tiny_llama(), path, **kw),
+        lambda **kw: reference_config(path, **kw),
+    ):
+        with pytest.raises(
+            ValueError,
+            match=r"cera_ckpt_640\.pt does not say which "
+            r"activation.*CeRA_log\.json.*pass activation= one of",
+        ):
             load()
     ours = load_reference_model(tiny_llama(), path, activation="relu")
     torch.testing.assert_close(logits(ours), logits(theirs), rtol=1e-5, atol=1e-5)
@@ -164,8 +188,11 @@ def test_an_unversioned_config_in_the_file_is_read_too(tmp_path):
     [
         ("{not json", r"CeRA_log\.json, the checkpoint's run log, cannot be read"),
         ('{"history": []}', r"CeRA_log\.json, the checkpoint's run log, holds no 'config'"),
-        ({"target_modules": "q_proj,k_proj"}, r"target_modules \['q_proj', 'k_proj'\] are not "
-                                              r"the modules its weights adapt"),
+        (
+            {"target_modules": "q_proj,k_proj"},
+            r"target_modules \['q_proj', 'k_proj'\] are not "
+            r"the modules its weights adapt",
+        ),
         ({"act_fn": "gelu"}, r"unknown activation 'gelu'"),
         ({"act_fn": 3}, r"act_fn=3 of the wrong type"),
         ({"model_type": "LoRA"}, r"CeRA_log\.json\): its model_type is 'LoRA', not 'CeRA'"),
@@ -199,16 +226,22 @@ def test_a_partial_layer_checkpoint_loads_those_layers(tmp_path, layers):
     adapted = {n for n, m in ours.named_modules() if isinstance(m, CeraLinear)}
     assert len(adapted) == 2 and all(f"layers.{layers[0]}." in n for n in adapted)
     assert reference_config(path).layers_to_transform == layers
-    with pytest.raises(ValueError, match=rf"holds adapters on layers \{layers} only: build "
-                       rf"the adapter with layers_to_transform=\{layers}"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=rf"holds adapters on layers \{layers} only: build "
+        rf"the adapter with layers_to_transform=\{layers}",
+    ):
         load_reference_checkpoint(cera_model(), path)
 
 
 def test_different_targets_on_different_layers_are_refused(tmp_path):
     state = authors.save(authors.adapt(tiny_llama()), None, write=False)
     state = {k: v for k, v in state.items() if "layers.1.self_attn.v_proj" not in k}
-    with pytest.raises(ValueError, match=r"different modules on different layers \(layer 0: "
-                                         r"q_proj, v_proj; layer 1: q_proj\)"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"different modules on different layers \(layer 0: "
+        r"q_proj, v_proj; layer 1: q_proj\)",
+    ):
         reference_config(state, activation="silu")
 
 
@@ -240,8 +273,22 @@ def test_odd_config_values_raise_only_clean_errors():
     """A config comes out of a pickle: every field of any type gives a CeraConfig, a
     ValueError or a TypeError, never another exception."""
     state = authors.save(authors.adapt(tiny_llama()), None, wrapped=False, write=False)
-    odd = [None, True, -1, 0, 2**2000, float("nan"), float("inf"), "", "q_proj", [], [1],
-           {}, torch.ones(3), b"\xff"]  # fmt: skip
+    odd = [
+        None,
+        True,
+        -1,
+        0,
+        2**2000,
+        float("nan"),
+        float("inf"),
+        "",
+        "q_proj",
+        [],
+        [1],
+        {},
+        torch.ones(3),
+        b"\xff",
+    ]
     valid = authors.config_of(variant="peft_aligned", alpha=8)
     outcomes = set()
     for key in valid:
@@ -278,8 +325,10 @@ def test_loading_into_an_existing_adapter_checks_the_branch(tmp_path):
     with pytest.raises(ValueError, match=r"branch has scaling=2.0, the model's adapter 1.0"):
         load_reference_checkpoint(model, path)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
-    matching = get_cera_model(tiny_llama(), CeraConfig(
-        r=4, target_modules=["q_proj", "v_proj"], scaling=2.0, dropout_position="input"))
+    matching = get_cera_model(
+        tiny_llama(),
+        CeraConfig(r=4, target_modules=["q_proj", "v_proj"], scaling=2.0, dropout_position="input"),
+    )
     assert len(load_reference_checkpoint(matching, path)) == 4
     torch.testing.assert_close(logits(matching.eval()), logits(theirs), rtol=1e-5, atol=1e-5)
 

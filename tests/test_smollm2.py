@@ -25,8 +25,9 @@ def folder():
 
 
 def config() -> CeraConfig:
-    return CeraConfig(r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=LAST,
-                      task_type="CAUSAL_LM")  # fmt: skip
+    return CeraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=LAST, task_type="CAUSAL_LM"
+    )
 
 
 def texts() -> list[str]:
@@ -56,9 +57,15 @@ def test_transformers_trainer_trains_a_cera_adapter_on_it(folder, tmp_path):
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(folder), config())
     before = cera_weights(model)
     rows = [dict(tokenizer(t), labels=tokenizer(t)["input_ids"]) for t in texts()]
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=1,
-                             learning_rate=1e-2, report_to=[], save_strategy="no",
-                             use_cpu=True)  # fmt: skip
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=1,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+    )
     result = Trainer(model=model, args=args, train_dataset=rows).train()
     assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
     after = cera_weights(model)
@@ -66,13 +73,19 @@ def test_transformers_trainer_trains_a_cera_adapter_on_it(folder, tmp_path):
 
 
 def test_trl_sft_trainer_trains_a_cera_adapter_on_it(folder, tmp_path):
-    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
-                         learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
-                         max_length=32)  # fmt: skip
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        max_length=32,
+    )
     data = datasets.Dataset.from_dict({"text": texts()})
     # the model by name, as TRL's own examples pass it: TRL loads it with from_pretrained
-    trainer = trl.SFTTrainer(model=str(folder), args=args, peft_config=config(),
-                             train_dataset=data)  # fmt: skip
+    trainer = trl.SFTTrainer(model=str(folder), args=args, peft_config=config(), train_dataset=data)
     before = cera_weights(trainer.model)
     assert before and trainer.model.peft_config["default"].peft_type.value == "CERA"
     result = trainer.train()

@@ -27,10 +27,18 @@ def smol():
     return smollm2.load()
 
 
-def _runner(model, tokenizer, problems: data.Problems, k: int, steps: int = 1,
-            batch: int = 4) -> Runner:  # fmt: skip
-    return Runner(model, tokenizer, problems, steps=steps, batch=batch, adapted_layers=k,
-                  device=torch.device("cpu"))  # fmt: skip
+def _runner(
+    model, tokenizer, problems: data.Problems, k: int, steps: int = 1, batch: int = 4
+) -> Runner:
+    return Runner(
+        model,
+        tokenizer,
+        problems,
+        steps=steps,
+        batch=batch,
+        adapted_layers=k,
+        device=torch.device("cpu"),
+    )
 
 
 def test_model_loads_with_no_network(monkeypatch):
@@ -110,10 +118,15 @@ def _adapted(runner: Runner, activation: str, dropout: float, a_gain: float = 1.
 
 def _token_batches(encoded: data.Encoded, batch: int = 64) -> list[dict]:
     """Token ids with the ``attention_mask`` the export reads to leave padding out."""
-    return [{"input_ids": encoded.ids[i : i + batch],
-             "attention_mask": encoded.attention_mask(torch.arange(i, min(i + batch, len(encoded))),
-                                                      encoded.ids.shape[1])}
-            for i in range(0, len(encoded), batch)]  # fmt: skip
+    return [
+        {
+            "input_ids": encoded.ids[i : i + batch],
+            "attention_mask": encoded.attention_mask(
+                torch.arange(i, min(i + batch, len(encoded))), encoded.ids.shape[1]
+            ),
+        }
+        for i in range(0, len(encoded), batch)
+    ]
 
 
 def test_exported_lora_of_a_linear_cera_adapter_gives_its_logits(smol):
@@ -128,8 +141,9 @@ def test_exported_lora_of_a_linear_cera_adapter_gives_its_logits(smol):
     calibration, test = runner.splits["train"].data, runner.splits["test"].data
     before = {n: p.clone() for n, p in base.named_parameters() if "layers.29.self_attn" in n}
     model = _adapted(runner, "identity", 0.0)
-    merged, report = linearity.export_and_merge(model, base, _token_batches(calibration), 4,
-                                                held_out=_token_batches(test))  # fmt: skip
+    merged, report = linearity.export_and_merge(
+        model, base, _token_batches(calibration), 4, held_out=_token_batches(test)
+    )
     assert len(report) == 4
     for column in ("linearity_at_adapter_rank", "held_out_linearity_at_adapter_rank"):
         assert report.mean(column) > 1 - 1e-5, column
@@ -146,15 +160,23 @@ def test_exported_lora_of_a_linear_cera_adapter_gives_its_logits(smol):
 
     # The demo's route: the same export streamed through the adapted layers alone, on
     # cached prefix states, gives the same fit under the same module names.
-    suffix = to_lora(Suffix(runner.stack_of(model)), runner.splits["train"].batches(), rank=4,
-                     held_out=runner.splits["test"].batches(), progress=False)  # fmt: skip
+    suffix = to_lora(
+        Suffix(runner.stack_of(model)),
+        runner.splits["train"].batches(),
+        rank=4,
+        held_out=runner.splits["test"].batches(),
+        progress=False,
+    )
     full = to_lora(model, _token_batches(calibration), rank=4, progress=False)
     assert suffix.state_dict.keys() == full.state_dict.keys()
     for b_key in (k for k in full.state_dict if k.endswith("lora_B.weight")):
         a_key = b_key.replace("lora_B", "lora_A")
-        torch.testing.assert_close(suffix.state_dict[b_key] @ suffix.state_dict[a_key],
-                                   full.state_dict[b_key] @ full.state_dict[a_key],
-                                   rtol=1e-3, atol=1e-5)  # fmt: skip
+        torch.testing.assert_close(
+            suffix.state_dict[b_key] @ suffix.state_dict[a_key],
+            full.state_dict[b_key] @ full.state_dict[a_key],
+            rtol=1e-3,
+            atol=1e-5,
+        )
     assert [m.tokens for m in suffix.report] == [m.tokens for m in report]
     spec = parse_spec(f"cera:r=4,activation=identity,cera_dropout=0.0,{QV}")
     row = phonebook.exported_lora(spec, model, runner, runner.generated(model))
@@ -186,8 +208,9 @@ def test_silu_cera_adapter_is_measured_below_linear(smol):
     model = _adapted(runner, "silu", 0.0, a_gain=10.0)
     train, test = (_token_batches(runner.splits[k].data) for k in ("train", "test"))
     _, report = linearity.export_and_merge(model, base, train, 4, held_out=test)
-    fitted, held_out = (report.mean(c) for c in ("linearity_at_adapter_rank",
-                                                 "held_out_linearity_at_adapter_rank"))  # fmt: skip
+    fitted, held_out = (
+        report.mean(c) for c in ("linearity_at_adapter_rank", "held_out_linearity_at_adapter_rank")
+    )
     assert 0.9 < held_out < fitted < 1 - 1e-5 and held_out < 0.999
     assert fitted <= report.mean("linearity_full_rank") + 1e-9
 

@@ -48,17 +48,23 @@ def readme_source_commands() -> list[str]:
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Install from source", 1)[1].split("\n## ", 1)[0]
     block = re.search(r"```sh\n(.*?)```", section, flags=re.S).group(1)
-    return [line.split("#", 1)[0].strip() for line in block.splitlines()
-            if line.startswith("pip install")]  # fmt: skip
+    return [
+        line.split("#", 1)[0].strip()
+        for line in block.splitlines()
+        if line.startswith("pip install")
+    ]
 
 
 def user_env(venv: Path) -> dict[str, str]:
     """A shell of the user's: cargo on PATH, no dev venv, no build variables."""
     dev_bin = str(Path(sys.executable).parent)
     path = [p for p in os.environ["PATH"].split(os.pathsep) if p and p != dev_bin]
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("LIBTORCH", "CARGO_TARGET", "MATURIN", "PYO3"))
-           and k not in ("VIRTUAL_ENV", "PYTHONPATH", "CXXFLAGS")}  # fmt: skip
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("LIBTORCH", "CARGO_TARGET", "MATURIN", "PYO3"))
+        and k not in ("VIRTUAL_ENV", "PYTHONPATH", "CXXFLAGS")
+    }
     env["PATH"] = os.pathsep.join([str(venv / "bin"), *path])
     env["VIRTUAL_ENV"] = str(venv)
     return env
@@ -102,8 +108,9 @@ def _build_and_run(root: Path, venv: Path) -> None:
     env = user_env(venv)
     py = venv / "bin" / "python"
     constraints = root / "constraints.txt"  # the dev pins, for all but torch
-    constraints.write_text("\n".join(
-        r for r in PROJECT["optional-dependencies"]["dev"] if not r.startswith("torch")))
+    constraints.write_text(
+        "\n".join(r for r in PROJECT["optional-dependencies"]["dev"] if not r.startswith("torch"))
+    )
     ok(py, "-m", "pip", "install", "--quiet", f"torch=={TORCH}", env=env, timeout=1800)
 
     def torch_install() -> list[str]:
@@ -126,8 +133,19 @@ def _build_and_run(root: Path, venv: Path) -> None:
             continue
         args = command.split()[2:]
         args = [str(sdist) if a == SDIST else a.strip("'\"") for a in args]
-        ok(py, "-m", "pip", "install", "--quiet", "-c", constraints, *args, cwd=root,
-           env=env, timeout=5400)  # fmt: skip
+        ok(
+            py,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "-c",
+            constraints,
+            *args,
+            cwd=root,
+            env=env,
+            timeout=5400,
+        )
     built_in = time.monotonic() - started
     assert torch_install() == before
 
@@ -137,5 +155,7 @@ def _build_and_run(root: Path, venv: Path) -> None:
     assert "trainable params" in out and "step 2: loss" in out
     version = ok(venv / "bin" / "cera-rs", "--version", env=env)
     assert f"extension built for torch {TORCH}" in version
-    print(f"\nsource build against torch {TORCH}: refused without --no-build-isolation in "
-          f"{refused_in:.0f} s; README commands {built_in / 60:.1f} min; {version.strip()}")
+    print(
+        f"\nsource build against torch {TORCH}: refused without --no-build-isolation in "
+        f"{refused_in:.0f} s; README commands {built_in / 60:.1f} min; {version.strip()}"
+    )

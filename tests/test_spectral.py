@@ -136,8 +136,9 @@ def test_merge_and_state_equal_one_stream(tmp_path):
     # all_reduce in a one-process gloo group: the state survives the round trip.
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
-                            world_size=1)  # fmt: skip
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
     try:
         one.all_reduce()
     finally:
@@ -243,9 +244,15 @@ def test_bad_inputs_give_clear_errors():
 @pytest.fixture(scope="module")
 def base_model():
     torch.manual_seed(5)
-    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=64)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -262,8 +269,9 @@ def cera_model(base):
 
 def lora_model(base, **kwargs):
     torch.manual_seed(7)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGETS),
-                        init_lora_weights=False, **kwargs)  # fmt: skip
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=list(TARGETS), init_lora_weights=False, **kwargs
+    )
     return get_peft_model(copy.deepcopy(base), config)
 
 
@@ -402,9 +410,16 @@ def test_spectral_callback_logs_into_trainer(base_model, tmp_path):
     gen = torch.Generator().manual_seed(9)
     ids = torch.randint(0, 97, (8, 9), generator=gen)
     data = [{"input_ids": row, "labels": row} for row in ids]
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
-                             logging_steps=100, report_to=[], save_strategy="no", use_cpu=True,
-                             disable_tqdm=True)  # fmt: skip
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        logging_steps=100,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     callback = SpectralCallback(batches(), every_n_steps=2)
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
     trainer.train()
@@ -424,8 +439,9 @@ def test_cli_analyze_saved_peft_lora_dir(base_model, tmp_path, capsys):
     lora = lora_model(base_model, use_rslora=True)
     lora.save_pretrained(tmp_path / "adapter")
     out_json, out_png = tmp_path / "lora.json", tmp_path / "lora.png"
-    code = cli.main(["analyze", str(tmp_path / "adapter"), "--json", str(out_json),
-                     "--plot", str(out_png)])  # fmt: skip
+    code = cli.main(
+        ["analyze", str(tmp_path / "adapter"), "--json", str(out_json), "--plot", str(out_png)]
+    )
     assert code == 0
     stdout = capsys.readouterr().out
     assert all(name in stdout for name in ADAPTED)
@@ -434,8 +450,9 @@ def test_cli_analyze_saved_peft_lora_dir(base_model, tmp_path, capsys):
     assert sorted(saved) == sorted(ADAPTED)
     for m in expected.modules:
         assert saved[m.name]["method"] == "lora"
-        np.testing.assert_allclose(saved[m.name]["singular_values"],
-                                   m.spectrum.singular_values, rtol=1e-6)  # fmt: skip
+        np.testing.assert_allclose(
+            saved[m.name]["singular_values"], m.spectrum.singular_values, rtol=1e-6
+        )
     assert out_png.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -446,8 +463,9 @@ def test_cli_analyze_cera_dir(tmp_path, capsys):
     for prefix, (b, a) in factors.items():
         tensors[f"{prefix}.cera_B.weight"], tensors[f"{prefix}.cera_A.weight"] = b, a
     save_file(tensors, tmp_path / "adapter_model.safetensors")
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "CERA", "r": 3,
-                                                              "scaling": 0.5}))  # fmt: skip
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "CERA", "r": 3, "scaling": 0.5})
+    )
     assert cli.main(["analyze", str(tmp_path)]) == 0
     stdout = capsys.readouterr().out
     assert stdout.count(" cera ") == 4
@@ -456,7 +474,8 @@ def test_cli_analyze_cera_dir(tmp_path, capsys):
     report = adapter_dir_spectrum(tmp_path)
     b, a = factors["base_model.model." + ADAPTED[2]]
     dense = np.linalg.svd(0.5 * (b.double() @ a.double()).numpy(), compute_uv=False)
-    np.testing.assert_allclose(report[ADAPTED[2]].spectrum.singular_values, dense, rtol=1e-9,
-                               atol=1e-12 * dense[0])  # fmt: skip
+    np.testing.assert_allclose(
+        report[ADAPTED[2]].spectrum.singular_values, dense, rtol=1e-9, atol=1e-12 * dense[0]
+    )
     with pytest.raises(FileNotFoundError, match="missing does not exist"):
         adapter_dir_spectrum(tmp_path / "missing")

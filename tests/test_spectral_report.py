@@ -14,8 +14,9 @@ NAMES = [f"model.layers.{i}.self_attn.{t}" for i in range(2) for t in ("q_proj",
 
 def report() -> ModelSpectrum:
     rng = np.random.default_rng(0)
-    modules = [ModuleSpectrum(n, "cera", spectrum(rng.standard_normal((20, 6)), rank=6), 20)
-               for n in NAMES]  # fmt: skip
+    modules = [
+        ModuleSpectrum(n, "cera", spectrum(rng.standard_normal((20, 6)), rank=6), 20) for n in NAMES
+    ]
     # an all-zero delta: every metric 0, tail energy exactly +0
     modules.append(ModuleSpectrum("model.lm_head", "lora", spectrum(np.zeros((5, 4)), rank=2), 5))
     return ModelSpectrum(modules)

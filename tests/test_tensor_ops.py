@@ -17,11 +17,19 @@ from conftest import mask_keep, max_rel
 ACTIVATIONS = ["silu", "relu", "identity"]
 # Per dtype: the tolerance between the two paths. Half types round once in the fused
 # loop and after each tensor op (as the plain composition does) on the other path.
-DTYPES = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 2e-2,
-          torch.float16: 3e-3}  # fmt: skip
+DTYPES = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 # Ops that only make views or read metadata: no kernel, no memory traffic.
-VIEWS = {"aten::view", "aten::reshape", "aten::_reshape_alias", "aten::t", "aten::transpose",
-         "aten::as_strided", "aten::alias", "aten::_unsafe_view", "aten::expand"}  # fmt: skip
+VIEWS = {
+    "aten::view",
+    "aten::reshape",
+    "aten::_reshape_alias",
+    "aten::t",
+    "aten::transpose",
+    "aten::as_strided",
+    "aten::alias",
+    "aten::_unsafe_view",
+    "aten::expand",
+}
 
 
 def inputs(dtype, n=300, d_in=40, r=24, d_out=32):
@@ -35,8 +43,19 @@ def inputs(dtype, n=300, d_in=40, r=24, d_out=32):
 
 def both_paths(x, a, b, g, *, tensor_ops, **config):
     y, h, keep = _native.forward(x, a, b, **config, tensor_ops=tensor_ops)
-    grads = _native.backward(g, x, a, b, h, **config, needs_x=True, needs_a=True,
-                             needs_b=True, keep=keep, tensor_ops=tensor_ops)  # fmt: skip
+    grads = _native.backward(
+        g,
+        x,
+        a,
+        b,
+        h,
+        **config,
+        needs_x=True,
+        needs_a=True,
+        needs_b=True,
+        keep=keep,
+        tensor_ops=tensor_ops,
+    )
     return (y, *grads), keep
 
 
@@ -95,11 +114,13 @@ def aten_ops(fn) -> Counter:
     """The aten ops ``fn`` launches itself (not those they call inside), by name."""
     with profile(activities=[ProfilerActivity.CPU], acc_events=True) as prof:
         fn()
+
     def launched_by_caller(e) -> bool:
         return e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")
 
-    return Counter(e.name for e in prof.events()
-                   if e.name.startswith("aten::") and launched_by_caller(e))  # fmt: skip
+    return Counter(
+        e.name for e in prof.events() if e.name.startswith("aten::") and launched_by_caller(e)
+    )
 
 
 def compute_ops(counts: Counter) -> Counter:
@@ -132,8 +153,11 @@ def test_op_count_budget_of_each_pass():
 
     forward = aten_ops(run_forward)
     needs = {"needs_x": True, "needs_a": True, "needs_b": True}
-    backward = aten_ops(lambda: _native.backward(g, x, a, b, out["h"], **config, **needs,
-                                                 keep=out["keep"], tensor_ops=True))  # fmt: skip
+    backward = aten_ops(
+        lambda: _native.backward(
+            g, x, a, b, out["h"], **config, **needs, keep=out["keep"], tensor_ops=True
+        )
+    )
     assert forward["aten::bitwise_xor_"] >= 3 and forward["aten::mm"] == 2, forward
     assert "aten::bitwise_xor_" not in backward, "backward rebuilt the mask"
     fwd, bwd = compute_ops(forward), compute_ops(backward)
@@ -147,6 +171,7 @@ def test_op_count_budget_of_each_pass():
 def test_no_dropout_and_inference_take_the_fewest_ops():
     """Without dropout: GEMMs and the activation alone (scaling 1 costs no op)."""
     x, a, b, _ = inputs(torch.float32)
-    delta = compute_ops(aten_ops(lambda: _native.delta(x, a, b, activation="silu",
-                                                       scaling=1.0, tensor_ops=True)))  # fmt: skip
+    delta = compute_ops(
+        aten_ops(lambda: _native.delta(x, a, b, activation="silu", scaling=1.0, tensor_ops=True))
+    )
     assert delta == Counter({"aten::mm": 2, "aten::silu": 1}), delta

@@ -98,9 +98,19 @@ def gil_cases():
     return {
         "delta": lambda: _native.delta(x, a, b, activation="silu", scaling=1.0),
         "backward": lambda: _native.backward(
-            grad, x, a, b, h, activation="silu", scaling=1.0, dropout=0.1, seed=3,
-            needs_x=True, needs_a=True, needs_b=True,
-        ),  # fmt: skip
+            grad,
+            x,
+            a,
+            b,
+            h,
+            activation="silu",
+            scaling=1.0,
+            dropout=0.1,
+            seed=3,
+            needs_x=True,
+            needs_a=True,
+            needs_b=True,
+        ),
         "gram_update": lambda: stream.update(x),
     }
 
@@ -145,8 +155,9 @@ def test_four_threads_share_one_streaming_spectrum():
     for p in parts:
         sequential.update(p)
     assert shared.tokens_seen == sequential.tokens_seen == 800
-    torch.testing.assert_close(shared.state()["gram"], sequential.state()["gram"],
-                               rtol=1e-12, atol=1e-10)  # fmt: skip
+    torch.testing.assert_close(
+        shared.state()["gram"], sequential.state()["gram"], rtol=1e-12, atol=1e-10
+    )
 
 
 def test_merging_two_accumulators_both_ways_at_once_does_not_deadlock():

@@ -27,15 +27,24 @@ class TokenData(torch.utils.data.Dataset):
 def trainer(output_dir, max_steps: int) -> Trainer:
     model = get_cera_model(
         tiny_llama(),
-        CeraConfig(r=4, target_modules=["q_proj", "v_proj"], cera_dropout=0.1,
-                   task_type="CAUSAL_LM"),
-    )  # fmt: skip
+        CeraConfig(
+            r=4, target_modules=["q_proj", "v_proj"], cera_dropout=0.1, task_type="CAUSAL_LM"
+        ),
+    )
     args = TrainingArguments(
-        output_dir=str(output_dir), max_steps=max_steps, save_steps=2,
-        per_device_train_batch_size=4, learning_rate=1e-2, activation_checkpointing=True,
-        report_to=[], use_cpu=True, logging_steps=1, seed=7, dataloader_num_workers=0,
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        save_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        activation_checkpointing=True,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        seed=7,
+        dataloader_num_workers=0,
         disable_tqdm=True,
-    )  # fmt: skip
+    )
     return Trainer(model=model, args=args, train_dataset=TokenData())
 
 

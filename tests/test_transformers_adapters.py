@@ -143,10 +143,12 @@ def _loaded(folder, name="default"):
 
 METHODS = {
     "PeftModel.from_pretrained": lambda f: logits(
-        PeftModel.from_pretrained(tiny_llama(), str(f / "adapter"))),
+        PeftModel.from_pretrained(tiny_llama(), str(f / "adapter"))
+    ),
     "load_adapter": lambda f: logits(_loaded(f)),
     "AutoModelForCausalLM.from_pretrained(adapter_dir)": lambda f: logits(
-        AutoModelForCausalLM.from_pretrained(str(f / "adapter")).eval()),
+        AutoModelForCausalLM.from_pretrained(str(f / "adapter")).eval()
+    ),
     "add_adapter": lambda f: tiny_llama().add_adapter(_cera_or_lora(f)(), "added"),
     "set_adapter": lambda f: _loaded(f).set_adapter("default"),
     "active_adapters": lambda f: _loaded(f).active_adapters(),

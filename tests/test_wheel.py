@@ -47,8 +47,17 @@ def glibc_needed(binary: Path) -> tuple[int, int]:
 def wheel() -> Path:
     # The venv `make test` set up is the running interpreter's: reuse it as it is (-o).
     venv = Path(sys.prefix)
-    ok("make", "--no-print-directory", f"VENV={venv}", "-o", f"{venv}/.installed", "wheel",
-       f"TORCHES={TORCH}", cwd=ROOT, timeout=900)  # fmt: skip
+    ok(
+        "make",
+        "--no-print-directory",
+        f"VENV={venv}",
+        "-o",
+        f"{venv}/.installed",
+        "wheel",
+        f"TORCHES={TORCH}",
+        cwd=ROOT,
+        timeout=900,
+    )
     wheels = sorted((ROOT / "dist").glob("cera_rs-*.whl"))
     assert len(wheels) == 1, wheels
     return wheels[0]
@@ -67,7 +76,10 @@ def test_wheel_tag_size_and_libraries(wheel, unpacked):
     assert [p.relative_to(unpacked).as_posix() for p in binaries] == [build]
     purelib = unpacked / f"cera_rs-{PROJECT['version']}.data" / "purelib"
     assert sorted(p.name for p in purelib.iterdir()) == [
-        "_cera_rs_cli.py", "_cera_rs_peft_hook.py", "cera_rs_peft_hook.pth"]  # fmt: skip
+        "_cera_rs_cli.py",
+        "_cera_rs_peft_hook.py",
+        "cera_rs_peft_hook.pth",
+    ]
     major, minor = glibc_needed(binaries[0])
     expected = f"cera_rs-{PROJECT['version']}-cp39-abi3-manylinux_{major}_{minor}_x86_64.whl"
     assert wheel.name == expected
@@ -82,8 +94,11 @@ def test_wheel_tag_size_and_libraries(wheel, unpacked):
     # exactly the minors it has builds for: pip never installs it beside another torch
     metadata = next(unpacked.glob("cera_rs-*.dist-info")) / "METADATA"
     major, number = MINOR.split(".")
-    torch_lines = [line for line in metadata.read_text().splitlines()
-                   if line.startswith("Requires-Dist: torch") and ";" not in line]  # fmt: skip
+    torch_lines = [
+        line
+        for line in metadata.read_text().splitlines()
+        if line.startswith("Requires-Dist: torch") and ";" not in line
+    ]
     assert torch_lines == [f"Requires-Dist: torch>={MINOR},<{major}.{int(number) + 1}"]
 
 
@@ -96,13 +111,17 @@ def test_torch_requirement_names_exactly_the_minors_built(tmp_path):
     assert requirement(["2.11", "2.12", "2.13", "2.14", "2.15"]) == "torch>=2.11,<2.16"
     assert requirement(["2.15", "2.11"]) == "torch>=2.11,<2.16,!=2.12.*,!=2.13.*,!=2.14.*"
     metadata = tmp_path / "METADATA"
-    metadata.write_text("Name: cera_rs\nRequires-Dist: torch>=2.11,<2.16\n"
-                        "Requires-Dist: torchvision>=0.1\n"
-                        "Requires-Dist: torch==2.11.0 ; extra == 'dev'\n")  # fmt: skip
+    metadata.write_text(
+        "Name: cera_rs\nRequires-Dist: torch>=2.11,<2.16\n"
+        "Requires-Dist: torchvision>=0.1\n"
+        "Requires-Dist: torch==2.11.0 ; extra == 'dev'\n"
+    )
     assert rewrite(metadata, ["2.13"]) == "Requires-Dist: torch>=2.13,<2.14"
-    assert metadata.read_text() == ("Name: cera_rs\nRequires-Dist: torch>=2.13,<2.14\n"
-                                    "Requires-Dist: torchvision>=0.1\n"
-                                    "Requires-Dist: torch==2.11.0 ; extra == 'dev'\n")  # fmt: skip
+    assert metadata.read_text() == (
+        "Name: cera_rs\nRequires-Dist: torch>=2.13,<2.14\n"
+        "Requires-Dist: torchvision>=0.1\n"
+        "Requires-Dist: torch==2.11.0 ; extra == 'dev'\n"
+    )
 
 
 def test_fresh_venv_install(wheel, tmp_path_factory):
@@ -125,6 +144,7 @@ def _install_and_run(wheel: Path, root: Path, venv: Path) -> None:
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env['PATH']}"
     # The user's torch first, then the wheel: pip must leave that torch as it is.
     ok(*pip, f"torch=={TORCH}", env=env, timeout=1200)
+
     def torch_install() -> list[str]:  # version, location and every file, not who needs it
         shown = ok(str(py), "-m", "pip", "show", "--files", "torch", env=env)
         return [line for line in shown.splitlines() if not line.startswith("Required-by:")]
@@ -145,11 +165,13 @@ def _install_and_run(wheel: Path, root: Path, venv: Path) -> None:
 
     # A CeRA adapter loads through PEFT alone: the wheel's .pth hook registers CeRA
     # when peft is imported, and a process that imports neither gets neither.
-    code = ("import sys\n"
-            "print(sorted(m for m in ('torch', 'peft', 'cera_rs') if m in sys.modules))\n"
-            "from peft import PeftConfig\n"
-            "config = PeftConfig.from_pretrained('cera-adapter')\n"
-            "print(type(config).__name__, config.peft_type.value)")  # fmt: skip
+    code = (
+        "import sys\n"
+        "print(sorted(m for m in ('torch', 'peft', 'cera_rs') if m in sys.modules))\n"
+        "from peft import PeftConfig\n"
+        "config = PeftConfig.from_pretrained('cera-adapter')\n"
+        "print(type(config).__name__, config.peft_type.value)"
+    )
     assert ok(str(py), "-c", code, cwd=root, env=env).splitlines() == ["[]", "CeraConfig CERA"]
 
     # Without the demo extra the demo stops at once, naming the line that installs it.
@@ -160,7 +182,16 @@ def _install_and_run(wheel: Path, root: Path, venv: Path) -> None:
 
     ok(*pip, f"{wheel}[demo]", env=env, timeout=900)
     # about 1.5 minutes on 2 quiet cores; the limit leaves room for a busy machine
-    ok(str(cli), "demo", "--quick", "--part", "1", "--out", str(root / "demo"), env=env,
-       timeout=1500)  # fmt: skip
+    ok(
+        str(cli),
+        "demo",
+        "--quick",
+        "--part",
+        "1",
+        "--out",
+        str(root / "demo"),
+        env=env,
+        timeout=1500,
+    )
     for name in ("summary.json", "report.md", "linear_ceiling.png", "spectra.png"):
         assert (root / "demo" / name).stat().st_size > 0, name

@@ -1,6 +1,5 @@
 """The Rust core (``src/python.rs``). Call it through ``cera_rs.functional``."""
 
-
 import numpy as np
 import numpy.typing as npt
 from torch import Tensor

@@ -81,8 +81,9 @@ def check_folder_writable(path: str | os.PathLike, parents: bool = True) -> None
             where = "it is a file" if existing == path else f"{existing} is a file"
             raise NotADirectoryError(f"cannot write the folder {path}: {where}")
     if not parents and not path.exists() and not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot write the folder {path}: the folder {path.parent} "
-                                f"does not exist")  # fmt: skip
+        raise FileNotFoundError(
+            f"cannot write the folder {path}: the folder {path.parent} does not exist"
+        )
 
 
 def check_folder_creatable(path: str | os.PathLike) -> None:

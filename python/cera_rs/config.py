@@ -70,8 +70,7 @@ PEFT_TYPE = _cera_peft_type()
 # LoraConfig keywords users bring along, and what CeRA has instead. Any other LoraConfig
 # field CeraConfig lacks is refused as a LoRA-only option with no CeRA counterpart.
 _LORA_ONLY = {
-    "lora_alpha": "CeRA has no alpha/r factor: the branch is multiplied by `scaling` "
-    "(default 1.0)",
+    "lora_alpha": "CeRA has no alpha/r factor: the branch is multiplied by `scaling` (default 1.0)",
     "alpha_pattern": "use scaling_pattern (per-module scaling; CeRA has no alpha)",
     "use_rslora": "CeRA has no alpha/r factor to rescale: set `scaling`",
     "lora_dropout": "use cera_dropout",
@@ -86,9 +85,19 @@ _LORA_ONLY = {
     "where the model has them as nn.Linear) with target_modules",
 }
 # LoraConfig fields from_lora_config carries over under the same name.
-_CARRIED = ("r", "target_modules", "exclude_modules", "modules_to_save", "layers_to_transform",
-            "layers_pattern", "rank_pattern", "task_type", "base_model_name_or_path",
-            "revision", "inference_mode")  # fmt: skip
+_CARRIED = (
+    "r",
+    "target_modules",
+    "exclude_modules",
+    "modules_to_save",
+    "layers_to_transform",
+    "layers_pattern",
+    "rank_pattern",
+    "task_type",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+)
 
 
 @dataclass
@@ -202,8 +211,14 @@ class CeraConfig(PeftConfig):
                 check(f"{name}[{key!r}]", value)
         # PEFT matches these as regular expressions (target/exclude only when a str);
         # a broken one would raise re.error, not a ValueError, deep inside wrapping.
-        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern",
-                     "rank_pattern", "scaling_pattern"):  # fmt: skip
+        for name in (
+            "target_modules",
+            "exclude_modules",
+            "modules_to_save",
+            "layers_pattern",
+            "rank_pattern",
+            "scaling_pattern",
+        ):
             value = getattr(self, name)
             if isinstance(value, str):
                 value = [value]
@@ -229,8 +244,9 @@ class CeraConfig(PeftConfig):
         if not isinstance(mapping, dict) or not all(
             isinstance(k, type) and isinstance(v, type) for k, v in mapping.items()
         ):
-            raise TypeError(f"mapping must be a dict from layer types to layer types, got "
-                            f"{mapping!r}")  # fmt: skip
+            raise TypeError(
+                f"mapping must be a dict from layer types to layer types, got {mapping!r}"
+            )
         if getattr(self, "_custom_modules", None) is None:
             self._custom_modules = {}
         self._custom_modules.update(mapping)
@@ -277,9 +293,11 @@ class CeraConfig(PeftConfig):
 
     @classmethod
     def from_pretrained(
-        cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        subfolder: str | None = None,
         **kwargs: Any,
-    ) -> CeraConfig:  # fmt: skip
+    ) -> CeraConfig:
         """The config of a saved CeRA adapter, checked together with its weights file.
 
         PEFT calls this (``PeftModel.from_pretrained``, ``load_adapter``,
@@ -313,8 +331,9 @@ class CeraConfig(PeftConfig):
             )
         weights, header = read_weights_header(folder)
         try:
-            config = super().from_pretrained(os.fspath(pretrained_model_name_or_path), subfolder,
-                                             **kwargs)  # fmt: skip
+            config = super().from_pretrained(
+                os.fspath(pretrained_model_name_or_path), subfolder, **kwargs
+            )
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
         except TypeError as err:
@@ -385,6 +404,7 @@ def _check_scaling(name: str, scaling: Any) -> None:
 def _check_optional(name: str, value: object, kinds: tuple[type, ...], item: type) -> None:
     """TypeError naming ``name`` unless ``value`` is None, a bare ``item`` (when ``item`` is
     in ``kinds``) or a list/tuple of ``item``s (bools are not ints)."""
+
     def ok(v: object) -> bool:
         return isinstance(v, item) and not isinstance(v, bool)
 
@@ -396,8 +416,11 @@ def _check_optional(name: str, value: object, kinds: tuple[type, ...], item: typ
 
 
 # The heads PEFT's PeftModelForSequenceClassification (etc.) add to modules_to_save.
-_TASK_HEADS = {"SEQ_CLS": {"classifier", "score"}, "TOKEN_CLS": {"classifier", "score"},
-               "QUESTION_ANS": {"qa_outputs"}}  # fmt: skip
+_TASK_HEADS = {
+    "SEQ_CLS": {"classifier", "score"},
+    "TOKEN_CLS": {"classifier", "score"},
+    "QUESTION_ANS": {"qa_outputs"},
+}
 
 
 def _saved(module: str, header: Header) -> bool:
@@ -411,8 +434,11 @@ def check_weights_header(
     """Refuses a weights file without CeRA weights, with non-float ones (loading would
     cast them silently), or with ranks other than the config's: a corrupted ``r`` must
     not allocate ``r x d_in`` weights."""
-    parts = {key: shape for key, (_, shape) in header.items()
-             if (".cera_A." in key or ".cera_B." in key) and len(shape) >= 2}  # fmt: skip
+    parts = {
+        key: shape
+        for key, (_, shape) in header.items()
+        if (".cera_A." in key or ".cera_B." in key) and len(shape) >= 2
+    }
     if not parts:
         raise ValueError(
             f"{weights} holds no CeRA adapter weights (tensors of 2 or more dimensions named "

@@ -54,10 +54,20 @@ def _draw_seed() -> Tensor:
 # others (meta, lazy, ...).
 _AUTOCAST_DEVICE_TYPES = frozenset(
     kind
-    for kind in ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia", "maia", "ipu",
-                 torch._C._get_privateuse1_backend_name())
+    for kind in (
+        "cpu",
+        "cuda",
+        "xpu",
+        "mps",
+        "hpu",
+        "xla",
+        "mtia",
+        "maia",
+        "ipu",
+        torch._C._get_privateuse1_backend_name(),
+    )
     if torch.amp.is_autocast_available(kind)
-)  # fmt: skip
+)
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -87,9 +97,16 @@ def _eager_forward(
     dropout_position: str = "hidden",
 ) -> tuple[Tensor, Tensor, Tensor]:
     y, h, keep = _native.forward(
-        x, a, b, activation=activation, scaling=scaling, dropout=dropout, seed=int(seed),
-        dropout_position=dropout_position, tensor_ops=_TENSOR_OPS,
-    )  # fmt: skip
+        x,
+        a,
+        b,
+        activation=activation,
+        scaling=scaling,
+        dropout=dropout,
+        seed=int(seed),
+        dropout_position=dropout_position,
+        tensor_ops=_TENSOR_OPS,
+    )
     # Custom ops return tensors: an empty one stands for "no mask kept".
     return y, h, keep if keep is not None else x.new_empty(0, dtype=torch.bool)
 
@@ -103,8 +120,11 @@ _branch_forward = torch.library.custom_op(
 def _(x, a, b, seed, activation, scaling, dropout, dropout_position="hidden"):
     rows = math.prod(x.shape[:-1])
     keep_shape = (rows, a.shape[0]) if _keeps_mask(x, dropout, dropout_position) else (0,)
-    return (x.new_empty((*x.shape[:-1], b.shape[0])), x.new_empty((rows, a.shape[0])),
-            x.new_empty(keep_shape, dtype=torch.bool))  # fmt: skip
+    return (
+        x.new_empty((*x.shape[:-1], b.shape[0])),
+        x.new_empty((rows, a.shape[0])),
+        x.new_empty(keep_shape, dtype=torch.bool),
+    )
 
 
 def _eager_backward(
@@ -122,12 +142,22 @@ def _eager_backward(
     dropout_position: str = "hidden",
 ) -> tuple[Tensor, Tensor, Tensor]:
     grads = _native.backward(
-        grad, x, a, b, h,
-        activation=activation, scaling=scaling, dropout=dropout, seed=int(seed),
-        needs_x=needs[0], needs_a=needs[1], needs_b=needs[2],
+        grad,
+        x,
+        a,
+        b,
+        h,
+        activation=activation,
+        scaling=scaling,
+        dropout=dropout,
+        seed=int(seed),
+        needs_x=needs[0],
+        needs_a=needs[1],
+        needs_b=needs[2],
         dropout_position=dropout_position,
-        keep=keep if keep.dim() == 2 else None, tensor_ops=_TENSOR_OPS,
-    )  # fmt: skip
+        keep=keep if keep.dim() == 2 else None,
+        tensor_ops=_TENSOR_OPS,
+    )
     # Custom ops return tensors: an empty one stands for "not asked for".
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
@@ -175,8 +205,9 @@ class _CeraBranch(torch.autograd.Function):
         return dx, da, db, None, None, None, None, None
 
 
-def _check_branch_args(x: Tensor, A: Tensor, B: Tensor, dropout: float, activation: str,
-                       dropout_position: str) -> None:  # fmt: skip
+def _check_branch_args(
+    x: Tensor, A: Tensor, B: Tensor, dropout: float, activation: str, dropout_position: str
+) -> None:
     """What every branch checks before its kernels: tensors, one device, the dropout
     probability, the activation and where the dropout goes."""
     for name, t in (("x", x), ("A", A), ("B", B)):
@@ -233,9 +264,16 @@ def _branch(
         return _CeraBranch.apply(x, A, B, seed, activation, scaling, p, position)
     if p > 0:
         y, _, _ = _native.forward(
-            x, A, B, activation=activation, scaling=scaling, dropout=p, seed=int(_draw_seed()),
-            dropout_position=position, tensor_ops=_TENSOR_OPS,
-        )  # fmt: skip
+            x,
+            A,
+            B,
+            activation=activation,
+            scaling=scaling,
+            dropout=p,
+            seed=int(_draw_seed()),
+            dropout_position=position,
+            tensor_ops=_TENSOR_OPS,
+        )
         return y
     return _native.delta(x, A, B, activation=activation, scaling=scaling, tensor_ops=_TENSOR_OPS)
 
@@ -252,12 +290,17 @@ def _branch(
 # padding_idx) without a second copy of their checks.
 
 
-def _ew_forward(h: Tensor, seed: Tensor, activation: str, scaling: float,
-                dropout: float) -> tuple[Tensor, Tensor]:  # fmt: skip
+def _ew_forward(
+    h: Tensor, seed: Tensor, activation: str, scaling: float, dropout: float
+) -> tuple[Tensor, Tensor]:
     out, keep = _native.elementwise_forward(
-        h, activation=activation, scaling=scaling, dropout=dropout, seed=int(seed),
+        h,
+        activation=activation,
+        scaling=scaling,
+        dropout=dropout,
+        seed=int(seed),
         tensor_ops=_TENSOR_OPS,
-    )  # fmt: skip
+    )
     return out, keep if keep is not None else h.new_empty(0, dtype=torch.bool)
 
 
@@ -272,12 +315,25 @@ def _(h, seed, activation, scaling, dropout):
     return h.new_empty(h.shape), h.new_empty(h.shape if keeps else (0,), dtype=torch.bool)
 
 
-def _ew_backward(h: Tensor, gb: Tensor, keep: Tensor, seed: Tensor, activation: str,
-                 scaling: float, dropout: float) -> tuple[Tensor, Tensor]:  # fmt: skip
+def _ew_backward(
+    h: Tensor,
+    gb: Tensor,
+    keep: Tensor,
+    seed: Tensor,
+    activation: str,
+    scaling: float,
+    dropout: float,
+) -> tuple[Tensor, Tensor]:
     return _native.elementwise_backward(
-        h, gb, activation=activation, scaling=scaling, dropout=dropout, seed=int(seed),
-        keep=keep if keep.shape == h.shape else None, tensor_ops=_TENSOR_OPS,
-    )  # fmt: skip
+        h,
+        gb,
+        activation=activation,
+        scaling=scaling,
+        dropout=dropout,
+        seed=int(seed),
+        keep=keep if keep.shape == h.shape else None,
+        tensor_ops=_TENSOR_OPS,
+    )
 
 
 _elementwise_backward = torch.library.custom_op(
@@ -310,27 +366,47 @@ class ConvMaps:
     groups: int
 
     def a(self, x: Tensor, a: Tensor) -> Tensor:
-        return torch.convolution(x, a, None, self.stride, self.padding, self.dilation, False,
-                                 self._zeros, self.groups)  # fmt: skip
+        return torch.convolution(
+            x, a, None, self.stride, self.padding, self.dilation, False, self._zeros, self.groups
+        )
 
     def b(self, hidden: Tensor, b: Tensor) -> Tensor:
         ones = (1,) * len(self.stride)
-        return torch.convolution(hidden, b, None, ones, self._zeros, ones, False, self._zeros,
-                                 self.groups)  # fmt: skip
+        return torch.convolution(
+            hidden, b, None, ones, self._zeros, ones, False, self._zeros, self.groups
+        )
 
     def b_grads(self, g: Tensor, hidden: Tensor, b: Tensor, mask: tuple[bool, bool]):
         ones = (1,) * len(self.stride)
         dh, db, _ = torch.ops.aten.convolution_backward(
-            g, hidden, b, None, ones, self._zeros, ones, False, self._zeros, self.groups,
+            g,
+            hidden,
+            b,
+            None,
+            ones,
+            self._zeros,
+            ones,
+            False,
+            self._zeros,
+            self.groups,
             [mask[0], mask[1], False],
-        )  # fmt: skip
+        )
         return dh, db
 
     def a_grads(self, dz: Tensor, x: Tensor, a: Tensor, mask: tuple[bool, bool]):
         dx, da, _ = torch.ops.aten.convolution_backward(
-            dz, x, a, None, self.stride, self.padding, self.dilation, False, self._zeros,
-            self.groups, [mask[0], mask[1], False],
-        )  # fmt: skip
+            dz,
+            x,
+            a,
+            None,
+            self.stride,
+            self.padding,
+            self.dilation,
+            False,
+            self._zeros,
+            self.groups,
+            [mask[0], mask[1], False],
+        )
         return dx, da
 
     @property
@@ -356,8 +432,11 @@ class EmbeddingMaps:
 
     def b_grads(self, g: Tensor, hidden: Tensor, b: Tensor, mask: tuple[bool, bool]):
         dh = g @ b if mask[0] else None
-        db = g.reshape(-1, g.shape[-1]).t() @ hidden.reshape(-1, hidden.shape[-1]) if mask[1] \
-            else None  # fmt: skip
+        db = (
+            g.reshape(-1, g.shape[-1]).t() @ hidden.reshape(-1, hidden.shape[-1])
+            if mask[1]
+            else None
+        )
         return dh, db
 
     def a_grads(self, dz: Tensor, ids: Tensor, a: Tensor, mask: tuple[bool, bool]):
@@ -395,8 +474,7 @@ class _MappedBranch(torch.autograd.Function):
             gb, _ = maps.b_grads(grad, h, b, (True, False))
             am, dz = ew_backward(h, gb, keep, seed, activation, scaling, hidden_p)
             db = maps.b_grads(grad, am, b, (False, True))[1] if needs_b else None
-            source = ew_forward(x, seed, "identity", 1.0, input_p)[0] if input_p and needs_a \
-                else x  # fmt: skip
+            source = ew_forward(x, seed, "identity", 1.0, input_p)[0] if input_p and needs_a else x
             dx, da = maps.a_grads(dz, source, a, (needs_x, needs_a))
             if dx is not None and input_p:
                 dx = ew_forward(dx, seed, "identity", 1.0, input_p)[0]
@@ -434,23 +512,34 @@ def mapped_delta(
     _check_branch_args(x, A, B, dropout, activation, dropout_position)
     embedding = isinstance(maps, EmbeddingMaps)
     if embedding and dropout_position == "input" and dropout > 0:
-        raise ValueError("dropout_position='input' cannot apply to an embedding: its input "
-                         "is token ids; use dropout_position='hidden'")  # fmt: skip
+        raise ValueError(
+            "dropout_position='input' cannot apply to an embedding: its input "
+            "is token ids; use dropout_position='hidden'"
+        )
     dtype = autocast_dtype(x.device)
     if dtype is not None:
         x, A, B = (_autocast_cast(t, dtype) for t in (x, A, B))
     _check_mapped(x, A, B, maps)
     if not embedding and x.dim() == len(maps.stride) + 1:  # unbatched, as torch's conv takes
-        return mapped_delta(x.unsqueeze(0), A, B, maps, dropout=dropout, activation=activation,
-                            training=training, scaling=scaling,
-                            dropout_position=dropout_position).squeeze(0)  # fmt: skip
+        return mapped_delta(
+            x.unsqueeze(0),
+            A,
+            B,
+            maps,
+            dropout=dropout,
+            activation=activation,
+            training=training,
+            scaling=scaling,
+            dropout_position=dropout_position,
+        ).squeeze(0)
     p = float(dropout) if training else 0.0
     with _autocast_off(x.device):
         needs_grad = (x.requires_grad and not embedding) or A.requires_grad or B.requires_grad
         if (torch.is_grad_enabled() and needs_grad) or torch.compiler.is_compiling():
             seed = _draw_seed() if p > 0 else torch.zeros((), dtype=torch.int64)
-            return _MappedBranch.apply(x, A, B, seed, maps, activation, float(scaling), p,
-                                       dropout_position)  # fmt: skip
+            return _MappedBranch.apply(
+                x, A, B, seed, maps, activation, float(scaling), p, dropout_position
+            )
         seed = _draw_seed() if p > 0 else torch.zeros((), dtype=torch.int64)
         hidden_p, input_p = (p, 0.0) if dropout_position == "hidden" else (0.0, p)
         if input_p:
@@ -467,11 +556,14 @@ def _check_mapped(x: Tensor, A: Tensor, B: Tensor, maps: ConvMaps | EmbeddingMap
         if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
             raise TypeError(f"embedding ids must be an integer tensor, got {x.dtype}")
         if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
-            raise ValueError(f"A must be (r, num_embeddings) and B (d_out, r), got A "
-                             f"{tuple(A.shape)} and B {tuple(B.shape)}")  # fmt: skip
+            raise ValueError(
+                f"A must be (r, num_embeddings) and B (d_out, r), got A "
+                f"{tuple(A.shape)} and B {tuple(B.shape)}"
+            )
         if A.shape[1] != maps.num_embeddings:
-            raise ValueError(f"A has {A.shape[1]} columns, the embedding "
-                             f"{maps.num_embeddings} rows")  # fmt: skip
+            raise ValueError(
+                f"A has {A.shape[1]} columns, the embedding {maps.num_embeddings} rows"
+            )
         return
     nd = len(maps.stride)
     if x.dtype != A.dtype:

@@ -128,8 +128,14 @@ class CeraLayer(nn.Module, BaseTunerLayer):
     """
 
     adapter_layer_names = ("cera_A", "cera_B")
-    other_param_names = ("r", "cera_dropout", "activation", "scaling", "configured_scaling",
-                         "dropout_position")  # fmt: skip
+    other_param_names = (
+        "r",
+        "cera_dropout",
+        "activation",
+        "scaling",
+        "configured_scaling",
+        "dropout_position",
+    )
 
     def __init__(
         self,
@@ -160,9 +166,14 @@ class CeraLayer(nn.Module, BaseTunerLayer):
         for param in self.base_layer.parameters():
             param.requires_grad_(False)
         self.update_layer(
-            adapter_name, r, dropout=dropout, activation=activation, scaling=scaling,
-            init_weights=init_weights, dropout_position=dropout_position,
-        )  # fmt: skip
+            adapter_name,
+            r,
+            dropout=dropout,
+            activation=activation,
+            scaling=scaling,
+            init_weights=init_weights,
+            dropout_position=dropout_position,
+        )
 
     @staticmethod
     def features(base_layer: nn.Module) -> tuple[int, int]:
@@ -265,9 +276,13 @@ class CeraLayer(nn.Module, BaseTunerLayer):
         raise NotImplementedError
 
     def _branch_args(self, name: str) -> dict[str, Any]:
-        return {"dropout": self.cera_dropout[name], "activation": self.activation[name],
-                "training": self.training, "scaling": self.scaling[name],
-                "dropout_position": self.dropout_position[name]}  # fmt: skip
+        return {
+            "dropout": self.cera_dropout[name],
+            "activation": self.activation[name],
+            "training": self.training,
+            "scaling": self.scaling[name],
+            "dropout_position": self.dropout_position[name],
+        }
 
     def _mixed_batch_forward(
         self, x: torch.Tensor, result: torch.Tensor, adapter_names: Sequence[str]
@@ -296,8 +311,10 @@ class CeraLinear(CeraLayer):
     features = staticmethod(base_features)
 
     def make_factors(self, r: int, factory: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
-        return (nn.Linear(self.in_features, r, bias=False, **factory),
-                nn.Linear(r, self.out_features, bias=False, **factory))  # fmt: skip
+        return (
+            nn.Linear(self.in_features, r, bias=False, **factory),
+            nn.Linear(r, self.out_features, bias=False, **factory),
+        )
 
     def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         a = self.cera_A[name].weight
@@ -322,15 +339,21 @@ class CeraEmbedding(CeraLayer):
 
     def check_adapter(self, r: int, dropout: float, dropout_position: str) -> None:
         if dropout_position == "input" and dropout > 0:
-            raise ValueError("dropout_position='input' cannot apply to an embedding: its input "
-                             "is token ids; use dropout_position='hidden'")  # fmt: skip
+            raise ValueError(
+                "dropout_position='input' cannot apply to an embedding: its input "
+                "is token ids; use dropout_position='hidden'"
+            )
         if self.base_layer.max_norm is not None:
-            raise ValueError("CeRA cannot adapt an nn.Embedding with max_norm: the lookup would "
-                             "renormalise the adapter's A in place")  # fmt: skip
+            raise ValueError(
+                "CeRA cannot adapt an nn.Embedding with max_norm: the lookup would "
+                "renormalise the adapter's A in place"
+            )
 
     def make_factors(self, r: int, factory: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
-        return (nn.Linear(self.in_features, r, bias=False, **factory),
-                nn.Linear(r, self.out_features, bias=False, **factory))  # fmt: skip
+        return (
+            nn.Linear(self.in_features, r, bias=False, **factory),
+            nn.Linear(r, self.out_features, bias=False, **factory),
+        )
 
     def reset_cera_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
         super().reset_cera_parameters(adapter_name, init_weights)
@@ -339,8 +362,9 @@ class CeraEmbedding(CeraLayer):
     def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         maps = EmbeddingMaps(base.num_embeddings, base.padding_idx, base.scale_grad_by_freq)
-        return mapped_delta(x, self.cera_A[name].weight, self.cera_B[name].weight, maps,
-                            **self._branch_args(name))  # fmt: skip
+        return mapped_delta(
+            x, self.cera_A[name].weight, self.cera_B[name].weight, maps, **self._branch_args(name)
+        )
 
 
 class CeraConv(CeraLayer):
@@ -368,8 +392,16 @@ class CeraConv(CeraLayer):
     def make_factors(self, r: int, factory: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
         base = self.base_layer
         conv = type(base) if type(base) in _CONVS else _CONVS[base.weight.dim() - 3]
-        a = conv(self.in_features, r, base.kernel_size, stride=base.stride,
-                 dilation=base.dilation, groups=base.groups, bias=False, **factory)  # fmt: skip
+        a = conv(
+            self.in_features,
+            r,
+            base.kernel_size,
+            stride=base.stride,
+            dilation=base.dilation,
+            groups=base.groups,
+            bias=False,
+            **factory,
+        )
         b = conv(r, self.out_features, 1, groups=base.groups, bias=False, **factory)
         return a, b
 

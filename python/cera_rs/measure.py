@@ -30,9 +30,13 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
 
 
 def median_times(
-    cases: dict[str, Callable[[], object]], *, warmup: int = 2, repeats: int = 7,
-    sync: Callable[[], None] = lambda: None, samples: dict[str, list[float]] | None = None,
-) -> dict[str, float]:  # fmt: skip
+    cases: dict[str, Callable[[], object]],
+    *,
+    warmup: int = 2,
+    repeats: int = 7,
+    sync: Callable[[], None] = lambda: None,
+    samples: dict[str, list[float]] | None = None,
+) -> dict[str, float]:
     """Median seconds per case; the cases run interleaved so machine noise hits all alike.
     ``sync`` runs before and after each timed call (see ``synchronizer``); ``samples``,
     a dict, receives every case's timings (for their spread on a busy machine)."""
@@ -162,5 +166,7 @@ def describe_machine() -> str:
     except (OSError, StopIteration):
         pass
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads")  # fmt: skip
+    return (
+        f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )

@@ -77,10 +77,13 @@ class CeraModel(BaseTuner):
         **kwargs: Any,
     ) -> None:
         r = config.rank_for(current_key)
-        args = {"dropout": config.cera_dropout, "activation": config.activation,
-                "scaling": config.scaling_for(current_key),
-                "init_weights": config.init_weights,
-                "dropout_position": config.dropout_position}  # fmt: skip
+        args = {
+            "dropout": config.cera_dropout,
+            "activation": config.activation,
+            "scaling": config.scaling_for(current_key),
+            "init_weights": config.init_weights,
+            "dropout_position": config.dropout_position,
+        }
         if isinstance(target, CeraLayer):
             target.update_layer(adapter_name, r, **args)
             return
@@ -109,9 +112,12 @@ class CeraModel(BaseTuner):
             if "not found in the base model" not in str(err):
                 raise
             candidates = sorted(
-                {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                 if isinstance(module, _ADAPTABLE) and name}
-            )  # fmt: skip
+                {
+                    name.rsplit(".", 1)[-1]
+                    for name, module in model.named_modules()
+                    if isinstance(module, _ADAPTABLE) and name
+                }
+            )
             raise ValueError(
                 f"{err} Layers CeRA can adapt in this model are named: {', '.join(candidates)}"
             ) from None

@@ -181,8 +181,9 @@ def load_reference_model(
     # Checked before anything is allocated: a corrupted rank must not allocate r x d_in.
     ranks = _ranks_of_weights(_adapter_weights(checkpoint.state))
     if not config.rank_pattern and ranks - {config.r}:
-        raise ValueError(f"the checkpoint's config says rank {config.r}, its A weights have "
-                         f"rank {sorted(ranks)}")  # fmt: skip
+        raise ValueError(
+            f"the checkpoint's config says rank {config.r}, its A weights have rank {sorted(ranks)}"
+        )
     config.inference_mode = not is_trainable
     dtype = _adapter_dtype(checkpoint)
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
@@ -212,9 +213,10 @@ def load_reference_checkpoint(
         checkpoint = read_reference_checkpoint(checkpoint)
     wanted = _file_settings(checkpoint, _adapter_weights(checkpoint.state))
     layers = {
-        name: module for name, module in model.named_modules()
+        name: module
+        for name, module in model.named_modules()
         if isinstance(module, CeraLinear) and adapter_name in module.cera_A
-    }  # fmt: skip
+    }
     by_bare_name = {_bare(name): name for name in layers}
     found: dict[str, dict[str, torch.Tensor]] = {}
     foreign = []
@@ -224,8 +226,11 @@ def load_reference_checkpoint(
             foreign.extend(f"{module}.cera.{part}.weight" for part in parts)
         else:
             found[name] = parts
-    foreign.extend(key for key in checkpoint.state
-                   if not _ADAPTER_KEY.match(key) and ".original_layer." not in key)  # fmt: skip
+    foreign.extend(
+        key
+        for key in checkpoint.state
+        if not _ADAPTER_KEY.match(key) and ".original_layer." not in key
+    )
     if foreign:
         raise ValueError(
             f"checkpoint has {len(foreign)} keys that match no adapted module of the model, "
@@ -236,17 +241,25 @@ def load_reference_checkpoint(
         held = sorted({layer_index(m) for m in found} - {None})
         hint = ""
         if held and not {layer_index(m) for m in incomplete} & set(held):
-            hint = (f"; it holds adapters on layers {held} only: build the adapter with "
-                    f"layers_to_transform={held} (load_reference_model does)")  # fmt: skip
-        raise ValueError(f"checkpoint lacks A and B weights for {len(incomplete)} adapted "
-                         f"modules, e.g. {incomplete[:3]}{hint}")  # fmt: skip
+            hint = (
+                f"; it holds adapters on layers {held} only: build the adapter with "
+                f"layers_to_transform={held} (load_reference_model does)"
+            )
+        raise ValueError(
+            f"checkpoint lacks A and B weights for {len(incomplete)} adapted "
+            f"modules, e.g. {incomplete[:3]}{hint}"
+        )
     for name, parts in found.items():
         layer = layers[name]
-        for part, target in (("A", layer.cera_A[adapter_name].weight),
-                             ("B", layer.cera_B[adapter_name].weight)):  # fmt: skip
+        for part, target in (
+            ("A", layer.cera_A[adapter_name].weight),
+            ("B", layer.cera_B[adapter_name].weight),
+        ):
             if not parts[part].is_floating_point():
-                raise ValueError(f"{name}: checkpoint's {part} holds {parts[part].dtype}, "
-                                 "not floating-point weights")  # fmt: skip
+                raise ValueError(
+                    f"{name}: checkpoint's {part} holds {parts[part].dtype}, "
+                    "not floating-point weights"
+                )
             if tuple(parts[part].shape) != tuple(target.shape):
                 raise ValueError(
                     f"{name}: checkpoint's {part} has shape {tuple(parts[part].shape)}, the "
@@ -274,8 +287,10 @@ def _adapter_weights(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, t
         parts = adapters.setdefault(match["module"], {})
         part = _PART[match["part"]]
         if part in parts:
-            raise ValueError(f"checkpoint holds {match['module']}'s {part} twice, under both "
-                             f"key namings (A/B and up_proj/down_proj)")  # fmt: skip
+            raise ValueError(
+                f"checkpoint holds {match['module']}'s {part} twice, under both "
+                f"key namings (A/B and up_proj/down_proj)"
+            )
         parts[part] = tensor
     if unsupported:
         raise ValueError(
@@ -290,21 +305,26 @@ def _settings_from_config(config: Mapping[str, Any], origin: str) -> dict[str, A
     reference checks its own files. Values come from a pickle: any type is possible."""
     version = config["cera_format_version"]
     if not _is_int(version) or version not in _FORMAT_VERSIONS:
-        raise ValueError(f"cera_format_version {version!r} is not one cera_rs reads "
-                         f"(it reads {_FORMAT_VERSIONS})")  # fmt: skip
+        raise ValueError(
+            f"cera_format_version {version!r} is not one cera_rs reads "
+            f"(it reads {_FORMAT_VERSIONS})"
+        )
     _check_plain_cera(config, origin)
     rank_mode = _optional_str(config, "rank_mode") or "fixed"
     if rank_mode != "fixed":
-        raise ValueError(f"rank_mode {rank_mode!r} is not supported: cera_rs imports "
-                         "fixed-rank checkpoints")  # fmt: skip
+        raise ValueError(
+            f"rank_mode {rank_mode!r} is not supported: cera_rs imports fixed-rank checkpoints"
+        )
     variant = _optional_str(config, "cera_variant") or "legacy"
     if variant not in _VARIANTS:
         raise ValueError(f"unknown cera_variant {variant!r}: cera_rs reads {sorted(_VARIANTS)}")
     position = _VARIANTS[variant]
     saved_position = _optional_str(config, "dropout_position")
     if saved_position is not None and _POSITION_NAMES.get(saved_position) != position:
-        raise ValueError(f"the config's dropout_position {saved_position!r} contradicts its "
-                         f"cera_variant {variant!r}")  # fmt: skip
+        raise ValueError(
+            f"the config's dropout_position {saved_position!r} contradicts its "
+            f"cera_variant {variant!r}"
+        )
     rank = _field(config, "rank", _is_int)
     if rank < 1:
         raise ValueError(f"the checkpoint's config has rank {rank}; a rank is >= 1")
@@ -339,15 +359,22 @@ def _run_settings(
     _check_plain_cera(config, origin)
     variant = _optional_str(config, "cera_variant") or "legacy"
     if variant != "legacy":
-        raise ValueError(f"{origin}: an unversioned config with cera_variant {variant!r}: "
-                         "cera_rs reads that variant from versioned configs only")  # fmt: skip
-    settings = {"dropout_position": "hidden", "scaling": 1.0,
-                **_branch_fields(config, required=False)}  # fmt: skip
+        raise ValueError(
+            f"{origin}: an unversioned config with cera_variant {variant!r}: "
+            "cera_rs reads that variant from versioned configs only"
+        )
+    settings = {
+        "dropout_position": "hidden",
+        "scaling": 1.0,
+        **_branch_fields(config, required=False),
+    }
     targets = settings.get("target_modules")
     held = {m.rsplit(".", 1)[-1] for m in adapters}
     if targets is not None and set(targets) != held:
-        raise ValueError(f"{origin}: the run's target_modules {targets!r} are not the "
-                         f"modules its weights adapt ({sorted(held)})")  # fmt: skip
+        raise ValueError(
+            f"{origin}: the run's target_modules {targets!r} are not the "
+            f"modules its weights adapt ({sorted(held)})"
+        )
     return settings
 
 
@@ -371,16 +398,20 @@ def _branch_fields(config: Mapping[str, Any], required: bool) -> dict[str, Any]:
     """``activation``, ``cera_dropout`` and ``target_modules`` from their ``act_fn``,
     ``dropout`` and ``target_modules`` (a list, or a comma-separated string); a missing
     one is an error if ``required``, else left out."""
+
     def names(value: Any) -> bool:
         return isinstance(value, str) or (
             isinstance(value, (list, tuple)) and all(isinstance(t, str) for t in value)
         )
 
-    fields = (("activation", "act_fn", lambda v: isinstance(v, str)),
-              ("cera_dropout", "dropout", _is_number),
-              ("target_modules", "target_modules", names))  # fmt: skip
-    settings = {name: _field(config, key, ok) for name, key, ok in fields
-                if required or key in config}  # fmt: skip
+    fields = (
+        ("activation", "act_fn", lambda v: isinstance(v, str)),
+        ("cera_dropout", "dropout", _is_number),
+        ("target_modules", "target_modules", names),
+    )
+    settings = {
+        name: _field(config, key, ok) for name, key, ok in fields if required or key in config
+    }
     targets = settings.get("target_modules")
     if isinstance(targets, str):
         settings["target_modules"] = [name.strip() for name in targets.split(",") if name.strip()]
@@ -413,10 +444,13 @@ def _layers_held(adapters: Mapping[str, Any]) -> list[int] | None:
         by_layer.setdefault(index, set()).add(module.rsplit(".", 1)[-1])
     names = {frozenset(n) for n in by_layer.values()}
     if len(names) > 1:
-        detail = "; ".join(f"layer {i}: {', '.join(sorted(names))}"
-                           for i, names in sorted(by_layer.items()))  # fmt: skip
-        raise ValueError(f"the checkpoint adapts different modules on different layers "
-                         f"({detail}); cera_rs rebuilds one set of targets per layer")  # fmt: skip
+        detail = "; ".join(
+            f"layer {i}: {', '.join(sorted(names))}" for i, names in sorted(by_layer.items())
+        )
+        raise ValueError(
+            f"the checkpoint adapts different modules on different layers "
+            f"({detail}); cera_rs rebuilds one set of targets per layer"
+        )
     return sorted(by_layer)
 
 
@@ -428,8 +462,11 @@ def _covers_every_layer(model: nn.Module, config: CeraConfig) -> bool:
     targets = config.target_modules
     if isinstance(targets, str):
         return False
-    found = {layer_index(name) for name, _ in model.named_modules()
-             if any(name_matches(name, t) for t in targets)}  # fmt: skip
+    found = {
+        layer_index(name)
+        for name, _ in model.named_modules()
+        if any(name_matches(name, t) for t in targets)
+    }
     return found <= set(config.layers_to_transform)
 
 
@@ -481,26 +518,31 @@ def _adapter_dtype(checkpoint: ReferenceCheckpoint) -> torch.dtype:
     name = config.get("adapter_dtype") if "cera_format_version" in config else None
     if name is not None:
         return _DTYPES[name]
-    dtypes = {parts[p].dtype for parts in _adapter_weights(checkpoint.state).values()
-              for p in parts}  # fmt: skip
+    dtypes = {
+        parts[p].dtype for parts in _adapter_weights(checkpoint.state).values() for p in parts
+    }
     if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
         found = sorted(map(str, dtypes))
-        raise ValueError(f"the checkpoint's adapter weights have dtypes {found}; expected "
-                         "one floating-point dtype")  # fmt: skip
+        raise ValueError(
+            f"the checkpoint's adapter weights have dtypes {found}; expected "
+            "one floating-point dtype"
+        )
     return dtypes.pop()
 
 
 def _ranks_of_weights(adapters: Mapping[str, Mapping[str, torch.Tensor]]) -> set[int]:
-    return {parts["A"].shape[0] for parts in adapters.values()
-            if "A" in parts and parts["A"].dim() == 2}  # fmt: skip
+    return {
+        parts["A"].shape[0] for parts in adapters.values() if "A" in parts and parts["A"].dim() == 2
+    }
 
 
 def _rank_of_weights(adapters: Mapping[str, Mapping[str, torch.Tensor]]) -> int:
     ranks = _ranks_of_weights(adapters)
     if len(ranks) != 1:
         found = sorted(ranks) if ranks else "none"
-        raise ValueError(f"cannot tell the rank from the checkpoint's A weights (ranks: {found}); "
-                         "pass r=...")  # fmt: skip
+        raise ValueError(
+            f"cannot tell the rank from the checkpoint's A weights (ranks: {found}); pass r=..."
+        )
     return ranks.pop()
 
 

@@ -22,6 +22,9 @@ def register() -> None:
         return
     # Not mixed-compatible: PeftMixedModel only combines the tuners it knows (LoRA, LoHa, ...).
     register_peft_method(
-        name="cera", config_cls=CeraConfig, model_cls=CeraModel, prefix=CeraModel.prefix,
+        name="cera",
+        config_cls=CeraConfig,
+        model_cls=CeraModel,
+        prefix=CeraModel.prefix,
         is_mixed_compatible=False,
-    )  # fmt: skip
+    )

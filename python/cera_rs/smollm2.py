@@ -118,8 +118,9 @@ def load() -> tuple[nn.Module, PreTrainedTokenizerBase]:
     with _quiet_transformers():
         folder = cached_dir()
         config = AutoConfig.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa",
-                                                 dtype=torch.float32)  # fmt: skip
+        model = AutoModelForCausalLM.from_config(
+            config, attn_implementation="sdpa", dtype=torch.float32
+        )
         load_model(model, str(folder / "model.safetensors"))
         model.requires_grad_(False).eval()
         return model, AutoTokenizer.from_pretrained(folder)

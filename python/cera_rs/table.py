@@ -28,8 +28,10 @@ def pct(share: float) -> str:
 
 
 def _cells(columns: Columns, rows: list[dict[str, Any]]) -> list[list[str]]:
-    return [["-" if row[key] is None else format(row[key], fmt) for _, key, fmt in columns]
-            for row in rows]  # fmt: skip
+    return [
+        ["-" if row[key] is None else format(row[key], fmt) for _, key, fmt in columns]
+        for row in rows
+    ]
 
 
 def text_table(columns: Columns, rows: list[dict[str, Any]]) -> str:
@@ -63,8 +65,9 @@ def name_matches(name: str, entry: str) -> bool:
 
 def natural_key(name: str) -> list[Any]:
     """Sorts module names as a model numbers them: ``layers.2`` before ``layers.10``."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part)
-            for part in re.split(r"(\d+)", name)]  # fmt: skip
+    return [
+        (0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)
+    ]
 
 
 def layer_index(name: str) -> int | None:

@@ -16,10 +16,18 @@ from safetensors import SafetensorError, safe_open
 
 # safetensors' dtype names, as torch names them (the messages use torch's names).
 _SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool, "C64": torch.complex64,
-}  # fmt: skip
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "C64": torch.complex64,
+}
 
 Header = dict[str, tuple["torch.dtype | str", tuple[int, ...]]]
 
@@ -47,8 +55,14 @@ def read_weights_header(folder: Path) -> tuple[Path, Header]:
         )
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError,
-            zipfile.BadZipFile) as err:  # fmt: skip
+    except (
+        RuntimeError,
+        OSError,
+        EOFError,
+        ValueError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+    ) as err:
         raise ValueError(f"{weights} is not a state dict torch.load can read: {err}") from None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()

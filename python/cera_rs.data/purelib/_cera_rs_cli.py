@@ -23,8 +23,10 @@ def main() -> int:
         except Exception:  # metadata unreadable: the line still says what failed
             name = "cera-rs"
         reason = " ".join(str(err).split()) or type(err).__name__
-        print(f"{name}: error: cannot import cera_rs: {reason} (--debug shows the traceback)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"{name}: error: cannot import cera_rs: {reason} (--debug shows the traceback)",
+            file=sys.stderr,
+        )
         return 1
     return command()
 

@@ -87,8 +87,9 @@ def setup(shape: Shape, train: bool = True, device: str = "cpu") -> Setup:
         cera_layer.cera_B["default"].weight.copy_(plain.B.weight)
     lora_layers = {}
     for p in (0.0, P):
-        model = get_peft_model(nn.Sequential(base), LoraConfig(r=r, lora_alpha=r, lora_dropout=p,
-                                                               target_modules=["0"]))  # fmt: skip
+        model = get_peft_model(
+            nn.Sequential(base), LoraConfig(r=r, lora_alpha=r, lora_dropout=p, target_modules=["0"])
+        )
         lora_layers[f"lora_p{p:g}"] = model.base_model.model[0].to(device, dtype)
     for module in (plain, cera_layer, *lora_layers.values()):
         module.train(train)
@@ -96,9 +97,13 @@ def setup(shape: Shape, train: bool = True, device: str = "cpu") -> Setup:
         shape=shape,
         x=torch.randn(n, d, dtype=dtype, device=device, requires_grad=train),
         grad=torch.randn(n, d, dtype=dtype, device=device),
-        base=base, a=cera_layer.cera_A["default"].weight, b=cera_layer.cera_B["default"].weight,
-        plain=plain, cera_layer=cera_layer, lora_layers=lora_layers,
-    )  # fmt: skip
+        base=base,
+        a=cera_layer.cera_A["default"].weight,
+        b=cera_layer.cera_B["default"].weight,
+        plain=plain,
+        cera_layer=cera_layer,
+        lora_layers=lora_layers,
+    )
 
 
 def lora_branch(layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -29,8 +29,7 @@ from pathlib import Path
 from cera_rs.bench.spectral import peak_growth_mib, reset_peak
 
 FULL = {"layers": 60, "n": 100_000, "d": 576, "r": 16, "batch": 4096, "ref_layers": 6}
-QUICK = {"layers": 3, "n": 2048, "d": 48, "r": 4, "batch": 512, "ref_layers": 2,
-         "isolate": False}
+QUICK = {"layers": 3, "n": 2048, "d": 48, "r": 4, "batch": 512, "ref_layers": 2, "isolate": False}
 """Tiny shapes, in this process: checks that the benchmark runs."""
 
 
@@ -42,8 +41,10 @@ def _case(method: str, layers: int, n: int, d: int, r: int, batch: int, out: str
     from cera_rs.export import StreamingRegression, solve_all
 
     gen = torch.Generator().manual_seed(0)
-    weights = [(torch.randn(r, d, generator=gen) * (2 / d) ** 0.5,
-                torch.randn(d, r, generator=gen) * 0.02) for _ in range(layers)]  # fmt: skip
+    weights = [
+        (torch.randn(r, d, generator=gen) * (2 / d) ** 0.5, torch.randn(d, r, generator=gen) * 0.02)
+        for _ in range(layers)
+    ]
 
     def pairs():
         """Each layer's ``(x, delta)``, one layer at a time as a model's hooks see
@@ -84,38 +85,65 @@ def _case(method: str, layers: int, n: int, d: int, r: int, batch: int, out: str
                 first = w
     seconds += time.perf_counter() - start
     torch.save(first, out)
-    return {"method": method, "layers": layers, "n": n, "d": d, "seconds": seconds,
-            "peak_mib": peak_growth_mib(baseline)}  # fmt: skip
+    return {
+        "method": method,
+        "layers": layers,
+        "n": n,
+        "d": d,
+        "seconds": seconds,
+        "peak_mib": peak_growth_mib(baseline),
+    }
 
 
-def run(layers: int, n: int, d: int, r: int, batch: int, ref_layers: int,
-        isolate: bool = True) -> dict:  # fmt: skip
+def run(
+    layers: int, n: int, d: int, r: int, batch: int, ref_layers: int, isolate: bool = True
+) -> dict:
     """The cases, each in its own subprocess (``isolate``; in this one otherwise, which
     makes the peaks meaningless but the run quick); the largest last."""
     import torch
 
     from cera_rs.measure import describe_machine
 
-    cases = [("reference", ref_layers, n), ("streaming", ref_layers, n),
-             ("streaming", layers, n // 4), ("streaming", layers, n)]  # fmt: skip
+    cases = [
+        ("reference", ref_layers, n),
+        ("streaming", ref_layers, n),
+        ("streaming", layers, n // 4),
+        ("streaming", layers, n),
+    ]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (method, count, tokens) in enumerate(cases):
             out = str(Path(tmp) / f"w{i}.pt")
-            spec = json.dumps({"method": method, "layers": count, "n": tokens, "d": d, "r": r,
-                               "batch": batch, "out": out})  # fmt: skip
+            spec = json.dumps(
+                {
+                    "method": method,
+                    "layers": count,
+                    "n": tokens,
+                    "d": d,
+                    "r": r,
+                    "batch": batch,
+                    "out": out,
+                }
+            )
             if not isolate:
                 rows.append(_case(**json.loads(spec)))
                 continue
-            text = subprocess.run([sys.executable, "-m", __name__, spec], check=True,
-                                  capture_output=True, text=True).stdout  # fmt: skip
+            text = subprocess.run(
+                [sys.executable, "-m", __name__, spec], check=True, capture_output=True, text=True
+            ).stdout
             rows.append(json.loads(text.splitlines()[-1]))
         ref, side = torch.load(Path(tmp) / "w0.pt"), torch.load(Path(tmp) / "w1.pt")
     rows[1]["time_vs_reference"] = rows[1]["seconds"] / rows[0]["seconds"]
     rows[1]["memory_vs_reference"] = rows[1]["peak_mib"] / rows[0]["peak_mib"]
     rows[1]["max_diff_vs_reference"] = float((side - ref).abs().max() / ref.abs().max())
-    return {"machine": describe_machine(), "date": date.today().isoformat(), "d": d, "r": r,
-            "batch": batch, "rows": rows}  # fmt: skip
+    return {
+        "machine": describe_machine(),
+        "date": date.today().isoformat(),
+        "d": d,
+        "r": r,
+        "batch": batch,
+        "rows": rows,
+    }
 
 
 def format_table(results: dict) -> str:
@@ -129,8 +157,10 @@ def format_table(results: dict) -> str:
         f"{'mem/ref':>8} {'max|dW|/|W|':>12}",
     ]
     for row in results["rows"]:
-        extra = [row.get(k) for k in ("time_vs_reference", "memory_vs_reference",
-                                      "max_diff_vs_reference")]  # fmt: skip
+        extra = [
+            row.get(k)
+            for k in ("time_vs_reference", "memory_vs_reference", "max_diff_vs_reference")
+        ]
         lines.append(
             f"{row['method']:<10} {row['layers']:>4} {row['n']:>7} {row['seconds']:>8.2f} "
             f"{row['peak_mib']:>9.1f} {'' if extra[0] is None else f'{extra[0]:.3f}':>9} "

@@ -60,9 +60,12 @@ class LayerCase:
         return f"Embedding {self.vocab}x{self.channels} {self.n} tokens r={self.r}"
 
 
-FULL = (LayerCase("conv", 2, 320, 32, size=64), LayerCase("conv", 2, 640, 32, size=32),
-        LayerCase("conv", 4, 320, 32, size=32),
-        LayerCase("embedding", 4096, 576, 32, vocab=49152))  # fmt: skip
+FULL = (
+    LayerCase("conv", 2, 320, 32, size=64),
+    LayerCase("conv", 2, 640, 32, size=32),
+    LayerCase("conv", 4, 320, 32, size=32),
+    LayerCase("embedding", 4096, 576, 32, vocab=49152),
+)
 """UNet shapes (SD 1.5's first two levels) and SmolLM2's embedding."""
 QUICK = (LayerCase("conv", 2, 8, 4, size=6), LayerCase("embedding", 64, 16, 4, vocab=50))
 """Tiny shapes: checks that the benchmark runs (no timing asserted)."""
@@ -173,8 +176,12 @@ def ratios(ms: dict[str, float]) -> dict[str, float]:
     return {"vs_plain": ms["cera_rs"] / ms["plain"], "vs_lora": ms["cera_rs"] / lora}
 
 
-def run_layers(cases: tuple[LayerCase, ...] = FULL, repeats: int = 7, device: str = "cpu",
-               progress: bool = True) -> dict[str, Any]:  # fmt: skip
+def run_layers(
+    cases: tuple[LayerCase, ...] = FULL,
+    repeats: int = 7,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
     """Every case, one at a time: the branch's and the layer's times, bytes kept."""
     sync = synchronizer(torch.device(device))
     rows = []
@@ -183,24 +190,44 @@ def run_layers(cases: tuple[LayerCase, ...] = FULL, repeats: int = 7, device: st
         for scope in ("branch", "layer"):
             fwd = forwards(s, scope)
             samples: dict[str, list[float]] = {}
-            times = median_times({k: _step(s, f) for k, f in fwd.items()}, warmup=1,
-                                 repeats=repeats, sync=sync, samples=samples)  # fmt: skip
+            times = median_times(
+                {k: _step(s, f) for k, f in fwd.items()},
+                warmup=1,
+                repeats=repeats,
+                sync=sync,
+                samples=samples,
+            )
             ms = {k: 1e3 * v for k, v in times.items()}
             saved = {k: saved_bytes(f, s.keep) for k, f in fwd.items() if k != "base_only"}
-            rows.append({**asdict(case), "label": case.label(), "scope": scope, "ms": ms,
-                         "min_ms": {k: 1e3 * min(v) for k, v in samples.items()},
-                         "saved_bytes": saved, **ratios(ms)})  # fmt: skip
+            rows.append(
+                {
+                    **asdict(case),
+                    "label": case.label(),
+                    "scope": scope,
+                    "ms": ms,
+                    "min_ms": {k: 1e3 * min(v) for k, v in samples.items()},
+                    "saved_bytes": saved,
+                    **ratios(ms),
+                }
+            )
         del s
-    return {"machine": describe_machine(), "date": date.today().isoformat(), "device": device,
-            "rows": rows, "targets": layer_targets(rows)}  # fmt: skip
+    return {
+        "machine": describe_machine(),
+        "date": date.today().isoformat(),
+        "device": device,
+        "rows": rows,
+        "targets": layer_targets(rows),
+    }
 
 
 def layer_targets(rows: list[dict]) -> list[dict]:
     checks = []
     for row in rows:
         where = f"{row['label']}, {row['scope']}"
-        checks += [_check(f"{where}: cera_rs vs plain", row["vs_plain"], PLAIN_BOUND),
-                   _check(f"{where}: cera_rs vs fastest LoRA", row["vs_lora"], LORA_BOUND)]
+        checks += [
+            _check(f"{where}: cera_rs vs plain", row["vs_plain"], PLAIN_BOUND),
+            _check(f"{where}: cera_rs vs fastest LoRA", row["vs_lora"], LORA_BOUND),
+        ]
     return checks
 
 
@@ -209,22 +236,29 @@ def _check(name: str, ratio: float, bound: float) -> dict:
 
 
 def format_layers(results: dict[str, Any]) -> str:
-    lines = [f"machine: {results['machine']}; device: {results['device']}; "
-             f"date: {results['date']}",
-             "forward+backward, train, dropout 0.1 (LoRA p0: none); ms (median, interleaved) "
-             "and MiB saved for backward"]  # fmt: skip
+    lines = [
+        f"machine: {results['machine']}; device: {results['device']}; date: {results['date']}",
+        "forward+backward, train, dropout 0.1 (LoRA p0: none); ms (median, interleaved) "
+        "and MiB saved for backward",
+    ]
     for row in results["rows"]:
-        cells = "  ".join(f"{k} {v:.2f}" + (f" ({row['saved_bytes'][k] / 2**20:.1f} MiB)"
-                                            if k in row["saved_bytes"] else "")
-                          for k, v in row["ms"].items())  # fmt: skip
-        lines.append(f"{row['label']}, {row['scope']}: {cells}; cera_rs/plain "
-                     f"{row['vs_plain']:.3f}, cera_rs/LoRA {row['vs_lora']:.3f}")  # fmt: skip
+        cells = "  ".join(
+            f"{k} {v:.2f}"
+            + (f" ({row['saved_bytes'][k] / 2**20:.1f} MiB)" if k in row["saved_bytes"] else "")
+            for k, v in row["ms"].items()
+        )
+        lines.append(
+            f"{row['label']}, {row['scope']}: {cells}; cera_rs/plain "
+            f"{row['vs_plain']:.3f}, cera_rs/LoRA {row['vs_lora']:.3f}"
+        )
     return "\n".join(lines + _format_targets(results["targets"]))
 
 
 def _format_targets(checks: list[dict]) -> list[str]:
-    return ["", "targets"] + [f"  {'met ' if c['met'] else 'MISS'} {c['target']}: "
-                              f"{c['ratio']:.3f} (<= {c['bound']})" for c in checks]  # fmt: skip
+    return ["", "targets"] + [
+        f"  {'met ' if c['met'] else 'MISS'} {c['target']}: {c['ratio']:.3f} (<= {c['bound']})"
+        for c in checks
+    ]
 
 
 # --- the whole-model case ------------------------------------------------------------
@@ -247,15 +281,19 @@ def _methods(r: int, targets: str) -> dict[str, Any]:
 
     return {
         "cera_silu_p0.1": CeraConfig(r=r, target_modules=targets, cera_dropout=0.1),
-        "cera_identity_p0": CeraConfig(r=r, target_modules=targets, activation="identity",
-                                       cera_dropout=0.0),  # fmt: skip
+        "cera_identity_p0": CeraConfig(
+            r=r, target_modules=targets, activation="identity", cera_dropout=0.0
+        ),
         "lora": LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets),
     }
 
 
-def run_model(base: nn.Module | None = None, case: ModelCase = ModelCase(),
-              progress: bool = True, paths: tuple[str, ...] = ("whole", "split"),
-              ) -> dict[str, Any]:  # fmt: skip
+def run_model(
+    base: nn.Module | None = None,
+    case: ModelCase = ModelCase(),
+    progress: bool = True,
+    paths: tuple[str, ...] = ("whole", "split"),
+) -> dict[str, Any]:
     """One AdamW step of ``base`` (default: the built-in SmolLM2-135M) per method, on
     the whole model and (or, ``paths``) the split path; each method's copy shares the
     frozen weights; interleaved medians."""
@@ -276,40 +314,58 @@ def run_model(base: nn.Module | None = None, case: ModelCase = ModelCase(),
     for name, config in _methods(case.r, targets).items():
         torch.manual_seed(0)
         copied = copy.deepcopy(base, memo={id(p): p for p in base.parameters()})
-        model = (get_peft_model(copied, config) if isinstance(config, LoraConfig)
-                 else get_cera_model(copied, config)).train()  # fmt: skip
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                      lr=1e-4)  # fmt: skip
+        model = (
+            get_peft_model(copied, config)
+            if isinstance(config, LoraConfig)
+            else get_cera_model(copied, config)
+        ).train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         stack = Stack(model.get_base_model(), case.layers)
         if hidden is None:  # the frozen first layers are the same for every method
             hidden = stack.prefix(ids)
-        steps["whole"][name] = _train_step(optimizer, lambda m=model: m(input_ids=ids).logits,
-                                           ids)  # fmt: skip
-        steps["split"][name] = _train_step(optimizer, lambda s=stack, h=hidden: _split_logits(s, h),
-                                           ids)  # fmt: skip
+        steps["whole"][name] = _train_step(optimizer, lambda m=model: m(input_ids=ids).logits, ids)
+        steps["split"][name] = _train_step(
+            optimizer, lambda s=stack, h=hidden: _split_logits(s, h), ids
+        )
     rows = []
     for path in tqdm(paths, desc="bench --model", disable=not progress):
         samples: dict[str, list[float]] = {}
         times = median_times(steps[path], warmup=1, repeats=case.repeats, samples=samples)
         ms = {k: 1e3 * v for k, v in times.items()}
         low = {k: 1e3 * min(v) for k, v in samples.items()}
-        rows.append({"path": path, "ms": ms, "min_ms": low,
-                     "min_vs_lora": {k: v / low["lora"] for k, v in low.items()},
-                     "vs_lora": {k: v / ms["lora"] for k, v in ms.items()},
-                     "tokens_per_s": {k: case.batch * case.seq / (v / 1e3)
-                                      for k, v in ms.items()}})  # fmt: skip
-    checks = [_check(f"{row['path']} step: {k} vs LoRA r={case.r}", row["vs_lora"][k],
-                     MODEL_BOUND) for row in rows for k in row["ms"] if k != "lora"]  # fmt: skip
-    return {"machine": describe_machine(), "date": date.today().isoformat(),
-            "case": asdict(case), "layers_total": n, "rows": rows, "targets": checks}  # fmt: skip
+        rows.append(
+            {
+                "path": path,
+                "ms": ms,
+                "min_ms": low,
+                "min_vs_lora": {k: v / low["lora"] for k, v in low.items()},
+                "vs_lora": {k: v / ms["lora"] for k, v in ms.items()},
+                "tokens_per_s": {k: case.batch * case.seq / (v / 1e3) for k, v in ms.items()},
+            }
+        )
+    checks = [
+        _check(f"{row['path']} step: {k} vs LoRA r={case.r}", row["vs_lora"][k], MODEL_BOUND)
+        for row in rows
+        for k in row["ms"]
+        if k != "lora"
+    ]
+    return {
+        "machine": describe_machine(),
+        "date": date.today().isoformat(),
+        "case": asdict(case),
+        "layers_total": n,
+        "rows": rows,
+        "targets": checks,
+    }
 
 
 def _split_logits(stack: Any, hidden: torch.Tensor) -> torch.Tensor:
     return stack.model.lm_head(stack.inner.norm(stack.suffix(hidden)))
 
 
-def _train_step(optimizer: torch.optim.Optimizer, logits: Callable[[], torch.Tensor],
-                ids: torch.Tensor) -> Callable[[], None]:  # fmt: skip
+def _train_step(
+    optimizer: torch.optim.Optimizer, logits: Callable[[], torch.Tensor], ids: torch.Tensor
+) -> Callable[[], None]:
     """Forward, next-token cross-entropy on every position, backward, AdamW."""
 
     def run() -> None:
@@ -324,15 +380,20 @@ def _train_step(optimizer: torch.optim.Optimizer, logits: Callable[[], torch.Ten
 
 def format_model(results: dict[str, Any]) -> str:
     c = results["case"]
-    lines = [f"machine: {results['machine']}; date: {results['date']}",
-             f"one training step (forward, backward, AdamW): adapters on q/v of the last "
-             f"{c['layers']} of {results['layers_total']} layers, batch {c['batch']} x "
-             f"{c['seq']} tokens, r={c['r']}; median of {c['repeats']}, interleaved"]  # fmt: skip
+    lines = [
+        f"machine: {results['machine']}; date: {results['date']}",
+        f"one training step (forward, backward, AdamW): adapters on q/v of the last "
+        f"{c['layers']} of {results['layers_total']} layers, batch {c['batch']} x "
+        f"{c['seq']} tokens, r={c['r']}; median of {c['repeats']}, interleaved",
+    ]
     for row in results["rows"]:
         path = "whole model" if row["path"] == "whole" else "split path (--adapted-layers)"
-        cells = "  ".join(f"{k} {v:.1f} ms ({row['vs_lora'][k]:.3f}x, "
-                          f"{row['tokens_per_s'][k]:.0f} tok/s; fastest {row['min_ms'][k]:.1f} "
-                          f"ms, {row['min_vs_lora'][k]:.3f}x)" for k, v in row["ms"].items())
+        cells = "  ".join(
+            f"{k} {v:.1f} ms ({row['vs_lora'][k]:.3f}x, "
+            f"{row['tokens_per_s'][k]:.0f} tok/s; fastest {row['min_ms'][k]:.1f} "
+            f"ms, {row['min_vs_lora'][k]:.3f}x)"
+            for k, v in row["ms"].items()
+        )
         lines.append(f"{path}: {cells}")
     return "\n".join(lines + _format_targets(results["targets"]))
 

@@ -66,13 +66,23 @@ def _case(method: str, n: int, d: int, batch: int, r: int) -> dict:
         start = time.perf_counter()
         values = torch.linalg.svdvals(torch.cat(kept)).double().numpy()
     seconds += time.perf_counter() - start
-    return {"method": method, "n": n, "d": d, "seconds": seconds,
-            "peak_mib": peak_growth_mib(baseline),
-            "singular_values": values.tolist()}  # fmt: skip
+    return {
+        "method": method,
+        "n": n,
+        "d": d,
+        "seconds": seconds,
+        "peak_mib": peak_growth_mib(baseline),
+        "singular_values": values.tolist(),
+    }
 
 
-def run(ns: tuple[int, ...] = (16384, 65536), d: int = 2048, batch: int = 4096,
-        r: int = 64, repeats: int = 3) -> dict:  # fmt: skip
+def run(
+    ns: tuple[int, ...] = (16384, 65536),
+    d: int = 2048,
+    batch: int = 4096,
+    r: int = 64,
+    repeats: int = 3,
+) -> dict:
     """Each (method, N) case ``repeats`` times, each time in its own subprocess, the
     methods alternating so a busy machine slows both alike; median time, largest
     peak."""
@@ -84,21 +94,37 @@ def run(ns: tuple[int, ...] = (16384, 65536), d: int = 2048, batch: int = 4096,
         for _ in range(repeats):
             for method in METHODS:
                 spec = json.dumps({"method": method, "n": n, "d": d, "batch": batch, "r": r})
-                out = subprocess.run([sys.executable, "-m", __name__, spec], check=True,
-                                     capture_output=True, text=True).stdout  # fmt: skip
+                out = subprocess.run(
+                    [sys.executable, "-m", __name__, spec],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout
                 runs[method].append(json.loads(out.splitlines()[-1]))
-        stream, ref = ({"method": m, "n": n, "d": d,
-                        "seconds": statistics.median(c["seconds"] for c in runs[m]),
-                        "all_seconds": [c["seconds"] for c in runs[m]],
-                        "peak_mib": max(c["peak_mib"] for c in runs[m])}
-                       for m in METHODS)  # fmt: skip
+        stream, ref = (
+            {
+                "method": m,
+                "n": n,
+                "d": d,
+                "seconds": statistics.median(c["seconds"] for c in runs[m]),
+                "all_seconds": [c["seconds"] for c in runs[m]],
+                "peak_mib": max(c["peak_mib"] for c in runs[m]),
+            }
+            for m in METHODS
+        )
         s_stream, s_ref = (runs[m][0]["singular_values"] for m in METHODS)
         gap = max(abs(x - y) for x, y in zip(s_stream, s_ref))
         stream["time_vs_reference"] = stream["seconds"] / ref["seconds"]
         stream["max_diff_vs_reference"] = gap / max(s_ref[0], 1e-300)
         rows += [stream, ref]
-    return {"machine": describe_machine(), "date": date.today().isoformat(),
-            "batch": batch, "r": r, "repeats": repeats, "rows": rows}  # fmt: skip
+    return {
+        "machine": describe_machine(),
+        "date": date.today().isoformat(),
+        "batch": batch,
+        "r": r,
+        "repeats": repeats,
+        "rows": rows,
+    }
 
 
 def format_table(results: dict) -> str:

@@ -14,5 +14,4 @@ from cera_rs.compare.cluster import Ray
 from cera_rs.compare.methods import Method
 from cera_rs.compare.settings import Settings
 
-__all__ = ["BUILTIN_MODEL", "Method", "Ray", "Settings", "compare", "load_model",
-           "load_problems"]  # fmt: skip
+__all__ = ["BUILTIN_MODEL", "Method", "Ray", "Settings", "compare", "load_model", "load_problems"]

@@ -43,10 +43,13 @@ def load_model(name: str | os.PathLike) -> tuple[str, nn.Module, Any]:
     return str(name), model, AutoTokenizer.from_pretrained(name)
 
 
-def load_problems(data: str | None = None, train: str | os.PathLike | None = None,
-                  test: str | os.PathLike | None = None,
-                  valid: str | os.PathLike | None = None,
-                  sizes: tuple[int, int, int] | None = None) -> _data.Problems:  # fmt: skip
+def load_problems(
+    data: str | None = None,
+    train: str | os.PathLike | None = None,
+    test: str | os.PathLike | None = None,
+    valid: str | os.PathLike | None = None,
+    sizes: tuple[int, int, int] | None = None,
+) -> _data.Problems:
     """``data="tiers:hard"`` (or ``tiers:easy``) with ``sizes`` (train, valid, test;
     default 960, 100, 300), ``data="phonebook:N"`` (N made-up facts to memorise), or
     JSONL files ``train`` and ``test`` (and ``valid``)."""
@@ -58,39 +61,51 @@ def load_problems(data: str | None = None, train: str | os.PathLike | None = Non
             if sizes is not None:
                 raise ValueError("sizes are for the arithmetic tiers; phonebook:N sets its own")
             if not name.isdigit() or int(name) < 1:
-                raise ValueError(f"--data {data}: phonebook:N needs a positive number of "
-                                 "facts, e.g. phonebook:200")  # fmt: skip
+                raise ValueError(
+                    f"--data {data}: phonebook:N needs a positive number of "
+                    "facts, e.g. phonebook:200"
+                )
             return _data.phonebook(int(name))
         sizes = DEFAULT_SIZES if sizes is None else tuple(sizes)
         if len(sizes) != 3 or not all(isinstance(n, int) and n > 0 for n in sizes):
             raise ValueError(f"sizes: three positive counts (train, valid, test), got {sizes}")
         if kind != "tiers" or name not in _data.TIERS:
-            raise ValueError(f"unknown built-in data {data!r}; expected phonebook:N or one of "
-                             f"{', '.join(f'tiers:{t}' for t in _data.TIERS)}")  # fmt: skip
+            raise ValueError(
+                f"unknown built-in data {data!r}; expected phonebook:N or one of "
+                f"{', '.join(f'tiers:{t}' for t in _data.TIERS)}"
+            )
         return _data.tier(name, *sizes)
     if sizes is not None:
         raise ValueError("sizes are for the built-in data; JSONL files give their own")
     if train is None or test is None:
-        raise ValueError("no data: give --data tiers:hard (or tiers:easy), or JSONL files as "
-                         "--train and --test (and optionally --valid)")  # fmt: skip
+        raise ValueError(
+            "no data: give --data tiers:hard (or tiers:easy), or JSONL files as "
+            "--train and --test (and optionally --valid)"
+        )
     return _data.from_jsonl(train, test, valid)
 
 
-def compare(methods: list[str | os.PathLike | Method], model: str | os.PathLike = BUILTIN_MODEL,
-            data: str | None = None, train: str | os.PathLike | None = None,
-            test: str | os.PathLike | None = None, valid: str | os.PathLike | None = None,
-            out_dir: str | os.PathLike = "results/compare", settings: Settings | None = None,
-            sizes: tuple[int, int, int] | None = None, progress: bool = True,
-            extras: Extras | None = None,
-            ray: Ray | str | bool | None = None) -> dict[str, Any]:  # fmt: skip
+def compare(
+    methods: list[str | os.PathLike | Method],
+    model: str | os.PathLike = BUILTIN_MODEL,
+    data: str | None = None,
+    train: str | os.PathLike | None = None,
+    test: str | os.PathLike | None = None,
+    valid: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike = "results/compare",
+    settings: Settings | None = None,
+    sizes: tuple[int, int, int] | None = None,
+    progress: bool = True,
+    extras: Extras | None = None,
+    ray: Ray | str | bool | None = None,
+) -> dict[str, Any]:
     """Runs (or resumes) the comparison in ``out_dir`` and writes its report there;
     returns the summary (``summary.json``). ``ray``: each run a Ray task (True: a local
     Ray; an address such as "auto"; or ``Ray(address, gpus_per_run, cpus_per_run)``),
     the workers loading ``model`` themselves."""
     from cera_rs.compare import report
 
-    chosen = distinct([x for m in methods
-                       for x in ([m] if isinstance(m, Method) else expand(m))])  # fmt: skip
+    chosen = distinct([x for m in methods for x in ([m] if isinstance(m, Method) else expand(m))])
     for m in chosen:  # a config PEFT refuses stops here, before the model loads
         if not m.full_rank:
             m.config()
@@ -105,6 +120,17 @@ def compare(methods: list[str | os.PathLike | Method], model: str | os.PathLike 
         n = len(getattr(getattr(base, "model", None), "layers", ()))
         layers = list(range(max(0, n - settings.adapted_layers), n)) if n else None
     chosen = [at_full_rank(m, base, layers) for m in chosen]
-    comparison = run(name, base, tokenizer, problems, chosen, settings, Path(out_dir),
-                     progress=progress, extras=extras, ray=ray, model_source=model)  # fmt: skip
+    comparison = run(
+        name,
+        base,
+        tokenizer,
+        problems,
+        chosen,
+        settings,
+        Path(out_dir),
+        progress=progress,
+        extras=extras,
+        ray=ray,
+        model_source=model,
+    )
     return report.write(comparison)

@@ -47,14 +47,21 @@ class Ray:
 
     def __post_init__(self) -> None:
         if self.address not in ("local", "auto") and not _ADDRESS.fullmatch(self.address):
-            raise ValueError(f"--ray {self.address!r}: not a Ray address (auto, ray://HOST:PORT "
-                             "or HOST:PORT); give --ray after the METHODs")  # fmt: skip
-        if isinstance(self.cpus_per_run, bool) or not isinstance(self.cpus_per_run, int) \
-                or self.cpus_per_run < 1:  # fmt: skip
-            raise ValueError(f"--cpus-per-run must be a positive integer, got "
-                             f"{self.cpus_per_run!r}")  # fmt: skip
-        if self.gpus_per_run is not None and not (isinstance(self.gpus_per_run, (int, float))
-                                                  and self.gpus_per_run >= 0):  # fmt: skip
+            raise ValueError(
+                f"--ray {self.address!r}: not a Ray address (auto, ray://HOST:PORT "
+                "or HOST:PORT); give --ray after the METHODs"
+            )
+        if (
+            isinstance(self.cpus_per_run, bool)
+            or not isinstance(self.cpus_per_run, int)
+            or self.cpus_per_run < 1
+        ):
+            raise ValueError(
+                f"--cpus-per-run must be a positive integer, got {self.cpus_per_run!r}"
+            )
+        if self.gpus_per_run is not None and not (
+            isinstance(self.gpus_per_run, (int, float)) and self.gpus_per_run >= 0
+        ):
             raise ValueError(f"--gpus-per-run must be 0 or more, got {self.gpus_per_run!r}")
 
 
@@ -83,8 +90,15 @@ class _Context:
 
     @property
     def key(self) -> str:
-        return repr((self.model, self.digest, self.problems.digest, sorted(self.runner.items()),
-                     self.device))  # fmt: skip
+        return repr(
+            (
+                self.model,
+                self.digest,
+                self.problems.digest,
+                sorted(self.runner.items()),
+                self.device,
+            )
+        )
 
 
 _kept: dict[str, Runner] = {}  # a worker's Runner, kept for its next job of the comparison
@@ -98,11 +112,14 @@ def _runner(context: _Context) -> Runner:
 
         _, base, tokenizer = load_model(context.model)
         if model_digest(base) != context.digest:
-            raise ValueError(f"the model {context.model} on {socket.gethostname()} is not the "
-                             "driver's (its weights differ): every node must see the same "
-                             "model")  # fmt: skip
-        _kept[key] = Runner(base, tokenizer, context.problems, device=torch.device(context.device),
-                            **context.runner)  # fmt: skip
+            raise ValueError(
+                f"the model {context.model} on {socket.gethostname()} is not the "
+                "driver's (its weights differ): every node must see the same "
+                "model"
+            )
+        _kept[key] = Runner(
+            base, tokenizer, context.problems, device=torch.device(context.device), **context.runner
+        )
     return _kept[key]
 
 
@@ -143,8 +160,14 @@ def _device(settings: Settings, options: Ray) -> tuple[torch.device, float]:
     gpus = options.gpus_per_run
     if settings.device == "cpu" or (settings.device == "auto" and (gpus == 0 or not has_gpus)):
         if gpus:
-            raise ValueError(f"--gpus-per-run {gpus:g}: " + ("the runs are on --device cpu"
-                             if settings.device == "cpu" else "the Ray cluster has no GPU"))
+            raise ValueError(
+                f"--gpus-per-run {gpus:g}: "
+                + (
+                    "the runs are on --device cpu"
+                    if settings.device == "cpu"
+                    else "the Ray cluster has no GPU"
+                )
+            )
         return torch.device("cpu"), 0
     if not has_gpus:
         raise ValueError("--device cuda: the Ray cluster has no GPU")
@@ -161,8 +184,10 @@ def _check_fits(cpus: int, gpus: float) -> None:
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     if not any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in nodes):
         most = max((r.get("CPU", 0) for r in nodes), default=0)
-        raise ValueError(f"--cpus-per-run {cpus} / --gpus-per-run {gpus:g}: no node of the Ray "
-                         f"cluster has that much (the most CPUs on one: {most:g})")  # fmt: skip
+        raise ValueError(
+            f"--cpus-per-run {cpus} / --gpus-per-run {gpus:g}: no node of the Ray "
+            f"cluster has that much (the most CPUs on one: {most:g})"
+        )
 
 
 class RayExecutor:
@@ -171,8 +196,15 @@ class RayExecutor:
 
     counts_steps = False  # the driver moves the bar by a whole run when one comes in
 
-    def __init__(self, options: Ray, settings: Settings, model: str | Path, digest: str,
-                 problems: Problems, extras: Extras | None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        options: Ray,
+        settings: Settings,
+        model: str | Path,
+        digest: str,
+        problems: Problems,
+        extras: Extras | None,
+    ) -> None:
         require("--ray", [RAY])
         import ray
 
@@ -181,22 +213,39 @@ class RayExecutor:
         try:
             self.device, gpus = _device(settings, options)
             _check_fits(options.cpus_per_run, gpus)
-            runner = {"steps": settings.steps, "batch": settings.batch,
-                      "adapted_layers": settings.adapted_layers,
-                      "max_seq_length": settings.max_seq_length}  # fmt: skip
-            self.context = ray.put(_Context(str(model), digest, problems, runner,
-                                            self.device.type, options.cpus_per_run, extras))
+            runner = {
+                "steps": settings.steps,
+                "batch": settings.batch,
+                "adapted_layers": settings.adapted_layers,
+                "max_seq_length": settings.max_seq_length,
+            }
+            self.context = ray.put(
+                _Context(
+                    str(model),
+                    digest,
+                    problems,
+                    runner,
+                    self.device.type,
+                    options.cpus_per_run,
+                    extras,
+                )
+            )
         except BaseException:
             self.close()
             raise
         self.remote = ray.remote(_task)
-        self.task_options = {"num_cpus": options.cpus_per_run, "num_gpus": gpus,
-                             "max_retries": 1, "retry_exceptions": False}  # fmt: skip
+        self.task_options = {
+            "num_cpus": options.cpus_per_run,
+            "num_gpus": gpus,
+            "max_retries": 1,
+            "retry_exceptions": False,
+        }
 
     def submit(self, job: Job, adapter: Path | None) -> None:
         files = None if adapter is None else read_files(adapter)
         ref = self.remote.options(name=f"cera-rs {job}", **self.task_options).remote(
-            self.context, job, files)  # fmt: skip
+            self.context, job, files
+        )
         self.pending[ref] = job
 
     def __len__(self) -> int:
@@ -221,10 +270,15 @@ class RayExecutor:
             if isinstance(cause, OSError):
                 raise OSError(text) from err
             raise RunFailed(f"{text} ({type(cause).__name__})") from err
-        except (exceptions.WorkerCrashedError, exceptions.NodeDiedError,
-                exceptions.OutOfMemoryError) as err:  # fmt: skip
-            raise RunFailed(f"{job}: its worker died (killed, out of memory or its node lost), "
-                            "and again on its one retry") from err  # fmt: skip
+        except (
+            exceptions.WorkerCrashedError,
+            exceptions.NodeDiedError,
+            exceptions.OutOfMemoryError,
+        ) as err:
+            raise RunFailed(
+                f"{job}: its worker died (killed, out of memory or its node lost), "
+                "and again on its one retry"
+            ) from err
 
     def close(self) -> None:
         """Cancels what is still running (a failure elsewhere, Ctrl-C); leaves a Ray

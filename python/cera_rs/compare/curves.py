@@ -54,17 +54,20 @@ def families(methods: list[Method]) -> dict[str, list[Method]]:
 def linear_family(named: dict[str, list[Method]]) -> str | None:
     """The LoRA family (not DoRA) with the most members, if one has two or more: the
     curve a multiplier is read from."""
-    linear = [(len(ms), name) for name, ms in named.items()
-              if ms[0].peft_type == "LORA" and not ms[0].fields.get("use_dora")
-              and len(ms) >= 2]  # fmt: skip
+    linear = [
+        (len(ms), name)
+        for name, ms in named.items()
+        if ms[0].peft_type == "LORA" and not ms[0].fields.get("use_dora") and len(ms) >= 2
+    ]
     return max(linear, key=lambda x: x[0])[1] if linear else None
 
 
 def scores(runs_by_method: dict[str, list[dict]], score: str) -> tuple[list[int], dict]:
     """Per method, its (seeds, problems) array of ``score`` ("exact_match": right or
     wrong; "bits": information stored per problem) over the seeds every method ran."""
-    seeds = sorted(set.intersection(*({r["seed"] for r in runs}
-                                      for runs in runs_by_method.values())))  # fmt: skip
+    seeds = sorted(
+        set.intersection(*({r["seed"] for r in runs} for runs in runs_by_method.values()))
+    )
     key = "hits" if score == "exact_match" else "bits"
     out = {}
     for name, runs in runs_by_method.items():
@@ -82,8 +85,13 @@ def _interval(values: np.ndarray, resamples: int, total: bool) -> tuple[float, f
     return float(values.mean() * scale), float(low * scale), float(high * scale)
 
 
-def summarise(methods: list[Method], runs_by_method: dict[str, list[dict]],
-              params: dict[str, int], score: str, resamples: int) -> dict[str, Any]:  # fmt: skip
+def summarise(
+    methods: list[Method],
+    runs_by_method: dict[str, list[dict]],
+    params: dict[str, int],
+    score: str,
+    resamples: int,
+) -> dict[str, Any]:
     """The curves, the multipliers and the ceiling comparisons, for summary.json."""
     seeds, arrays = scores(runs_by_method, score)
     total = score == "bits"
@@ -93,63 +101,103 @@ def summarise(methods: list[Method], runs_by_method: dict[str, list[dict]],
         points = []
         for m in sorted(members, key=lambda m: params[m.name]):
             mean, low, high = _interval(arrays[m.name], resamples, total)
-            points.append({"method": m.name, "params": params[m.name], "mean": mean,
-                           "low": low, "high": high,
-                           "per_param": mean / params[m.name] if total else None})  # fmt: skip
+            points.append(
+                {
+                    "method": m.name,
+                    "params": params[m.name],
+                    "mean": mean,
+                    "low": low,
+                    "high": high,
+                    "per_param": mean / params[m.name] if total else None,
+                }
+            )
         curves[label] = points
-    out: dict[str, Any] = {"score": score, "seeds": seeds, "curves": curves,
-                           "linear_family": linear_family(named), "multipliers": [],
-                           "ceiling": []}  # fmt: skip
+    out: dict[str, Any] = {
+        "score": score,
+        "seeds": seeds,
+        "curves": curves,
+        "linear_family": linear_family(named),
+        "multipliers": [],
+        "ceiling": [],
+    }
     linear = out["linear_family"]
     cera = [m for m in methods if m.peft_type == "CERA"]
     if linear is not None:
         members = sorted(named[linear], key=lambda m: params[m.name])
         for m in cera:
-            mult = parameter_multiplier(arrays[m.name], params[m.name],
-                                        [arrays[x.name] for x in members],
-                                        [params[x.name] for x in members], (m.name, linear),
-                                        resamples, unit="bits" if total else "points")  # fmt: skip
-            out["multipliers"].append({
-                "method": m.name, "family": linear, "params": mult.params,
-                "point": finite(mult.point), "low": finite(mult.low), "high": finite(mult.high),
-                "where": mult.where,
-                "meets_paper": mult.where not in (FLAT, BELOW) and mult.low >= PAPER_MULTIPLIER,
-                "family_rise": {"mean": mult.family_rise.mean, "low": mult.family_rise.low,
-                                "high": mult.family_rise.high},
-                "sentence": mult.sentence()})  # fmt: skip
+            mult = parameter_multiplier(
+                arrays[m.name],
+                params[m.name],
+                [arrays[x.name] for x in members],
+                [params[x.name] for x in members],
+                (m.name, linear),
+                resamples,
+                unit="bits" if total else "points",
+            )
+            out["multipliers"].append(
+                {
+                    "method": m.name,
+                    "family": linear,
+                    "params": mult.params,
+                    "point": finite(mult.point),
+                    "low": finite(mult.low),
+                    "high": finite(mult.high),
+                    "where": mult.where,
+                    "meets_paper": mult.where not in (FLAT, BELOW) and mult.low >= PAPER_MULTIPLIER,
+                    "family_rise": {
+                        "mean": mult.family_rise.mean,
+                        "low": mult.family_rise.low,
+                        "high": mult.family_rise.high,
+                    },
+                    "sentence": mult.sentence(),
+                }
+            )
     for ceiling in [m for m in methods if m.ceiling]:
         for m in cera:
-            d = paired_difference(arrays[m.name], arrays[ceiling.name], (m.name, ceiling.name),
-                                 resamples)  # fmt: skip
+            d = paired_difference(
+                arrays[m.name], arrays[ceiling.name], (m.name, ceiling.name), resamples
+            )
             scale = arrays[m.name].shape[1] if total else 100
             unit = "bits" if total else "points"
-            out["ceiling"].append({
-                "method": m.name, "ceiling": ceiling.name, "mean": d.mean * scale,
-                "low": d.low * scale, "high": d.high * scale, "unit": unit,
-                "verdict": d.verdict,
-                "sentence": f"{m.name} against the linear ceiling {ceiling.name}: "
-                            f"{d.mean * scale:+.1f} {unit} (95 % interval {d.low * scale:+.1f} "
-                            f"to {d.high * scale:+.1f}; {len(seeds)} "
-                            f"seed{'s' * (len(seeds) > 1)} x {arrays[m.name].shape[1]} "
-                            f"problems): {d.verdict}."})  # fmt: skip
+            out["ceiling"].append(
+                {
+                    "method": m.name,
+                    "ceiling": ceiling.name,
+                    "mean": d.mean * scale,
+                    "low": d.low * scale,
+                    "high": d.high * scale,
+                    "unit": unit,
+                    "verdict": d.verdict,
+                    "sentence": f"{m.name} against the linear ceiling {ceiling.name}: "
+                    f"{d.mean * scale:+.1f} {unit} (95 % interval {d.low * scale:+.1f} "
+                    f"to {d.high * scale:+.1f}; {len(seeds)} "
+                    f"seed{'s' * (len(seeds) > 1)} x {arrays[m.name].shape[1]} "
+                    f"problems): {d.verdict}.",
+                }
+            )
     return out
 
 
 def markdown(curves: dict[str, Any]) -> str:
     total = curves["score"] == "bits"
-    what = ("information stored (bits, summed over facts)" if total
-            else "test exact match %")  # fmt: skip
-    lines = [f"## Rank curves: {what} against trainable parameters", "",
-             f"Over the seeds every method ran ({', '.join(map(str, curves['seeds']))}); 95 % "
-             "intervals from the crossed resampling of seeds and problems.", "",
-             "| family | method | trainable params | score | 95 % interval |"
-             + (" bits per param |" if total else ""),
-             "|---|---|---:|---:|---:|" + ("---:|" if total else "")]  # fmt: skip
+    what = "information stored (bits, summed over facts)" if total else "test exact match %"
+    lines = [
+        f"## Rank curves: {what} against trainable parameters",
+        "",
+        f"Over the seeds every method ran ({', '.join(map(str, curves['seeds']))}); 95 % "
+        "intervals from the crossed resampling of seeds and problems.",
+        "",
+        "| family | method | trainable params | score | 95 % interval |"
+        + (" bits per param |" if total else ""),
+        "|---|---|---:|---:|---:|" + ("---:|" if total else ""),
+    ]
     for label, points in curves["curves"].items():
         for p in points:
             scale = 1 if total else 100
-            row = (f"| {label} | {p['method']} | {p['params']:,} | {p['mean'] * scale:.1f} | "
-                   f"{p['low'] * scale:.1f} to {p['high'] * scale:.1f} |")  # fmt: skip
+            row = (
+                f"| {label} | {p['method']} | {p['params']:,} | {p['mean'] * scale:.1f} | "
+                f"{p['low'] * scale:.1f} to {p['high'] * scale:.1f} |"
+            )
             if total:
                 row += f" {p['per_param']:.4f} |"
             lines.append(row)
@@ -157,14 +205,20 @@ def markdown(curves: dict[str, Any]) -> str:
     if curves["linear_family"] is None:
         lines.append("No LoRA family with two or more ranks, so no multiplier is read.")
     else:
-        lines.append(f"Read off the {curves['linear_family']} curve (monotone in log "
-                     f"parameters); the paper claims {PAPER_MULTIPLIER}x or more.")  # fmt: skip
+        lines.append(
+            f"Read off the {curves['linear_family']} curve (monotone in log "
+            f"parameters); the paper claims {PAPER_MULTIPLIER}x or more."
+        )
         lines += [""] + [m["sentence"] for m in curves["multipliers"]]
     if curves["ceiling"]:
-        lines += ["", "### Against the linear ceiling", "",
-                  "A LoRA at every layer's full rank can make any linear update of those "
-                  "layers; CeRA above it is gain no linear adapter of those layers can have.",
-                  ""] + [c["sentence"] for c in curves["ceiling"]]  # fmt: skip
+        lines += [
+            "",
+            "### Against the linear ceiling",
+            "",
+            "A LoRA at every layer's full rank can make any linear update of those "
+            "layers; CeRA above it is gain no linear adapter of those layers can have.",
+            "",
+        ] + [c["sentence"] for c in curves["ceiling"]]
     return "\n".join(lines)
 
 
@@ -180,10 +234,18 @@ def plot(curves: dict[str, Any], path, title: str) -> None:
     for label, points in curves["curves"].items():
         x = [p["params"] for p in points]
         y = [p["mean"] * scale for p in points]
-        err = [[max(0.0, p["mean"] - p["low"]) * scale for p in points],
-               [max(0.0, p["high"] - p["mean"]) * scale for p in points]]  # fmt: skip
-        ax.errorbar(x, y, yerr=err, fmt="o-" if len(points) > 1 else "o", capsize=3,
-                    label=textwrap.fill(label, 70))  # fmt: skip
+        err = [
+            [max(0.0, p["mean"] - p["low"]) * scale for p in points],
+            [max(0.0, p["high"] - p["mean"]) * scale for p in points],
+        ]
+        ax.errorbar(
+            x,
+            y,
+            yerr=err,
+            fmt="o-" if len(points) > 1 else "o",
+            capsize=3,
+            label=textwrap.fill(label, 70),
+        )
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel("bits stored (sum over facts)" if total else "test exact match %")

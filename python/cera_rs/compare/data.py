@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-TIERS = {"easy": "a+b=, two-digit plus one-digit (the GSM8K analogue)",
-         "hard": "a+b=, two-digit plus two-digit (the MATH analogue)"}  # fmt: skip
+TIERS = {
+    "easy": "a+b=, two-digit plus one-digit (the GSM8K analogue)",
+    "hard": "a+b=, two-digit plus two-digit (the MATH analogue)",
+}
 """The built-in tiers (``tiers:easy``, ``tiers:hard``): the base model does neither in
 this format zero-shot."""
 
@@ -69,8 +71,10 @@ def read_jsonl(path: str | os.PathLike) -> list[Item]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise ValueError(f"{path}, line {number}: not UTF-8 (byte {raw[err.start]:#04x} "
-                                 f"at column {err.start + 1}); JSONL files are UTF-8") from None
+                raise ValueError(
+                    f"{path}, line {number}: not UTF-8 (byte {raw[err.start]:#04x} "
+                    f"at column {err.start + 1}); JSONL files are UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -93,8 +97,12 @@ def read_jsonl(path: str | os.PathLike) -> list[Item]:
     return items
 
 
-def from_jsonl(train: str | os.PathLike, test: str | os.PathLike,
-               valid: str | os.PathLike | None = None, n_valid: int = 100) -> Problems:  # fmt: skip
+def from_jsonl(
+    train: str | os.PathLike,
+    test: str | os.PathLike,
+    valid: str | os.PathLike | None = None,
+    n_valid: int = 100,
+) -> Problems:
     """Problems from JSONL files. Without a valid file, ``n_valid`` training problems (at
     most a fifth of them), drawn with a fixed seed, are held out as the valid split,
     which chooses each method's learning rate. Prompts of the valid or test split that
@@ -112,11 +120,19 @@ def from_jsonl(train: str | os.PathLike, test: str | os.PathLike,
         train_items = [x for i, x in enumerate(train_items) if i not in held]
         source = f"{train} ({k} held out as valid) / {test}"
     seen = {prompt for prompt, _ in train_items}
-    notes = tuple(f"{n} of the {len(items)} {name} prompts also occur in training"
-                  for name, items in (("valid", valid_items), ("test", test_items))
-                  if (n := sum(prompt in seen for prompt, _ in items)))  # fmt: skip
-    return Problems(train_items, valid_items, test_items, source,
-                    _digest(train_items, valid_items, test_items), notes)  # fmt: skip
+    notes = tuple(
+        f"{n} of the {len(items)} {name} prompts also occur in training"
+        for name, items in (("valid", valid_items), ("test", test_items))
+        if (n := sum(prompt in seen for prompt, _ in items))
+    )
+    return Problems(
+        train_items,
+        valid_items,
+        test_items,
+        source,
+        _digest(train_items, valid_items, test_items),
+        notes,
+    )
 
 
 def tier_problem(tier: str, rng: random.Random) -> Item:
@@ -137,8 +153,10 @@ def tier(name: str, n_train: int, n_valid: int, n_test: int) -> Problems:
     held: dict[str, str] = {}
     limit = 8100 if name == "hard" else 810
     if n_valid + n_test > limit // 2:
-        raise ValueError(f"tier {name!r} has {limit} distinct problems; ask for at most "
-                         f"{limit // 2} valid and test problems together")  # fmt: skip
+        raise ValueError(
+            f"tier {name!r} has {limit} distinct problems; ask for at most "
+            f"{limit // 2} valid and test problems together"
+        )
     while len(held) < n_valid + n_test:
         prompt, answer = tier_problem(name, rng)
         held.setdefault(prompt, answer)
@@ -149,8 +167,9 @@ def tier(name: str, n_train: int, n_valid: int, n_test: int) -> Problems:
         if prompt not in held:
             train.append((prompt, answer))
     valid, test = items[:n_valid], items[n_valid:]
-    return Problems(train, valid, test, f"tiers:{name} ({TIERS[name]})",
-                    _digest(train, valid, test))  # fmt: skip
+    return Problems(
+        train, valid, test, f"tiers:{name} ({TIERS[name]})", _digest(train, valid, test)
+    )
 
 
 @dataclass
@@ -190,8 +209,9 @@ class Encoded:
 
 def end_token(tokenizer) -> int:
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no end-of-sequence token (eos_token_id), which "
-                         "ends every completion")  # fmt: skip
+        raise ValueError(
+            "the tokenizer has no end-of-sequence token (eos_token_id), which ends every completion"
+        )
     return int(tokenizer.eos_token_id)
 
 
@@ -208,8 +228,10 @@ def encode(tokenizer, items: list[Item], max_length: int | None = None) -> Encod
         if not p:
             raise ValueError(f"the prompt {prompt!r} has no tokens: nothing to condition on")
         if max_length is not None and len(p) + len(c) > max_length:
-            raise ValueError(f"a problem of {len(p) + len(c)} tokens exceeds max_seq_length "
-                             f"{max_length}: {prompt[:40]!r}...")  # fmt: skip
+            raise ValueError(
+                f"a problem of {len(p) + len(c)} tokens exceeds max_seq_length "
+                f"{max_length}: {prompt[:40]!r}..."
+            )
         seqs.append(p + c)
         prompt_lengths.append(len(p))
     width = max(len(x) for x in seqs)
@@ -222,14 +244,39 @@ def encode(tokenizer, items: list[Item], max_length: int | None = None) -> Encod
 
 PHONEBOOK_DIGITS = 5
 """Digits of a phonebook number: enough that guessing never scores (1 in 10^5)."""
-_ONSETS = ("b", "br", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "st", "t", "v",
-           "w", "z", "ch", "sh", "tr", "gr", "cl", "pl")  # fmt: skip
+_ONSETS = (
+    "b",
+    "br",
+    "d",
+    "f",
+    "g",
+    "h",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "st",
+    "t",
+    "v",
+    "w",
+    "z",
+    "ch",
+    "sh",
+    "tr",
+    "gr",
+    "cl",
+    "pl",
+)
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ea", "io", "ou")
 _CODAS = ("", "", "n", "r", "l", "s", "th", "m", "nd", "rk", "x")
 
 
 def _made_up_name(rng: random.Random) -> str:
     """A pronounceable name that is no one's: two or three syllables, twice."""
+
     def word() -> str:
         syllables = rng.choice((2, 2, 3))
         text = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(syllables))
@@ -268,8 +315,17 @@ def phonebook(n: int, digits: int = PHONEBOOK_DIGITS) -> Problems:
     facts = phonebook_facts(n, digits)
     train = [(recall_prompt(name), number) for name, number in facts]
     transfer = [(reworded_prompt(name), number) for name, number in facts]
-    notes = ("memorisation: valid and test are the training facts themselves (recall of "
-             "what was stored); the transfer split asks for them in other words",)  # fmt: skip
-    return Problems(train, list(train), list(train),
-                    f"phonebook:{n} ({n} made-up names -> {digits}-digit numbers)",
-                    _digest(train, transfer), notes, {"transfer": transfer}, "bits")  # fmt: skip
+    notes = (
+        "memorisation: valid and test are the training facts themselves (recall of "
+        "what was stored); the transfer split asks for them in other words",
+    )
+    return Problems(
+        train,
+        list(train),
+        list(train),
+        f"phonebook:{n} ({n} made-up names -> {digits}-digit numbers)",
+        _digest(train, transfer),
+        notes,
+        {"transfer": transfer},
+        "bits",
+    )

@@ -174,17 +174,29 @@ def check(methods: list[Method], settings: Settings) -> None:
     methods, resolve with no difference to resolve."""
     names = [m.name for m in methods]
     if settings.reference is not None and settings.reference not in names:
-        raise ValueError(f"reference {settings.reference!r} is not one of the methods: "
-                         f"{', '.join(names)}")  # fmt: skip
+        raise ValueError(
+            f"reference {settings.reference!r} is not one of the methods: {', '.join(names)}"
+        )
     if settings.resolve is not None and len(methods) < 2:
-        raise ValueError("resolve (--resolve) narrows the intervals of methods against the "
-                         "reference: give two methods or more")  # fmt: skip
+        raise ValueError(
+            "resolve (--resolve) narrows the intervals of methods against the "
+            "reference: give two methods or more"
+        )
 
 
-def run(model_name: str, base: nn.Module, tokenizer, problems: Problems, methods: list[Method],
-        settings: Settings, out_dir: Path, progress: bool = True,
-        extras: Extras | None = None, ray: Ray | None = None,
-        model_source: str | os.PathLike | None = None) -> Comparison:  # fmt: skip
+def run(
+    model_name: str,
+    base: nn.Module,
+    tokenizer,
+    problems: Problems,
+    methods: list[Method],
+    settings: Settings,
+    out_dir: Path,
+    progress: bool = True,
+    extras: Extras | None = None,
+    ray: Ray | None = None,
+    model_source: str | os.PathLike | None = None,
+) -> Comparison:
     """Runs (or resumes) the comparison in ``out_dir``. With ``ray``, each job is a Ray
     task on a worker that loads ``model_source`` itself (the same model as ``base``:
     the worker checks), and this process keeps the store."""
@@ -198,9 +210,16 @@ def run(model_name: str, base: nn.Module, tokenizer, problems: Problems, methods
     bar = tqdm(total=0, desc="compare", unit="step", disable=not progress)
     if ray is None:
         device = settings.torch_device()
-        runner = Runner(base, tokenizer, problems, steps=settings.steps, batch=settings.batch,
-                        adapted_layers=settings.adapted_layers, device=device,
-                        max_seq_length=settings.max_seq_length)  # fmt: skip
+        runner = Runner(
+            base,
+            tokenizer,
+            problems,
+            steps=settings.steps,
+            batch=settings.batch,
+            adapted_layers=settings.adapted_layers,
+            device=device,
+            max_seq_length=settings.max_seq_length,
+        )
         layers = runner.adapted_layers
         executor = InProcess(runner, extras, bar)
     else:
@@ -212,18 +231,34 @@ def run(model_name: str, base: nn.Module, tokenizer, problems: Problems, methods
     try:
         for m in methods:  # a config that cannot be applied fails now, before any training
             m.config(layers)
-        common = (RECORD_VERSION, model_name, digest, problems.digest, settings.shared(),
-                  device.type, precision(device))  # fmt: skip
+        common = (
+            RECORD_VERSION,
+            model_name,
+            digest,
+            problems.digest,
+            settings.shared(),
+            device.type,
+            precision(device),
+        )
         plan = _Plan(methods, settings, store, common, executor, bar, progress, problems.score)
         plan.run()
     finally:
         executor.close()
         bar.close()
     records = {m.name: plan.records(m) for m in methods}
-    return Comparison(model_name, problems, settings, methods, records, plan.chosen,
-                      plan.base_hits, device.type, out_dir, tuple(plan.seeds),
-                      resolve.summary(plan.rounds, settings.resolve, settings.max_seeds)
-                      if plan.rounds else None)  # fmt: skip
+    return Comparison(
+        model_name,
+        problems,
+        settings,
+        methods,
+        records,
+        plan.chosen,
+        plan.base_hits,
+        device.type,
+        out_dir,
+        tuple(plan.seeds),
+        resolve.summary(plan.rounds, settings.resolve, settings.max_seeds) if plan.rounds else None,
+    )
 
 
 class _Plan:
@@ -233,9 +268,17 @@ class _Plan:
     results are on disk are not done again; the results depend only on the jobs, so
     neither the order they finish in nor the number of workers changes them."""
 
-    def __init__(self, methods: list[Method], settings: Settings, store: Store,
-                 common: tuple, executor, bar: tqdm, progress: bool,
-                 score: str = "exact_match") -> None:  # fmt: skip
+    def __init__(
+        self,
+        methods: list[Method],
+        settings: Settings,
+        store: Store,
+        common: tuple,
+        executor,
+        bar: tqdm,
+        progress: bool,
+        score: str = "exact_match",
+    ) -> None:
         self.methods, self.settings, self.store, self.common = methods, settings, store, common
         self.score = score
         self.executor, self.bar, self.progress = executor, bar, progress
@@ -322,24 +365,40 @@ class _Plan:
                 lr = max(grid, key=lambda x: merit(self.score, grid[x]["valid"]))
                 self.chosen[name] = lr
                 for seed in self.seeds:
-                    self.want(Job(job.method, lr, seed, train=seed != self.first, test=True,
-                                  first=seed == self.first))  # fmt: skip
+                    self.want(
+                        Job(
+                            job.method,
+                            lr,
+                            seed,
+                            train=seed != self.first,
+                            test=True,
+                            first=seed == self.first,
+                        )
+                    )
             return
         self.tested[name][job.seed] = result
         if self.settings.resolve is not None and all(
-                len(t) == len(self.seeds) for t in self.tested.values()):  # fmt: skip
+            len(t) == len(self.seeds) for t in self.tested.values()
+        ):
             self.resolve()
 
     def resolve(self) -> None:
         """Every method has every seed so far: enough, or which seeds come next."""
-        hits = {m.name: np.array([self.tested[m.name][s]["test"]["hits"] for s in self.seeds],
-                                 dtype=bool) for m in self.methods}  # fmt: skip
+        hits = {
+            m.name: np.array(
+                [self.tested[m.name][s]["test"]["hits"] for s in self.seeds], dtype=bool
+            )
+            for m in self.methods
+        }
         s = self.settings
         step = resolve.decide(hits, self.reference, s.resolve, s.max_seeds, s.seeds, s.resamples)
         self.rounds.append(step)
         if self.progress:
-            self.bar.write(resolve.describe(step, self.reference, s.resolve, s.max_seeds,
-                                            pilot=len(self.rounds) == 1))  # fmt: skip
+            self.bar.write(
+                resolve.describe(
+                    step, self.reference, s.resolve, s.max_seeds, pilot=len(self.rounds) == 1
+                )
+            )
         self.seeds += step.added
         self.bar.total += s.steps * len(step.added) * len(self.methods)
         self.bar.refresh()

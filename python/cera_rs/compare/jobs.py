@@ -52,8 +52,11 @@ def precision(device: torch.device) -> str:
 
 def read_files(folder: Path) -> dict[str, bytes]:
     """A folder's files by relative path: a saved adapter as a Ray task returns it."""
-    return {p.relative_to(folder).as_posix(): p.read_bytes()
-            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def write_files(folder: Path, files: dict[str, bytes]) -> None:
@@ -89,8 +92,9 @@ def where(device: torch.device) -> dict[str, str]:
     return {"node": socket.gethostname(), "device": f"cpu, {threads} thread(s)"}
 
 
-def execute(runner: Runner, job: Job, adapter: Path | None, extras: Extras | None,
-            bar: tqdm | None = None) -> dict:  # fmt: skip
+def execute(
+    runner: Runner, job: Job, adapter: Path | None, extras: Extras | None, bar: tqdm | None = None
+) -> dict:
     """Does ``job`` (in this process, or on a Ray worker) and returns what the driver
     stores: the new run's record and adapter files, its test scores (of ``adapter``,
     the saved run, when the job does not train), or the base model's test answers."""
@@ -108,24 +112,33 @@ def execute(runner: Runner, job: Job, adapter: Path | None, extras: Extras | Non
             hits, loss = runner.teacher_forced(model, "valid")
             trainable, total = model.get_nb_trainable_parameters()
             size = sum(len(b) for n, b in out["files"].items() if n.startswith("adapter_model."))
-            out["record"] = {"method": method.name, "lr": job.lr, "seed": job.seed,
-                             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                             "device": runner.device.type, "ran_on": here,
-                             "train": asdict(stats), "file_size": size,
-                             "trainable_params": trainable, "total_params": total,
-                             "valid": {"exact_match": float(hits.mean()),
-                                       "loss": loss}}  # fmt: skip
+            out["record"] = {
+                "method": method.name,
+                "lr": job.lr,
+                "seed": job.seed,
+                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "device": runner.device.type,
+                "ran_on": here,
+                "train": asdict(stats),
+                "file_size": size,
+                "trainable_params": trainable,
+                "total_params": total,
+                "valid": {"exact_match": float(hits.mean()), "loss": loss},
+            }
             del model
             adapter = Path(tmp)
         if job.test:
-            out["test"] = {**_score(runner, method, adapter, job.seed, job.first, extras),
-                           "ran_on": here}  # fmt: skip
+            out["test"] = {
+                **_score(runner, method, adapter, job.seed, job.first, extras),
+                "ran_on": here,
+            }
             runner.check_base(method)
     return out
 
 
-def _score(runner: Runner, method: Method, adapter: Path, seed: int, first: bool,
-           extras: Extras | None) -> dict:  # fmt: skip
+def _score(
+    runner: Runner, method: Method, adapter: Path, seed: int, first: bool, extras: Extras | None
+) -> dict:
     """The test scores of a saved run, loaded back as a user would load it: exact
     match by greedy decoding (and how often the teacher-forced check agrees), test
     loss; for the first seed the spectra of the adapters' output deltas and, for
@@ -135,14 +148,20 @@ def _score(runner: Runner, method: Method, adapter: Path, seed: int, first: bool
     model = PeftModel.from_pretrained(runner.copy_base(), adapter).to(runner.device).eval()
     hits = runner.generated(model)
     forced, nats, tokens = runner.forced_scores(model, "test")
-    out: dict[str, Any] = {"hits": hits.astype(int).tolist(), "exact_match": float(hits.mean()),
-                           "loss": float(nats.sum() / tokens),
-                           "teacher_forced_agreement": float((forced == hits).mean()),
-                           "bits": _bits(runner.base_nats("test") - nats)}  # fmt: skip
+    out: dict[str, Any] = {
+        "hits": hits.astype(int).tolist(),
+        "exact_match": float(hits.mean()),
+        "loss": float(nats.sum() / tokens),
+        "teacher_forced_agreement": float((forced == hits).mean()),
+        "bits": _bits(runner.base_nats("test") - nats),
+    }
     for name in runner.problems.extra_tests:  # e.g. phonebook's reworded prompts
         extra = runner.generated(model, name)
-        out[name] = {"hits": extra.astype(int).tolist(), "exact_match": float(extra.mean()),
-                     "bits": _bits(runner.base_nats(name) - runner.forced_scores(model, name)[1])}
+        out[name] = {
+            "hits": extra.astype(int).tolist(),
+            "exact_match": float(extra.mean()),
+            "bits": _bits(runner.base_nats(name) - runner.forced_scores(model, name)[1]),
+        }
     if first and method.peft_type in SPECTRAL_METHODS:
         out["spectra"] = spectra(runner, model)
         if method.peft_type == "CERA":
@@ -177,8 +196,11 @@ def spectra(runner: Runner, model: PeftModel) -> dict:
     report = analyze(target, runner.splits["test"].batches(), progress=False, center=True)
     ranks = [m.spectrum.effective_rank for m in report.modules]
     dims = [m.spectrum.energy_rank(0.9) for m in report.modules]
-    return {"effective_rank": float(np.mean(ranks)), "dim90": float(np.mean(dims)),
-            "layers": len(ranks)}  # fmt: skip
+    return {
+        "effective_rank": float(np.mean(ranks)),
+        "dim90": float(np.mean(dims)),
+        "layers": len(ranks),
+    }
 
 
 def linearity(runner: Runner, model: PeftModel) -> dict:
@@ -189,8 +211,11 @@ def linearity(runner: Runner, model: PeftModel) -> dict:
 
     target = _analysed(runner, model)
     splits = runner.splits
-    report = measure_linearity(target, splits["train"].batches(),
-                               held_out=splits["test"].batches(), progress=False)
-    return {"linearity_at_r": report.mean("linearity_at_adapter_rank"),
-            "held_out_linearity_at_r": report.mean("held_out_linearity_at_adapter_rank"),
-            "layers": len(report)}  # fmt: skip
+    report = measure_linearity(
+        target, splits["train"].batches(), held_out=splits["test"].batches(), progress=False
+    )
+    return {
+        "linearity_at_r": report.mean("linearity_at_adapter_rank"),
+        "held_out_linearity_at_r": report.mean("held_out_linearity_at_adapter_rank"),
+        "layers": len(report),
+    }

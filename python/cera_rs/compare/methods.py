@@ -37,9 +37,21 @@ learning rate in ``optimizer_kwargs`` joins that method's rate grid."""
 SHARED_TRAINING = ("batch_size", "max_steps", "max_seq_length")
 """Options every method shares, so that they see the same data in the same order: set
 for the whole comparison; a method folder's own values are reported as not applied."""
-IGNORED_TRAINING = ("model_id", "dtype", "batch_size_eval", "eval_steps", "compile", "use_gc",
-                    "seed", "use_amp", "autocast_adapter_dtype", "attn_implementation",
-                    "generation_kwargs", "query_template", "init_kv_cache_prefix")  # fmt: skip
+IGNORED_TRAINING = (
+    "model_id",
+    "dtype",
+    "batch_size_eval",
+    "eval_steps",
+    "compile",
+    "use_gc",
+    "seed",
+    "use_amp",
+    "autocast_adapter_dtype",
+    "attn_implementation",
+    "generation_kwargs",
+    "query_template",
+    "init_kv_cache_prefix",
+)
 """Options of PEFT's benchmark that do not apply here: the model, data, seeds and
 precision are the comparison's, and prompts are the data's own."""
 
@@ -78,28 +90,38 @@ class Method:
     def config(self, layers_to_transform: list[int] | None = None) -> PeftConfig:
         """A fresh PEFT config; with ``layers_to_transform``, adapters only on those layers."""
         if self.full_rank:
-            raise ValueError(f"{self.name}: r=full is resolved against the model first "
-                             "(Method.at_full_rank)")  # fmt: skip
+            raise ValueError(
+                f"{self.name}: r=full is resolved against the model first (Method.at_full_rank)"
+            )
         cls = config_class(self.peft_type)
         fields = dict(self.fields)
         if layers_to_transform is not None:
             names = {f.name for f in dataclasses.fields(cls)}
             if "layers_to_transform" not in names:
-                raise ValueError(f"{self.name}: {cls.__name__} has no layers_to_transform, so it "
-                                 "cannot be kept to the last layers; compare without "
-                                 "adapted_layers")  # fmt: skip
+                raise ValueError(
+                    f"{self.name}: {cls.__name__} has no layers_to_transform, so it "
+                    "cannot be kept to the last layers; compare without "
+                    "adapted_layers"
+                )
             if isinstance(fields.get("target_modules"), str):
-                raise ValueError(f"{self.name}: target_modules is a regex, which PEFT does not "
-                                 "combine with layers_to_transform; give a list of names, or "
-                                 "compare without adapted_layers")  # fmt: skip
+                raise ValueError(
+                    f"{self.name}: target_modules is a regex, which PEFT does not "
+                    "combine with layers_to_transform; give a list of names, or "
+                    "compare without adapted_layers"
+                )
             fields["layers_to_transform"] = layers_to_transform
         return make_config(cls, fields, self.name)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "peft_type": self.peft_type, "fields": self.fields,
-                "training": self.training, "source": self.source,
-                "not_applied": list(self.not_applied),
-                "lrs": None if self.lrs is None else list(self.lrs)}  # fmt: skip
+        return {
+            "name": self.name,
+            "peft_type": self.peft_type,
+            "fields": self.fields,
+            "training": self.training,
+            "source": self.source,
+            "not_applied": list(self.not_applied),
+            "lrs": None if self.lrs is None else list(self.lrs),
+        }
 
 
 def config_class(peft_type: str) -> type[PeftConfig]:
@@ -109,8 +131,10 @@ def config_class(peft_type: str) -> type[PeftConfig]:
         known = sorted(t.value.lower() for t in PEFT_TYPE_TO_CONFIG_MAPPING)
         close = difflib.get_close_matches(peft_type.lower(), known, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown method {peft_type.lower()!r}{hint}; the installed PEFT has: "
-                         f"dora, {', '.join(known)}") from None  # fmt: skip
+        raise ValueError(
+            f"unknown method {peft_type.lower()!r}{hint}; the installed PEFT has: "
+            f"dora, {', '.join(known)}"
+        ) from None
     if member not in PEFT_TYPE_TO_CONFIG_MAPPING:
         raise ValueError(f"the installed PEFT has no config for {member.value}")
     return PEFT_TYPE_TO_CONFIG_MAPPING[member]
@@ -177,8 +201,11 @@ def _accepts(hint: Any, value: Any) -> bool:
     if hint is str:
         return isinstance(value, str)
     if origin in (list, tuple, set) or hint in (list, tuple, set):
-        return isinstance(value, list) and all(_accepts(args[0], v) for v in value) \
-            if args and origin is list else isinstance(value, list)  # fmt: skip
+        return (
+            isinstance(value, list) and all(_accepts(args[0], v) for v in value)
+            if args and origin is list
+            else isinstance(value, list)
+        )
     if origin is dict or hint is dict:
         return isinstance(value, dict)
     return True
@@ -240,8 +267,9 @@ def parse_specs(spec: str) -> list[Method]:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"{spec}: {cls.__name__} has no field {key!r}{hint}")
         if text.startswith("[") and not isinstance(_value(text), list):
-            raise ValueError(f"{spec}: {key}={text} is not a list; write a sweep as "
-                             f"{key}=[1,2,4] (a JSON list)")  # fmt: skip
+            raise ValueError(
+                f"{spec}: {key}={text} is not a list; write a sweep as {key}=[1,2,4] (a JSON list)"
+            )
         value = _value(text)
         values = value if _swept(hints.get(key), value) else [value]
         if not values:
@@ -249,11 +277,15 @@ def parse_specs(spec: str) -> list[Method]:
         for v in values:
             if key == "r" and v == FULL:
                 if hints.get("r") is not int:
-                    raise ValueError(f"{spec}: r=full needs a method with an integer rank r; "
-                                     f"{cls.__name__} has none")  # fmt: skip
+                    raise ValueError(
+                        f"{spec}: r=full needs a method with an integer rank r; "
+                        f"{cls.__name__} has none"
+                    )
             elif key in hints and not _accepts(hints[key], v):
-                raise ValueError(f"{spec}: {key}={_render(v)} is not a valid value: {key} is "
-                                 f"{_type_name(hints[key])}")  # fmt: skip
+                raise ValueError(
+                    f"{spec}: {key}={_render(v)} is not a valid value: {key} is "
+                    f"{_type_name(hints[key])}"
+                )
         parts.append((key, values))
     swept = any(len(values) > 1 for _, values in parts)
     keys = [k for k, _ in parts]
@@ -263,8 +295,11 @@ def parse_specs(spec: str) -> list[Method]:
         if kind == "dora":
             fields.setdefault("use_dora", True)
         body = ",".join(f"{k}={_render(v)}" for k, v in zip(keys, combo))
-        name = f"{kind}:{body}" if body and swept else (f"{kind}:{','.join(written)}"
-                                                        if body else kind)  # fmt: skip
+        name = (
+            f"{kind}:{body}"
+            if body and swept
+            else (f"{kind}:{','.join(written)}" if body else kind)
+        )
         rest = ",".join(f"{k}={_render(v)}" for k, v in zip(keys, combo) if k != "r")
         family = f"{kind}:{rest}" if rest else kind
         checked = dict(fields, r=1) if fields.get("r") == FULL else fields
@@ -277,10 +312,13 @@ def _rate_grid(spec: str, text: str) -> tuple[float, ...]:
     """``lrs=[1e-3,3e-3]`` (or one rate): the method's own rate grid, never a sweep."""
     value = _value(text)
     rates = value if isinstance(value, list) else [value]
-    if not rates or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
-                            for x in rates):  # fmt: skip
-        raise ValueError(f"{spec}: {LRS}={text} is not a rate grid: give positive learning "
-                         f"rates, e.g. {LRS}=[1e-3,3e-3]")  # fmt: skip
+    if not rates or not all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in rates
+    ):
+        raise ValueError(
+            f"{spec}: {LRS}={text} is not a rate grid: give positive learning "
+            f"rates, e.g. {LRS}=[1e-3,3e-3]"
+        )
     return tuple(sorted({float(x) for x in rates}))
 
 
@@ -303,12 +341,14 @@ def _full_rank_of(module: nn.Module, name: str) -> int:
         return min(module.weight.shape)
     if hasattr(module, "in_features") and hasattr(module, "out_features"):
         return min(module.in_features, module.out_features)
-    raise ValueError(f"r=full: cannot tell the full rank of {name} ({type(module).__name__}); "
-                     "give r as a number")  # fmt: skip
+    raise ValueError(
+        f"r=full: cannot tell the full rank of {name} ({type(module).__name__}); give r as a number"
+    )
 
 
-def at_full_rank(method: Method, model: nn.Module,
-                 layers_to_transform: list[int] | None = None) -> Method:  # fmt: skip
+def at_full_rank(
+    method: Method, model: nn.Module, layers_to_transform: list[int] | None = None
+) -> Method:
     """``method`` with ``r=full`` made concrete for ``model``: each targeted layer at
     min(in, out), through ``rank_pattern`` where layers differ (``r`` is the most
     common one). Other methods are returned as they are."""
@@ -318,17 +358,24 @@ def at_full_rank(method: Method, model: nn.Module,
     from peft.tuners.tuners_utils import check_target_module_exists
 
     probe = Method(method.name, method.peft_type, dict(method.fields, r=1)).config(
-        layers_to_transform)
+        layers_to_transform
+    )
     if probe.target_modules is None:  # PEFT's default targets for the architecture
-        defaults = getattr(PEFT_TYPE_TO_TUNER_MAPPING.get(PeftType(method.peft_type)),
-                           "target_module_mapping", {})  # fmt: skip
+        defaults = getattr(
+            PEFT_TYPE_TO_TUNER_MAPPING.get(PeftType(method.peft_type)), "target_module_mapping", {}
+        )
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in defaults:
-            raise ValueError(f"{method.name}: r=full needs target_modules: PEFT has no "
-                             f"default targets for {model_type or type(model).__name__}")
+            raise ValueError(
+                f"{method.name}: r=full needs target_modules: PEFT has no "
+                f"default targets for {model_type or type(model).__name__}"
+            )
         probe.target_modules = set(defaults[model_type])
-    ranks = {name: _full_rank_of(module, name) for name, module in model.named_modules()
-             if name and check_target_module_exists(probe, name)}  # fmt: skip
+    ranks = {
+        name: _full_rank_of(module, name)
+        for name, module in model.named_modules()
+        if name and check_target_module_exists(probe, name)
+    }
     if not ranks:
         raise ValueError(f"{method.name}: r=full: no layer of the model matches its targets")
     common = max(set(ranks.values()), key=list(ranks.values()).count)
@@ -356,18 +403,35 @@ def read_folder(folder: str | os.PathLike) -> Method:
     folder = Path(folder)
     config_path = folder / "adapter_config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{folder}: no adapter_config.json (a PEFT experiment folder "
-                                "holds one, and optionally training_params.json)")  # fmt: skip
+        raise FileNotFoundError(
+            f"{folder}: no adapter_config.json (a PEFT experiment folder "
+            "holds one, and optionally training_params.json)"
+        )
     raw = _read_json(config_path)
     if "peft_type" not in raw:
         raise ValueError(f"{config_path}: no peft_type")
     cls = config_class(str(raw["peft_type"]))
     known = {f.name for f in dataclasses.fields(cls)}
     # Written by another PEFT version: fields this one lacks are left out (and named).
-    fields = {k: v for k, v in raw.items() if k in known and k not in ("peft_type", "peft_version",
-              "base_model_name_or_path", "revision", "inference_mode", "auto_mapping")}  # fmt: skip
-    dropped = [f"{k} (adapter_config.json: not in this PEFT's {cls.__name__})"
-               for k in raw if k not in known and k not in ("peft_type", "peft_version")]
+    fields = {
+        k: v
+        for k, v in raw.items()
+        if k in known
+        and k
+        not in (
+            "peft_type",
+            "peft_version",
+            "base_model_name_or_path",
+            "revision",
+            "inference_mode",
+            "auto_mapping",
+        )
+    }
+    dropped = [
+        f"{k} (adapter_config.json: not in this PEFT's {cls.__name__})"
+        for k in raw
+        if k not in known and k not in ("peft_type", "peft_version")
+    ]
     training: dict[str, Any] = {}
     params_path = folder / "training_params.json"
     if params_path.is_file():
@@ -382,8 +446,14 @@ def read_folder(folder: str | os.PathLike) -> Method:
                 raise ValueError(f"{params_path}: unknown option {key!r}")
     name = "/".join(folder.resolve().parts[-2:])
     make_config(cls, fields, name)
-    return Method(name, PeftType(str(raw["peft_type"]).upper()).value, fields, training,
-                  str(folder.resolve()), tuple(dropped))  # fmt: skip
+    return Method(
+        name,
+        PeftType(str(raw["peft_type"]).upper()).value,
+        fields,
+        training,
+        str(folder.resolve()),
+        tuple(dropped),
+    )
 
 
 def methods(spec_or_folder: str | os.PathLike) -> list[Method]:
@@ -413,7 +483,9 @@ def distinct(methods: list[Method]) -> list[Method]:
         if m.name in seen.values():
             raise ValueError(f"method {m.name!r} is given twice")
         if m.slug in seen:
-            raise ValueError(f"methods {seen[m.slug]!r} and {m.name!r} would share the run "
-                             f"folder {m.slug!r}; rename one")  # fmt: skip
+            raise ValueError(
+                f"methods {seen[m.slug]!r} and {m.name!r} would share the run "
+                f"folder {m.slug!r}; rename one"
+            )
         seen[m.slug] = m.name
     return methods

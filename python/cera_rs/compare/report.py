@@ -44,9 +44,16 @@ def differences(comparison: Comparison) -> list[Difference]:
     """Each method against the reference (the first method unless one was named)."""
     reference = _reference(comparison)
     ref_hits = _hits(comparison, reference)
-    return [paired_difference(_hits(comparison, m), ref_hits, (m.name, reference.name),
-                             resamples=comparison.settings.resamples)
-            for m in comparison.methods if m is not reference]  # fmt: skip
+    return [
+        paired_difference(
+            _hits(comparison, m),
+            ref_hits,
+            (m.name, reference.name),
+            resamples=comparison.settings.resamples,
+        )
+        for m in comparison.methods
+        if m is not reference
+    ]
 
 
 def _reference(comparison: Comparison) -> Method:
@@ -58,16 +65,23 @@ def _reference(comparison: Comparison) -> Method:
 def _method_summary(comparison: Comparison, method: Method) -> dict[str, Any]:
     runs = _tested(comparison, method)
     first_seed = comparison.settings.seeds[0]
-    grid = sorted((r for r in comparison.records[method.name] if r["seed"] == first_seed),
-                  key=lambda r: r["lr"])
+    grid = sorted(
+        (r for r in comparison.records[method.name] if r["seed"] == first_seed),
+        key=lambda r: r["lr"],
+    )
     lr = comparison.chosen_lr[method.name]
     lrs = [r["lr"] for r in grid]
     hits = _hits(comparison, method)
     first = runs[0]["test"]
     out = {
-        "peft_type": method.peft_type, "fields": method.fields, "source": method.source,
-        "training": method.training, "not_applied": list(method.not_applied),
-        "lr": lr, "lr_grid": lrs, "lr_at_grid_edge": len(lrs) > 1 and lr in (lrs[0], lrs[-1]),
+        "peft_type": method.peft_type,
+        "fields": method.fields,
+        "source": method.source,
+        "training": method.training,
+        "not_applied": list(method.not_applied),
+        "lr": lr,
+        "lr_grid": lrs,
+        "lr_at_grid_edge": len(lrs) > 1 and lr in (lrs[0], lrs[-1]),
         "valid_by_lr": {f"{r['lr']:g}": r["valid"] for r in grid},
         "seeds": list(comparison.seeds),
         "test_exact_match": [float(h.mean()) for h in hits],
@@ -75,18 +89,22 @@ def _method_summary(comparison: Comparison, method: Method) -> dict[str, Any]:
         # over problems: every seed answers the same ones, so they are not more draws
         "wilson95": list(wilson(round(float(hits.mean(axis=0).sum())), hits.shape[1])),
         "test_loss": float(np.mean([r["test"]["loss"] for r in runs])),
-        "teacher_forced_agreement": float(np.mean([r["test"]["teacher_forced_agreement"]
-                                                   for r in runs])),  # fmt: skip
-        "trainable_params": runs[0]["trainable_params"], "total_params": runs[0]["total_params"],
+        "teacher_forced_agreement": float(
+            np.mean([r["test"]["teacher_forced_agreement"] for r in runs])
+        ),
+        "trainable_params": runs[0]["trainable_params"],
+        "total_params": runs[0]["total_params"],
         "file_size": runs[0]["file_size"],
-    }  # fmt: skip
+    }
     for key in ("spectra", "linearity", "extras"):
         if key in first:
             out[key] = first[key]
     out["test_bits"] = float(np.mean([np.sum(r["test"]["bits"]) for r in runs]))
     for name in comparison.problems.extra_tests:  # e.g. phonebook's reworded prompts
-        out[name] = {"exact_match": [r["test"][name]["exact_match"] for r in runs],
-                     "bits": float(np.mean([np.sum(r["test"][name]["bits"]) for r in runs]))}
+        out[name] = {
+            "exact_match": [r["test"][name]["exact_match"] for r in runs],
+            "bits": float(np.mean([np.sum(r["test"][name]["bits"]) for r in runs])),
+        }
     trains = [r["train"] for r in runs]
     out["costs"] = {
         "train_time_s": float(np.mean([t["train_time"] for t in trains])),
@@ -94,7 +112,7 @@ def _method_summary(comparison: Comparison, method: Method) -> dict[str, Any]:
         "peak_memory_bytes": int(max(t["memory"]["max"] for t in trains)),
         "score_time_s": float(np.mean([r["test"]["score_time"] for r in runs])),
         "ran_on": sorted({f"{r['ran_on']['node']} ({r['ran_on']['device']})" for r in runs}),
-    }  # fmt: skip
+    }
     return out
 
 
@@ -102,99 +120,155 @@ def summarise(comparison: Comparison) -> dict[str, Any]:
     p, s = comparison.problems, comparison.settings
     return {
         "model": comparison.model,
-        "data": {"source": p.source, "digest": p.digest, "notes": list(p.notes),
-                 "extra_tests": list(p.extra_tests), "score": p.score,
-                 "sizes": {"train": len(p.train), "valid": len(p.valid), "test": len(p.test)}},
-        "settings": {"steps": s.steps, "batch": s.batch, "lrs": list(s.lrs),
-                     "seeds": list(comparison.seeds), "adapted_layers": s.adapted_layers,
-                     "max_seq_length": s.max_seq_length, "resamples": s.resamples},
+        "data": {
+            "source": p.source,
+            "digest": p.digest,
+            "notes": list(p.notes),
+            "extra_tests": list(p.extra_tests),
+            "score": p.score,
+            "sizes": {"train": len(p.train), "valid": len(p.valid), "test": len(p.test)},
+        },
+        "settings": {
+            "steps": s.steps,
+            "batch": s.batch,
+            "lrs": list(s.lrs),
+            "seeds": list(comparison.seeds),
+            "adapted_layers": s.adapted_layers,
+            "max_seq_length": s.max_seq_length,
+            "resamples": s.resamples,
+        },
         "device": comparison.device,
         "reference": _reference(comparison).name,
         "base_exact_match": float(comparison.base_hits.mean()),
         "methods": {m.name: _method_summary(comparison, m) for m in comparison.methods},
-        "differences": [{"method": d.method, "reference": d.reference, "mean": d.mean,
-                         "low": d.low, "high": d.high, "verdict": d.verdict,
-                         "discordant": d.discordant, "sentence": d.sentence()}
-                        for d in differences(comparison)],
+        "differences": [
+            {
+                "method": d.method,
+                "reference": d.reference,
+                "mean": d.mean,
+                "low": d.low,
+                "high": d.high,
+                "verdict": d.verdict,
+                "discordant": d.discordant,
+                "sentence": d.sentence(),
+            }
+            for d in differences(comparison)
+        ],
         "curves": _curves(comparison),
         "resolve": comparison.resolved,
-    }  # fmt: skip
+    }
 
 
 def _curves(comparison: Comparison) -> dict[str, Any] | None:
     """Rank curves, multipliers and the ceiling, where the methods make a curve (a
     family of two or more ranks) or include a full-rank LoRA."""
     named = curves.families(comparison.methods)
-    if not any(len(ms) > 1 for ms in named.values()) and \
-            not any(m.ceiling for m in comparison.methods):  # fmt: skip
+    if not any(len(ms) > 1 for ms in named.values()) and not any(
+        m.ceiling for m in comparison.methods
+    ):
         return None
     runs = {m.name: _tested(comparison, m) for m in comparison.methods}
     params = {name: rs[0]["trainable_params"] for name, rs in runs.items()}
-    return curves.summarise(comparison.methods, runs, params, comparison.problems.score,
-                            comparison.settings.resamples)  # fmt: skip
+    return curves.summarise(
+        comparison.methods, runs, params, comparison.problems.score, comparison.settings.resamples
+    )
 
 
 def scores_markdown(summary: dict[str, Any]) -> str:
     """The part of the report that a resumed comparison reproduces exactly."""
     s, sizes = summary["settings"], summary["data"]["sizes"]
-    lines = [f"# {summary['model']}: {summary['data']['source']}", "",
-             f"{sizes['train']} training, {sizes['valid']} valid and {sizes['test']} test "
-             f"problems; {s['steps']} steps of batch {s['batch']}; seeds "
-             f"{', '.join(map(str, s['seeds']))}; learning rate chosen per method by valid "
-             f"exact match (teacher-forced, seed {s['seeds'][0]}, lower valid loss on a tie) "
-             f"from {', '.join(f'{x:g}' for x in s['lrs'])}"
-             + (f"; adapters on the last {s['adapted_layers']} layers" if s["adapted_layers"]
-                else "") + ".", "",
-             "## Test exact match (greedy decoding)", "",
-             f"The base model, no adapter: {_pct(summary['base_exact_match'])} %.", "",
-             "| method | trainable params | lr | exact match % (mean) | per seed | Wilson 95 % "
-             "(n = problems) | test loss | eff. rank | held-out lin@r |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        f"# {summary['model']}: {summary['data']['source']}",
+        "",
+        f"{sizes['train']} training, {sizes['valid']} valid and {sizes['test']} test "
+        f"problems; {s['steps']} steps of batch {s['batch']}; seeds "
+        f"{', '.join(map(str, s['seeds']))}; learning rate chosen per method by valid "
+        f"exact match (teacher-forced, seed {s['seeds'][0]}, lower valid loss on a tie) "
+        f"from {', '.join(f'{x:g}' for x in s['lrs'])}"
+        + (f"; adapters on the last {s['adapted_layers']} layers" if s["adapted_layers"] else "")
+        + ".",
+        "",
+        "## Test exact match (greedy decoding)",
+        "",
+        f"The base model, no adapter: {_pct(summary['base_exact_match'])} %.",
+        "",
+        "| method | trainable params | lr | exact match % (mean) | per seed | Wilson 95 % "
+        "(n = problems) | test loss | eff. rank | held-out lin@r |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, m in summary["methods"].items():
         low, high = m["wilson95"]
         edge = " (edge)" if m["lr_at_grid_edge"] else ""
         rank = f"{m['spectra']['effective_rank']:.1f}" if "spectra" in m else "-"
         lin = f"{m['linearity']['held_out_linearity_at_r']:.4f}" if "linearity" in m else "-"
-        lines.append(f"| {name} | {m['trainable_params']:,} | {m['lr']:g}{edge} | "
-                     f"{_pct(m['test_exact_match_mean'])} | "
-                     f"{' / '.join(_pct(x) for x in m['test_exact_match'])} | "
-                     f"{_pct(low)}-{_pct(high)} | {m['test_loss']:.3f} | {rank} | {lin} |")
-    lines += ["", f"## Against {summary['reference']} (paired over seeds and problems)", "",
-              "| method | difference (points) | 95 % interval | verdict |",
-              "|---|---:|---:|---|"]  # fmt: skip
+        lines.append(
+            f"| {name} | {m['trainable_params']:,} | {m['lr']:g}{edge} | "
+            f"{_pct(m['test_exact_match_mean'])} | "
+            f"{' / '.join(_pct(x) for x in m['test_exact_match'])} | "
+            f"{_pct(low)}-{_pct(high)} | {m['test_loss']:.3f} | {rank} | {lin} |"
+        )
+    lines += [
+        "",
+        f"## Against {summary['reference']} (paired over seeds and problems)",
+        "",
+        "| method | difference (points) | 95 % interval | verdict |",
+        "|---|---:|---:|---|",
+    ]
     for d in summary["differences"]:
-        lines.append(f"| {d['method']} | {100 * d['mean']:+.1f} | {100 * d['low']:+.1f} to "
-                     f"{100 * d['high']:+.1f} | {d['verdict']} |")  # fmt: skip
-    lines += ["", "Each interval is the crossed bootstrap over seeds and problems, widened to "
-              "Student's t interval over the per-seed differences where that is wider; "
-              f"with {len(summary['differences'])} comparisons, about one in twenty "
-              "differences that are not there would still be called, so a single verdict "
-              "among many is weaker than it reads. The first seed's run is also the one "
-              "whose valid score chose the rate, which flatters that seed a little for every "
-              "method alike.", ""]  # fmt: skip
+        lines.append(
+            f"| {d['method']} | {100 * d['mean']:+.1f} | {100 * d['low']:+.1f} to "
+            f"{100 * d['high']:+.1f} | {d['verdict']} |"
+        )
+    lines += [
+        "",
+        "Each interval is the crossed bootstrap over seeds and problems, widened to "
+        "Student's t interval over the per-seed differences where that is wider; "
+        f"with {len(summary['differences'])} comparisons, about one in twenty "
+        "differences that are not there would still be called, so a single verdict "
+        "among many is weaker than it reads. The first seed's run is also the one "
+        "whose valid score chose the rate, which flatters that seed a little for every "
+        "method alike.",
+        "",
+    ]
     lines += [d["sentence"] for d in summary["differences"]]
     if summary.get("resolve"):
         lines += ["", _resolve_markdown(summary["resolve"], summary["reference"])]
     edges = [f"{n} ({m['lr']:g})" for n, m in summary["methods"].items() if m["lr_at_grid_edge"]]
     if edges:
-        lines += ["", "Chosen at the edge of the rate grid, so a rate beyond it might have done "
-                  f"better: {', '.join(edges)}."]  # fmt: skip
-    own = [f"{n} ({', '.join(f'{x:g}' for x in m['lr_grid'])})"
-           for n, m in summary["methods"].items() if set(m["lr_grid"]) != set(s["lrs"])]
+        lines += [
+            "",
+            "Chosen at the edge of the rate grid, so a rate beyond it might have done "
+            f"better: {', '.join(edges)}.",
+        ]
+    own = [
+        f"{n} ({', '.join(f'{x:g}' for x in m['lr_grid'])})"
+        for n, m in summary["methods"].items()
+        if set(m["lr_grid"]) != set(s["lrs"])
+    ]
     if own:
         lines += ["", f"Rate grids of their own: {', '.join(own)}."]
     if summary["data"]["notes"]:
         lines += ["", "Data: " + "; ".join(summary["data"]["notes"]) + "."]
     for name in summary["data"]["extra_tests"]:
-        lines += ["", f"## The {name} split (the same facts, asked in other words)", "",
-                  "| method | exact match % per seed | bits stored (mean over seeds) |",
-                  "|---|---:|---:|"]  # fmt: skip
-        lines += [f"| {n} | {' / '.join(_pct(x) for x in m[name]['exact_match'])} | "
-                  f"{m[name]['bits']:.1f} |" for n, m in summary["methods"].items()]
+        lines += [
+            "",
+            f"## The {name} split (the same facts, asked in other words)",
+            "",
+            "| method | exact match % per seed | bits stored (mean over seeds) |",
+            "|---|---:|---:|",
+        ]
+        lines += [
+            f"| {n} | {' / '.join(_pct(x) for x in m[name]['exact_match'])} | "
+            f"{m[name]['bits']:.1f} |"
+            for n, m in summary["methods"].items()
+        ]
     if summary.get("curves"):
         lines += ["", curves.markdown(summary["curves"])]
-    notes = [f"{n}: {', '.join(m['not_applied'])}" for n, m in summary["methods"].items()
-             if m["not_applied"]]  # fmt: skip
+    notes = [
+        f"{n}: {', '.join(m['not_applied'])}"
+        for n, m in summary["methods"].items()
+        if m["not_applied"]
+    ]
     if notes:
         lines += ["", "Options of the method folders not applied: " + "; ".join(notes) + "."]
     return "\n".join(lines)
@@ -202,16 +276,24 @@ def scores_markdown(summary: dict[str, Any]) -> str:
 
 def _resolve_markdown(r: dict[str, Any], reference: str) -> str:
     """How many seeds ``--resolve`` ran, why it stopped, and the pilot that sized it."""
-    why = (f"every interval is within +-{r['target_points']:g} points" if r["stopped"] == "reached"
-           else f"--max-seeds {r['max_seeds']} reached, short of +-{r['target_points']:g} points")
-    lines = [f"## Seeds (--resolve {r['target_points']:g}, --max-seeds {r['max_seeds']})", "",
-             f"Seeds were added to the first {r['first_seeds']} until every interval against "
-             f"{reference} was within +-{r['target_points']:g} points or {r['max_seeds']} seeds "
-             f"were run: {r['seeds']} seeds, stopped because {why}. The seeds a method "
-             "needs: the smallest k with t975(k-1) s / sqrt(k) within the target, s the "
-             "per-seed spread of its difference after the first seeds.", "",
-             "| method | half-width reached (points) | after the first seeds: per-seed "
-             "spread (points) | seeds it needs |", "|---|---:|---:|---:|"]  # fmt: skip
+    why = (
+        f"every interval is within +-{r['target_points']:g} points"
+        if r["stopped"] == "reached"
+        else f"--max-seeds {r['max_seeds']} reached, short of +-{r['target_points']:g} points"
+    )
+    lines = [
+        f"## Seeds (--resolve {r['target_points']:g}, --max-seeds {r['max_seeds']})",
+        "",
+        f"Seeds were added to the first {r['first_seeds']} until every interval against "
+        f"{reference} was within +-{r['target_points']:g} points or {r['max_seeds']} seeds "
+        f"were run: {r['seeds']} seeds, stopped because {why}. The seeds a method "
+        "needs: the smallest k with t975(k-1) s / sqrt(k) within the target, s the "
+        "per-seed spread of its difference after the first seeds.",
+        "",
+        "| method | half-width reached (points) | after the first seeds: per-seed "
+        "spread (points) | seeds it needs |",
+        "|---|---:|---:|---:|",
+    ]
     for name, width in r["half_width_points"].items():
         pilot = r["pilot"][name]
         spread = "-" if pilot["spread_points"] is None else f"{pilot['spread_points']:.1f}"
@@ -220,13 +302,19 @@ def _resolve_markdown(r: dict[str, Any], reference: str) -> str:
 
 
 def costs_markdown(summary: dict[str, Any]) -> str:
-    lines = [f"## Costs (measured on {summary['device']}; they vary from run to run)", "",
-             "| method | adapter file (KiB) | train time (s, mean) | tokens/s | peak memory "
-             "growth (MiB) |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        f"## Costs (measured on {summary['device']}; they vary from run to run)",
+        "",
+        "| method | adapter file (KiB) | train time (s, mean) | tokens/s | peak memory "
+        "growth (MiB) |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, m in summary["methods"].items():
         c = m["costs"]
-        lines.append(f"| {name} | {m['file_size'] / 1024:,.0f} | {c['train_time_s']:.1f} | "
-                     f"{c['tokens_per_s']:,.0f} | {c['peak_memory_bytes'] / MiB:,.0f} |")
+        lines.append(
+            f"| {name} | {m['file_size'] / 1024:,.0f} | {c['train_time_s']:.1f} | "
+            f"{c['tokens_per_s']:,.0f} | {c['peak_memory_bytes'] / MiB:,.0f} |"
+        )
     places = sorted({p for m in summary["methods"].values() for p in m["costs"]["ran_on"]})
     lines += ["", f"Trained on: {'; '.join(places)}."]
     return "\n".join(lines)
@@ -243,9 +331,14 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         y = 100 * m["test_exact_match_mean"]
         low, high = (100 * v for v in m["wilson95"])
         # clamped: Wilson's bound at 0 % can sit a rounding error above the score
-        ax.errorbar(m["trainable_params"], y, yerr=[[max(0.0, y - low)], [max(0.0, high - y)]],
-                    fmt="o", capsize=4,
-                    label=name)  # fmt: skip
+        ax.errorbar(
+            m["trainable_params"],
+            y,
+            yerr=[[max(0.0, y - low)], [max(0.0, high - y)]],
+            fmt="o",
+            capsize=4,
+            label=name,
+        )
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel("test exact match % (Wilson 95 %)")
@@ -271,50 +364,81 @@ def peft_result(comparison: Comparison, method: Method, record: dict) -> dict[st
     s, train, test = comparison.settings, record["train"], record["test"]
     config = method.config(None).to_dict()
     config["peft_type"] = method.peft_type
-    train_config = {"model_id": comparison.model, "batch_size": s.batch, "max_steps": s.steps,
-                    "seed": record["seed"], "optimizer_type": method.training.get(
-                        "optimizer_type", "AdamW"),
-                    "optimizer_kwargs": {"weight_decay": 0.0, **method.training.get(
-                        "optimizer_kwargs", {}), "lr": record["lr"]},
-                    "lr_scheduler": method.training.get("lr_scheduler", "constant"),
-                    "grad_norm_clip": method.training.get("grad_norm_clip", 1.0),
-                    "max_seq_length": s.max_seq_length, "adapted_layers": s.adapted_layers,
-                    "dtype": "bfloat16 autocast" if comparison.device == "cuda" else "float32",
-                    "data": comparison.problems.source}  # fmt: skip
+    train_config = {
+        "model_id": comparison.model,
+        "batch_size": s.batch,
+        "max_steps": s.steps,
+        "seed": record["seed"],
+        "optimizer_type": method.training.get("optimizer_type", "AdamW"),
+        "optimizer_kwargs": {
+            "weight_decay": 0.0,
+            **method.training.get("optimizer_kwargs", {}),
+            "lr": record["lr"],
+        },
+        "lr_scheduler": method.training.get("lr_scheduler", "constant"),
+        "grad_norm_clip": method.training.get("grad_norm_clip", 1.0),
+        "max_seq_length": s.max_seq_length,
+        "adapted_layers": s.adapted_layers,
+        "dtype": "bfloat16 autocast" if comparison.device == "cuda" else "float32",
+        "data": comparison.problems.source,
+    }
     packages = ("transformers", "peft", "datasets", "bitsandbytes", "torch", "cera_rs")
     return {
-        "run_info": {"created_at": record["created_at"],
-                     "total_time": train["train_time"] + test["score_time"],
-                     "experiment_name": f"{method.name} seed {record['seed']}",
-                     "peft_branch": "release", "train_config": train_config,
-                     "peft_config": json.loads(json.dumps(config, default=list)),
-                     "error_msg": ""},
-        "train_info": {"accelerator_memory_reserved_avg": train["memory"]["avg"],
-                       "accelerator_memory_max": train["memory"]["max"],
-                       "accelerator_memory_reserved_99th": train["memory"]["99th"],
-                       "train_time": train["train_time"], "file_size": record["file_size"],
-                       "num_trainable_params": record["trainable_params"],
-                       "num_total_params": record["total_params"], "status": "success",
-                       "metrics": [{"step": s.steps,
-                                    "valid accuracy": record["valid"]["exact_match"],
-                                    "train loss": train["train_loss"],
-                                    "train samples": train["samples"],
-                                    "tokens / sec": train["tokens"] / train["train_time"]},
-                                   {"step": s.steps, "test accuracy": test["exact_match"],
-                                    "test loss": test["loss"], "train loss": train["train_loss"],
-                                    "train samples": train["samples"],
-                                    "train total tokens": train["tokens"]}]},
-        "meta_info": {"model_info": {"name": comparison.model},
-                      "dataset_info": {"source": comparison.problems.source,
-                                       "digest": comparison.problems.digest},
-                      "package_info": {f"{p}-version": _version(p) for p in packages},
-                      "system_info": {"system": platform.system(), "release": platform.release(),
-                                      "machine": platform.machine(),
-                                      "processor": platform.processor(),
-                                      "accelerator": (torch.cuda.get_device_name()
-                                                      if comparison.device == "cuda" else "cpu")},
-                      "pytorch_info": torch.__config__.show()},
-    }  # fmt: skip
+        "run_info": {
+            "created_at": record["created_at"],
+            "total_time": train["train_time"] + test["score_time"],
+            "experiment_name": f"{method.name} seed {record['seed']}",
+            "peft_branch": "release",
+            "train_config": train_config,
+            "peft_config": json.loads(json.dumps(config, default=list)),
+            "error_msg": "",
+        },
+        "train_info": {
+            "accelerator_memory_reserved_avg": train["memory"]["avg"],
+            "accelerator_memory_max": train["memory"]["max"],
+            "accelerator_memory_reserved_99th": train["memory"]["99th"],
+            "train_time": train["train_time"],
+            "file_size": record["file_size"],
+            "num_trainable_params": record["trainable_params"],
+            "num_total_params": record["total_params"],
+            "status": "success",
+            "metrics": [
+                {
+                    "step": s.steps,
+                    "valid accuracy": record["valid"]["exact_match"],
+                    "train loss": train["train_loss"],
+                    "train samples": train["samples"],
+                    "tokens / sec": train["tokens"] / train["train_time"],
+                },
+                {
+                    "step": s.steps,
+                    "test accuracy": test["exact_match"],
+                    "test loss": test["loss"],
+                    "train loss": train["train_loss"],
+                    "train samples": train["samples"],
+                    "train total tokens": train["tokens"],
+                },
+            ],
+        },
+        "meta_info": {
+            "model_info": {"name": comparison.model},
+            "dataset_info": {
+                "source": comparison.problems.source,
+                "digest": comparison.problems.digest,
+            },
+            "package_info": {f"{p}-version": _version(p) for p in packages},
+            "system_info": {
+                "system": platform.system(),
+                "release": platform.release(),
+                "machine": platform.machine(),
+                "processor": platform.processor(),
+                "accelerator": (
+                    torch.cuda.get_device_name() if comparison.device == "cuda" else "cpu"
+                ),
+            },
+            "pytorch_info": torch.__config__.show(),
+        },
+    }
 
 
 def write(comparison: Comparison) -> dict[str, Any]:
@@ -334,6 +458,5 @@ def write(comparison: Comparison) -> dict[str, Any]:
         f.write(scores_markdown(summary) + "\n\n" + costs_markdown(summary) + "\n")
     plot(summary, out / "exact_match.png")
     if summary["curves"]:
-        curves.plot(summary["curves"], out / "curves.png",
-                    summary["data"]["source"].split(" (")[0])  # fmt: skip
+        curves.plot(summary["curves"], out / "curves.png", summary["data"]["source"].split(" (")[0])
     return summary

@@ -44,8 +44,14 @@ class Round:
     stopped: str | None  # REACHED, MAX_SEEDS, or None while seeds are added
 
 
-def decide(hits: dict[str, np.ndarray], reference: str, target: float, max_seeds: int,
-           first: tuple[int, ...], resamples: int = 10_000) -> Round:  # fmt: skip
+def decide(
+    hits: dict[str, np.ndarray],
+    reference: str,
+    target: float,
+    max_seeds: int,
+    first: tuple[int, ...],
+    resamples: int = 10_000,
+) -> Round:
     """The round after the seeds in ``hits`` (method name: (seeds, problems) answers,
     the seeds in ``seed_order(first, ...)``): stop when every half-width is below
     ``target`` points (two seeds at least: one measures no training spread) or
@@ -75,10 +81,16 @@ def describe(step: Round, reference: str, target: float, max_seeds: int, pilot: 
     """What a comparison prints after each round; after the first, the pilot
     arithmetic: per method, the spread s and the smallest k with
     t975(k - 1) * s / sqrt(k) <= target."""
-    lines = [f"resolve (+-{target:g} points against {reference}, at most {max_seeds} seeds), "
-             f"after {step.seeds} seed{'s' if step.seeds > 1 else ''}"
-             + (f" (seeds needed: the smallest k with t975(k-1) * spread / sqrt(k) <= {target:g})"
-                if pilot and step.seeds > 1 else "") + ":"]  # fmt: skip
+    lines = [
+        f"resolve (+-{target:g} points against {reference}, at most {max_seeds} seeds), "
+        f"after {step.seeds} seed{'s' if step.seeds > 1 else ''}"
+        + (
+            f" (seeds needed: the smallest k with t975(k-1) * spread / sqrt(k) <= {target:g})"
+            if pilot and step.seeds > 1
+            else ""
+        )
+        + ":"
+    ]
     for name, w in step.half_width.items():
         s, k = step.spread[name], step.needed[name]
         line = f"  {name}: half-width {w:.1f} points"
@@ -98,9 +110,19 @@ def summary(rounds: list[Round], target: float, max_seeds: int) -> dict:
     """What the report states: the target, where the seeds stopped and why, the
     half-width reached per method, and the pilot after the first seeds."""
     first, last = rounds[0], rounds[-1]
-    return {"target_points": target, "max_seeds": max_seeds, "first_seeds": first.seeds,
-            "seeds": last.seeds, "stopped": last.stopped, "half_width_points": last.half_width,
-            "pilot": {n: {"spread_points": first.spread[n], "seeds_needed": first.needed[n]}
-                      for n in first.half_width},
-            "rounds": [{"seeds": r.seeds, "half_width_points": r.half_width,
-                        "added": list(r.added)} for r in rounds]}  # fmt: skip
+    return {
+        "target_points": target,
+        "max_seeds": max_seeds,
+        "first_seeds": first.seeds,
+        "seeds": last.seeds,
+        "stopped": last.stopped,
+        "half_width_points": last.half_width,
+        "pilot": {
+            n: {"spread_points": first.spread[n], "seeds_needed": first.needed[n]}
+            for n in first.half_width
+        },
+        "rounds": [
+            {"seeds": r.seeds, "half_width_points": r.half_width, "added": list(r.added)}
+            for r in rounds
+        ],
+    }

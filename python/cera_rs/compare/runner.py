@@ -35,12 +35,15 @@ class Stack:
 
     def __init__(self, model: nn.Module, k: int) -> None:
         inner = getattr(model, "model", None)
-        if not all(hasattr(inner, a) for a in ("layers", "embed_tokens", "rotary_emb", "norm")) \
-                or not hasattr(model, "lm_head"):  # fmt: skip
-            raise ValueError(f"adapted_layers needs a Llama-style decoder (model.layers, "
-                             f"embed_tokens, rotary_emb, norm, lm_head); "
-                             f"{type(model).__name__} is not one: compare without "
-                             "adapted_layers")  # fmt: skip
+        if not all(
+            hasattr(inner, a) for a in ("layers", "embed_tokens", "rotary_emb", "norm")
+        ) or not hasattr(model, "lm_head"):
+            raise ValueError(
+                f"adapted_layers needs a Llama-style decoder (model.layers, "
+                f"embed_tokens, rotary_emb, norm, lm_head); "
+                f"{type(model).__name__} is not one: compare without "
+                "adapted_layers"
+            )
         if not 0 < k <= len(inner.layers):
             raise ValueError(f"adapted_layers={k}: the model has {len(inner.layers)} layers")
         self.model = model
@@ -51,8 +54,7 @@ class Stack:
         positions = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
         rotary = self.inner.rotary_emb(h, positions)
         # The cache positionally: transformers 5.24 renamed the argument (past_key_values).
-        mask = create_causal_mask(self.inner.config, h, None, None,
-                                  position_ids=positions)  # fmt: skip
+        mask = create_causal_mask(self.inner.config, h, None, None, position_ids=positions)
         for layer in layers:
             h = layer(h, attention_mask=mask, position_ids=positions, position_embeddings=rotary)
         return h
@@ -151,24 +153,33 @@ class Runner:
     """The frozen base model, the problems encoded (and their prefix states), and the
     training settings every method shares."""
 
-    def __init__(self, base: nn.Module, tokenizer, problems: Problems, *, steps: int, batch: int,
-                 adapted_layers: int | None, device: torch.device,
-                 max_seq_length: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        base: nn.Module,
+        tokenizer,
+        problems: Problems,
+        *,
+        steps: int,
+        batch: int,
+        adapted_layers: int | None,
+        device: torch.device,
+        max_seq_length: int | None = None,
+    ) -> None:
         self.base = base.to(device)
         self.problems = problems
         self.tokenizer = tokenizer
         self.steps, self.batch = steps, batch
         self.device = device
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                         else nullcontext())  # fmt: skip
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+        )
         self.eos = end_token(tokenizer)
         self.stack = Stack(base, adapted_layers) if adapted_layers else None
         self._frozen = self._base_state()
         self.splits: dict[str, Split] = {}
         self._base_nats: dict[str, np.ndarray] = {}
         for name in problems.splits:
-            same = next((k for k in self.splits if problems.split(k) == problems.split(name)),
-                        None)  # fmt: skip
+            same = next((k for k in self.splits if problems.split(k) == problems.split(name)), None)
             if same is not None:  # e.g. phonebook: valid and test are the training facts
                 self.splits[name] = self.splits[same]
                 continue
@@ -193,13 +204,16 @@ class Runner:
             ids = split.data.ids[picked.to(self.device), :width]
             full = self.base(input_ids=ids).logits[owners, positions].float()
             hidden = self.stack.prefix(ids)
-            cached = self.stack.logits(hidden, owners.to(self.device),
-                                       positions.to(self.device)).float()  # fmt: skip
+            cached = self.stack.logits(
+                hidden, owners.to(self.device), positions.to(self.device)
+            ).float()
         if not torch.allclose(cached, full, rtol=1e-3, atol=1e-3):
-            raise ValueError(f"adapted_layers: {type(self.base).__name__}'s logits differ from "
-                             "its decoder layers run in two parts (max difference "
-                             f"{float((cached - full).abs().max()):.3g}); compare without "
-                             "adapted_layers")  # fmt: skip
+            raise ValueError(
+                f"adapted_layers: {type(self.base).__name__}'s logits differ from "
+                "its decoder layers run in two parts (max difference "
+                f"{float((cached - full).abs().max()):.3g}); compare without "
+                "adapted_layers"
+            )
 
     def _base_state(self) -> list[tuple[int, int, bool]]:
         return [(p.data_ptr(), p._version, p.requires_grad) for p in self.base.parameters()]
@@ -210,9 +224,11 @@ class Runner:
         if self._base_state() != self._frozen:
             for p in self.base.parameters():
                 p.requires_grad_(False)
-            raise ValueError(f"{method.name}: writes to or trains the base model's own weights "
-                             "(an init such as PiSSA, OLoRA or CorDA, or bias='all'), which "
-                             "every run of a comparison shares; compare it on its own")  # fmt: skip
+            raise ValueError(
+                f"{method.name}: writes to or trains the base model's own weights "
+                "(an init such as PiSSA, OLoRA or CorDA, or bias='all'), which "
+                "every run of a comparison shares; compare it on its own"
+            )
 
     @property
     def adapted_layers(self) -> list[int] | None:
@@ -232,8 +248,10 @@ class Runner:
         model = self.copy_base()
         config = method.config(self.adapted_layers)
         if self.stack is not None and isinstance(config, PromptLearningConfig):
-            raise ValueError(f"{method.name}: a prompt-learning method changes the input, not "
-                             "the last layers; compare without adapted_layers")  # fmt: skip
+            raise ValueError(
+                f"{method.name}: a prompt-learning method changes the input, not "
+                "the last layers; compare without adapted_layers"
+            )
         model = get_peft_model(model, config)
         self.check_base(method)
         if self.stack is not None:
@@ -246,14 +264,17 @@ class Runner:
                 continue
             layer = re.search(r"\.layers\.(\d+)\.", name)
             if (layer and int(layer.group(1)) < self.stack.split) or "embed_tokens" in name:
-                raise ValueError(f"{method.name}: trains {name}, below the last adapted layers "
-                                 "whose inputs are cached; compare without adapted_layers")
+                raise ValueError(
+                    f"{method.name}: trains {name}, below the last adapted layers "
+                    "whose inputs are cached; compare without adapted_layers"
+                )
 
     def stack_of(self, model: PeftModel) -> Stack:
         return Stack(model.get_base_model(), len(self.stack.inner.layers) - self.stack.split)
 
-    def _logits(self, model: PeftModel, split: Split, rows: Tensor,
-                stack: Stack | None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    def _logits(
+        self, model: PeftModel, split: Split, rows: Tensor, stack: Stack | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Logits predicting each completion token of ``rows``, the tokens, and the
         index of their problem."""
         data = split.data
@@ -265,8 +286,10 @@ class Runner:
                 logits = stack.logits(split.hidden[rows, :width], owners, positions)
             else:
                 ids = data.ids[rows, :width]
-                out = model(input_ids=ids,
-                            attention_mask=data.attention_mask(rows.cpu(), width).to(self.device))
+                out = model(
+                    input_ids=ids,
+                    attention_mask=data.attention_mask(rows.cpu(), width).to(self.device),
+                )
                 full = out.logits
                 shift = full.shape[1] - width  # virtual tokens of prompt-learning methods
                 logits = full[owners, positions + shift]
@@ -279,14 +302,19 @@ class Runner:
         kwargs = {"weight_decay": 0.0, **opts.get("optimizer_kwargs", {}), "lr": lr}
         optimizer_type = opts.get("optimizer_type", "AdamW")
         if not isinstance(getattr(torch.optim, optimizer_type, None), type):
-            raise ValueError(f"{method.name}: optimizer_type {optimizer_type!r} is not a "
-                             "torch.optim optimiser")  # fmt: skip
+            raise ValueError(
+                f"{method.name}: optimizer_type {optimizer_type!r} is not a torch.optim optimiser"
+            )
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError(f"{method.name}: no trainable parameters")
         opt = getattr(torch.optim, optimizer_type)(params, **kwargs)
-        schedule = get_scheduler(opts.get("lr_scheduler", "constant"), opt, num_warmup_steps=0,
-                                 num_training_steps=self.steps)  # fmt: skip
+        schedule = get_scheduler(
+            opts.get("lr_scheduler", "constant"),
+            opt,
+            num_warmup_steps=0,
+            num_training_steps=self.steps,
+        )
         clip = opts.get("grad_norm_clip", 1.0)
         split = self.splits["train"]
         stack = self.stack_of(model) if self.stack is not None else None
@@ -314,8 +342,9 @@ class Runner:
         elapsed = time.perf_counter() - start
         model.eval()
         tail = losses[-max(1, len(losses) // 10) :]
-        return TrainStats(float(np.mean(tail)), elapsed, tokens, self.steps * self.batch,
-                          _memory_figures(samples))  # fmt: skip
+        return TrainStats(
+            float(np.mean(tail)), elapsed, tokens, self.steps * self.batch, _memory_figures(samples)
+        )
 
     def teacher_forced(self, model: PeftModel, name: str) -> tuple[np.ndarray, float]:
         """Per problem: is every completion token (the end included) the argmax given
@@ -325,8 +354,9 @@ class Runner:
         return correct, float(nats.sum() / tokens)
 
     @torch.no_grad()
-    def forced_scores(self, model: nn.Module, name: str,
-                      batch: int = 64) -> tuple[np.ndarray, np.ndarray, int]:  # fmt: skip
+    def forced_scores(
+        self, model: nn.Module, name: str, batch: int = 64
+    ) -> tuple[np.ndarray, np.ndarray, int]:
         """Teacher-forced, per problem: every completion token the argmax, and the
         completion's cross-entropy summed over its tokens (nats); and the token count.
         ``model`` is a PeftModel, or the frozen base itself (no adapter)."""
@@ -363,8 +393,13 @@ class Runner:
         budget = data.completion_tokens() + 4
         with self.autocast:
             rows = greedy_tokens(model, data.prompts(), budget, self.eos, batch)
-        return np.array([answered(self.tokenizer, row, completion, self.eos)
-                         for row, (_, completion) in zip(rows, data.items)], dtype=bool)
+        return np.array(
+            [
+                answered(self.tokenizer, row, completion, self.eos)
+                for row, (_, completion) in zip(rows, data.items)
+            ],
+            dtype=bool,
+        )
 
 
 def answered(tokenizer, tokens: list[int], completion: str, eos: int) -> bool:
@@ -377,15 +412,17 @@ def answered(tokenizer, tokens: list[int], completion: str, eos: int) -> bool:
 
 
 @torch.no_grad()
-def greedy_tokens(model: nn.Module, prompts: list[list[int]], max_new_tokens: int,
-                  eos: int, batch: int = 128) -> list[list[int]]:  # fmt: skip
+def greedy_tokens(
+    model: nn.Module, prompts: list[list[int]], max_new_tokens: int, eos: int, batch: int = 128
+) -> list[list[int]]:
     """Each prompt's greedy continuation by ``generate`` (``max_new_tokens``, or up to
     and including ``eos``). Prompts of equal length are batched together (no padding)."""
     model.eval()
     device = next(model.parameters()).device
     # A fresh config: the checkpoint's own (repetition penalties, ...) would not be greedy.
-    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos,
-                              pad_token_id=eos)  # fmt: skip
+    config = GenerationConfig(
+        do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos
+    )
     by_length: dict[int, list[int]] = {}
     for i, ids in enumerate(prompts):
         by_length.setdefault(len(ids), []).append(i)
@@ -394,8 +431,9 @@ def greedy_tokens(model: nn.Module, prompts: list[list[int]], max_new_tokens: in
         for start in range(0, len(group), batch):
             indices = group[start : start + batch]
             ids = torch.tensor([prompts[i] for i in indices], device=device)
-            rows = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                  generation_config=config)
+            rows = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config
+            )
             for i, row in zip(indices, rows[:, ids.shape[1] :].tolist()):
                 out[i] = row[: row.index(eos) + 1] if eos in row else row
     return out

@@ -46,16 +46,24 @@ class Settings:
         if self.resolve is None and self.max_seeds is None:
             return
         if self.resolve is None or self.max_seeds is None:
-            raise ValueError("resolve (--resolve D) and max_seeds (--max-seeds S) go together: "
-                             "the half-width to reach, in points, and the most seeds to run")
-        if isinstance(self.resolve, bool) or not isinstance(self.resolve, (int, float)) \
-                or not self.resolve > 0:  # fmt: skip
-            raise ValueError(f"resolve (--resolve) must be a positive number of points, got "
-                             f"{self.resolve!r}")  # fmt: skip
+            raise ValueError(
+                "resolve (--resolve D) and max_seeds (--max-seeds S) go together: "
+                "the half-width to reach, in points, and the most seeds to run"
+            )
+        if (
+            isinstance(self.resolve, bool)
+            or not isinstance(self.resolve, (int, float))
+            or not self.resolve > 0
+        ):
+            raise ValueError(
+                f"resolve (--resolve) must be a positive number of points, got {self.resolve!r}"
+            )
         if not isinstance(self.max_seeds, int) or self.max_seeds <= len(self.seeds):
-            raise ValueError(f"max_seeds (--max-seeds) {self.max_seeds!r} is not above the "
-                             f"{len(self.seeds)} first seeds (--seeds), so resolve could add "
-                             "none")  # fmt: skip
+            raise ValueError(
+                f"max_seeds (--max-seeds) {self.max_seeds!r} is not above the "
+                f"{len(self.seeds)} first seeds (--seeds), so resolve could add "
+                "none"
+            )
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -67,5 +75,9 @@ class Settings:
     def shared(self) -> dict[str, Any]:
         """What a run's result depends on (not the grid, seeds or reference: a run is a
         rate and a seed of its own)."""
-        return {"steps": self.steps, "batch": self.batch, "adapted_layers": self.adapted_layers,
-                "max_seq_length": self.max_seq_length}  # fmt: skip
+        return {
+            "steps": self.steps,
+            "batch": self.batch,
+            "adapted_layers": self.adapted_layers,
+            "max_seq_length": self.max_seq_length,
+        }

@@ -31,8 +31,18 @@ def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-         9: 2.262, 10: 2.228}
+_T975 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+}
 """Student's t, 97.5 % quantile, by degrees of freedom."""
 
 
@@ -42,8 +52,12 @@ def t975(df: int) -> float:
     if df in _T975:
         return _T975[df]
     z = 1.959964
-    return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))
+    return (
+        z
+        + (z**3 + z) / (4 * df)
+        + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3)
+    )
 
 
 @dataclass(frozen=True)
@@ -70,31 +84,40 @@ class Difference:
         return TIE
 
     def sentence(self) -> str:
-        size = (f"{self.seeds} seed{'s' if self.seeds > 1 else ''} x {self.problems} test "
-                "problems")  # fmt: skip
-        interval = (f"{100 * self.mean:+.1f} points (95 % interval "
-                    f"{100 * self.low:+.1f} to {100 * self.high:+.1f}; {size})")  # fmt: skip
+        size = f"{self.seeds} seed{'s' if self.seeds > 1 else ''} x {self.problems} test problems"
+        interval = (
+            f"{100 * self.mean:+.1f} points (95 % interval "
+            f"{100 * self.low:+.1f} to {100 * self.high:+.1f}; {size})"
+        )
         if self.verdict == TIE:
-            text = (f"{self.method} and {self.reference} are not distinguishable at this "
-                    f"size: {interval}")
+            text = (
+                f"{self.method} and {self.reference} are not distinguishable at this "
+                f"size: {interval}"
+            )
         else:
             text = f"{self.method} is {self.verdict} than {self.reference}: {interval}"
         if self.seeds == 1:
-            text += ("; one seed: training's own spread is not measured, so no verdict "
-                     "beyond this")  # fmt: skip
+            text += "; one seed: training's own spread is not measured, so no verdict beyond this"
         return text + "."
 
 
-def paired_difference(method: np.ndarray, reference: np.ndarray, names: tuple[str, str],
-                     resamples: int = 10_000, seed: int = 0) -> Difference:  # fmt: skip
+def paired_difference(
+    method: np.ndarray,
+    reference: np.ndarray,
+    names: tuple[str, str],
+    resamples: int = 10_000,
+    seed: int = 0,
+) -> Difference:
     """The difference of two (seeds, problems) arrays of right/wrong answers, with its
     95 % interval: the percentile interval of ``resamples`` crossed resamplings of
     seeds and problems, widened to the t interval over the per-seed differences where
     that is wider. Deterministic for a given ``seed``."""
     a, b = np.asarray(method, dtype=np.float64), np.asarray(reference, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 2 or a.size == 0:
-        raise ValueError(f"paired answers must be two (seeds, problems) arrays of one shape; "
-                         f"got {a.shape} and {b.shape}")  # fmt: skip
+        raise ValueError(
+            f"paired answers must be two (seeds, problems) arrays of one shape; "
+            f"got {a.shape} and {b.shape}"
+        )
     diff = a - b
     n_seeds, n_problems = diff.shape
     rng = np.random.default_rng(seed)
@@ -114,8 +137,16 @@ def paired_difference(method: np.ndarray, reference: np.ndarray, names: tuple[st
         per_seed = diff.mean(axis=1)
         half = t975(n_seeds - 1) * per_seed.std(ddof=1) / np.sqrt(n_seeds)
         low, high = min(low, per_seed.mean() - half), max(high, per_seed.mean() + half)
-    return Difference(names[0], names[1], float(diff.mean()), float(low), float(high),
-                      n_seeds, n_problems, int(np.count_nonzero(diff)))  # fmt: skip
+    return Difference(
+        names[0],
+        names[1],
+        float(diff.mean()),
+        float(low),
+        float(high),
+        n_seeds,
+        n_problems,
+        int(np.count_nonzero(diff)),
+    )
 
 
 def crossed_means(scores: np.ndarray, resamples: int = 10_000, seed: int = 0) -> np.ndarray:
@@ -192,28 +223,42 @@ class Multiplier:
         if self.where == FLAT:
             rise = self.family_rise
             scale = 100 if self.unit == "points" else rise.problems
-            return (f"{self.method}: no multiplier can be read, because the {self.family} "
-                    f"curve is flat (its best member against its smallest: "
-                    f"{scale * rise.mean:+.1f} {self.unit}, 95 % interval "
-                    f"{scale * rise.low:+.1f} to {scale * rise.high:+.1f}): "
-                    "rank does not bind here.")  # fmt: skip
+            return (
+                f"{self.method}: no multiplier can be read, because the {self.family} "
+                f"curve is flat (its best member against its smallest: "
+                f"{scale * rise.mean:+.1f} {self.unit}, 95 % interval "
+                f"{scale * rise.low:+.1f} to {scale * rise.high:+.1f}): "
+                "rank does not bind here."
+            )
         if self.where == BELOW:
-            return (f"{self.method} scores below the smallest {self.family} tried, so no "
-                    "multiplier above it can be read.")  # fmt: skip
+            return (
+                f"{self.method} scores below the smallest {self.family} tried, so no "
+                "multiplier above it can be read."
+            )
         if self.where == ABOVE:
             low = f"at least {self.low:.2g}x" if math.isfinite(self.low) else "any multiple"
-            return (f"{self.method} scores above the largest {self.family} tried ({low} its "
-                    "parameters, 95 % lower bound).")  # fmt: skip
+            return (
+                f"{self.method} scores above the largest {self.family} tried ({low} its "
+                "parameters, 95 % lower bound)."
+            )
         high = f"{self.high:.2g}x" if math.isfinite(self.high) else "above the largest tried"
         low = f"{self.low:.2g}x" if self.low > 0 else "below the smallest tried"
-        return (f"{self.method} scores like {self.family} with {self.point:.2g}x its parameters "
-                f"(95 % interval {low} to {high}).")  # fmt: skip
+        return (
+            f"{self.method} scores like {self.family} with {self.point:.2g}x its parameters "
+            f"(95 % interval {low} to {high})."
+        )
 
 
-def parameter_multiplier(method: np.ndarray, params: int, family: list[np.ndarray],
-                         family_params: list[int], names: tuple[str, str],
-                         resamples: int = 10_000, seed: int = 0,
-                         unit: str = "points") -> Multiplier:  # fmt: skip
+def parameter_multiplier(
+    method: np.ndarray,
+    params: int,
+    family: list[np.ndarray],
+    family_params: list[int],
+    names: tuple[str, str],
+    resamples: int = 10_000,
+    seed: int = 0,
+    unit: str = "points",
+) -> Multiplier:
     """``method``'s score (a (seeds, problems) array) read off the family's curve of
     score against parameters (one array per member, ascending parameters), under the
     paired crossed resampling ``paired_difference`` uses. The curve is flat, and no
@@ -238,8 +283,9 @@ def parameter_multiplier(method: np.ndarray, params: int, family: list[np.ndarra
         where = ABOVE
     else:
         where = ON
-    return Multiplier(names[0], names[1], int(params), float(point), float(low), float(high),
-                      where, rise, unit)  # fmt: skip
+    return Multiplier(
+        names[0], names[1], int(params), float(point), float(low), float(high), where, rise, unit
+    )
 
 
 def seeds_needed(spread: float, half_width: float) -> int:
@@ -247,8 +293,9 @@ def seeds_needed(spread: float, half_width: float) -> int:
     per-seed differences, t975(k - 1) * spread / sqrt(k), is within +-``half_width``
     (``spread``: the standard deviation of the per-seed differences, same units)."""
     if not half_width > 0 or not spread >= 0:
-        raise ValueError(f"seeds_needed: spread >= 0 and half_width > 0, got {spread}, "
-                         f"{half_width}")  # fmt: skip
+        raise ValueError(
+            f"seeds_needed: spread >= 0 and half_width > 0, got {spread}, {half_width}"
+        )
     k = max(2, math.floor((1.959964 * spread / half_width) ** 2))  # t975 > z: none fewer
     while t975(k - 1) * spread / math.sqrt(k) > half_width:
         k += 1

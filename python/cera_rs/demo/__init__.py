@@ -39,8 +39,12 @@ class Part:
 
 PARTS = {
     1: Part("the linear ceiling", "ceiling"),
-    2: Part("SmolLM2-135M, the phonebook rank curve", "phonebook",
-            (Needs(("gguf",), DEMO_EXTRA), SMOLLM2), folder="phonebook"),  # fmt: skip
+    2: Part(
+        "SmolLM2-135M, the phonebook rank curve",
+        "phonebook",
+        (Needs(("gguf",), DEMO_EXTRA), SMOLLM2),
+        folder="phonebook",
+    ),
 }
 
 
@@ -56,8 +60,12 @@ class PartFailed(RuntimeError):
         self.number = number
 
 
-def run(parts: tuple[int, ...] = (1, 2), quick: bool = False,
-        out_dir: Path = Path("results/demo"), progress: bool = True) -> dict:  # fmt: skip
+def run(
+    parts: tuple[int, ...] = (1, 2),
+    quick: bool = False,
+    out_dir: Path = Path("results/demo"),
+    progress: bool = True,
+) -> dict:
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise ValueError(f"no demo part {unknown[0]}; the parts are {sorted(PARTS)}")
@@ -69,8 +77,11 @@ def run(parts: tuple[int, ...] = (1, 2), quick: bool = False,
     modules = {n: importlib.import_module(f"cera_rs.demo.{p.module}") for n, p in chosen.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    summary: dict = {"machine": describe_machine(), "date": date.today().isoformat(),
-                     "mode": "quick" if quick else "full"}  # fmt: skip
+    summary: dict = {
+        "machine": describe_machine(),
+        "date": date.today().isoformat(),
+        "mode": "quick" if quick else "full",
+    }
     written: list[Path] = []
     for number, module in modules.items():
         key = f"part{number}"

@@ -98,8 +98,13 @@ def build(method: Method, base: nn.Linear) -> nn.Module:
     model = nn.Sequential(copy.deepcopy(base))
     if method.kind == "cera":
         return get_cera_model(model, CeraConfig(r=method.r, target_modules=["0"], cera_dropout=0.0))
-    config = LoraConfig(r=method.r, lora_alpha=method.r, target_modules=["0"], lora_dropout=0.0,
-                        use_dora=method.kind == "dora")  # fmt: skip
+    config = LoraConfig(
+        r=method.r,
+        lora_alpha=method.r,
+        target_modules=["0"],
+        lora_dropout=0.0,
+        use_dora=method.kind == "dora",
+    )
     return get_peft_model(model, config)
 
 
@@ -145,19 +150,31 @@ def delta_spectrum(model: nn.Module, task: Task, rank: int, own_rank: int) -> di
     with torch.no_grad():
         delta = model(x) - task.base(x)
     spec = spectrum(delta, rank=rank)
-    return {"effective_rank": spec.effective_rank, "tail_energy": spec.tail_energy(rank),
-            "tail_beyond_r": spec.tail_energy(own_rank),
-            "singular_values": spec.singular_values.tolist()}  # fmt: skip
+    return {
+        "effective_rank": spec.effective_rank,
+        "tail_energy": spec.tail_energy(rank),
+        "tail_beyond_r": spec.tail_energy(own_rank),
+        "singular_values": spec.singular_values.tolist(),
+    }
 
 
 def run(s: Settings, progress: bool = True) -> dict:
     """Every family x method: the chosen learning rate, held-out error per seed, the
     trainable parameters and the spectrum of the adapter's output delta."""
     methods = s.methods()
-    results: dict = {"settings": {"d": s.d, "k": s.k, "steps": s.steps, "batch": s.batch,
-                                  "lrs": list(s.lrs), "seeds": list(s.seeds),
-                                  "n_train": s.n_train, "n_eval": s.n_eval},
-                     "families": {}}  # fmt: skip
+    results: dict = {
+        "settings": {
+            "d": s.d,
+            "k": s.k,
+            "steps": s.steps,
+            "batch": s.batch,
+            "lrs": list(s.lrs),
+            "seeds": list(s.seeds),
+            "n_train": s.n_train,
+            "n_eval": s.n_eval,
+        },
+        "families": {},
+    }
     total = len(FAMILIES) * len(methods) * (len(s.lrs) + len(s.seeds) - 1)
     bar = tqdm(total=total, desc="part 1: linear ceiling", disable=not progress)
     for family in FAMILIES:
@@ -167,7 +184,7 @@ def run(s: Settings, progress: bool = True) -> dict:
             val = {}
             for lr in s.lrs:
                 bar.set_postfix_str(f"{family}, {method.name}, lr {lr:g}")
-                val[lr] = (unexplained(train(method, task, s, lr, s.seeds[0]), task, "val"))
+                val[lr] = unexplained(train(method, task, s, lr, s.seeds[0]), task, "val")
                 bar.update()
             lr = min(val, key=val.get)
             errors, spectra, exported, lin = [], [], [], []
@@ -179,28 +196,40 @@ def run(s: Settings, progress: bool = True) -> dict:
                 spectra.append(delta_spectrum(model, task, s.spectrum_rank, method.r))
                 if method.kind == "cera":
                     merged, report = linearity.export_and_merge(
-                        model, nn.Sequential(task.base), task.splits["train"][0].split(2048),
-                        method.r, held_out=task.splits["test"][0].split(2048))  # fmt: skip
+                        model,
+                        nn.Sequential(task.base),
+                        task.splits["train"][0].split(2048),
+                        method.r,
+                        held_out=task.splits["test"][0].split(2048),
+                    )
                     exported.append(unexplained(merged, task, "test"))
                     lin.append(linearity.summary(report))
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             rows[method.name] = {
-                "kind": method.kind, "r": method.r, "lr": lr, "trainable_params": trainable,
+                "kind": method.kind,
+                "r": method.r,
+                "lr": lr,
+                "trainable_params": trainable,
                 "val_error_by_lr": {f"{k:g}": v for k, v in val.items()},
-                "test_error": errors, "test_error_mean": float(np.mean(errors)),
+                "test_error": errors,
+                "test_error_mean": float(np.mean(errors)),
                 "test_error_std": float(np.std(errors)),
                 "effective_rank": float(np.mean([sp["effective_rank"] for sp in spectra])),
                 "tail_energy": float(np.mean([sp["tail_energy"] for sp in spectra])),
                 "tail_energy_beyond_own_r": float(np.mean([sp["tail_beyond_r"] for sp in spectra])),
                 "singular_values": spectra[0]["singular_values"],
-            }  # fmt: skip
+            }
             if lin:  # CeRA: its linearity and its best same-rank LoRA, merged
-                rows[method.name].update({
-                    "linearity": linearity.mean_over_seeds(lin),
-                    "exported_lora_test_error": exported,
-                    "exported_lora_test_error_mean": float(np.mean(exported)),
-                })  # fmt: skip
-        results["families"][family] = {"least_squares_ceiling": least_squares_ceiling(task),
-                                       "methods": rows}  # fmt: skip
+                rows[method.name].update(
+                    {
+                        "linearity": linearity.mean_over_seeds(lin),
+                        "exported_lora_test_error": exported,
+                        "exported_lora_test_error_mean": float(np.mean(exported)),
+                    }
+                )
+        results["families"][family] = {
+            "least_squares_ceiling": least_squares_ceiling(task),
+            "methods": rows,
+        }
     bar.close()
     return results

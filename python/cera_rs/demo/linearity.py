@@ -20,10 +20,15 @@ from cera_rs.export import LinearityReport, save_gguf_lora, save_lora, to_lora
 from cera_rs.table import pct
 
 
-def export_and_merge(model: nn.Module, base: nn.Module, batches: Iterable[Any], rank: int,
-                     held_out: Iterable[Any], gguf: str | os.PathLike | None = None,
-                     base_gguf: str | os.PathLike | None = None,
-                     ) -> tuple[nn.Module, LinearityReport]:  # fmt: skip
+def export_and_merge(
+    model: nn.Module,
+    base: nn.Module,
+    batches: Iterable[Any],
+    rank: int,
+    held_out: Iterable[Any],
+    gguf: str | os.PathLike | None = None,
+    base_gguf: str | os.PathLike | None = None,
+) -> tuple[nn.Module, LinearityReport]:
     """The rank-``rank`` LoRA of ``model``'s CeRA adapters fitted on ``batches``,
     written as a PEFT adapter folder, loaded by plain ``PeftModel.from_pretrained``
     onto a copy of ``base`` and merged (``merge_and_unload``): the model a LoRA-only
@@ -47,18 +52,19 @@ def export_and_merge(model: nn.Module, base: nn.Module, batches: Iterable[Any], 
     return merged, export.report
 
 
-SUMMARY = {"linearity_at_r": "linearity_at_adapter_rank",
-           "linearity_full_rank": "linearity_full_rank",
-           "held_out_linearity_at_r": "held_out_linearity_at_adapter_rank",
-           "held_out_linearity_full_rank": "held_out_linearity_full_rank"}  # fmt: skip
+SUMMARY = {
+    "linearity_at_r": "linearity_at_adapter_rank",
+    "linearity_full_rank": "linearity_full_rank",
+    "held_out_linearity_at_r": "held_out_linearity_at_adapter_rank",
+    "held_out_linearity_full_rank": "held_out_linearity_full_rank",
+}
 """Summary key: the report column averaged over layers."""
 
 
 def summary(report: LinearityReport) -> dict:
     """Linearity at the adapter's own rank and at full rank, on the calibration and
     the held-out tokens, averaged over layers."""
-    return {**{key: report.mean(column) for key, column in SUMMARY.items()},
-            "layers": len(report)}  # fmt: skip
+    return {**{key: report.mean(column) for key, column in SUMMARY.items()}, "layers": len(report)}
 
 
 def mean_over_seeds(summaries: list[dict]) -> dict:
@@ -67,22 +73,28 @@ def mean_over_seeds(summaries: list[dict]) -> dict:
 
 def _pair(lin: dict) -> str:
     """Two table cells: at r and at full rank, each "calibration / held out"."""
-    return (f"{lin['linearity_at_r']:.4f} / {lin['held_out_linearity_at_r']:.4f} | "
-            f"{lin['linearity_full_rank']:.4f} / {lin['held_out_linearity_full_rank']:.4f}")
+    return (
+        f"{lin['linearity_at_r']:.4f} / {lin['held_out_linearity_at_r']:.4f} | "
+        f"{lin['linearity_full_rank']:.4f} / {lin['held_out_linearity_full_rank']:.4f}"
+    )
 
 
 def ceiling_table(part1: dict) -> str:
     """Part 1: each CeRA adapter's linearity and its exported LoRA's held-out error."""
-    lines = ["| family | method | linearity at r (train / held out) | full-rank linearity "
-             "(train / held out) | CeRA unexplained | exported LoRA (merged) unexplained |",
-             "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "| family | method | linearity at r (train / held out) | full-rank linearity "
+        "(train / held out) | CeRA unexplained | exported LoRA (merged) unexplained |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for family, block in part1["families"].items():
         for name, row in block["methods"].items():
             if "linearity" not in row:
                 continue
-            lines.append(f"| {family} | {name} | {_pair(row['linearity'])} | "
-                         f"{row['test_error_mean']:.3f} | "
-                         f"{row['exported_lora_test_error_mean']:.3f} |")  # fmt: skip
+            lines.append(
+                f"| {family} | {name} | {_pair(row['linearity'])} | "
+                f"{row['test_error_mean']:.3f} | "
+                f"{row['exported_lora_test_error_mean']:.3f} |"
+            )
     return "\n".join(lines)
 
 
@@ -95,9 +107,13 @@ def ceiling_findings(part1: dict) -> list[str]:
         parts = ", ".join(
             f"{name} {row['linearity']['held_out_linearity_at_r']:.2f} (its merged LoRA leaves "
             f"{row['exported_lora_test_error_mean']:.3f} unexplained against CeRA's "
-            f"{row['test_error_mean']:.3f})" for name, row in rows)  # fmt: skip
-        out.append(f"{family}: share of each CeRA adapter's output energy on held-out "
-                   f"inputs that the best linear map of its rank reproduces: {parts}.")
+            f"{row['test_error_mean']:.3f})"
+            for name, row in rows
+        )
+        out.append(
+            f"{family}: share of each CeRA adapter's output energy on held-out "
+            f"inputs that the best linear map of its rank reproduces: {parts}."
+        )
     return out
 
 
@@ -110,15 +126,19 @@ def _exported_rows(part2: dict):
 def lm_table(part2: dict) -> str:
     """Part 2: the exported CeRA adapter's linearity (seed 0) and the recall of its
     exported, merged LoRA beside the adapter's own on the same seed."""
-    lines = ["| method | linearity at r (train / test) | full-rank linearity (train / "
-             "test) | CeRA recall % (seed 0) | exported LoRA (merged) recall % | "
-             "Wilson 95 % | same verdict % |",
-             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "| method | linearity at r (train / test) | full-rank linearity (train / "
+        "test) | CeRA recall % (seed 0) | exported LoRA (merged) recall % | "
+        "Wilson 95 % | same verdict % |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, row in _exported_rows(part2):
         low, high = row["exported_lora_wilson95"]
-        lines.append(f"| {name} | {_pair(row['linearity'])} | {pct(row['recall'][0])} | "
-                     f"{pct(row['exported_lora_test_exact_match'])} | {pct(low)}-{pct(high)} | "
-                     f"{pct(row['exported_lora_same_verdict'])} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {_pair(row['linearity'])} | {pct(row['recall'][0])} | "
+            f"{pct(row['exported_lora_test_exact_match'])} | {pct(low)}-{pct(high)} | "
+            f"{pct(row['exported_lora_same_verdict'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -126,7 +146,7 @@ def lm_findings(part2: dict) -> list[str]:
     out = []
     for name, row in _exported_rows(part2):
         cera, lora = row["recall"][0], row["exported_lora_test_exact_match"]
-        change = ("keeps" if lora == cera else "gains" if lora > cera else "loses")
+        change = "keeps" if lora == cera else "gains" if lora > cera else "loses"
         out.append(
             f"{name}: the best linear map of rank {row['r']} leaves "
             f"{1 - row['linearity']['held_out_linearity_at_r']:.1e} of the adapter's output "
@@ -134,7 +154,8 @@ def lm_findings(part2: dict) -> list[str]:
             f" on the training tokens it was fitted on; for a memorised task they are the same "
             f"facts): the non-linear part. Exported as a LoRA and merged, it {change} recall "
             f"({pct(cera)} % -> {pct(lora)} %, same verdict on "
-            f"{pct(row['exported_lora_same_verdict'])} % of the facts).")  # fmt: skip
+            f"{pct(row['exported_lora_same_verdict'])} % of the facts)."
+        )
         out.append(_llama_cpp_finding(name, row))
     return out
 
@@ -142,10 +163,14 @@ def lm_findings(part2: dict) -> list[str]:
 def _llama_cpp_finding(name: str, row: dict) -> str:
     """The exported LoRA as a GGUF adapter run by llama.cpp, or why it was not run."""
     if "llama_cpp_skipped" in row:
-        return (f"{name}: the GGUF adapter was not run in llama.cpp "
-                f"(skipped: {row['llama_cpp_skipped']}).")  # fmt: skip
-    return (f"{name}: the same LoRA as a GGUF adapter, run by llama.cpp on the SmolLM2 GGUF: "
-            f"recall {pct(row['llama_cpp_exact_match'])} % (CeRA {pct(row['recall'][0])} %, "
-            f"merged LoRA in PyTorch {pct(row['exported_lora_test_exact_match'])} %; same "
-            f"verdict as the merged LoRA on {pct(row['llama_cpp_same_verdict'])} % of the "
-            f"facts).")  # fmt: skip
+        return (
+            f"{name}: the GGUF adapter was not run in llama.cpp "
+            f"(skipped: {row['llama_cpp_skipped']})."
+        )
+    return (
+        f"{name}: the same LoRA as a GGUF adapter, run by llama.cpp on the SmolLM2 GGUF: "
+        f"recall {pct(row['llama_cpp_exact_match'])} % (CeRA {pct(row['recall'][0])} %, "
+        f"merged LoRA in PyTorch {pct(row['exported_lora_test_exact_match'])} %; same "
+        f"verdict as the merged LoRA on {pct(row['llama_cpp_same_verdict'])} % of the "
+        f"facts)."
+    )

@@ -17,8 +17,10 @@ import torch
 from cera_rs.compare.data import Encoded, end_token
 from cera_rs.compare.runner import answered
 
-INSTALL = ("pip install --no-deps --target DIR llama-cpp-python==0.3.36 and put DIR on "
-           "PYTHONPATH (it compiles llama.cpp: about 25 minutes on 2 cores)")  # fmt: skip
+INSTALL = (
+    "pip install --no-deps --target DIR llama-cpp-python==0.3.36 and put DIR on "
+    "PYTHONPATH (it compiles llama.cpp: about 25 minutes on 2 cores)"
+)
 
 
 def unavailable() -> str | None:
@@ -37,14 +39,25 @@ class LlamaCpp:
     ``lora`` applied at scale 1. Logits are kept for every position, so the logits
     of any prefix are read after one ``eval``."""
 
-    def __init__(self, model: str | os.PathLike, lora: str | os.PathLike | None = None,
-                 n_ctx: int = 128, threads: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        lora: str | os.PathLike | None = None,
+        n_ctx: int = 128,
+        threads: int | None = None,
+    ) -> None:
         from llama_cpp import Llama
 
         threads = threads or torch.get_num_threads()
-        self.llm = Llama(model_path=str(model), lora_path=None if lora is None else str(lora),
-                         n_ctx=n_ctx, logits_all=True, n_threads=threads,
-                         n_threads_batch=threads, verbose=False)  # fmt: skip
+        self.llm = Llama(
+            model_path=str(model),
+            lora_path=None if lora is None else str(lora),
+            n_ctx=n_ctx,
+            logits_all=True,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
 
     def logits(self, ids: list[int]) -> np.ndarray:
         """Logits at every position of ``ids`` (fed as they are: no BOS is added),
@@ -94,5 +107,10 @@ def exact_match(model: Path, lora: Path, tokenizer, data: Encoded) -> np.ndarray
         rows = [runner.greedy(ids, data.completion_tokens() + 4, eos) for ids in data.prompts()]
     finally:
         runner.close()
-    return np.array([answered(tokenizer, row, completion, eos)
-                     for row, (_, completion) in zip(rows, data.items)], dtype=bool)  # fmt: skip
+    return np.array(
+        [
+            answered(tokenizer, row, completion, eos)
+            for row, (_, completion) in zip(rows, data.items)
+        ],
+        dtype=bool,
+    )

@@ -76,16 +76,25 @@ class Settings:
 
     @classmethod
     def quick(cls) -> Settings:
-        return cls(facts=32, steps=30, seeds=(0,), lora_ranks=(1,), resamples=2_000,
-                   sized_to_separate=False)  # fmt: skip
+        return cls(
+            facts=32,
+            steps=30,
+            seeds=(0,),
+            lora_ranks=(1,),
+            resamples=2_000,
+            sized_to_separate=False,
+        )
 
     def specs(self) -> list[str]:
         """The methods as ``cera-rs compare`` takes them."""
         targets = json.dumps(list(TARGETS), separators=(",", ":"))
         lora = f"lora_alpha={self.lora_alpha},use_rslora=true,target_modules={targets}"
-        return [f"lora:r={_list(self.lora_ranks)},{lora}", f"lora:r=full,{lora}",
-                f"cera:r={_list(self.cera_ranks)},target_modules={targets}",
-                f"cera:r={self.control_rank},activation=identity,target_modules={targets}"]
+        return [
+            f"lora:r={_list(self.lora_ranks)},{lora}",
+            f"lora:r=full,{lora}",
+            f"cera:r={_list(self.cera_ranks)},target_modules={targets}",
+            f"cera:r={self.control_rank},activation=identity,target_modules={targets}",
+        ]
 
     def methods(self) -> list[Method]:
         """The specs' methods under short names (the report's rows and sentences)."""
@@ -100,9 +109,14 @@ class Settings:
     def compare_settings(self):
         from cera_rs.compare import Settings as CompareSettings
 
-        return CompareSettings(steps=self.steps, batch=self.batch, lrs=self.lrs,
-                               seeds=self.seeds, adapted_layers=self.adapted_layers,
-                               resamples=self.resamples)  # fmt: skip
+        return CompareSettings(
+            steps=self.steps,
+            batch=self.batch,
+            lrs=self.lrs,
+            seeds=self.seeds,
+            adapted_layers=self.adapted_layers,
+            resamples=self.resamples,
+        )
 
 
 def _list(values: tuple[int, ...]) -> str:
@@ -123,13 +137,21 @@ def exported_lora(method: Method, model: nn.Module, runner: Runner, hits: np.nda
     with tempfile.TemporaryDirectory(prefix="cera-rs-gguf-") as folder:
         gguf = None if skipped else Path(folder) / "adapter.gguf"
         merged, report = linearity.export_and_merge(
-            Suffix(runner.stack_of(model)), runner.base, calibration.batches(), method.rank,
-            held_out=test.batches(), gguf=gguf, base_gguf=smollm2.gguf_path())  # fmt: skip
+            Suffix(runner.stack_of(model)),
+            runner.base,
+            calibration.batches(),
+            method.rank,
+            held_out=test.batches(),
+            gguf=gguf,
+            base_gguf=smollm2.gguf_path(),
+        )
         lora_hits = runner.generated(merged)
-        row = {"linearity": linearity.summary(report),
-               "exported_lora_test_exact_match": float(lora_hits.mean()),
-               "exported_lora_wilson95": list(wilson(int(lora_hits.sum()), len(lora_hits))),
-               "exported_lora_same_verdict": float((lora_hits == hits).mean())}  # fmt: skip
+        row = {
+            "linearity": linearity.summary(report),
+            "exported_lora_test_exact_match": float(lora_hits.mean()),
+            "exported_lora_wilson95": list(wilson(int(lora_hits.sum()), len(lora_hits))),
+            "exported_lora_same_verdict": float((lora_hits == hits).mean()),
+        }
         if gguf is None:
             row["llama_cpp_skipped"] = skipped
         else:  # the LoRA as llama.cpp runs it: its adapter file on the GGUF base
@@ -143,35 +165,50 @@ def cannot_separate(curves: dict, facts: int, sized_to_separate: bool) -> list[s
     """Each thing the figure shows that these sizes cannot separate, said plainly."""
     out = []
     if not sized_to_separate:
-        out.append("These are the --quick sizes, chosen to finish in minutes, not to separate "
-                   "anything: read the figure as a check that the pipeline runs, not as a "
-                   "result.")  # fmt: skip
+        out.append(
+            "These are the --quick sizes, chosen to finish in minutes, not to separate "
+            "anything: read the figure as a check that the pipeline runs, not as a "
+            "result."
+        )
     if len(curves["seeds"]) < 2:
-        out.append("One seed: training's own spread is not measured, so the intervals hold "
-                   "only the choice of facts, and no difference is a verdict.")  # fmt: skip
+        out.append(
+            "One seed: training's own spread is not measured, so the intervals hold "
+            "only the choice of facts, and no difference is a verdict."
+        )
     flat = [m for m in curves["multipliers"] if m["where"] == FLAT]
     if flat:  # one family, one rise: said once
         rise = flat[0]["family_rise"]
-        out.append(f"The {flat[0]['family']} curve is not distinguishable from flat (its best "
-                   f"rank against its smallest: {rise['mean'] * facts:+.0f} bits, 95 % "
-                   f"interval {rise['low'] * facts:+.0f} to {rise['high'] * facts:+.0f}): rank "
-                   f"does not bind at this size, so no multiplier can be read for "
-                   f"{', '.join(m['method'] for m in flat)}.")  # fmt: skip
+        out.append(
+            f"The {flat[0]['family']} curve is not distinguishable from flat (its best "
+            f"rank against its smallest: {rise['mean'] * facts:+.0f} bits, 95 % "
+            f"interval {rise['low'] * facts:+.0f} to {rise['high'] * facts:+.0f}): rank "
+            f"does not bind at this size, so no multiplier can be read for "
+            f"{', '.join(m['method'] for m in flat)}."
+        )
     for m in curves["multipliers"]:
         if m["where"] in (BELOW, ABOVE):
-            out.append(f"{m['method']} is off the {m['family']} curve ({m['where']} it), so "
-                       "its multiplier is a bound, not a value.")  # fmt: skip
+            out.append(
+                f"{m['method']} is off the {m['family']} curve ({m['where']} it), so "
+                "its multiplier is a bound, not a value."
+            )
         elif m["where"] != FLAT:
             low, high = _end(m["low"]), _end(m["high"])
-            for x, what in ((1, "be told from a LoRA of its own size"),
-                            (PAPER_MULTIPLIER, "say whether the paper's claim (that many or "
-                                               "more) holds")):  # fmt: skip
+            for x, what in (
+                (1, "be told from a LoRA of its own size"),
+                (PAPER_MULTIPLIER, "say whether the paper's claim (that many or more) holds"),
+            ):
                 if low <= x <= high:
-                    out.append(f"{m['method']}'s multiplier interval ({_times(low)} to "
-                               f"{_times(high)}) includes {x}x: it cannot {what}.")
-    out += [f"{c['method']} and the linear ceiling ({c['ceiling']}) are not separated "
-            f"({c['mean']:+.0f} {c['unit']}, 95 % interval {c['low']:+.0f} to "
-            f"{c['high']:+.0f})." for c in curves["ceiling"] if c["verdict"] == TIE]
+                    out.append(
+                        f"{m['method']}'s multiplier interval ({_times(low)} to "
+                        f"{_times(high)}) includes {x}x: it cannot {what}."
+                    )
+    out += [
+        f"{c['method']} and the linear ceiling ({c['ceiling']}) are not separated "
+        f"({c['mean']:+.0f} {c['unit']}, 95 % interval {c['low']:+.0f} to "
+        f"{c['high']:+.0f})."
+        for c in curves["ceiling"]
+        if c["verdict"] == TIE
+    ]
     return out
 
 
@@ -196,19 +233,38 @@ def run(s: Settings, out_dir: Path, progress: bool = True) -> dict:
     def extras(method: Method, *args) -> dict:  # one export: each costs a scoring pass
         return exported_lora(method, *args) if method.name == exported else {}
 
-    summary = compare(s.methods(), model="smollm2", data=f"phonebook:{s.facts}",
-                      out_dir=out_dir, settings=s.compare_settings(), progress=progress,
-                      extras=extras)  # fmt: skip
+    summary = compare(
+        s.methods(),
+        model="smollm2",
+        data=f"phonebook:{s.facts}",
+        out_dir=out_dir,
+        settings=s.compare_settings(),
+        progress=progress,
+        extras=extras,
+    )
     methods = {}
     for name, m in summary["methods"].items():
-        methods[name] = {"peft_type": m["peft_type"], "r": m["fields"]["r"],
-                         "trainable_params": m["trainable_params"], "lr": m["lr"],
-                         "recall": m["test_exact_match"], "bits": m["test_bits"],
-                         "transfer": m["transfer"], **m.get("extras", {})}  # fmt: skip
+        methods[name] = {
+            "peft_type": m["peft_type"],
+            "r": m["fields"]["r"],
+            "trainable_params": m["trainable_params"],
+            "lr": m["lr"],
+            "recall": m["test_exact_match"],
+            "bits": m["test_bits"],
+            "transfer": m["transfer"],
+            **m.get("extras", {}),
+        }
     curves = summary["curves"]
-    return {"model": summary["model"], "data": summary["data"]["source"],
-            "folder": str(out_dir), "specs": s.specs(),
-            "settings": {k: list(v) if isinstance(v, tuple) else v
-                         for k, v in dataclasses.asdict(s).items()},
-            "base_recall": summary["base_exact_match"], "methods": methods, "curves": curves,
-            "cannot_separate": cannot_separate(curves, s.facts, s.sized_to_separate)}  # fmt: skip
+    return {
+        "model": summary["model"],
+        "data": summary["data"]["source"],
+        "folder": str(out_dir),
+        "specs": s.specs(),
+        "settings": {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(s).items()
+        },
+        "base_recall": summary["base_exact_match"],
+        "methods": methods,
+        "curves": curves,
+        "cannot_separate": cannot_separate(curves, s.facts, s.sized_to_separate),
+    }

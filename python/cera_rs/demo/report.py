@@ -27,15 +27,19 @@ def _spread(mean: float, std: float, seeds: int) -> str:
 
 
 def ceiling_table(part1: dict) -> str:
-    lines = ["| family | method | trainable params | held-out unexplained (mean ± std) | "
-             "eff. rank of delta | tail energy > r=16 | lr |",
-             "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "| family | method | trainable params | held-out unexplained (mean ± std) | "
+        "eff. rank of delta | tail energy > r=16 | lr |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     seeds = len(part1["settings"]["seeds"])
     if seeds == 1:
         lines[0] = lines[0].replace(" (mean ± std)", "")
     for family, block in part1["families"].items():
-        lines.append(f"| {family} | least-squares linear ceiling | - | "
-                     f"{block['least_squares_ceiling']:.3f} | - | - | - |")  # fmt: skip
+        lines.append(
+            f"| {family} | least-squares linear ceiling | - | "
+            f"{block['least_squares_ceiling']:.3f} | - | - | - |"
+        )
         for name, row in block["methods"].items():
             lines.append(
                 f"| {family} | {name} | {row['trainable_params']:,} | "
@@ -48,20 +52,27 @@ def ceiling_table(part1: dict) -> str:
 def rank_table(part2: dict) -> str:
     """The rank curves' table, each CeRA method's multiplier and the ceiling
     (``compare.curves``), its headings one level below part 2's."""
-    return "\n".join("#" + line if line.startswith("#") else line
-                     for line in curves.markdown(part2["curves"]).splitlines())  # fmt: skip
+    return "\n".join(
+        "#" + line if line.startswith("#") else line
+        for line in curves.markdown(part2["curves"]).splitlines()
+    )
 
 
 def recall_table(part2: dict) -> str:
     """Exact recall by greedy decoding, per seed, of the facts as trained and reworded."""
-    lines = ["| method | trainable params | lr | recall % per seed | reworded: recall % per "
-             "seed | reworded: bits stored |", "|---|---:|---:|---:|---:|---:|",
-             f"| base model, no adapter | 0 | - | {pct(part2['base_recall'])} | - | - |"]
+    lines = [
+        "| method | trainable params | lr | recall % per seed | reworded: recall % per "
+        "seed | reworded: bits stored |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| base model, no adapter | 0 | - | {pct(part2['base_recall'])} | - | - |",
+    ]
     for name, row in part2["methods"].items():
-        lines.append(f"| {name} | {row['trainable_params']:,} | {row['lr']:g} | "
-                     f"{' / '.join(pct(x) for x in row['recall'])} | "
-                     f"{' / '.join(pct(x) for x in row['transfer']['exact_match'])} | "
-                     f"{row['transfer']['bits']:.0f} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {row['trainable_params']:,} | {row['lr']:g} | "
+            f"{' / '.join(pct(x) for x in row['recall'])} | "
+            f"{' / '.join(pct(x) for x in row['transfer']['exact_match'])} | "
+            f"{row['transfer']['bits']:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -72,20 +83,31 @@ def findings(summary: dict) -> list[str]:
     if part1:
         for family, block in part1["families"].items():
             rows = block["methods"]
-            best_cera = min((r for r in rows.items() if r[1]["kind"] == "cera"),
-                            key=lambda r: r[1]["test_error_mean"])  # fmt: skip
-            best_linear = min((r for r in rows.items() if r[1]["kind"] != "cera"),
-                              key=lambda r: r[1]["test_error_mean"])  # fmt: skip
-            verdict = "below" if best_cera[1]["test_error_mean"] < best_linear[1][
-                "test_error_mean"] else "not below"
+            best_cera = min(
+                (r for r in rows.items() if r[1]["kind"] == "cera"),
+                key=lambda r: r[1]["test_error_mean"],
+            )
+            best_linear = min(
+                (r for r in rows.items() if r[1]["kind"] != "cera"),
+                key=lambda r: r[1]["test_error_mean"],
+            )
+            verdict = (
+                "below"
+                if best_cera[1]["test_error_mean"] < best_linear[1]["test_error_mean"]
+                else "not below"
+            )
             out.append(
                 f"{family}: the best linear adapter ({best_linear[0]}) leaves "
                 f"{best_linear[1]['test_error_mean']:.3f} of the residual unexplained "
                 f"(least-squares ceiling {block['least_squares_ceiling']:.3f}); the best CeRA "
                 f"({best_cera[0]}) leaves {best_cera[1]['test_error_mean']:.3f}, {verdict} it."
             )
-        own_tail = max(row["tail_energy_beyond_own_r"] for block in part1["families"].values()
-                       for row in block["methods"].values() if row["kind"] != "dora")  # fmt: skip
+        own_tail = max(
+            row["tail_energy_beyond_own_r"]
+            for block in part1["families"].values()
+            for row in block["methods"].values()
+            if row["kind"] != "dora"
+        )
         out.append(
             f"The output delta of a LoRA or CeRA adapter lies in the column space of its B "
             f"(d_out x r), so its energy beyond its own rank r is round-off: at most "
@@ -102,12 +124,16 @@ def findings(summary: dict) -> list[str]:
 def lm_findings(part2: dict) -> list[str]:
     """The base model and recall per method (the multipliers and the ceiling are
     sentences of the rank table, shown with it)."""
-    recall = "; ".join(f"{name} {pct(float(np.mean(row['recall'])))} % "
-                       f"({pct(float(np.mean(row['transfer']['exact_match'])))} % reworded)"
-                       for name, row in part2["methods"].items())  # fmt: skip
-    return [f"{part2['model']}, {part2['data']}: the base model recalls "
-            f"{pct(part2['base_recall'])} % of the facts; after training (mean over seeds "
-            f"{', '.join(map(str, part2['curves']['seeds']))}): {recall}."]  # fmt: skip
+    recall = "; ".join(
+        f"{name} {pct(float(np.mean(row['recall'])))} % "
+        f"({pct(float(np.mean(row['transfer']['exact_match'])))} % reworded)"
+        for name, row in part2["methods"].items()
+    )
+    return [
+        f"{part2['model']}, {part2['data']}: the base model recalls "
+        f"{pct(part2['base_recall'])} % of the facts; after training (mean over seeds "
+        f"{', '.join(map(str, part2['curves']['seeds']))}): {recall}."
+    ]
 
 
 def _last_blocks(n: int) -> str:
@@ -115,8 +141,12 @@ def _last_blocks(n: int) -> str:
 
 
 def plot_rank_curve(part2: dict, path: Path) -> None:
-    curves.plot(part2["curves"], path, f"{part2['data'].split(' (')[0]}, adapters on "
-                f"{_last_blocks(part2['settings']['adapted_layers'])}")  # fmt: skip
+    curves.plot(
+        part2["curves"],
+        path,
+        f"{part2['data'].split(' (')[0]}, adapters on "
+        f"{_last_blocks(part2['settings']['adapted_layers'])}",
+    )
 
 
 def plot_ceiling(part1: dict, path: Path) -> None:
@@ -131,13 +161,24 @@ def plot_ceiling(part1: dict, path: Path) -> None:
             params = [row["trainable_params"] for row in rows]
             means = [row["test_error_mean"] for row in rows]
             stds = [row["test_error_std"] for row in rows]
-            ax.errorbar(params, means, yerr=stds, fmt=style, capsize=3, label=kind.upper()
-                        if kind != "cera" else "CeRA")  # fmt: skip
+            ax.errorbar(
+                params,
+                means,
+                yerr=stds,
+                fmt=style,
+                capsize=3,
+                label=kind.upper() if kind != "cera" else "CeRA",
+            )
             for row, x, y in zip(rows, params, means):
-                ax.annotate(f"r={row['r']}", (x, y), textcoords="offset points", xytext=(4, 4),
-                            fontsize=7)  # fmt: skip
-        ax.axhline(block["least_squares_ceiling"], color="grey", ls="--",
-                   label="linear ceiling (least squares)")  # fmt: skip
+                ax.annotate(
+                    f"r={row['r']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7
+                )
+        ax.axhline(
+            block["least_squares_ceiling"],
+            color="grey",
+            ls="--",
+            label="linear ceiling (least squares)",
+        )
         ax.set_xscale("log")
         ax.set_title(f"residual: {family}")
         ax.set_xlabel("trainable parameters")
@@ -177,70 +218,113 @@ def limits(part2: dict) -> list[str]:
     """What the sizes cannot separate, or that nothing shown is beyond them."""
     return part2["cannot_separate"] or [
         "Nothing above is beyond these sizes: each multiplier's interval excludes 1x and the "
-        "paper's claim, and CeRA against the ceiling has a verdict."]  # fmt: skip
+        "paper's claim, and CeRA against the ceiling has a verdict."
+    ]
 
 
 def rank_summary(part2: dict) -> str:
     """Part 2 on stdout: the curves' table and sentences, then what the sizes cannot
     separate."""
-    return "\n".join([rank_table(part2), "", "What these sizes cannot separate:",
-                      *(f"- {x}" for x in limits(part2))])  # fmt: skip
+    return "\n".join(
+        [
+            rank_table(part2),
+            "",
+            "What these sizes cannot separate:",
+            *(f"- {x}" for x in limits(part2)),
+        ]
+    )
 
 
 def _rates(s: dict) -> str:
     if len(s["lrs"]) > 1:
-        return (f"the rate per method from {s['lrs']} by teacher-forced recall (seed "
-                f"{s['seeds'][0]})")  # fmt: skip
-    return (f"{s['lrs'][0]:g} for every method (rsLoRA's scaling is meant to suit every rank; "
-            "a method it does not suit, the full-rank ceiling included, falls short of its "
-            "best, which a rate grid such as the study's would show)")
+        return (
+            f"the rate per method from {s['lrs']} by teacher-forced recall (seed {s['seeds'][0]})"
+        )
+    return (
+        f"{s['lrs'][0]:g} for every method (rsLoRA's scaling is meant to suit every rank; "
+        "a method it does not suit, the full-rank ceiling included, falls short of its "
+        "best, which a rate grid such as the study's would show)"
+    )
 
 
 def _part2_markdown(part2: dict) -> list[str]:
     s = part2["settings"]
     specs = "\n".join(part2["specs"])
-    return [f"## Part 2: {part2['model']}, the phonebook rank curve", "",
-            f"{part2['data']}: trained on all {s['facts']} facts, scored on recalling them "
-            f"(and on the same facts asked in other words). Adapters on "
-            f"{'/'.join(TARGETS)} of {_last_blocks(s['adapted_layers'])} (the frozen blocks "
-            f"below computed once), {s['steps']} AdamW steps of batch "
-            f"{s['batch']} at a constant rate (clipping 1.0), {_rates(s)}, seeds {s['seeds']}. "
-            f"LoRA is rsLoRA (alpha {s['lora_alpha']} / sqrt(r), dropout 0), `LoRA r=full` "
-            f"every projection at its full rank min(in, out); CeRA at its defaults (dropout "
-            f"0.1, no scaling); the control is CeRA r={s['control_rank']} with the identity "
-            f"activation. The score is the information stored: the base model's loss on the "
-            f"numbers minus the adapted model's, in bits, summed over facts. One "
-            f"`cera_rs.compare` comparison, in `{Path(part2['folder']).name}/` (its "
-            f"report.md has every seed, the reworded split and the costs; run again into the "
-            f"same folder, it reuses the finished runs); the same methods as `cera-rs "
-            f"compare` takes them:", "", "```", specs, "```", "",
-            "![rank curve](rank_curve.png)", "", rank_table(part2), "",
-            "### Exact recall (greedy decoding)", "", recall_table(part2), "",
-            "One CeRA adapter's linearity (seed 0; the share of its output energy the best "
-            "linear map of its rank reproduces) and that map exported as a PEFT LoRA, merged "
-            "into the base model and scored on the same facts (`cera_rs.export`):", "",
-            linearity.lm_table(part2), "",
-            "### What these sizes cannot separate", "", *(f"- {x}" for x in limits(part2)), ""]
+    return [
+        f"## Part 2: {part2['model']}, the phonebook rank curve",
+        "",
+        f"{part2['data']}: trained on all {s['facts']} facts, scored on recalling them "
+        f"(and on the same facts asked in other words). Adapters on "
+        f"{'/'.join(TARGETS)} of {_last_blocks(s['adapted_layers'])} (the frozen blocks "
+        f"below computed once), {s['steps']} AdamW steps of batch "
+        f"{s['batch']} at a constant rate (clipping 1.0), {_rates(s)}, seeds {s['seeds']}. "
+        f"LoRA is rsLoRA (alpha {s['lora_alpha']} / sqrt(r), dropout 0), `LoRA r=full` "
+        f"every projection at its full rank min(in, out); CeRA at its defaults (dropout "
+        f"0.1, no scaling); the control is CeRA r={s['control_rank']} with the identity "
+        f"activation. The score is the information stored: the base model's loss on the "
+        f"numbers minus the adapted model's, in bits, summed over facts. One "
+        f"`cera_rs.compare` comparison, in `{Path(part2['folder']).name}/` (its "
+        f"report.md has every seed, the reworded split and the costs; run again into the "
+        f"same folder, it reuses the finished runs); the same methods as `cera-rs "
+        f"compare` takes them:",
+        "",
+        "```",
+        specs,
+        "```",
+        "",
+        "![rank curve](rank_curve.png)",
+        "",
+        rank_table(part2),
+        "",
+        "### Exact recall (greedy decoding)",
+        "",
+        recall_table(part2),
+        "",
+        "One CeRA adapter's linearity (seed 0; the share of its output energy the best "
+        "linear map of its rank reproduces) and that map exported as a PEFT LoRA, merged "
+        "into the base model and scored on the same facts (`cera_rs.export`):",
+        "",
+        linearity.lm_table(part2),
+        "",
+        "### What these sizes cannot separate",
+        "",
+        *(f"- {x}" for x in limits(part2)),
+        "",
+    ]
 
 
 def markdown(summary: dict) -> str:
-    parts = ["# cera-rs demo", "", f"Machine: {summary['machine']}; date: {summary['date']}; "
-             f"mode: {summary['mode']}; wall time {summary['seconds']:.0f} s.", ""]  # fmt: skip
+    parts = [
+        "# cera-rs demo",
+        "",
+        f"Machine: {summary['machine']}; date: {summary['date']}; "
+        f"mode: {summary['mode']}; wall time {summary['seconds']:.0f} s.",
+        "",
+    ]
     if "part1" in summary:
         s = summary["part1"]["settings"]
-        parts += ["## Part 1: the linear ceiling", "",
-                  f"d = {s['d']}, residual width k = {s['k']}, {s['n_train']} training and "
-                  f"{s['n_eval']} held-out samples, Adam, {s['steps']} steps of batch "
-                  f"{s['batch']}, learning rate chosen per method from {s['lrs']} on a "
-                  f"validation split, seeds {s['seeds']}, dropout 0 for every method.", "",
-                  ceiling_table(summary["part1"]), "",
-                  "How linear each CeRA adapter is (the share of its output energy the best "
-                  "linear map of its rank reproduces, fitted on the training inputs and measured "
-                  "on them / on the held-out ones) and that map "
-                  "exported as a PEFT LoRA and merged (`cera_rs.export`):", "",
-                  linearity.ceiling_table(summary["part1"]), "",
-                  "![linear ceiling](linear_ceiling.png)", "",
-                  "![spectra](spectra.png)", ""]  # fmt: skip
+        parts += [
+            "## Part 1: the linear ceiling",
+            "",
+            f"d = {s['d']}, residual width k = {s['k']}, {s['n_train']} training and "
+            f"{s['n_eval']} held-out samples, Adam, {s['steps']} steps of batch "
+            f"{s['batch']}, learning rate chosen per method from {s['lrs']} on a "
+            f"validation split, seeds {s['seeds']}, dropout 0 for every method.",
+            "",
+            ceiling_table(summary["part1"]),
+            "",
+            "How linear each CeRA adapter is (the share of its output energy the best "
+            "linear map of its rank reproduces, fitted on the training inputs and measured "
+            "on them / on the held-out ones) and that map "
+            "exported as a PEFT LoRA and merged (`cera_rs.export`):",
+            "",
+            linearity.ceiling_table(summary["part1"]),
+            "",
+            "![linear ceiling](linear_ceiling.png)",
+            "",
+            "![spectra](spectra.png)",
+            "",
+        ]
     if "part2" in summary:
         parts += _part2_markdown(summary["part2"])
     if "failed" in summary:
@@ -250,8 +334,10 @@ def markdown(summary: dict) -> str:
 
 
 TABLES = {"part1": ceiling_table, "part2": rank_summary}
-FIGURES = {"part1": (("linear_ceiling.png", plot_ceiling), ("spectra.png", plot_spectra)),
-           "part2": (("rank_curve.png", plot_rank_curve),)}  # fmt: skip
+FIGURES = {
+    "part1": (("linear_ceiling.png", plot_ceiling), ("spectra.png", plot_spectra)),
+    "part2": (("rank_curve.png", plot_rank_curve),),
+}
 """Each part's table, and its figures: (file name, function of its results and a path)."""
 
 
@@ -269,6 +355,7 @@ def write(summary: dict, out_dir: Path, figures_of: str | None = None) -> list[P
         json.dump(summary, f, indent=2)
     with atomic_file(out_dir / "report.md") as f:
         f.write(markdown(summary))
-    figures = [out_dir / name for key in TABLES if key in summary
-               for name, _ in FIGURES.get(key, ())]  # fmt: skip
+    figures = [
+        out_dir / name for key in TABLES if key in summary for name, _ in FIGURES.get(key, ())
+    ]
     return [out_dir / "summary.json", out_dir / "report.md", *figures]

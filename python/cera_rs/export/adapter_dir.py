@@ -75,8 +75,9 @@ def check_token_range(sequences: list[Tensor], vocab_size: int) -> None:
     low = min(int(s.min()) for s in sequences)
     high = max(int(s.max()) for s in sequences)
     if low < 0 or high >= vocab_size:
-        raise ValueError(f"token ids must be in [0, {vocab_size}) for this model, "
-                         f"got ids from {low} to {high}")  # fmt: skip
+        raise ValueError(
+            f"token ids must be in [0, {vocab_size}) for this model, got ids from {low} to {high}"
+        )
 
 
 def batches_of(
@@ -111,25 +112,34 @@ def load_inputs(path: str | os.PathLike, batch_size: int) -> list[Any]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"input file {path} does not exist")
-    files = sorted(p for p in path.iterdir() if p.suffix in INPUT_FORMATS) if path.is_dir() \
-        else [path]  # fmt: skip
+    files = (
+        sorted(p for p in path.iterdir() if p.suffix in INPUT_FORMATS) if path.is_dir() else [path]
+    )
     if not files:
         raise ValueError(f"{path} holds no input files ({', '.join(INPUT_FORMATS)})")
     parts = [_read_inputs(f) for f in files]
-    if any(isinstance(p, Tensor) != isinstance(parts[0], Tensor) or
-           (isinstance(p, dict) and p.keys() != parts[0].keys()) for p in parts):  # fmt: skip
-        raise ValueError(f"{path}: every input file must hold the same kind (one tensor, or "
-                         "a dict with the same keys)")  # fmt: skip
+    if any(
+        isinstance(p, Tensor) != isinstance(parts[0], Tensor)
+        or (isinstance(p, dict) and p.keys() != parts[0].keys())
+        for p in parts
+    ):
+        raise ValueError(
+            f"{path}: every input file must hold the same kind (one tensor, or "
+            "a dict with the same keys)"
+        )
     if isinstance(parts[0], Tensor):
         return list(torch.cat(parts).split(batch_size))
-    joined = {k: torch.cat([p[k] for p in parts]) if parts[0][k].dim() else parts[0][k]
-              for k in parts[0]}  # fmt: skip
+    joined = {
+        k: torch.cat([p[k] for p in parts]) if parts[0][k].dim() else parts[0][k] for k in parts[0]
+    }
     lengths = {k: len(v) for k, v in joined.items() if v.dim()}
     if len(set(lengths.values())) > 1:
         raise ValueError(f"{path}: the inputs' first dimensions differ: {lengths}")
     rows = next(iter(lengths.values()), 1)
-    return [{k: v[start : start + batch_size] if v.dim() else v for k, v in joined.items()}
-            for start in range(0, rows, batch_size)]  # fmt: skip
+    return [
+        {k: v[start : start + batch_size] if v.dim() else v for k, v in joined.items()}
+        for start in range(0, rows, batch_size)
+    ]
 
 
 def _read_inputs(path: Path) -> Tensor | dict[str, Tensor]:
@@ -240,11 +250,19 @@ def _cera_model(adapter_dir: Path, source: tuple[Path, Any]) -> Any:
 
 
 def export_adapter_dir(
-    adapter_dir: str | os.PathLike, data: str | os.PathLike | None, out_dir: str | os.PathLike,
-    rank: int | None = None, energy: float | None = None, ridge: float = 0.0,
-    bias: bool = False, base: str | os.PathLike | None = None, batch_size: int = 8,
-    seq_len: int = 512, held_out: str | os.PathLike | None = None, progress: bool = True,
-) -> LoraExport:  # fmt: skip
+    adapter_dir: str | os.PathLike,
+    data: str | os.PathLike | None,
+    out_dir: str | os.PathLike,
+    rank: int | None = None,
+    energy: float | None = None,
+    ridge: float = 0.0,
+    bias: bool = False,
+    base: str | os.PathLike | None = None,
+    batch_size: int = 8,
+    seq_len: int = 512,
+    held_out: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> LoraExport:
     """Loads the CeRA adapter in ``adapter_dir`` onto its base model, fits the LoRA
     (``to_lora``) on ``data`` and saves it to ``out_dir``. ``data`` is token ids
     (``load_token_ids``) for a transformers model, model inputs (``load_inputs``) for a
@@ -276,8 +294,15 @@ def export_adapter_dir(
         embeddings = model.get_input_embeddings()  # a CeraEmbedding when adapted
         vocab = getattr(embeddings, "base_layer", embeddings).num_embeddings
         batches = [batches_of(sequences, batch_size, vocab) for sequences in files]
-    export = to_lora(model, batches[0] if batches else None, rank=rank, energy=energy,
-                     ridge=ridge, bias=bias, progress=progress,
-                     held_out=batches[1] if held_out else None)  # fmt: skip
+    export = to_lora(
+        model,
+        batches[0] if batches else None,
+        rank=rank,
+        energy=energy,
+        ridge=ridge,
+        bias=bias,
+        progress=progress,
+        held_out=batches[1] if held_out else None,
+    )
     save_lora(export, out_dir)
     return export

@@ -26,16 +26,21 @@ class LinearityCallback(ProbeCallback):
     where ``SpectralCallback``'s go (``ProbeCallback``)."""
 
     def __init__(
-        self, batches: Iterable[Any], held_out: Iterable[Any] | None = None,
-        every_n_steps: int = 100, modules: Iterable[str] | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        batches: Iterable[Any],
+        held_out: Iterable[Any] | None = None,
+        every_n_steps: int = 100,
+        modules: Iterable[str] | None = None,
+    ) -> None:
         super().__init__(batches, every_n_steps, modules)
-        self.held_out = None if held_out is None else probe_batches(
-            held_out, "held_out", type(self).__name__)  # fmt: skip
+        self.held_out = (
+            None if held_out is None else probe_batches(held_out, "held_out", type(self).__name__)
+        )
 
     def measure(self, model: nn.Module) -> dict[str, float]:
-        report = measure_linearity(model, self.batches, held_out=self.held_out,
-                                   modules=self.modules, progress=False)  # fmt: skip
+        report = measure_linearity(
+            model, self.batches, held_out=self.held_out, modules=self.modules, progress=False
+        )
         out: dict[str, float] = {}
         for m in report.modules:
             out[f"linearity/{m.name}/at_r"] = m.at(m.adapter_rank)

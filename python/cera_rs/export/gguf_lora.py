@@ -45,8 +45,12 @@ QK_ROWS_PERMUTED = {"llama": True, "qwen2": False, "qwen3": False}
 the rows of the query and key weights (``llama``: rope on adjacent pairs) or keeps
 Hugging Face's order (``qwen2``, ``qwen3``: rope on halves, as in transformers)."""
 
-SUFFIXES = {".lora_A.weight": "lora_a", ".lora_B.weight": "lora_b",
-            ".lora_embedding_A": "lora_a", ".lora_embedding_B": "lora_b"}  # fmt: skip
+SUFFIXES = {
+    ".lora_A.weight": "lora_a",
+    ".lora_B.weight": "lora_b",
+    ".lora_embedding_A": "lora_a",
+    ".lora_embedding_B": "lora_b",
+}
 """PEFT's saved names of the two factors (linear layers, embeddings), and llama.cpp's."""
 
 
@@ -77,21 +81,29 @@ class BaseGGUF:
             reader = gguf.GGUFReader(path)
         except Exception as err:  # the reader raises ValueError, struct and numpy errors
             raise ValueError(f"{path} is not a GGUF file gguf can read: {err}") from None
-        fields = {name: field.contents() for name, field in reader.fields.items()
-                  if name.startswith(("general.", "adapter."))
-                  or ".attention.head_count" in name or name.endswith(".block_count")}  # fmt: skip
+        fields = {
+            name: field.contents()
+            for name, field in reader.fields.items()
+            if name.startswith(("general.", "adapter."))
+            or ".attention.head_count" in name
+            or name.endswith(".block_count")
+        }
         kind, arch = fields.get("general.type", "model"), fields.get("general.architecture")
         if kind != "model":
             raise ValueError(f"{path} is a GGUF {kind}, not a model: pass the base model's file")
         if arch not in QK_ROWS_PERMUTED:
-            raise ValueError(f"{path}: architecture {arch!r} is not supported (its tensor "
-                             f"layout is not known here); supported: "
-                             f"{sorted(QK_ROWS_PERMUTED)}")  # fmt: skip
+            raise ValueError(
+                f"{path}: architecture {arch!r} is not supported (its tensor "
+                f"layout is not known here); supported: "
+                f"{sorted(QK_ROWS_PERMUTED)}"
+            )
         heads = fields.get(f"{arch}.attention.head_count")
         blocks = fields.get(f"{arch}.block_count")
         if not isinstance(heads, int) or not isinstance(blocks, int):
-            raise ValueError(f"{path}: {arch}.attention.head_count or {arch}.block_count is "
-                             "missing or not one number")  # fmt: skip
+            raise ValueError(
+                f"{path}: {arch}.attention.head_count or {arch}.block_count is "
+                "missing or not one number"
+            )
         kv_heads = fields.get(f"{arch}.attention.head_count_kv", heads)
         shapes = {t.name: tuple(int(n) for n in t.shape) for t in reader.tensors}
         return cls(path, arch, blocks, heads, int(kv_heads), shapes)
@@ -110,8 +122,9 @@ def _scaling(export: LoraExport, module: str, rank: int) -> float:
     from peft.utils.other import get_pattern_key
 
     config = export.config
-    alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module),
-                                     config.lora_alpha)  # fmt: skip
+    alpha = config.alpha_pattern.get(
+        get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha
+    )
     return alpha / (math.sqrt(rank) if config.use_rslora else rank)
 
 
@@ -125,24 +138,29 @@ def _pairs(export: LoraExport) -> dict[str, dict[str, Tensor]]:
     for key, value in export.state_dict.items():
         suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
         if suffix is None:
-            what = ("a LoRA bias (export without bias=True / --bias)" if key.endswith(".bias")
-                    else "not a lora_A / lora_B weight")  # fmt: skip
-            raise ValueError(f"llama.cpp LoRA adapters hold only lora_A/lora_B pairs; {key} is "
-                             f"{what}")  # fmt: skip
+            what = (
+                "a LoRA bias (export without bias=True / --bias)"
+                if key.endswith(".bias")
+                else "not a lora_A / lora_B weight"
+            )
+            raise ValueError(
+                f"llama.cpp LoRA adapters hold only lora_A/lora_B pairs; {key} is {what}"
+            )
         module = key[: -len(suffix)].removeprefix(PEFT_PREFIX)
         if not torch.isfinite(value).all():
             raise ValueError(f"{key} holds NaN or Inf values")
         if value.dim() != 2:
-            raise ValueError(f"{module} is a convolution ({key} has {value.dim()} dimensions): "
-                             "llama.cpp applies LoRA adapters to matrix multiplications and "
-                             "the token embedding only")  # fmt: skip
+            raise ValueError(
+                f"{module} is a convolution ({key} has {value.dim()} dimensions): "
+                "llama.cpp applies LoRA adapters to matrix multiplications and "
+                "the token embedding only"
+            )
         pair = pairs.setdefault(module, {})
         pair[SUFFIXES[suffix]] = value.detach().to("cpu", torch.float32)
         pair["embedding"] = "_embedding_" in suffix
     for module, pair in pairs.items():
         if len(pair) != 3:
-            raise ValueError(f"{module} has only one of lora_A / lora_B: a LoRA needs both "
-                             "factors")  # fmt: skip
+            raise ValueError(f"{module} has only one of lora_A / lora_B: a LoRA needs both factors")
     if not pairs:
         raise ValueError("the export holds no LoRA weights")
     return pairs
@@ -167,25 +185,34 @@ def gguf_lora_tensors(export: LoraExport, base: BaseGGUF) -> tuple[float, dict[s
         rank = int(a.shape[0])
         found = names.get_type_and_name(module + ".weight", try_suffixes=(".weight",))
         if found is None:
-            raise ValueError(f"{module} has no llama.cpp tensor name for architecture "
-                             f"{base.arch!r}")  # fmt: skip
+            raise ValueError(
+                f"{module} has no llama.cpp tensor name for architecture {base.arch!r}"
+            )
         kind, name = found
         if name not in base.shapes:
-            raise ValueError(f"the base GGUF {base.path} has no tensor {name} for {module} "
-                             "(another base model?)")  # fmt: skip
+            raise ValueError(
+                f"the base GGUF {base.path} has no tensor {name} for {module} (another base model?)"
+            )
         if pair["embedding"] or kind == gguf.MODEL_TENSOR.TOKEN_EMBD:
-            tensors.update(_token_embd(module, kind, name, a, b, base, rank, alpha,
-                                       _scaling(export, module, rank)))  # fmt: skip
+            tensors.update(
+                _token_embd(
+                    module, kind, name, a, b, base, rank, alpha, _scaling(export, module, rank)
+                )
+            )
             continue
         d_in, d_out = base.shapes[name][:2]
         if b.shape[1] != rank or (a.shape[1], b.shape[0]) != (d_in, d_out):
-            raise ValueError(f"{module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do "
-                             f"not fit the base tensor {name} of ggml shape [{d_in}, {d_out}] "
-                             "(another base model?)")  # fmt: skip
+            raise ValueError(
+                f"{module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do "
+                f"not fit the base tensor {name} of ggml shape [{d_in}, {d_out}] "
+                "(another base model?)"
+            )
         factor = _scaling(export, module, rank) * rank / alpha
         b = b * factor if factor != 1.0 else b
-        if QK_ROWS_PERMUTED[base.arch] and kind in (gguf.MODEL_TENSOR.ATTN_Q,
-                                                    gguf.MODEL_TENSOR.ATTN_K):  # fmt: skip
+        if QK_ROWS_PERMUTED[base.arch] and kind in (
+            gguf.MODEL_TENSOR.ATTN_Q,
+            gguf.MODEL_TENSOR.ATTN_K,
+        ):
             heads = base.heads if kind == gguf.MODEL_TENSOR.ATTN_Q else base.kv_heads
             b = b[_rope_rows(d_out, heads)]
         tensors[name + ".lora_a"] = a.contiguous().numpy()
@@ -193,8 +220,17 @@ def gguf_lora_tensors(export: LoraExport, base: BaseGGUF) -> tuple[float, dict[s
     return float(alpha), tensors
 
 
-def _token_embd(module: str, kind, name: str, a: Tensor, b: Tensor, base: BaseGGUF, rank: int,
-                alpha: float, scaling: float) -> dict[str, np.ndarray]:  # fmt: skip
+def _token_embd(
+    module: str,
+    kind,
+    name: str,
+    a: Tensor,
+    b: Tensor,
+    base: BaseGGUF,
+    rank: int,
+    alpha: float,
+    scaling: float,
+) -> dict[str, np.ndarray]:
     """llama.cpp's tensors of a LoRA embedding on ``token_embd``: it looks the tokens'
     rows up in ``lora_a`` and multiplies by ``lora_b`` unflipped (``build_inp_embd``), so
     ``lora_a`` is PEFT's ``lora_embedding_A`` transposed (numpy ``(vocab, r)``) and
@@ -208,28 +244,35 @@ def _token_embd(module: str, kind, name: str, a: Tensor, b: Tensor, base: BaseGG
     import gguf
 
     if kind != gguf.MODEL_TENSOR.TOKEN_EMBD:
-        raise ValueError(f"{module} is an embedding mapped to {name}: llama.cpp applies a LoRA "
-                         "to the token embedding (token_embd) only among embeddings")  # fmt: skip
+        raise ValueError(
+            f"{module} is an embedding mapped to {name}: llama.cpp applies a LoRA "
+            "to the token embedding (token_embd) only among embeddings"
+        )
     if a.dim() != 2 or b.shape[1] != a.shape[0] or a.shape[1] * b.shape[0] == 0:
         raise ValueError(f"{module}: not a LoRA embedding's factors")
     tied = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.OUTPUT] + ".weight"
     if tied not in base.shapes:
-        raise ValueError(f"{module}: the base GGUF {base.path} ties its output to token_embd "
-                         f"(it has no {tied}); llama.cpp finds adapters by tensor name, so it "
-                         "would apply the embedding's LoRA to the output projection too, with "
-                         "its factors flipped")  # fmt: skip
+        raise ValueError(
+            f"{module}: the base GGUF {base.path} ties its output to token_embd "
+            f"(it has no {tied}); llama.cpp finds adapters by tensor name, so it "
+            "would apply the embedding's LoRA to the output projection too, with "
+            "its factors flipped"
+        )
     d_embd, vocab = base.shapes[name][:2]
     if (a.shape[1], b.shape[0]) != (vocab, d_embd):
-        raise ValueError(f"{module}: lora_embedding_A {tuple(a.shape)} and lora_embedding_B "
-                         f"{tuple(b.shape)} do not fit the base tensor {name} of ggml shape "
-                         f"[{d_embd}, {vocab}] (another base model?)")  # fmt: skip
+        raise ValueError(
+            f"{module}: lora_embedding_A {tuple(a.shape)} and lora_embedding_B "
+            f"{tuple(b.shape)} do not fit the base tensor {name} of ggml shape "
+            f"[{d_embd}, {vocab}] (another base model?)"
+        )
     factor = scaling * rank / alpha
     b = b * factor if factor != 1.0 else b
     return {name + ".lora_a": a.T.contiguous().numpy(), name + ".lora_b": b.contiguous().numpy()}
 
 
-def save_gguf_lora(export: LoraExport, path: str | os.PathLike,
-                   base_gguf: str | os.PathLike) -> None:  # fmt: skip
+def save_gguf_lora(
+    export: LoraExport, path: str | os.PathLike, base_gguf: str | os.PathLike
+) -> None:
     """Writes ``export`` (what ``to_lora`` returns) as a llama.cpp LoRA adapter file for
     the base model in ``base_gguf``, atomically: ``llama-cli -m BASE.gguf --lora
     path``, or ``Llama(BASE.gguf, lora_path=path)`` in llama-cpp-python.
@@ -257,4 +300,3 @@ def save_gguf_lora(export: LoraExport, path: str | os.PathLike,
             writer.write_tensors_to_file()
         finally:
             writer.close()
-

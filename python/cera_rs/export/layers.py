@@ -31,18 +31,24 @@ def check_exportable(adapter: Adapter, bias: bool) -> None:
     """What PEFT's LoRA layer of this kind cannot hold is a ValueError naming the layer."""
     base = adapter.module.base_layer
     if adapter.kind == "embedding" and bias:
-        raise ValueError(f"{adapter.name} is an embedding: PEFT's LoRA embedding holds no "
-                         "bias (lora_bias); export without bias=True / --bias")  # fmt: skip
+        raise ValueError(
+            f"{adapter.name} is an embedding: PEFT's LoRA embedding holds no "
+            "bias (lora_bias); export without bias=True / --bias"
+        )
     if adapter.kind != "conv":
         return
     if any(d != 1 for d in base.dilation):
-        raise ValueError(f"{adapter.name}: a dilated convolution (dilation={base.dilation}) has "
-                         "no PEFT LoRA: PEFT's LoRA conv A leaves the dilation out, so its "
-                         "output would not match the base layer's")  # fmt: skip
+        raise ValueError(
+            f"{adapter.name}: a dilated convolution (dilation={base.dilation}) has "
+            "no PEFT LoRA: PEFT's LoRA conv A leaves the dilation out, so its "
+            "output would not match the base layer's"
+        )
     if base.groups != 1:
-        raise ValueError(f"{adapter.name}: a grouped convolution (groups={base.groups}) is not "
-                         "exported: PEFT's LoRA conv A reads every input channel while its B "
-                         "is grouped, a structure other than the base's groups")  # fmt: skip
+        raise ValueError(
+            f"{adapter.name}: a grouped convolution (groups={base.groups}) is not "
+            "exported: PEFT's LoRA conv A reads every input channel while its B "
+            "is grouped, a structure other than the base's groups"
+        )
 
 
 def conv_patches(base: nn.Module, x: Tensor) -> Tensor:
@@ -91,8 +97,9 @@ def accumulator(adapter: Adapter) -> StreamingRegression | TokenCounts:
     return StreamingRegression(d_in, adapter.out_features, adapter.device)
 
 
-def feed(adapter: Adapter, acc: StreamingRegression | TokenCounts, x: Tensor,
-         delta: Tensor) -> None:  # fmt: skip
+def feed(
+    adapter: Adapter, acc: StreamingRegression | TokenCounts, x: Tensor, delta: Tensor
+) -> None:
     """Adds one batch's ``(x, delta)`` (as ``stream_deltas`` hands them) to ``acc``."""
     if adapter.kind == "embedding":
         acc.update(x)
@@ -111,8 +118,9 @@ def table_chunks(adapter: Adapter):
     try:
         with torch.no_grad():
             for start in range(0, module.in_features, TABLE_CHUNK):
-                ids = torch.arange(start, min(start + TABLE_CHUNK, module.in_features),
-                                   device=adapter.device)  # fmt: skip
+                ids = torch.arange(
+                    start, min(start + TABLE_CHUNK, module.in_features), device=adapter.device
+                )
                 output = module(ids) if adapter.method == "dora" else None
                 yield adapter.delta(ids, output).double().T
     finally:
@@ -120,8 +128,9 @@ def table_chunks(adapter: Adapter):
 
 
 def _weighted_gram(adapter: Adapter, counts: Tensor) -> Tensor:
-    gram = torch.zeros(adapter.out_features, adapter.out_features, dtype=torch.float64,
-                       device=adapter.device)  # fmt: skip
+    gram = torch.zeros(
+        adapter.out_features, adapter.out_features, dtype=torch.float64, device=adapter.device
+    )
     start = 0
     for table in table_chunks(adapter):
         weight = counts[start : start + table.shape[1]]
@@ -191,17 +200,21 @@ def _shares(captured: np.ndarray, total: float | None = None) -> np.ndarray:
     return np.concatenate([[0.0], np.cumsum(captured)]) / total
 
 
-def solve(adapters: list[Adapter], accs: list, ridge: float,
-          bias: bool) -> list[LinearFit | TableFit]:  # fmt: skip
+def solve(
+    adapters: list[Adapter], accs: list, ridge: float, bias: bool
+) -> list[LinearFit | TableFit]:
     """Each adapter's fit: the regressions solved together, the tables one by one."""
     regressions = [acc for acc in accs if isinstance(acc, StreamingRegression)]
     solved = iter(solve_all(regressions, ridge=ridge, bias=bias)) if regressions else iter(())
-    return [TableFit(a, acc.counts) if isinstance(acc, TokenCounts) else next(solved)
-            for a, acc in zip(adapters, accs)]  # fmt: skip
+    return [
+        TableFit(a, acc.counts) if isinstance(acc, TokenCounts) else next(solved)
+        for a, acc in zip(adapters, accs)
+    ]
 
 
-def lora_tensors(adapter: Adapter, fit: LinearFit | TableFit, k: int,
-                 dtype: torch.dtype) -> dict[str, Tensor]:  # fmt: skip
+def lora_tensors(
+    adapter: Adapter, fit: LinearFit | TableFit, k: int, dtype: torch.dtype
+) -> dict[str, Tensor]:
     """The rank-``k`` map as PEFT's saved LoRA tensors of this layer, by key suffix."""
     b, a, b_bias = fit.factors(k)
     out = lambda t: t.to("cpu", dtype).contiguous()  # noqa: E731

@@ -80,24 +80,35 @@ def _factor_dtype(adapter: Adapter) -> torch.dtype:
     return weight.dtype if weight.dtype.is_floating_point else torch.float32
 
 
-def _lora_config(model: nn.Module, adapters: list[Adapter], ranks: dict[str, int],
-                 bias: bool) -> LoraConfig:  # fmt: skip
+def _lora_config(
+    model: nn.Module, adapters: list[Adapter], ranks: dict[str, int], bias: bool
+) -> LoraConfig:
     """One ``r`` for most layers; ``rank_pattern`` / ``alpha_pattern`` (full module
     names, which PEFT matches exactly) for the others, alpha = rank throughout."""
     common = Counter(ranks.values()).most_common(1)[0][0]
     others = {name: k for name, k in ranks.items() if k != common}
     source = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
     return LoraConfig(
-        r=common, lora_alpha=common, rank_pattern=dict(others), alpha_pattern=dict(others),
-        target_modules=sorted(ranks), lora_dropout=0.0, lora_bias=bias,
+        r=common,
+        lora_alpha=common,
+        rank_pattern=dict(others),
+        alpha_pattern=dict(others),
+        target_modules=sorted(ranks),
+        lora_dropout=0.0,
+        lora_bias=bias,
         fan_in_fan_out=any(isinstance(a.module.base_layer, Conv1D) for a in adapters),
         base_model_name_or_path=getattr(source, "base_model_name_or_path", None),
         task_type=getattr(source, "task_type", None),
-    )  # fmt: skip
+    )
 
 
-def _moments(model: nn.Module, batches: Iterable[Any] | None, adapters: list[Adapter],
-             progress: bool, what: str) -> list:  # fmt: skip
+def _moments(
+    model: nn.Module,
+    batches: Iterable[Any] | None,
+    adapters: list[Adapter],
+    progress: bool,
+    what: str,
+) -> list:
     """Each adapter's accumulator (``export.layers.accumulator``) over the tokens of
     ``batches``; without batches (embeddings only) every id counts once."""
     accs = [layers.accumulator(a) for a in adapters]
@@ -106,18 +117,31 @@ def _moments(model: nn.Module, batches: Iterable[Any] | None, adapters: list[Ada
             acc.counts += 1
         return accs
     index = {a.name: i for i, a in enumerate(adapters)}
-    stream_deltas(model, batches, adapters,
-                  lambda a, x, y: layers.feed(a, accs[index[a.name]], x, y),
-                  progress=progress, desc="to_lora", what=what)  # fmt: skip
+    stream_deltas(
+        model,
+        batches,
+        adapters,
+        lambda a, x, y: layers.feed(a, accs[index[a.name]], x, y),
+        progress=progress,
+        desc="to_lora",
+        what=what,
+    )
     empty = [a.name for a, m in zip(adapters, accs) if m.tokens_seen == 0]
     if empty:
         raise ValueError(f"no tokens of {what} reached {empty[0]}: nothing to fit or score")
     return accs
 
 
-def _fits(model: nn.Module, batches: Iterable[Any] | None, held_out: Iterable[Any] | None,
-          ridge: float, bias: bool, modules: Iterable[str] | None, progress: bool,
-          export: bool):  # fmt: skip
+def _fits(
+    model: nn.Module,
+    batches: Iterable[Any] | None,
+    held_out: Iterable[Any] | None,
+    ridge: float,
+    bias: bool,
+    modules: Iterable[str] | None,
+    progress: bool,
+    export: bool,
+):
     """The adapters, each one's fit at every rank on ``batches``, and (with
     ``held_out``) every rank's linearity on the held-out tokens with their count;
     ``export``: layers PEFT's LoRA cannot hold are refused first."""
@@ -127,24 +151,37 @@ def _fits(model: nn.Module, batches: Iterable[Any] | None, held_out: Iterable[An
     if batches is None:
         others = [a.name for a in adapters if a.kind != "embedding"]
         if others:
-            raise ValueError(f"batches are needed to fit {others[0]} ({len(others)} such "
-                             "layers): only embeddings export without calibration "
-                             "data")  # fmt: skip
+            raise ValueError(
+                f"batches are needed to fit {others[0]} ({len(others)} such "
+                "layers): only embeddings export without calibration "
+                "data"
+            )
     accs = _moments(model, batches, adapters, progress, "batches")
     fits = layers.solve(adapters, accs, ridge, bias)
     curves: dict[str, Any] = {}
     if held_out is not None:
         tests = _moments(model, held_out, adapters, progress, "held_out")
-        curves = {a.name: (fit.linearity_on(test), test.tokens_seen)
-                  for a, fit, test in zip(adapters, fits, tests)}  # fmt: skip
+        curves = {
+            a.name: (fit.linearity_on(test), test.tokens_seen)
+            for a, fit, test in zip(adapters, fits, tests)
+        }
     return adapters, fits, curves
 
 
-def _row(adapter: Adapter, fit: LinearFit | layers.TableFit, k: int,
-         curves: dict[str, Any]) -> ModuleLinearity:  # fmt: skip
+def _row(
+    adapter: Adapter, fit: LinearFit | layers.TableFit, k: int, curves: dict[str, Any]
+) -> ModuleLinearity:
     held_out_curve, held_out_tokens = curves.get(adapter.name, (None, 0))
-    return ModuleLinearity(adapter.name, adapter.method, adapter.rank, k, fit.tokens,
-                           fit.linearity, held_out_curve, held_out_tokens)  # fmt: skip
+    return ModuleLinearity(
+        adapter.name,
+        adapter.method,
+        adapter.rank,
+        k,
+        fit.tokens,
+        fit.linearity,
+        held_out_curve,
+        held_out_tokens,
+    )
 
 
 def measure_linearity(
@@ -158,10 +195,12 @@ def measure_linearity(
     """``to_lora``'s report without the export: each adapted layer's linearity at
     every rank (``lin@k`` at the adapter's own rank) on ``batches``, and with
     ``held_out`` the same maps' on its tokens. Arguments as for ``to_lora``."""
-    adapters, fits, curves = _fits(model, batches, held_out, ridge, False, modules, progress,
-                                   export=False)  # fmt: skip
-    return LinearityReport([_row(a, fit, min(a.rank, fit.max_rank), curves)
-                            for a, fit in zip(adapters, fits)])  # fmt: skip
+    adapters, fits, curves = _fits(
+        model, batches, held_out, ridge, False, modules, progress, export=False
+    )
+    return LinearityReport(
+        [_row(a, fit, min(a.rank, fit.max_rank), curves) for a, fit in zip(adapters, fits)]
+    )
 
 
 def to_lora(
@@ -201,17 +240,16 @@ def to_lora(
             (the full-rank map fits noise too).
     """
     check_target(rank, energy)
-    adapters, fits, curves = _fits(model, batches, held_out, ridge, bias, modules, progress,
-                                   export=True)  # fmt: skip
+    adapters, fits, curves = _fits(
+        model, batches, held_out, ridge, bias, modules, progress, export=True
+    )
     state: dict[str, Tensor] = {}
     ranks: dict[str, int] = {}
     rows = []
     for adapter, fit in zip(adapters, fits):
         k = rank if rank is not None else fit.energy_rank(energy)
         if k > fit.max_rank:
-            raise ValueError(
-                f"rank {k} exceeds {adapter.name}'s min(d_in, d_out) = {fit.max_rank}"
-            )
+            raise ValueError(f"rank {k} exceeds {adapter.name}'s min(d_in, d_out) = {fit.max_rank}")
         key = PEFT_PREFIX + adapter.name
         for suffix, tensor in layers.lora_tensors(adapter, fit, k, _factor_dtype(adapter)).items():
             state[f"{key}.{suffix}"] = tensor

@@ -78,8 +78,9 @@ class LinearFit:
         flatters the fit unless the tokens are many times ``d_in``; this does not. It
         can be negative: a map worse than none."""
         if not isinstance(held_out, StreamingRegression):
-            raise TypeError(f"held_out must be a StreamingRegression, got "
-                            f"{type(held_out).__name__}")  # fmt: skip
+            raise TypeError(
+                f"held_out must be a StreamingRegression, got {type(held_out).__name__}"
+            )
         return self._native.linearity_on(held_out._native)
 
     def factors(self, k: int) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -159,9 +160,10 @@ class StreamingRegression:
         tokens = int(state["tokens_seen"])
         if tokens < 0:
             raise ValueError(f"tokens_seen must be >= 0, got {tokens}")
-        if tuple(state["xx"].shape) != (self.d_in, self.d_in) or tuple(
-            state["yx"].shape
-        ) != (self.d_out, self.d_in):
+        if tuple(state["xx"].shape) != (self.d_in, self.d_in) or tuple(state["yx"].shape) != (
+            self.d_out,
+            self.d_in,
+        ):
             raise ValueError(
                 f"xx must be ({self.d_in}, {self.d_in}) and yx ({self.d_out}, {self.d_in}), got "
                 f"{tuple(state['xx'].shape)} and {tuple(state['yx'].shape)}"

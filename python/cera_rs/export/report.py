@@ -60,16 +60,25 @@ class ModuleLinearity:
 
     def row(self) -> dict[str, Any]:
         full = len(self.linearity) - 1
-        row = {"module": self.name, "method": self.method, "adapter_rank": self.adapter_rank,
-               "tokens": self.tokens, "rank": self.rank,
-               "linearity_at_rank": self.at(self.rank),
-               "linearity_at_adapter_rank": self.at(self.adapter_rank),
-               "linearity_full_rank": self.at(full)}  # fmt: skip
+        row = {
+            "module": self.name,
+            "method": self.method,
+            "adapter_rank": self.adapter_rank,
+            "tokens": self.tokens,
+            "rank": self.rank,
+            "linearity_at_rank": self.at(self.rank),
+            "linearity_at_adapter_rank": self.at(self.adapter_rank),
+            "linearity_full_rank": self.at(full),
+        }
         if self.held_out is not None:
-            row.update({"held_out_tokens": self.held_out_tokens,
-                        "held_out_linearity_at_rank": self.at(self.rank, True),
-                        "held_out_linearity_at_adapter_rank": self.at(self.adapter_rank, True),
-                        "held_out_linearity_full_rank": self.at(full, True)})  # fmt: skip
+            row.update(
+                {
+                    "held_out_tokens": self.held_out_tokens,
+                    "held_out_linearity_at_rank": self.at(self.rank, True),
+                    "held_out_linearity_at_adapter_rank": self.at(self.adapter_rank, True),
+                    "held_out_linearity_full_rank": self.at(full, True),
+                }
+            )
         return row
 
 
@@ -94,10 +103,16 @@ class LinearityReport(ModuleTable):
 
     def to_dict(self) -> dict[str, Any]:
         """The table with each module's whole linearity curves, JSON-ready."""
-        return {"modules": [{**m.row(), "linearity": m.linearity.tolist(),
-                             **({} if m.held_out is None
-                                else {"held_out_linearity": m.held_out.tolist()})}
-                            for m in self.modules]}  # fmt: skip
+        return {
+            "modules": [
+                {
+                    **m.row(),
+                    "linearity": m.linearity.tolist(),
+                    **({} if m.held_out is None else {"held_out_linearity": m.held_out.tolist()}),
+                }
+                for m in self.modules
+            ]
+        }
 
     def plot(self, path: str | os.PathLike) -> None:
         """Saves a figure (atomically; the format from the suffix): linearity against
@@ -119,12 +134,23 @@ class LinearityReport(ModuleTable):
             top = min(len(m.linearity) - 1, 4 * max(m.adapter_rank, 1))
             label = f"{m.name} ({m.method})" if few else m.method
             shown = label if few or label not in labelled else None
-            (line,) = curves.plot(range(top + 1), m.linearity[: top + 1],
-                                  color=None if few else METHOD_COLORS.get(m.method),
-                                  alpha=0.9 if few else 0.4, lw=1, label=shown)  # fmt: skip
+            (line,) = curves.plot(
+                range(top + 1),
+                m.linearity[: top + 1],
+                color=None if few else METHOD_COLORS.get(m.method),
+                alpha=0.9 if few else 0.4,
+                lw=1,
+                label=shown,
+            )
             if m.held_out is not None:  # the same maps on held-out tokens, dashed
-                curves.plot(range(top + 1), m.held_out[: top + 1], color=line.get_color(),
-                            alpha=line.get_alpha(), lw=1, ls="--")  # fmt: skip
+                curves.plot(
+                    range(top + 1),
+                    m.held_out[: top + 1],
+                    color=line.get_color(),
+                    alpha=line.get_alpha(),
+                    lw=1,
+                    ls="--",
+                )
             labelled.add(label)
         for r in sorted({m.adapter_rank for m in self.modules}):
             curves.axvline(r, color="grey", ls=":", lw=1)
@@ -136,9 +162,12 @@ class LinearityReport(ModuleTable):
                     lowest = min(lowest, float(curve[: top + 1].min()))
         if any(m.held_out is not None for m in self.modules):
             curves.plot([], [], color="grey", ls="--", lw=1, label="held-out tokens")
-        curves.set(xlabel="rank k of the linear map", ylabel="linearity",
-                   title="share of the output energy a rank-k map reproduces",
-                   ylim=(lowest, 1.02))  # fmt: skip
+        curves.set(
+            xlabel="rank k of the linear map",
+            ylabel="linearity",
+            title="share of the output energy a rank-k map reproduces",
+            ylim=(lowest, 1.02),
+        )
         curves.legend(fontsize="small")
         series: dict[str, list[tuple[int, float]]] = {}
         for position, m in enumerate(self.modules):

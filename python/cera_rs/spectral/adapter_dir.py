@@ -109,8 +109,7 @@ def adapter_dir_spectrum(path: str | os.PathLike) -> ModelSpectrum:
     suffixes = [(f".{prefix}_A.weight", f".{prefix}_B.weight")]
     if prefix == "lora":  # PEFT's LoRA embeddings: lora_embedding_A (r, vocab), no .weight
         suffixes.append((".lora_embedding_A", ".lora_embedding_B"))
-    found = [(k.removesuffix(sa), sa, sb) for k in tensors for sa, sb in suffixes
-             if k.endswith(sa)]  # fmt: skip
+    found = [(k.removesuffix(sa), sa, sb) for k in tensors for sa, sb in suffixes if k.endswith(sa)]
     if not found:
         raise ValueError(f"{weights} holds no '*{suffixes[0][0]}' tensors")
     factors, ranks, names = [], [], []
@@ -124,9 +123,10 @@ def adapter_dir_spectrum(path: str | os.PathLike) -> ModelSpectrum:
             b, a = conv_matrix(b, groups), conv_matrix(a, groups if method == "cera" else 1)
         name, r = display_name(module), a.shape[0]
         scaling = (
-            float(config.get("scaling", 1.0)) if method == "cera"
+            float(config.get("scaling", 1.0))
+            if method == "cera"
             else _lora_scaling(config, name, r)
-        )  # fmt: skip
+        )
         factors.append((scaling * b, a))
         ranks.append(r)
         names.append(name)

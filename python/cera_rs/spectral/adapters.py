@@ -27,8 +27,14 @@ PEFT_PREFIX = "base_model.model."
 """What ``PeftModel`` puts before the wrapped model's module names; dropped from
 reported names so a CeRA and a LoRA model of one base show the same names."""
 
-KINDS = {CeraLinear: "linear", CeraEmbedding: "embedding", CeraConv: "conv",
-         LoraLinear: "linear", LoraEmbedding: "embedding", LoraConv: "conv"}  # fmt: skip
+KINDS = {
+    CeraLinear: "linear",
+    CeraEmbedding: "embedding",
+    CeraConv: "conv",
+    LoraLinear: "linear",
+    LoraEmbedding: "embedding",
+    LoraConv: "conv",
+}
 """The layer classes analysed, and what their input is: features, token ids, or a
 convolution's channels-first input."""
 
@@ -89,11 +95,15 @@ class Adapter:
         if isinstance(m, CeraLinear):
             return sum(
                 cera_delta(
-                    x.to(m.cera_A[a].weight.dtype), m.cera_A[a].weight, m.cera_B[a].weight,
-                    activation=m.activation[a], scaling=m.scaling[a], training=False,
+                    x.to(m.cera_A[a].weight.dtype),
+                    m.cera_A[a].weight,
+                    m.cera_B[a].weight,
+                    activation=m.activation[a],
+                    scaling=m.scaling[a],
+                    training=False,
                 )
                 for a in self.adapter_names
-            )  # fmt: skip
+            )
         if isinstance(m, CeraLayer):
             delta = sum(_eval_delta(m, a, x) for a in self.adapter_names)
         elif any(a in m.lora_variant for a in self.adapter_names):

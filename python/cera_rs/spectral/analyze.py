@@ -33,13 +33,20 @@ def analyze(
     """
     adapters = find_adapters(model, modules)
     streams = {a.name: StreamingSpectrum(a.out_features, a.device, center) for a in adapters}
-    stream_deltas(model, batches, adapters, lambda a, x, delta: streams[a.name].update(delta),
-                  progress=progress)  # fmt: skip
+    stream_deltas(
+        model,
+        batches,
+        adapters,
+        lambda a, x, delta: streams[a.name].update(delta),
+        progress=progress,
+    )
     spectra = _native.gram_spectra([streams[a.name]._native for a in adapters])
-    return ModelSpectrum([
-        ModuleSpectrum(a.name, a.method, Spectrum(native, a.rank), streams[a.name].tokens_seen)
-        for a, native in zip(adapters, spectra)
-    ])  # fmt: skip
+    return ModelSpectrum(
+        [
+            ModuleSpectrum(a.name, a.method, Spectrum(native, a.rank), streams[a.name].tokens_seen)
+            for a, native in zip(adapters, spectra)
+        ]
+    )
 
 
 def weight_spectrum(model: nn.Module, modules: Iterable[str] | None = None) -> ModelSpectrum:
@@ -47,6 +54,4 @@ def weight_spectrum(model: nn.Module, modules: Iterable[str] | None = None) -> M
     ``scaling * B A``, DoRA's update of the direction, CeRA's linear part ``B A``."""
     adapters = find_adapters(model, modules)
     spectra = lowrank_spectra([a.factors() for a in adapters], [a.rank for a in adapters])
-    return ModelSpectrum(
-        [ModuleSpectrum(a.name, a.method, s) for a, s in zip(adapters, spectra)]
-    )
+    return ModelSpectrum([ModuleSpectrum(a.name, a.method, s) for a, s in zip(adapters, spectra)])

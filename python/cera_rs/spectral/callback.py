@@ -29,8 +29,9 @@ class ProbeCallback(TrainerCallback):
     ``logs`` to callbacks in order, so reporting integrations registered before this
     callback do not see them."""
 
-    def __init__(self, batches: Iterable[Any], every_n_steps: int = 100,
-                 modules: Iterable[str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, batches: Iterable[Any], every_n_steps: int = 100, modules: Iterable[str] | None = None
+    ) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int):
             raise TypeError(f"every_n_steps must be an int, got {every_n_steps!r}")
         if every_n_steps < 1:

@@ -47,8 +47,7 @@ class _Hooks:
     def __init__(self, adapters: list[Adapter], sink: Sink) -> None:
         self.mask: Tensor | None = None
         self.handles = [
-            a.module.register_forward_hook(self._hook(a, sink), with_kwargs=True)
-            for a in adapters
+            a.module.register_forward_hook(self._hook(a, sink), with_kwargs=True) for a in adapters
         ]
 
     def _hook(self, adapter: Adapter, sink: Sink):
@@ -56,8 +55,11 @@ class _Hooks:
             x = args[0] if args else kwargs["x"]
             delta = adapter.delta(x, output)
             # A conv's rows are output positions, not tokens: no padding mask applies.
-            if (self.mask is not None and adapter.kind != "conv"
-                    and tuple(delta.shape[:-1]) == tuple(self.mask.shape)):  # fmt: skip
+            if (
+                self.mask is not None
+                and adapter.kind != "conv"
+                and tuple(delta.shape[:-1]) == tuple(self.mask.shape)
+            ):
                 mask = self.mask.to(delta.device)
                 x, delta = x[mask], delta[mask]
             sink(adapter, x, delta)
@@ -70,9 +72,14 @@ class _Hooks:
 
 
 def stream_deltas(
-    model: nn.Module, batches: Iterable[Any], adapters: list[Adapter], sink: Sink,
-    progress: bool = True, desc: str = "analyze", what: str = "batches",
-) -> None:  # fmt: skip
+    model: nn.Module,
+    batches: Iterable[Any],
+    adapters: list[Adapter],
+    sink: Sink,
+    progress: bool = True,
+    desc: str = "analyze",
+    what: str = "batches",
+) -> None:
     """Runs ``batches`` through ``model`` (eval mode, no grad; its mode is restored),
     calling ``sink`` for every adapter on every batch. Batches move to the model's
     device; a dict is passed as keyword arguments (a tokenizer's output), a tuple as

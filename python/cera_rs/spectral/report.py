@@ -26,6 +26,7 @@ COLUMNS = (
 )
 """(header, row key, format) of each table column."""
 
+
 @dataclass(frozen=True)
 class ModuleSpectrum:
     """One adapted layer's spectrum: of its output delta over ``tokens`` tokens, or
@@ -37,8 +38,12 @@ class ModuleSpectrum:
     tokens: int | None = None
 
     def row(self) -> dict[str, Any]:
-        return {"module": self.name, "method": self.method, "tokens": self.tokens,
-                **self.spectrum.metrics()}  # fmt: skip
+        return {
+            "module": self.name,
+            "method": self.method,
+            "tokens": self.tokens,
+            **self.spectrum.metrics(),
+        }
 
 
 @dataclass(repr=False)
@@ -55,8 +60,12 @@ class ModelSpectrum(ModuleTable):
 
     def to_dict(self) -> dict[str, Any]:
         """The table with each module's singular values, JSON-ready."""
-        return {"modules": [{**m.row(), "singular_values": m.spectrum.singular_values.tolist()}
-                            for m in self.modules]}  # fmt: skip
+        return {
+            "modules": [
+                {**m.row(), "singular_values": m.spectrum.singular_values.tolist()}
+                for m in self.modules
+            ]
+        }
 
     def plot(self, path: str | os.PathLike) -> None:
         """Saves a figure (atomically; the format from the file's suffix): each
@@ -80,13 +89,17 @@ class ModelSpectrum(ModuleTable):
             s = s[s > 0] / s[0] if len(s) and s[0] > 0 else s[:0]
             label = f"{m.name} ({m.method})" if few else m.method
             curves.plot(
-                range(1, len(s) + 1), s, color=None if few else METHOD_COLORS.get(m.method),
-                alpha=0.9 if few else 0.4, lw=1,
+                range(1, len(s) + 1),
+                s,
+                color=None if few else METHOD_COLORS.get(m.method),
+                alpha=0.9 if few else 0.4,
+                lw=1,
                 label=label if few or label not in labelled else None,
-            )  # fmt: skip
+            )
             labelled.add(label)
-        curves.set(yscale="log", xlabel="index i", ylabel="s_i / s_1",
-                   title="singular values per module")  # fmt: skip
+        curves.set(
+            yscale="log", xlabel="index i", ylabel="s_i / s_1", title="singular values per module"
+        )
         curves.legend(fontsize="small")
 
         series: dict[str, list[tuple[int, float]]] = {}
