@@ -121,7 +121,7 @@ class CeraLayer(nn.Module, BaseTunerLayer):
     PEFT's LoRA layers) multiply it, and ``unscale_layer()`` restores it.
 
     A subclass says the layer's sizes (``features``), builds the two weight holders
-    (``make_factors``) and computes the branch (``_delta``); one registered with
+    (``make_factors``) and computes the branch (``delta``); one registered with
     ``CeraConfig._register_custom_module`` is built as these are:
     ``cls(base_layer, r, adapter_name=..., dropout=..., activation=..., scaling=...,
     init_weights=..., dropout_position=...)``.
@@ -268,11 +268,12 @@ class CeraLayer(nn.Module, BaseTunerLayer):
             return self._mixed_batch_forward(x, result, adapter_names)
         for name in self.active_adapters:
             if name in self.cera_A:
-                result = result + self._delta(name, x).to(result.dtype)
+                result = result + self.delta(name, x).to(result.dtype)
         return result
 
-    def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """Adapter ``name``'s branch on the base layer's input ``x``."""
+    def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Adapter ``name``'s scaled branch on the base layer's input ``x`` (what the
+        layer adds to the base's output; the spectral engine reads it too)."""
         raise NotImplementedError
 
     def _branch_args(self, name: str) -> dict[str, Any]:
@@ -294,7 +295,7 @@ class CeraLayer(nn.Module, BaseTunerLayer):
                 continue
             rows = [i for i, n in enumerate(adapter_names) if n == name]
             index = torch.tensor(rows, device=x.device)
-            delta = self._delta(name, x.index_select(0, index))
+            delta = self.delta(name, x.index_select(0, index))
             result = result.index_add(0, index, delta.to(result.dtype))
         return result
 
@@ -316,7 +317,7 @@ class CeraLinear(CeraLayer):
             nn.Linear(r, self.out_features, bias=False, **factory),
         )
 
-    def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+    def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         a = self.cera_A[name].weight
         return cera_delta(x.to(a.dtype), a, self.cera_B[name].weight, **self._branch_args(name))
 
@@ -359,7 +360,7 @@ class CeraEmbedding(CeraLayer):
         super().reset_cera_parameters(adapter_name, init_weights)
         nn.init.normal_(self.cera_A[adapter_name].weight)
 
-    def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+    def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         maps = EmbeddingMaps(base.num_embeddings, base.padding_idx, base.scale_grad_by_freq)
         return mapped_delta(
@@ -405,7 +406,7 @@ class CeraConv(CeraLayer):
         b = conv(r, self.out_features, 1, groups=base.groups, bias=False, **factory)
         return a, b
 
-    def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+    def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         a = self.cera_A[name].weight
         x, maps = self._padded(x.to(a.dtype))
         return mapped_delta(x, a, self.cera_B[name].weight, maps, **self._branch_args(name))

@@ -146,7 +146,7 @@ def _lora_branch(layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 def forwards(s: Built, scope: str) -> dict[str, Callable[[], torch.Tensor]]:
     """Each method's forward: of the branch alone, or of the whole adapted layer."""
     if scope == "branch":
-        cases = {"cera_rs": lambda: s.cera._delta("default", s.x), "plain": lambda: s.plain(s.x)}
+        cases = {"cera_rs": lambda: s.cera.delta("default", s.x), "plain": lambda: s.plain(s.x)}
         for name, layer in s.loras.items():
             branch = _lora_branch(layer)
             cases[name] = lambda branch=branch: branch(s.x)

@@ -154,7 +154,7 @@ def _eval_delta(m: CeraLayer, name: str, x: Tensor) -> Tensor:
     was = m.training
     m.training = False
     try:
-        return m._delta(name, x)
+        return m.delta(name, x)
     finally:
         m.training = was
 
