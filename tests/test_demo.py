@@ -141,7 +141,7 @@ def _fake_compare(s: phonebook.Settings, score, seeds: tuple[int, ...], calls: d
                 m.name: {
                     "peft_type": m.peft_type,
                     "fields": m.fields,
-                    "lr": s.lrs[0],
+                    "lr": m.lrs[0],
                     "trainable_params": params[m.name],
                     "test_exact_match": [0.5] * len(seeds),
                     "test_bits": float(np.mean([np.sum(r["test"]["bits"]) for r in runs[m.name]])),
@@ -223,7 +223,7 @@ def test_part2_report_shows_the_curve_the_multipliers_and_the_ceiling(monkeypatc
     )
     assert part2["cannot_separate"] == []
     assert "![rank curve](rank_curve.png)" in text
-    assert f"{s.lrs[0]:g} for every method (rsLoRA's scaling" in text  # one rate: said so
+    assert f"LoRA {s.lora_lr:g} at every rank and at r=full" in text  # its rates, said
     assert "### Rank curves: information stored" in text  # compare's table, one level down
     assert "| family | method | trainable params | score | 95 % interval | bits per param |" in text
     for sentence in [m["sentence"] for m in [*cera, control]] + [

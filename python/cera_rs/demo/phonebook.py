@@ -52,22 +52,27 @@ class Settings:
     10,592 bits; r=1, 300 steps: 11,240) out of the base model's 51.8, with 0 %
     recall: the first ~35 bits are the answer's format, the facts come after many
     epochs. So N is the study's 200 (issue 28), not 300, for 12 epochs in 150 steps,
-    at the study's lower rate 1e-2 (rsLoRA: one rate for every rank; the study picks
-    it per method). Two seeds are the fewest that give a verdict at all (Student's t
-    at 1 degree of freedom, 12.7, widens every interval), so the report says what
-    they leave unseparated; three would need a third fewer methods. ``quick()`` (32
-    facts, 30 steps, one seed) separates nothing, which its report says first; with
-    LoRA r=4 too it took 10 of the 15 minutes of a --quick demo at load 10, so LoRA
-    is r=1 and full only, for 2-3 minutes on a quiet box."""
+    each method at the rate the study chose for it. Two seeds are the fewest that
+    give a verdict at all (Student's t at 1 degree of freedom, 12.7, widens every
+    interval), so the report says what they leave unseparated; three would need a
+    third fewer methods. ``quick()`` (32 facts, 30 steps, one seed) separates
+    nothing, which its report says first; with LoRA r=4 too it took 10 of the 15
+    minutes of a --quick demo at load 10, so LoRA is r=1 and full only, for 2-3
+    minutes on a quiet box."""
 
     facts: int = 200
     steps: int = 150
     batch: int = 16
-    lrs: tuple[float, ...] = (1e-2,)
     seeds: tuple[int, ...] = (0, 1)
     lora_ranks: tuple[int, ...] = (1, 16)
     cera_ranks: tuple[int, ...] = (1, 4)
     control_rank: int = 4
+    # One rate per method, the one the capacity study chose from its grid for that
+    # method (docs/study/phonebook: 300 steps, every choice inside its grid): a grid
+    # here would triple part 2's time, and one shared rate mistrains the large LoRAs.
+    lora_lr: float = 3e-3  # every LoRA rank and r=full
+    cera_lrs: tuple[float, ...] = (3e-2, 1e-2)  # one per CeRA rank
+    control_lr: float = 1e-2
     exported_rank: int = 4  # the CeRA rank exported to LoRA (and to llama.cpp)
     lora_alpha: int = 8  # with rsLoRA's alpha / sqrt(r), one rate suits every rank
     adapted_layers: int = 1
@@ -85,21 +90,41 @@ class Settings:
             sized_to_separate=False,
         )
 
+    def __post_init__(self) -> None:
+        if len(self.cera_lrs) != len(self.cera_ranks):
+            raise ValueError(
+                f"cera_lrs: one rate per CeRA rank {self.cera_ranks}, got {self.cera_lrs}"
+            )
+
+    def _specs(self) -> list[tuple[str, str]]:
+        """Each spec (with its rate, ``lrs=[...]``) and the family it is drawn in."""
+        targets = json.dumps(list(TARGETS), separators=(",", ":"))
+        lora = (
+            f"lora_alpha={self.lora_alpha},use_rslora=true,lrs=[{self.lora_lr:g}],"
+            f"target_modules={targets}"
+        )
+        return [
+            (f"lora:r={_list(self.lora_ranks)},{lora}", "LoRA"),
+            (f"lora:r=full,{lora}", "LoRA"),
+            *(
+                (f"cera:r={r},lrs=[{lr:g}],target_modules={targets}", "CeRA")
+                for r, lr in zip(self.cera_ranks, self.cera_lrs)
+            ),
+            (
+                f"cera:r={self.control_rank},activation=identity,lrs=[{self.control_lr:g}],"
+                f"target_modules={targets}",
+                "CeRA, identity",
+            ),
+        ]
+
     def specs(self) -> list[str]:
         """The methods as ``cera-rs compare`` takes them."""
-        targets = json.dumps(list(TARGETS), separators=(",", ":"))
-        lora = f"lora_alpha={self.lora_alpha},use_rslora=true,target_modules={targets}"
-        return [
-            f"lora:r={_list(self.lora_ranks)},{lora}",
-            f"lora:r=full,{lora}",
-            f"cera:r={_list(self.cera_ranks)},target_modules={targets}",
-            f"cera:r={self.control_rank},activation=identity,target_modules={targets}",
-        ]
+        return [spec for spec, _ in self._specs()]
 
     def methods(self) -> list[Method]:
         """The specs' methods under short names (the report's rows and sentences)."""
         out = []
-        for spec, family in zip(self.specs(), ("LoRA", "LoRA", "CeRA", "CeRA, identity")):
+        for spec, family in self._specs():
             for m in parse_specs(spec):
                 suffix = ", identity" if family == "CeRA, identity" else ""
                 name = f"{family.split(',')[0]} r={m.fields['r']}{suffix}"
@@ -112,7 +137,7 @@ class Settings:
         return CompareSettings(
             steps=self.steps,
             batch=self.batch,
-            lrs=self.lrs,
+            lrs=(self.lora_lr,),  # every method has its own (its spec's lrs)
             seeds=self.seeds,
             adapted_layers=self.adapted_layers,
             resamples=self.resamples,

@@ -236,14 +236,11 @@ def rank_summary(part2: dict) -> str:
 
 
 def _rates(s: dict) -> str:
-    if len(s["lrs"]) > 1:
-        return (
-            f"the rate per method from {s['lrs']} by teacher-forced recall (seed {s['seeds'][0]})"
-        )
+    cera = ", ".join(f"r={r} {lr:g}" for r, lr in zip(s["cera_ranks"], s["cera_lrs"]))
     return (
-        f"{s['lrs'][0]:g} for every method (rsLoRA's scaling is meant to suit every rank; "
-        "a method it does not suit, the full-rank ceiling included, falls short of its "
-        "best, which a rate grid such as the study's would show)"
+        f"one rate per method, the one the capacity study chose from its grid for that "
+        f"method (LoRA {s['lora_lr']:g} at every rank and at r=full; CeRA {cera}; the "
+        f"control {s['control_lr']:g})"
     )
 
 
