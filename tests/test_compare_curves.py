@@ -322,6 +322,8 @@ def test_a_sweep_with_the_ceiling_end_to_end(tmp_path):
     assert ceiling["ceiling"] == "lora:r=full,lora_alpha=4" and ceiling["unit"] == "points"
     report = (out / "report.md").read_text()
     assert "## Rank curves" in report and mult["sentence"] in report
+    assert summary["settings"]["rate_chosen_by"] == "exact_match"
+    assert "chosen per method by valid exact match" in report
     assert ceiling["sentence"] in report and (out / "curves.png").stat().st_size > 0
     # bits stored: the base's loss minus the adapted model's, per problem, in every run
     record = json.loads((out / "runs" / "cera_r=1" / "lr0.01-seed1.json").read_text())

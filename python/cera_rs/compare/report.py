@@ -132,6 +132,7 @@ def summarise(comparison: Comparison) -> dict[str, Any]:
             "steps": s.steps,
             "batch": s.batch,
             "lrs": list(s.lrs),
+            "rate_chosen_by": comparison.problems.score,  # engine.merit: its valid split
             "seeds": list(comparison.seeds),
             "adapted_layers": s.adapted_layers,
             "max_seq_length": s.max_seq_length,
@@ -182,9 +183,14 @@ def scores_markdown(summary: dict[str, Any]) -> str:
         "",
         f"{sizes['train']} training, {sizes['valid']} valid and {sizes['test']} test "
         f"problems; {s['steps']} steps of batch {s['batch']}; seeds "
-        f"{', '.join(map(str, s['seeds']))}; learning rate chosen per method by valid "
-        f"exact match (teacher-forced, seed {s['seeds'][0]}, lower valid loss on a tie) "
-        f"from {', '.join(f'{x:g}' for x in s['lrs'])}"
+        f"{', '.join(map(str, s['seeds']))}; learning rate chosen per method by "
+        + (
+            f"valid loss (the bits stored, seed {s['seeds'][0]})"
+            if s.get("rate_chosen_by") == "bits"
+            else f"valid exact match (teacher-forced, seed {s['seeds'][0]}, lower valid "
+            "loss on a tie)"
+        )
+        + f" from {', '.join(f'{x:g}' for x in s['lrs'])}"
         + (f"; adapters on the last {s['adapted_layers']} layers" if s["adapted_layers"] else "")
         + ".",
         "",
