@@ -204,7 +204,7 @@ def test_off_the_curve_and_a_flat_curve_are_said_not_read():
     m = stats.parameter_multiplier(
         _hits_with_mean(0.3), 100, flat, params, ("c", "l"), resamples=1000
     )
-    assert m.where == stats.FLAT and "rank does not bind here" in m.sentence()
+    assert m.where == stats.FLAT and "rank is not seen to bind here" in m.sentence()
     assert "points, 95 % interval" in m.sentence()
     bits = stats.parameter_multiplier(
         _hits_with_mean(0.3), 100, flat, params, ("c", "l"), resamples=1000, unit="bits"

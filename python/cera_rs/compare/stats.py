@@ -225,10 +225,10 @@ class Multiplier:
             scale = 100 if self.unit == "points" else rise.problems
             return (
                 f"{self.method}: no multiplier can be read, because the {self.family} "
-                f"curve is flat (its best member against its smallest: "
-                f"{scale * rise.mean:+.1f} {self.unit}, 95 % interval "
-                f"{scale * rise.low:+.1f} to {scale * rise.high:+.1f}): "
-                "rank does not bind here."
+                f"curve is not distinguishable from flat (its best member against its "
+                f"smallest: {scale * rise.mean:+.1f} {self.unit}, 95 % interval "
+                f"{scale * rise.low:+.1f} to {scale * rise.high:+.1f}): rank is not "
+                "seen to bind here."
             )
         if self.where == BELOW:
             return (

@@ -206,8 +206,8 @@ def cannot_separate(curves: dict, facts: int, sized_to_separate: bool) -> list[s
         out.append(
             f"The {flat[0]['family']} curve is not distinguishable from flat (its best "
             f"rank against its smallest: {rise['mean'] * facts:+.0f} bits, 95 % "
-            f"interval {rise['low'] * facts:+.0f} to {rise['high'] * facts:+.0f}): rank "
-            f"does not bind at this size, so no multiplier can be read for "
+            f"interval {rise['low'] * facts:+.0f} to {rise['high'] * facts:+.0f}): these "
+            f"sizes cannot tell whether rank binds, so no multiplier can be read for "
             f"{', '.join(m['method'] for m in flat)}."
         )
     for m in curves["multipliers"]:
