@@ -255,29 +255,16 @@ def tiny(tmp_path_factory):
     return _tiny(tmp_path_factory.mktemp("tiny"))
 
 
+def compare_argv(tiny: Path, *methods: str, flags: tuple[str, ...] = ()) -> list[str]:
+    """``cera-rs compare`` METHODS on the tiny model and its JSONL data, then FLAGS."""
+    data = ("--train", str(tiny / "train.jsonl"), "--test", str(tiny / "test.jsonl"))
+    return ["compare", *methods, "--model", str(tiny / "model"), *data, *flags]
+
+
 def _args(tiny: Path, out: Path) -> list[str]:
-    return [
-        "compare",
-        str(tiny / "experiments" / "lora" / "llama-3.2-3B-rank32"),
-        "cera:r=4",
-        "hira:r=4",
-        "--model",
-        str(tiny / "model"),
-        "--train",
-        str(tiny / "train.jsonl"),
-        "--test",
-        str(tiny / "test.jsonl"),
-        "--steps",
-        "6",
-        "--batch",
-        "8",
-        "--lrs",
-        "0.01,0.03",
-        "--seeds",
-        "0,1",
-        "--out",
-        str(out),
-    ]
+    folder = str(tiny / "experiments" / "lora" / "llama-3.2-3B-rank32")
+    flags = ("--steps", "6", "--batch", "8", "--lrs", "0.01,0.03", "--seeds", "0,1")
+    return compare_argv(tiny, folder, "cera:r=4", "hira:r=4", flags=(*flags, "--out", str(out)))
 
 
 def _scores(out: Path) -> tuple[str, dict]:
@@ -399,24 +386,7 @@ def test_bad_arguments_are_one_line_before_any_work(tiny, tmp_path, capsys):
         == 2
     )
     assert "unknown built-in data 'tiers:medium'" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "compare",
-                "lora:r=4",
-                "lora:r=4",
-                "--model",
-                str(tiny / "model"),
-                "--train",
-                str(tiny / "train.jsonl"),
-                "--test",
-                str(tiny / "test.jsonl"),
-                "--out",
-                str(out),
-            ]
-        )
-        == 2
-    )
+    assert main(compare_argv(tiny, "lora:r=4", "lora:r=4", flags=("--out", str(out)))) == 2
     assert "given twice" in capsys.readouterr().err
     assert (
         main(

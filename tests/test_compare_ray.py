@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 import ray
-from test_compare import _scores, _tiny
+from test_compare import _scores, _tiny, compare_argv
 
 from cera_rs.atomic import atomic_folder
 from cera_rs.cli import main
@@ -48,32 +48,11 @@ def tiny(tmp_path_factory):
 def _args(tiny: Path, out: Path, *more: str) -> list[str]:
     """Two methods, two rates, seeds 0 and 1, and --resolve narrow enough that a third
     seed is always added (up to --max-seeds 3)."""
-    return [
-        "compare",
-        "lora:r=4",
-        "cera:r=4",
-        "--model",
-        str(tiny / "model"),
-        "--train",
-        str(tiny / "train.jsonl"),
-        "--test",
-        str(tiny / "test.jsonl"),
-        "--steps",
-        "6",
-        "--batch",
-        "8",
-        "--lrs",
-        "0.01,0.03",
-        "--seeds",
-        "0,1",
-        "--resolve",
-        "0.01",
-        "--max-seeds",
-        "3",
-        "--out",
-        str(out),
-        *more,
-    ]
+    flags = ("--steps", "6", "--batch", "8", "--lrs", "0.01,0.03", "--seeds", "0,1")
+    resolve = ("--resolve", "0.01", "--max-seeds", "3")
+    return compare_argv(
+        tiny, "lora:r=4", "cera:r=4", flags=(*flags, *resolve, "--out", str(out), *more)
+    )
 
 
 def _quiet(argv: list[str]) -> int:
@@ -160,28 +139,10 @@ def test_a_failing_method_is_named_and_finished_runs_kept(local_ray, tmp_path, c
     worker, and reported as in this process, in one line naming the method."""
     tiny = _tiny(tmp_path / "biased", attention_bias=True)
     out = tmp_path / "out"
-    args = [
-        "compare",
-        "lora:r=4",
-        "lora:r=4,bias=all",
-        "--model",
-        str(tiny / "model"),
-        "--train",
-        str(tiny / "train.jsonl"),
-        "--test",
-        str(tiny / "test.jsonl"),
-        "--steps",
-        "4",
-        "--batch",
-        "8",
-        "--lrs",
-        "0.01",
-        "--seeds",
-        "0",
-        "--out",
-        str(out),
-        "--ray",
-    ]
+    flags = ("--steps", "4", "--batch", "8", "--lrs", "0.01", "--seeds", "0")
+    args = compare_argv(
+        tiny, "lora:r=4", "lora:r=4,bias=all", flags=(*flags, "--out", str(out), "--ray")
+    )
     assert _quiet(args) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
     assert err.startswith("cera-rs: error: lora:r=4,bias=all (lr 0.01, seed 0), on ")
@@ -242,18 +203,7 @@ def test_a_killed_worker_is_retried_once_then_reported(local_ray, tiny, tmp_path
 
 def test_ray_flags_are_checked_before_the_model_loads(tiny, tmp_path, capsys, monkeypatch):
     out = tmp_path / "never"
-    base = [
-        "compare",
-        "lora:r=4",
-        "--model",
-        str(tiny / "model"),
-        "--train",
-        str(tiny / "train.jsonl"),
-        "--test",
-        str(tiny / "test.jsonl"),
-        "--out",
-        str(out),
-    ]
+    base = compare_argv(tiny, "lora:r=4", flags=("--out", str(out)))
     assert main([*base, "--cpus-per-run", "2"]) == 2
     assert "--gpus-per-run and --cpus-per-run are for --ray" in capsys.readouterr().err
     assert main([*base, "--ray", "head-node"]) == 2

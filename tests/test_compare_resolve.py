@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_compare import _scores, _tiny, killed_once_written
+from test_compare import _scores, _tiny, compare_argv, killed_once_written
 
 from cera_rs.cli import main
 from cera_rs.compare import stats
@@ -81,31 +81,9 @@ def test_a_null_effect_runs_to_max_seeds():
 def _args(tiny: Path, out: Path) -> list[str]:
     """Two methods, seeds 0 and 1 (whose answers differ), and a target they do not
     reach: seed 2 is added."""
-    return [
-        "compare",
-        "lora:r=4",
-        "cera:r=4",
-        "--model",
-        str(tiny / "model"),
-        "--train",
-        str(tiny / "train.jsonl"),
-        "--test",
-        str(tiny / "test.jsonl"),
-        "--steps",
-        "6",
-        "--batch",
-        "8",
-        "--lrs",
-        "0.03",
-        "--seeds",
-        "0,1",
-        "--resolve",
-        "0.01",
-        "--max-seeds",
-        "3",
-        "--out",
-        str(out),
-    ]
+    flags = ("--steps", "6", "--batch", "8", "--lrs", "0.03", "--seeds", "0,1")
+    resolve = ("--resolve", "0.01", "--max-seeds", "3")
+    return compare_argv(tiny, "lora:r=4", "cera:r=4", flags=(*flags, *resolve, "--out", str(out)))
 
 
 @pytest.fixture(scope="module")
@@ -146,19 +124,7 @@ def test_resolve_adds_seeds_says_why_it_stopped_and_resumes_after_a_kill(tiny, t
 
 def test_resolve_is_checked_before_the_model_loads(tiny, tmp_path, capsys):
     out = tmp_path / "never"
-    base = [
-        "compare",
-        "lora:r=4",
-        "cera:r=4",
-        "--model",
-        str(tiny / "model"),
-        "--train",
-        str(tiny / "train.jsonl"),
-        "--test",
-        str(tiny / "test.jsonl"),
-        "--out",
-        str(out),
-    ]
+    base = compare_argv(tiny, "lora:r=4", "cera:r=4", flags=("--out", str(out)))
     assert main([*base, "--seeds", "0,1", "--resolve", "5", "--max-seeds", "2"]) == 2
     assert (
         "max_seeds (--max-seeds) 2 is not above the 2 first seeds (--seeds), so resolve "
