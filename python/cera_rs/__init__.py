@@ -35,6 +35,8 @@ __all__ = [
     "CeraMergeError",
     "CeraModel",
     "DeviceError",
+    "LinearityCallback",
+    "SpectralCallback",
     "cera_delta",
     "get_cera_model",
     "mapped_delta",
@@ -44,3 +46,25 @@ __all__ = [
     "save_pretrained",
 ]
 __version__ = "0.1.0"
+
+# The Trainer callbacks, imported on first use: they import transformers' Trainer
+# machinery, which imports peft, and importing peft can import cera_rs (the wheel's hook
+# registers CeRA with peft then): importing them here would make that a cycle.
+_ON_FIRST_USE = {
+    "LinearityCallback": "cera_rs.export.callback",
+    "SpectralCallback": "cera_rs.spectral.callback",
+}
+
+
+def __getattr__(name: str):
+    if name not in _ON_FIRST_USE:
+        raise AttributeError(f"module 'cera_rs' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_ON_FIRST_USE[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_ON_FIRST_USE))

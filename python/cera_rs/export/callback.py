@@ -23,7 +23,9 @@ class LinearityCallback(ProbeCallback):
     Near 1: the adapter is as good as a LoRA of its rank and ``to_lora`` exports it
     for serving at no cost; lower: it uses its non-linearity. The figures are
     ``to_lora``'s ``lin@r`` and ``held-out lin@r`` for the model at that step; they go
-    where ``SpectralCallback``'s go (``ProbeCallback``)."""
+    where ``SpectralCallback``'s go: to every integration the Trainer reports to
+    (TensorBoard, W&B, ...) at the step they were measured, and into
+    ``trainer.state.log_history`` ([ProbeCallback][cera_rs.spectral.ProbeCallback])."""
 
     def __init__(
         self,

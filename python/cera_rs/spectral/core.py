@@ -38,7 +38,7 @@ def _check_rank(rank: Any) -> int | None:
 
 class Spectrum:
     """Singular values of one matrix, largest first, and the rank metrics over them
-    (definitions in ``docs/cera-method.md``). ``rank`` is the adapter rank ``r`` the
+    (each defined on its property below). ``rank`` is the adapter rank ``r`` the
     spectrum is judged against: ``tail_energy()`` defaults to it."""
 
     def __init__(self, native: _native.Spectrum, rank: int | None = None) -> None:
