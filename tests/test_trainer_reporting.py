@@ -2,12 +2,15 @@
 trained with ``report_to=["tensorboard"]`` and ``SpectralCallback`` and
 ``LinearityCallback`` passed the ordinary way (``callbacks=[...]``, after the
 integrations the Trainer puts first), then TensorBoard's own event reader finds every
-figure at the steps it was measured, with the values ``log_history`` holds."""
+figure at the steps it was measured, with the values ``log_history`` holds; and W&B in
+offline mode writes them into its run file at those steps."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,6 +115,56 @@ def test_tensorboard_holds_the_figures_at_the_measured_steps(tmp_path):
     for step in (2, 3, 4, 6):
         assert any(k.startswith(("spectral/", "linearity/")) for k in seen.keys[step]), step
     assert "train/loss" in board and sorted(board["train/loss"]) == [2, 3, 4, 6]
+
+
+def wandb_history(run_file: Path) -> list[dict]:
+    """The history rows (``wandb.log`` calls) of an offline W&B run file: W&B's header
+    (``:W&B``, magic, version), then protobuf ``Record`` messages in LevelDB's log
+    format (32 KiB blocks; each chunk a CRC, a length, and full/first/middle/last)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B", data[:7]
+    pos, block, pending, rows = 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.HasField("history"):
+                row = {i.key or "/".join(i.nested_key): i.value_json for i in record.history.item}
+                rows.append({k: json.loads(v) for k, v in row.items()})
+    return rows
+
+
+def test_wandb_offline_holds_the_figures_at_the_measured_steps(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb", reason="wandb is a dev dependency (pyproject.toml)")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DISABLE_CODE", "true")
+    for where in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(where, str(tmp_path / "wandb-home"))
+    (tmp_path / "wandb-home").mkdir()
+    spectral = SpectralCallback(probe(1), every_n_steps=2)
+    linearity = LinearityCallback(probe(1), every_n_steps=3)
+    trainer = train(tmp_path / "out", [spectral, linearity], report_to=["wandb"])
+    wandb.finish()
+    (run_file,) = (tmp_path / "wandb-home").rglob("run-*.wandb")
+    rows = {}
+    for row in wandb_history(run_file):
+        rows.setdefault(row["train/global_step"], {}).update(row)
+    for prefix, steps in (("spectral/", [2, 4, 6]), ("linearity/", [3, 6])):
+        history = measured(trainer, prefix)
+        assert sorted(history) == steps
+        for step, figures in history.items():
+            for name, value in figures.items():
+                assert rows[step][f"train/{name}"] == pytest.approx(value, rel=1e-12), name
 
 
 def test_a_callback_added_after_the_trainer_is_built_reaches_tensorboard(tmp_path):
