@@ -1,0 +1,2 @@
+"""Integrations with fine-tuning frameworks: ``axolotl`` (the plugin; needs Axolotl) and
+``axolotl_config`` (its config translation, which needs nothing of Axolotl)."""
