@@ -21,6 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from cera_rs.cli import main
 from cera_rs.compare import data, stats
+from cera_rs.compare.engine import merit
 from cera_rs.compare.methods import method, parse_spec, read_folder
 
 # PEFT's method_comparison/MetaMathQA/experiments/lora/llama-3.2-3B-rank32/adapter_config.json
@@ -263,8 +264,9 @@ def compare_argv(tiny: Path, *methods: str, flags: tuple[str, ...] = ()) -> list
 
 def _args(tiny: Path, out: Path) -> list[str]:
     folder = str(tiny / "experiments" / "lora" / "llama-3.2-3B-rank32")
-    flags = ("--steps", "6", "--batch", "8", "--lrs", "0.01,0.03", "--seeds", "0,1")
-    return compare_argv(tiny, folder, "cera:r=4", "hira:r=4", flags=(*flags, "--out", str(out)))
+    flags = ("--steps", "6", "--batch", "8", "--lrs", "0.01,0.03", "--seeds", "1,2")
+    cera = "cera:r=4,cera_dropout={0.0,0.3}"  # tuned with the rate on the selection runs
+    return compare_argv(tiny, folder, cera, "hira:r=4", flags=(*flags, "--out", str(out)))
 
 
 def _scores(out: Path) -> tuple[str, dict]:
@@ -288,14 +290,14 @@ def test_compare_runs_end_to_end_and_resumes_after_a_kill(tiny, whole, tmp_path)
     printed = (whole / "printed.txt").read_text()
     report, summary = _scores(whole)
     assert report in printed and "## Costs" in printed
-    assert list(summary["methods"]) == ["lora/llama-3.2-3B-rank32", "cera:r=4", "hira:r=4"]
+    assert list(summary["methods"]) == ["lora/llama-3.2-3B-rank32", CERA, "hira:r=4"]
     assert summary["methods"]["hira:r=4"]["peft_type"] == "HIRA"  # PEFT's own HiRA, unchanged
     # q_proj 32 -> 32, v_proj 32 -> 16 (two key-value heads), r=4, two layers
-    assert summary["methods"]["cera:r=4"]["trainable_params"] == 2 * 4 * ((32 + 32) + (32 + 16))
+    assert summary["methods"][CERA]["trainable_params"] == 2 * 4 * ((32 + 32) + (32 + 16))
     assert [d["verdict"] for d in summary["differences"]] and all(
         d["verdict"] in (stats.BETTER, stats.WORSE, stats.TIE) for d in summary["differences"]
     )
-    assert "linearity" in summary["methods"]["cera:r=4"]
+    assert "linearity" in summary["methods"][CERA]
     assert "spectra" in summary["methods"]["lora/llama-3.2-3B-rank32"]
     assert "spectra" not in summary["methods"]["hira:r=4"]
     results = sorted(p.name for p in (whole / "peft_results").iterdir())
@@ -308,15 +310,48 @@ def test_compare_runs_end_to_end_and_resumes_after_a_kill(tiny, whole, tmp_path)
     assert first.is_file() and not (resumed / "report.md").exists()
     kept = json.loads(first.read_text())
     assert main(_args(tiny, resumed)) == 0
-    after = json.loads(first.read_text())
-    after.pop("test", None)  # scored later, if its rate was chosen
-    assert after == kept  # the finished run was not trained again
+    assert json.loads(first.read_text()) == kept  # the finished run was not trained again
     assert _scores(resumed) == (report, summary)
     # Nothing left to do: a third run trains nothing and reports the same.
     stamp = {p: p.stat().st_mtime_ns for p in (resumed / "runs").rglob("*.safetensors")}
     assert main(_args(tiny, resumed)) == 0
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
     assert _scores(resumed) == (report, summary)
+
+
+CERA = "cera:r=4,cera_dropout={0.0,0.3}"
+
+
+def test_choices_are_made_on_selection_runs_that_are_not_reported(whole):
+    """Two rates for every method and CeRA's dropout given two choices: every candidate
+    trains on the selection seed (0), the best valid score chooses, the reported seeds
+    (1, 2) exclude it, and the report says which runs chose and that they are left out."""
+    summary = json.loads((whole / "summary.json").read_text())
+    assert summary["settings"]["seeds"] == [1, 2] and summary["selection"]["seed"] == 0
+    assert summary["selection"]["runs"] == {"lora/llama-3.2-3B-rank32": 2, CERA: 4, "hira:r=4": 2}
+    assert summary["selection"]["tuning_adds"] == 2  # 8 runs, 6 of them for the rates alone
+    for m in summary["methods"].values():
+        runs = m["selection_runs"]
+        assert {r["seed"] for r in runs} == {0}
+        best = max(runs, key=lambda r: merit("exact_match", r["valid"]))
+        assert (m["lr"], {f: t["chosen"] for f, t in m["tuned"].items()}) == (
+            best["lr"],
+            best["choice"],
+        )
+        assert m["seeds"] == [1, 2] and m["convergence"]["steps"] == [1, 3, 4, 6]
+    cera = summary["methods"][CERA]
+    assert cera["tuned"]["cera_dropout"]["choices"] == [0.0, 0.3]
+    assert cera["tuned"]["cera_dropout"]["at_edge"]  # two choices: either is an edge
+    assert cera["effective"]["dropout"] == cera["tuned"]["cera_dropout"]["chosen"]
+    reported = sorted(p.name for p in (whole / "peft_results").iterdir())
+    assert reported and not any(p.endswith("seed0.json") for p in reported)
+    record = json.loads(next((whole / "runs" / "hira_r=4").glob("*-seed1.json")).read_text())
+    assert record["seed"] == 1 and len(record["train"]["curve"]) == 4
+    report = (whole / "report.md").read_text()
+    assert "on selection runs of seed 0 (8 runs; tuning besides the rate added 2 of them)" in report
+    assert "those runs are excluded from every score below, which are seeds 1, 2." in report
+    assert "cera_dropout=0" in report and "(at the edge of its choices)" in report
+    assert "## What each branch is" in report and "## What else differs from" in report
 
 
 def killed_once_written(args: list[str], path: Path, timeout: float = 300) -> None:

@@ -323,7 +323,9 @@ def test_a_sweep_with_the_ceiling_end_to_end(tmp_path):
     report = (out / "report.md").read_text()
     assert "## Rank curves" in report and mult["sentence"] in report
     assert summary["settings"]["rate_chosen_by"] == "exact_match"
-    assert "chosen per method by valid exact match" in report
+    assert "No method had a rate or a field to choose: each ran at its one rate." in report
+    assert "Shared, left out of the names below: lora: lora_alpha=4." in report
+    assert "| lora:r=full | " in report  # the row, its shared field lifted out
     assert ceiling["sentence"] in report and (out / "curves.png").stat().st_size > 0
     # bits stored: the base's loss minus the adapted model's, per problem, in every run
     record = json.loads((out / "runs" / "cera_r=1" / "lr0.01-seed1.json").read_text())
@@ -343,8 +345,9 @@ def test_a_sweep_with_the_ceiling_end_to_end(tmp_path):
 
 
 def test_a_grid_that_grows_keeps_the_runs_it_had(tmp_path):
-    """A comparison at one rate, then again with the method's own grid around it: the
-    run at the first rate is read back, not trained again, and the grid is reported."""
+    """A comparison over two rates, then again with the method's own grid around them:
+    the selection runs at the first two rates are read back, not trained again, and
+    the grid is reported."""
     from cera_rs.compare import Settings, compare
 
     tiny = _tiny(tmp_path / "tiny")
@@ -358,16 +361,16 @@ def test_a_grid_that_grows_keeps_the_runs_it_had(tmp_path):
             test=tiny / "test.jsonl",
             out_dir=out,
             progress=False,
-            settings=Settings(steps=2, batch=8, lrs=(0.01,), seeds=(0,), resamples=200),
+            settings=Settings(steps=2, batch=8, lrs=(0.01, 0.03), seeds=(1,), resamples=200),
         )
 
     once("lora:r=2")
-    first = out / "runs" / "lora_r=2" / "lr0.01-seed0.json"
-    kept = first.read_bytes(), first.stat().st_mtime_ns
-    summary = once("lora:r=2,lrs=[0.003,0.01]")
-    assert (first.read_bytes(), first.stat().st_mtime_ns) == kept  # not written again
+    runs = [out / "runs" / "lora_r=2" / f"lr{lr}-seed0.json" for lr in ("0.01", "0.03")]
+    kept = [(p.read_bytes(), p.stat().st_mtime_ns) for p in runs]
+    summary = once("lora:r=2,lrs=[0.003,0.01,0.03]")
+    assert [(p.read_bytes(), p.stat().st_mtime_ns) for p in runs] == kept  # not written again
     assert (out / "runs" / "lora_r=2" / "lr0.003-seed0.json").is_file()
-    assert summary["methods"]["lora:r=2"]["lr_grid"] == [0.003, 0.01]
+    assert summary["methods"]["lora:r=2"]["lr_grid"] == [0.003, 0.01, 0.03]
 
 
 def test_the_model_digest_is_exact_and_independent_of_threads():

@@ -281,7 +281,24 @@ def _compare_parser(commands, debug: argparse.ArgumentParser) -> None:
         "--seeds",
         type=_numbers(int),
         default=d.seeds,
-        help="data-order and init seeds (default: 0,1,2)",
+        help="data-order and init seeds of the reported runs (default: 1,2,3)",
+    )
+    p.add_argument(
+        "--select-seed",
+        type=int,
+        help="the seed of the runs that choose each method's rate (and --tune's fields); "
+        "never reported (default: the one below the first --seeds)",
+    )
+    p.add_argument(
+        "--tune",
+        type=lambda text: tuple(w.strip() for w in text.split(",") if w.strip()),
+        default=(),
+        metavar="WORDS",
+        help="besides the rate, tune for every method, jointly with the rate on the "
+        "selection runs: dropout (LoRA's lora_dropout, CeRA's cera_dropout: 0, 0.1 and "
+        "the method's own), scale (lora_alpha or scaling: 0.5, 1 and 2 times the "
+        "method's own); each multiplies a method's selection runs (--lrs's rates times "
+        "2 or 3 per word). In a spec, field={a,b} tunes any field",
     )
     p.add_argument(
         "--resolve",
@@ -359,6 +376,8 @@ def _compare(args: argparse.Namespace) -> None:
         batch=args.batch,
         lrs=args.lrs,
         seeds=args.seeds,
+        select_seed=args.select_seed,
+        tune=args.tune,
         adapted_layers=args.adapted_layers,
         max_seq_length=args.max_seq_length,
         reference=args.reference,
@@ -379,7 +398,10 @@ def _compare(args: argparse.Namespace) -> None:
         ray=_ray(args),
     )
     print("\n" + report.scores_markdown(summary) + "\n\n" + report.costs_markdown(summary))
-    print(f"\nwritten: {args.out / 'report.md'}, summary.json, exact_match.png, peft_results/")
+    curves = ", curves.png" if summary["curves"] else ""
+    print(
+        f"\nwritten: {args.out / 'report.md'}, summary.json, exact_match.png{curves}, peft_results/"
+    )
 
 
 def _demo(args: argparse.Namespace) -> None:

@@ -17,7 +17,7 @@ from cera_rs.compare import cluster
 from cera_rs.compare import data as _data
 from cera_rs.compare.cluster import Ray
 from cera_rs.compare.engine import Extras, check, run
-from cera_rs.compare.methods import Method, at_full_rank, distinct
+from cera_rs.compare.methods import Method, at_full_rank, distinct, product, with_preset
 from cera_rs.compare.methods import methods as expand
 from cera_rs.compare.settings import Settings
 
@@ -105,11 +105,13 @@ def compare(
     the workers loading ``model`` themselves."""
     from cera_rs.compare import report
 
+    settings = settings or Settings()
     chosen = distinct([x for m in methods for x in ([m] if isinstance(m, Method) else expand(m))])
+    chosen = [with_preset(m, settings.tune) for m in chosen]
     for m in chosen:  # a config PEFT refuses stops here, before the model loads
         if not m.full_rank:
-            m.config()
-    settings = settings or Settings()
+            for choice in product(m.tune):
+                m.chosen(choice).config()
     check(chosen, settings)
     ray = cluster.options(ray)
     problems = load_problems(data, train, test, valid, sizes)

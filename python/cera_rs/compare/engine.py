@@ -1,15 +1,18 @@
-"""The comparison itself: each method's learning rate chosen on the valid split (seed
-0), then every seed at that rate (and, with ``resolve``, more seeds until the
-intervals are narrow enough), each run written to disk the moment it finishes so
-that a killed comparison, run again with the same arguments, picks up where it
-stopped and reports the same scores. The runs go one after another in this process,
-or side by side as Ray tasks (``cluster``) as soon as what they depend on is in."""
+"""The comparison itself: where a method has something to choose (a rate grid, fields
+given choices), every candidate trained on the selection seed and scored on the valid
+split, the best chosen; then every reported seed at that choice (and, with
+``resolve``, more seeds until the intervals are narrow enough). The selection runs are
+never reported. Each run is written to disk the moment it finishes, so that a killed
+comparison, run again with the same arguments, picks up where it stopped and reports
+the same scores. The runs go one after another in this process, or side by side as
+Ray tasks (``cluster``) as soon as what they depend on is in."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,14 +26,14 @@ from cera_rs.atomic import atomic_file, atomic_folder, check_folder_writable, re
 from cera_rs.compare import resolve
 from cera_rs.compare.data import Problems
 from cera_rs.compare.jobs import Extras, Job, execute, model_digest, precision, write_files
-from cera_rs.compare.methods import Method, distinct
+from cera_rs.compare.methods import Method, distinct, product
 from cera_rs.compare.runner import Runner, Stack
 from cera_rs.compare.settings import Settings
 
 if TYPE_CHECKING:
     from cera_rs.compare.cluster import Ray
 
-RECORD_VERSION = 2  # 2: the fingerprint holds the device kind and precision
+RECORD_VERSION = 3  # 3: a run records its effective settings, loss curve and choice
 
 
 @dataclass
@@ -41,20 +44,24 @@ class Comparison:
     problems: Problems
     settings: Settings
     methods: list[Method]
-    records: dict[str, list[dict]]  # method name: its runs (grid and seeds)
-    chosen_lr: dict[str, float]
+    selection: dict[str, list[dict]]  # method name: the runs that chose (none: no choice)
+    tested: dict[str, list[dict]]  # method name: its reported runs, in seed order
+    chosen: dict[str, tuple[float, dict]]  # method name: its rate and tuned fields' values
     base_hits: np.ndarray  # the base model's test answers, no adapter
     device: str
     out_dir: Path
-    seeds: tuple[int, ...] = ()  # every seed run: the settings' first ones, then resolve's
+    seeds: tuple[int, ...] = ()  # every reported seed: the settings' first ones, then resolve's
     resolved: dict | None = None  # resolve's rounds and where it stopped (resolve.summary)
 
     def __post_init__(self) -> None:
         self.seeds = self.seeds or self.settings.seeds
 
 
-def _key(lr: float, seed: int) -> str:
-    return f"lr{lr:g}-seed{seed}"
+def _key(lr: float, seed: int, choice: dict) -> str:
+    tuned = "".join(
+        f"-{k}={v:g}" if isinstance(v, float) else f"-{k}={v}" for k, v in choice.items()
+    )
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", f"lr{lr:g}{tuned}-seed{seed}")
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -119,13 +126,19 @@ class Store:
             json.dump({"fingerprint": fingerprint, "hits": hits}, f)
 
 
-def _lr_grid(method: Method, settings: Settings) -> list[float]:
+def lr_grid(method: Method, settings: Settings) -> list[float]:
     """The method's own grid if it has one, else the comparison's with the rate of the
     method's training options added."""
     if method.lrs is not None:
         return sorted(set(method.lrs))
     own = method.training.get("optimizer_kwargs", {}).get("lr")
     return sorted(set(settings.lrs) | ({float(own)} if own else set()))
+
+
+def candidates(method: Method, settings: Settings) -> list[tuple[float, dict]]:
+    """What a method chooses from: every rate of its grid with every combination of its
+    tuned fields' choices (one candidate: nothing to choose, no selection runs)."""
+    return [(lr, choice) for lr in lr_grid(method, settings) for choice in product(method.tune)]
 
 
 def merit(score: str, valid: dict) -> tuple[float, ...]:
@@ -230,7 +243,8 @@ def run(
         device = executor.device
     try:
         for m in methods:  # a config that cannot be applied fails now, before any training
-            m.config(layers)
+            for choice in product(m.tune):
+                m.chosen(choice).config(layers)
         common = (
             RECORD_VERSION,
             model_name,
@@ -245,13 +259,13 @@ def run(
     finally:
         executor.close()
         bar.close()
-    records = {m.name: plan.records(m) for m in methods}
     return Comparison(
         model_name,
         problems,
         settings,
         methods,
-        records,
+        {m.name: [plan.picking[m.name][k] for k in plan.picking[m.name]] for m in methods},
+        {m.name: [plan.tested[m.name][s] for s in plan.seeds] for m in methods},
         plan.chosen,
         plan.base_hits,
         device.type,
@@ -262,11 +276,12 @@ def run(
 
 
 class _Plan:
-    """What is left to do, and what each finished job makes possible: a method's seeds
-    once all its grid runs are in (its rate is chosen then), more seeds (resolve) once
-    every method's current seeds are scored; everything else at once. Jobs whose
-    results are on disk are not done again; the results depend only on the jobs, so
-    neither the order they finish in nor the number of workers changes them."""
+    """What is left to do, and what each finished job makes possible: a method's
+    reported seeds once all its selection runs are in (its choice is made then), more
+    seeds (resolve) once every method's current seeds are scored; everything else at
+    once. Jobs whose results are on disk are not done again; the results depend only on
+    the jobs, so neither the order they finish in nor the number of workers changes
+    them."""
 
     def __init__(
         self,
@@ -282,29 +297,38 @@ class _Plan:
         self.methods, self.settings, self.store, self.common = methods, settings, store, common
         self.score = score
         self.executor, self.bar, self.progress = executor, bar, progress
-        self.first = settings.seeds[0]
-        self.grid = {m.name: dict.fromkeys(_lr_grid(m, settings)) for m in methods}
+        self.candidates = {m.name: candidates(m, settings) for m in methods}
+        self.picking: dict[str, dict[str, dict | None]] = {
+            m.name: {_key(lr, settings.select_seed, c): None for lr, c in self.candidates[m.name]}
+            if len(self.candidates[m.name]) > 1
+            else {}
+            for m in methods
+        }
         self.seeds = list(settings.seeds)
         self.tested: dict[str, dict[int, dict]] = {m.name: {} for m in methods}
-        self.chosen: dict[str, float] = {}
+        self.chosen: dict[str, tuple[float, dict]] = {}
         self.rounds: list[resolve.Round] = []
         self.base_hits: np.ndarray | None = None
         self.ready: deque[tuple[Job, Any]] = deque()
         self.reference = settings.reference or methods[0].name
-        bar.total = settings.steps * sum(len(g) + len(self.seeds) - 1 for g in self.grid.values())
+        runs = sum(len(p) + len(self.seeds) for p in self.picking.values())
+        bar.total = settings.steps * runs
 
     def fingerprint(self, job: Job) -> str:
         if job.method is None:
             return _fingerprint(*self.common)
         # a run is its method's config, rate and seed: not the grid it was chosen from
-        method = replace(job.method, lrs=None)
-        return _fingerprint(*self.common, method.describe(), job.lr, job.seed)
+        return _fingerprint(*self.common, job.method.describe(), job.lr, job.seed)
 
     def run(self) -> None:
         self.want(Job())
         for m in self.methods:
-            for lr in self.grid[m.name]:
-                self.want(Job(m, lr, self.first, train=True))
+            if not self.picking[m.name]:
+                self.choose(m, *self.candidates[m.name][0])
+                continue
+            for lr, choice in self.candidates[m.name]:
+                seed = self.settings.select_seed
+                self.want(Job(m.chosen(choice), lr, seed, train=True, choice=choice))
         while True:
             while self.ready:
                 self.done(*self.ready.popleft())
@@ -312,6 +336,17 @@ class _Plan:
                 break
             job, result = self.executor.next()
             self.ready.append((job, self.keep(job, result)))
+
+    def choose(self, method: Method, lr: float, choice: dict) -> None:
+        """The method's rate and tuned values: its reported seeds are asked for."""
+        self.chosen[method.name] = (lr, choice)
+        for seed in self.seeds:
+            self.test(method, seed)
+
+    def test(self, method: Method, seed: int) -> None:
+        lr, choice = self.chosen[method.name]
+        first = seed == self.seeds[0]
+        self.want(Job(method.chosen(choice), lr, seed, True, True, first, choice))
 
     def want(self, job: Job) -> None:
         """Asks for ``job``, or for what of it is not on disk yet."""
@@ -322,13 +357,12 @@ class _Plan:
             else:
                 self.ready.append((job, hits))
             return
-        key = _key(job.lr, job.seed)
+        key = _key(job.lr, job.seed, job.choice)
         record = self.store.load(job.method, key, self.fingerprint(job))
         if record is None:
             self.executor.submit(replace(job, train=True), None)
             return
-        if job.train:  # done by an earlier call: its steps count once
-            self.bar.update(self.settings.steps)
+        self.bar.update(self.settings.steps)  # done by an earlier call: its steps count once
         if job.test and "test" not in record:  # trained, not yet scored
             self.executor.submit(replace(job, train=False), self.store.paths(job.method, key)[1])
         else:
@@ -340,7 +374,7 @@ class _Plan:
         if job.method is None:
             self.store.save_base_hits(fingerprint, result["hits"])
             return np.array(result["hits"], dtype=bool)
-        key = _key(job.lr, job.seed)
+        key = _key(job.lr, job.seed, job.choice)
         if job.train:
             self.store.save_adapter(job.method, key, result["files"])
             record = {"fingerprint": fingerprint, **result["record"]}
@@ -358,23 +392,13 @@ class _Plan:
             self.base_hits = result
             return
         name = job.method.name
-        if not job.test:  # a grid run
-            grid = self.grid[name]
-            grid[job.lr] = result
-            if all(r is not None for r in grid.values()):
-                lr = max(grid, key=lambda x: merit(self.score, grid[x]["valid"]))
-                self.chosen[name] = lr
-                for seed in self.seeds:
-                    self.want(
-                        Job(
-                            job.method,
-                            lr,
-                            seed,
-                            train=seed != self.first,
-                            test=True,
-                            first=seed == self.first,
-                        )
-                    )
+        if not job.test:  # a selection run
+            picking = self.picking[name]
+            picking[_key(job.lr, job.seed, job.choice)] = result
+            if all(r is not None for r in picking.values()):
+                best = max(picking.values(), key=lambda r: merit(self.score, r["valid"]))
+                method = next(m for m in self.methods if m.name == name)
+                self.choose(method, best["lr"], best["choice"])
             return
         self.tested[name][job.seed] = result
         if self.settings.resolve is not None and all(
@@ -391,7 +415,9 @@ class _Plan:
             for m in self.methods
         }
         s = self.settings
-        step = resolve.decide(hits, self.reference, s.resolve, s.max_seeds, s.seeds, s.resamples)
+        step = resolve.decide(
+            hits, self.reference, s.resolve, s.max_seeds, s.seeds, s.resamples, s.select_seed
+        )
         self.rounds.append(step)
         if self.progress:
             self.bar.write(
@@ -404,12 +430,4 @@ class _Plan:
         self.bar.refresh()
         for m in self.methods:
             for seed in step.added:
-                self.want(Job(m, self.chosen[m.name], seed, train=True, test=True))
-
-    def records(self, method: Method) -> list[dict]:
-        """The method's runs: its grid (the chosen rate's run with its test scores),
-        then its other seeds in order."""
-        grid = dict(self.grid[method.name])
-        tested = [self.tested[method.name][s] for s in self.seeds]
-        grid[self.chosen[method.name]] = tested[0]
-        return list(grid.values()) + tested[1:]
+                self.test(m, seed)

@@ -11,7 +11,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from peft import PeftModel
 from torch import nn
 from tqdm import tqdm
 
+from cera_rs.compare import effective
 from cera_rs.compare.methods import SPECTRAL_METHODS, Method
 from cera_rs.compare.runner import Runner, Suffix
 
@@ -69,19 +70,22 @@ def write_files(folder: Path, files: dict[str, bytes]) -> None:
 @dataclass(frozen=True)
 class Job:
     """One piece of a comparison: train a run (scored on the valid split), score a run
-    on the test split, or both; with no method, the base model's test answers."""
+    on the test split, or both; with no method, the base model's test answers. A run's
+    method has its tuned fields set (``Method.chosen``), ``choice`` says to what."""
 
     method: Method | None = None
     lr: float = 0.0
     seed: int = 0
     train: bool = False
     test: bool = False
-    first: bool = False  # the first seed's scoring: spectra, linearity, extras
+    first: bool = False  # the first reported seed's scoring: spectra, linearity, extras
+    choice: dict = field(default_factory=dict)  # the tuned fields' values
 
     def __str__(self) -> str:
         if self.method is None:
             return "the base model's test answers"
-        return f"{self.method.name} (lr {self.lr:g}, seed {self.seed})"
+        chosen = "".join(f", {k} {v}" for k, v in self.choice.items())
+        return f"{self.method.name} (lr {self.lr:g}{chosen}, seed {self.seed})"
 
 
 def where(device: torch.device) -> dict[str, str]:
@@ -105,6 +109,7 @@ def execute(
     with tempfile.TemporaryDirectory(prefix="cera-rs-run-") as tmp:
         if job.train:
             model = runner.build(method, job.seed)
+            branch = effective.of_model(model)  # as built, before training moves it
             stats = runner.train(model, method, job.lr, job.seed, bar)
             runner.check_base(method)
             model.save_pretrained(tmp)
@@ -115,6 +120,7 @@ def execute(
             out["record"] = {
                 "method": method.name,
                 "lr": job.lr,
+                "choice": job.choice,
                 "seed": job.seed,
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "device": runner.device.type,
@@ -123,6 +129,8 @@ def execute(
                 "file_size": size,
                 "trainable_params": trainable,
                 "total_params": total,
+                "precision": precision(runner.device),
+                "effective": {**branch, "trainable_params": trainable, **stats.optimizer},
                 "valid": {"exact_match": float(hits.mean()), "loss": loss},
             }
             del model

@@ -27,6 +27,19 @@ LRS = "lrs"
 """``lrs=[1e-3,3e-3]`` in a spec: that method's rate grid instead of the comparison's
 (``--lrs``); a run's identity is its config, rate and seed, so a grid that grows keeps
 the runs it had."""
+CHOICES = re.compile(r"^\{(.*)\}$", re.S)
+"""``cera_dropout={0,0.1}`` in a spec: a set of choices, chosen on the selection runs
+jointly with the rate (one method; a list, ``r=[1,4]``, is a sweep: one method per value)."""
+PRESETS = {
+    "LORA": {"dropout": ("lora_dropout", (0.0, 0.1)), "scale": ("lora_alpha", (0.5, 1, 2))},
+    "CERA": {"dropout": ("cera_dropout", (0.0, 0.1)), "scale": ("scaling", (0.5, 1, 2))},
+}
+"""``--tune dropout,scale``: per PEFT type, the field each word tunes and its choices;
+a scale's choices are multiples of the method's own value (LoRA's alpha, CeRA's
+scaling), a dropout's are probabilities."""
+CONCEPTS = {field: word for fields in PRESETS.values() for word, (field, _) in fields.items()}
+"""What a tuned field is, in the report's words (``lora_dropout`` and ``cera_dropout`` are
+both the dropout)."""
 FULL = "full"
 """``r=full``: each targeted layer at min(in, out), the linear ceiling of those layers."""
 SPECTRAL_METHODS = ("LORA", "CERA")
@@ -70,6 +83,7 @@ class Method:
     lrs: tuple[float, ...] | None = None  # this method's rate grid instead of the comparison's
     family: str = ""  # the curve it belongs to: its spec without the rank (``lora:lora_alpha=32``)
     ceiling: bool = False  # ``r=full`` made concrete: the linear ceiling of its layers
+    tune: dict[str, tuple] = field(default_factory=dict)  # field: its choices (selection runs)
 
     @property
     def slug(self) -> str:
@@ -111,6 +125,10 @@ class Method:
                 )
             fields["layers_to_transform"] = layers_to_transform
         return make_config(cls, fields, self.name)
+
+    def chosen(self, choice: dict[str, Any]) -> Method:
+        """The method with its tuned fields set to ``choice``: what a run trains."""
+        return dataclasses.replace(self, fields={**self.fields, **choice}, tune={}, lrs=None)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -253,6 +271,8 @@ def parse_specs(spec: str) -> list[Method]:
     parts: list[tuple[str, list[Any]]] = []  # key and its values (one unless swept)
     written: list[str] = []  # the spec's parts as given, its rate grid left out
     lrs: tuple[float, ...] | None = None
+    tune: dict[str, tuple] = {}  # fields given a set of choices
+    tuned: list[str] = []  # their parts as written
     for part in filter(None, (p.strip() for p in _top_level(rest))):
         key, eq, text = part.partition("=")
         key, text = key.strip(), text.strip()
@@ -266,6 +286,10 @@ def parse_specs(spec: str) -> list[Method]:
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"{spec}: {cls.__name__} has no field {key!r}{hint}")
+        if CHOICES.match(text) and not isinstance(_value(text), dict):
+            tune[key] = _choices(spec, key, text, hints.get(key))
+            tuned.append(part)
+            continue
         if text.startswith("[") and not isinstance(_value(text), list):
             raise ValueError(
                 f"{spec}: {key}={text} is not a list; write a sweep as {key}=[1,2,4] (a JSON list)"
@@ -294,18 +318,67 @@ def parse_specs(spec: str) -> list[Method]:
         fields = dict(zip(keys, combo))
         if kind == "dora":
             fields.setdefault("use_dora", True)
-        body = ",".join(f"{k}={_render(v)}" for k, v in zip(keys, combo))
-        name = (
-            f"{kind}:{body}"
-            if body and swept
-            else (f"{kind}:{','.join(written)}" if body else kind)
-        )
-        rest = ",".join(f"{k}={_render(v)}" for k, v in zip(keys, combo) if k != "r")
+        body = ",".join([*(f"{k}={_render(v)}" for k, v in zip(keys, combo)), *tuned])
+        name = f"{kind}:{body}" if swept else (f"{kind}:{','.join(written)}" if body else kind)
+        rest = ",".join([*(f"{k}={_render(v)}" for k, v in zip(keys, combo) if k != "r"), *tuned])
         family = f"{kind}:{rest}" if rest else kind
         checked = dict(fields, r=1) if fields.get("r") == FULL else fields
-        make_config(cls, checked, name)  # refused now, not after other runs
-        out.append(Method(name, PeftType(peft_type).value, fields, lrs=lrs, family=family))
+        for choice in product(tune):  # refused now, not after other runs
+            make_config(cls, {**checked, **choice}, name)
+        out.append(
+            Method(name, PeftType(peft_type).value, fields, lrs=lrs, family=family, tune=tune)
+        )
     return out
+
+
+def _choices(spec: str, key: str, text: str, hint: Any) -> tuple:
+    """``{0,0.1}``: the field's choices, each a value the field takes."""
+    try:
+        values = json.loads(f"[{CHOICES.match(text).group(1)}]")
+    except json.JSONDecodeError:
+        values = None
+    if not values or key in ("r", LRS):
+        raise ValueError(
+            f"{spec}: {key}={text} is not a set of choices: give values the field takes, "
+            f"e.g. cera_dropout={{0,0.1}} (r is swept, r=[1,4], and the rate has lrs=[...])"
+        )
+    for v in values:
+        if hint is not None and not _accepts(hint, v):
+            raise ValueError(
+                f"{spec}: {key}={_render(v)} is not a valid choice: {key} is {_type_name(hint)}"
+            )
+    return tuple(dict.fromkeys(values))
+
+
+def product(tune: dict[str, tuple]) -> list[dict[str, Any]]:
+    """Every combination of a method's tuned fields' choices (one empty one untuned)."""
+    return [dict(zip(tune, combo)) for combo in itertools.product(*tune.values())]
+
+
+def with_preset(method: Method, words: tuple[str, ...]) -> Method:
+    """``--tune dropout,scale``: the method with those words' fields given their family's
+    choices (``PRESETS``) around its own value (the spec's, else the config's default):
+    a scale's are multiples of it, a dropout's include it. A field the spec already
+    gives choices keeps them."""
+    if not words:
+        return method
+    preset = PRESETS.get(method.peft_type)
+    if preset is None:
+        raise ValueError(
+            f"--tune {','.join(words)}: no preset for {method.peft_type.lower()} "
+            f"({method.name}); give its fields' choices in the spec, e.g. field={{a,b}}"
+        )
+    tune = dict(method.tune)
+    for word in words:
+        name, choices = preset[word]
+        if name in tune:
+            continue
+        own = method.fields.get(name, getattr(config_class(method.peft_type)(), name))
+        if word == "scale":
+            tune[name] = tuple(own * x for x in choices)
+        else:
+            tune[name] = tuple(sorted({*choices, own}))
+    return dataclasses.replace(method, tune=tune)
 
 
 def _rate_grid(spec: str, text: str) -> tuple[float, ...]:

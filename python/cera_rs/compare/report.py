@@ -20,20 +20,18 @@ import numpy as np
 import torch
 
 from cera_rs.atomic import atomic_file
-from cera_rs.compare import curves
-from cera_rs.compare.engine import Comparison
-from cera_rs.compare.methods import Method
-from cera_rs.compare.stats import Difference, paired_difference, wilson
+from cera_rs.compare import curves, effective
+from cera_rs.compare.engine import Comparison, lr_grid
+from cera_rs.compare.methods import CONCEPTS, Method, _top_level
+from cera_rs.compare.stats import Difference, convergence, paired_difference, wilson
 from cera_rs.table import pct as _pct
 
 MiB = 1 << 20
 
 
 def _tested(comparison: Comparison, method: Method) -> list[dict]:
-    """The method's runs at its chosen rate, one per seed, in seed order."""
-    lr = comparison.chosen_lr[method.name]
-    by_seed = {r["seed"]: r for r in comparison.records[method.name] if r["lr"] == lr}
-    return [by_seed[s] for s in comparison.seeds]
+    """The method's reported runs (at its choice), one per seed, in seed order."""
+    return comparison.tested[method.name]
 
 
 def _hits(comparison: Comparison, method: Method) -> np.ndarray:
@@ -56,23 +54,80 @@ def differences(comparison: Comparison) -> list[Difference]:
     ]
 
 
+def _paired(a: np.ndarray, b: np.ndarray, names: tuple[str, str], resamples: int, scale: float):
+    d = paired_difference(a, b, names, resamples=resamples)
+    return {
+        "mean": d.mean * scale,
+        "low": d.low * scale,
+        "high": d.high * scale,
+        "verdict": d.verdict,
+    }
+
+
+def split_differences(comparison: Comparison, method: Method) -> dict[str, Any]:
+    """The method against the reference on the information stored (bits summed over
+    problems) where the task scores bits, and on each extra split (phonebook's
+    reworded prompts: exact match in points and bits), with paired intervals."""
+    reference = _reference(comparison)
+    runs, ref = _tested(comparison, method), _tested(comparison, reference)
+    names, resamples = (method.name, reference.name), comparison.settings.resamples
+
+    def arrays(split: str | None, key: str) -> tuple[np.ndarray, np.ndarray]:
+        def of(rs):
+            return np.array(
+                [(r["test"] if split is None else r["test"][split])[key] for r in rs], float
+            )
+
+        return of(runs), of(ref)
+
+    out: dict[str, Any] = {}
+    if comparison.problems.score == "bits":
+        a, b = arrays(None, "bits")
+        out["test_bits"] = _paired(a, b, names, resamples, a.shape[1])
+    for split in comparison.problems.extra_tests:
+        a, b = arrays(split, "bits")
+        hits_a, hits_b = arrays(split, "hits")
+        out[split] = {
+            "exact_match_points": _paired(hits_a, hits_b, names, resamples, 100),
+            "bits": _paired(a, b, names, resamples, a.shape[1]),
+        }
+    return out
+
+
 def _reference(comparison: Comparison) -> Method:
     """The method the others are compared with (``engine.run`` checked the name)."""
     name = comparison.settings.reference
     return next((m for m in comparison.methods if m.name == name), comparison.methods[0])
 
 
+def _at_edge(value: Any, choices: list) -> bool:
+    """Chosen at an end of two or more numeric choices, so one beyond might do better."""
+    numbers = sorted(c for c in choices if isinstance(c, (int, float)) and not isinstance(c, bool))
+    return len(numbers) > 1 and value in (numbers[0], numbers[-1])
+
+
+def tuned_words(method: Method, settings: Any) -> set[str]:
+    """What a method chose on its selection runs, in ``effective``'s words: "lr" for a
+    rate grid, "dropout" and "scale" for tuned fields (others by their field's name)."""
+    words = {CONCEPTS.get(f, f) for f, choices in method.tune.items() if len(choices) > 1}
+    return words | ({"lr"} if len(lr_grid(method, settings)) > 1 else set())
+
+
 def _method_summary(comparison: Comparison, method: Method) -> dict[str, Any]:
     runs = _tested(comparison, method)
-    first_seed = comparison.settings.seeds[0]
-    grid = sorted(
-        (r for r in comparison.records[method.name] if r["seed"] == first_seed),
-        key=lambda r: r["lr"],
-    )
-    lr = comparison.chosen_lr[method.name]
-    lrs = [r["lr"] for r in grid]
+    lr, choice = comparison.chosen[method.name]
+    lrs = lr_grid(method, comparison.settings)
+    selection = comparison.selection[method.name]
     hits = _hits(comparison, method)
     first = runs[0]["test"]
+    tuned = {
+        name: {
+            "choices": list(choices),
+            "chosen": choice[name],
+            "at_edge": _at_edge(choice[name], list(choices)),
+        }
+        for name, choices in method.tune.items()
+    }
     out = {
         "peft_type": method.peft_type,
         "fields": method.fields,
@@ -81,8 +136,15 @@ def _method_summary(comparison: Comparison, method: Method) -> dict[str, Any]:
         "not_applied": list(method.not_applied),
         "lr": lr,
         "lr_grid": lrs,
-        "lr_at_grid_edge": len(lrs) > 1 and lr in (lrs[0], lrs[-1]),
-        "valid_by_lr": {f"{r['lr']:g}": r["valid"] for r in grid},
+        "lr_at_grid_edge": _at_edge(lr, lrs),
+        "tuned": tuned,
+        "selection_runs": [
+            {"lr": r["lr"], "choice": r["choice"], "seed": r["seed"], "valid": r["valid"]}
+            for r in selection
+        ],
+        "effective": runs[0]["effective"],
+        "tuned_words": sorted(tuned_words(method, comparison.settings)),
+        "convergence": convergence([r["train"]["curve"] for r in runs]),
         "seeds": list(comparison.seeds),
         "test_exact_match": [float(h.mean()) for h in hits],
         "test_exact_match_mean": float(hits.mean()),
@@ -116,8 +178,26 @@ def _method_summary(comparison: Comparison, method: Method) -> dict[str, Any]:
     return out
 
 
+def _selection(comparison: Comparison) -> dict[str, Any]:
+    """Which runs chose (never reported), how many, and how many of them tuning adds."""
+    s = comparison.settings
+    runs = {m.name: len(comparison.selection[m.name]) for m in comparison.methods}
+    rates_alone = {
+        m.name: len(lr_grid(m, s)) if len(lr_grid(m, s)) > 1 else 0 for m in comparison.methods
+    }
+    return {
+        "seed": s.select_seed,
+        "runs": runs,
+        "tuning_adds": sum(runs.values()) - sum(rates_alone.values()),
+        "tune": list(s.tune),
+    }
+
+
 def summarise(comparison: Comparison) -> dict[str, Any]:
     p, s = comparison.problems, comparison.settings
+    reference = _reference(comparison)
+    ref_effective = _tested(comparison, reference)[0]["effective"]
+    ref_words = tuned_words(reference, s)
     return {
         "model": comparison.model,
         "data": {
@@ -134,13 +214,17 @@ def summarise(comparison: Comparison) -> dict[str, Any]:
             "lrs": list(s.lrs),
             "rate_chosen_by": comparison.problems.score,  # engine.merit: its valid split
             "seeds": list(comparison.seeds),
+            "select_seed": s.select_seed,
             "adapted_layers": s.adapted_layers,
             "max_seq_length": s.max_seq_length,
             "resamples": s.resamples,
         },
         "device": comparison.device,
-        "reference": _reference(comparison).name,
+        "reference": reference.name,
         "base_exact_match": float(comparison.base_hits.mean()),
+        "selection": _selection(comparison),
+        "shown_as": shown_names([m.name for m in comparison.methods])[0],
+        "shared": shown_names([m.name for m in comparison.methods])[1],
         "methods": {m.name: _method_summary(comparison, m) for m in comparison.methods},
         "differences": [
             {
@@ -152,8 +236,17 @@ def summarise(comparison: Comparison) -> dict[str, Any]:
                 "verdict": d.verdict,
                 "discordant": d.discordant,
                 "sentence": d.sentence(),
+                "splits": split_differences(comparison, m),
+                "confounds": effective.confounds(
+                    _tested(comparison, m)[0]["effective"],
+                    ref_effective,
+                    tuned_words(m, s),
+                    ref_words,
+                ),
             }
-            for d in differences(comparison)
+            for d, m in zip(
+                differences(comparison), [m for m in comparison.methods if m is not reference]
+            )
         ],
         "curves": _curves(comparison),
         "resolve": comparison.resolved,
@@ -175,24 +268,174 @@ def _curves(comparison: Comparison) -> dict[str, Any] | None:
     )
 
 
+def shown_names(names: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Spec parts every method of one kind gives alike (``lora_alpha=8``, the targets),
+    lifted out of the names: each name as the tables show it, and one line per kind of
+    what was lifted. A kind of one method, and ranks, stay in the names."""
+    parts = {}
+    for n in names:
+        kind, sep, rest = n.partition(":")
+        parts[n] = (kind, [p for p in _top_level(rest) if p] if sep else [])
+    shown, lifted = {n: n for n in names}, []
+    for kind in dict.fromkeys(k for k, _ in parts.values()):
+        members = [n for n in names if parts[n][0] == kind]
+        common = [
+            p
+            for p in parts[members[0]][1]
+            if not p.startswith("r=") and all(p in parts[m][1] for m in members)
+        ]
+        if len(members) < 2 or not common:
+            continue
+        short = {m: ",".join(p for p in parts[m][1] if p not in common) for m in members}
+        short = {m: f"{kind}:{rest}" if rest else kind for m, rest in short.items()}
+        others = {v for n, v in shown.items() if n not in members}
+        if len(set(short.values())) == len(members) and not set(short.values()) & others:
+            shown.update(short)
+            lifted.append(f"{kind}: {', '.join(common)}")
+    return shown, lifted
+
+
+def _selection_sentence(summary: dict[str, Any]) -> str:
+    """Which runs chose the rates (and tuned fields), by what, and that they are left out."""
+    s, sel = summary["settings"], summary["selection"]
+    by = (
+        "valid loss (the bits stored)"
+        if s.get("rate_chosen_by") == "bits"
+        else "valid exact match (teacher-forced; lower valid loss on a tie)"
+    )
+    chose = [n for n, k in sel["runs"].items() if k]
+    if not chose:
+        return "No method had a rate or a field to choose: each ran at its one rate."
+    added = (
+        f"; tuning besides the rate added {sel['tuning_adds']} of them"
+        if sel["tuning_adds"]
+        else ""
+    )
+    return (
+        f"Rates{' and tuned fields' if sel['tuning_adds'] else ''} were chosen by {by} on "
+        f"selection runs of seed {sel['seed']} ({sum(sel['runs'].values())} runs"
+        f"{added}), for {', '.join(chose) if len(chose) < len(sel['runs']) else 'every method'}"
+        f"; those runs are excluded from every score below, which are seeds "
+        f"{', '.join(map(str, s['seeds']))}."
+    )
+
+
+def _effective_markdown(summary: dict[str, Any], shown: dict[str, str]) -> list[str]:
+    """What each branch is, read from the built models and the training that ran."""
+    lines = [
+        "## What each branch is (read from the built model and the training that ran)",
+        "",
+        "| method | form | rank | dropout (on) | scale | A's initial std (in->out) | B's init | "
+        "optimiser, rate, weight decay, clip | tuned |",
+        "|---|---|---:|---:|---:|---:|---|---|---|",
+    ]
+    for name, m in summary["methods"].items():
+        e = m["effective"]
+        if e.get("form") is None:
+            lines.append(f"| {shown[name]} | not read | | | | | | | |")
+            continue
+        text = effective.text
+        dropout = text(e["dropout"]) + (f" ({e['dropout_on']})" if e["dropout_on"] != "-" else "")
+        stds = "; ".join(f"{k} {v:.3g}" for k, v in e["a_init_std"].items())
+        train = f"{e['optimizer']}, {e['lr']:g}, {text(e.get('weight_decay'))}, {text(e['clip'])}"
+        tuned = ", ".join(
+            f"{f}={text(t['chosen'])}" + (" (at the edge of its choices)" if t["at_edge"] else "")
+            for f, t in m["tuned"].items()
+        )
+        lines.append(
+            f"| {shown[name]} | {e['form']} | {text(e['rank'])} | {dropout} | "
+            f"{text(e['scale'])} | {stds} | {e['b_init']} | {train} | {tuned or '-'} |"
+        )
+    return lines
+
+
+def _confounds_markdown(summary: dict[str, Any]) -> list[str]:
+    """Each setting besides form and rank in which a method differs from the reference."""
+    lines = [
+        f"## What else differs from {summary['reference']}",
+        "",
+        "Besides what a comparison is about (the form of the branch and its rank), each "
+        "setting below differs from the reference and was not tuned for both, so the "
+        "verdict measures it too.",
+        "",
+    ]
+    for d in summary["differences"]:
+        if d["confounds"]:
+            lines += [f"- {d['method']}: {c}." for c in d["confounds"]]
+        else:
+            lines.append(f"- {d['method']}: nothing besides form and rank.")
+    return lines
+
+
+def _splits_markdown(summary: dict[str, Any]) -> list[str]:
+    """The differences on the bits stored and on each extra split, beside exact match."""
+    rows = []
+    for d in summary["differences"]:
+        for split, figures in d.get("splits", {}).items():
+            cells = (
+                [("bits", figures)]
+                if split == "test_bits"
+                else [("points", figures["exact_match_points"]), ("bits", figures["bits"])]
+            )
+            where = "test" if split == "test_bits" else split
+            for unit, f in cells:
+                what = "bits stored" if unit == "bits" else "exact match"
+                rows.append(
+                    f"| {summary['shown_as'][d['method']]} | {where}: {what} | "
+                    f"{f['mean']:+.1f} {unit} | {f['low']:+.1f} to {f['high']:+.1f} | "
+                    f"{f['verdict']} |"
+                )
+    if not rows:
+        return []
+    return [
+        "",
+        f"Beside exact match, against {summary['reference']} (paired over seeds and "
+        "problems; bits summed over problems):",
+        "",
+        "| method | split: score | difference | 95 % interval | verdict |",
+        "|---|---|---:|---:|---|",
+        *rows,
+    ]
+
+
+def _convergence_lines(summary: dict[str, Any]) -> list[str]:
+    steps = summary["settings"]["steps"]
+    out = []
+    for name, m in summary["methods"].items():
+        c = m.get("convergence")
+        if c and c["still_learning"]:
+            before, last = c["valid_loss"][-2], c["valid_loss"][-1]
+            spread = (
+                f"its seed spread {c['seed_spread']:.3g}"
+                if c["seed_spread"] is not None
+                else "a hundredth of it (one seed: no spread)"
+            )
+            out.append(
+                f"{name} is still learning at {steps} steps (valid loss {before:.3f} -> "
+                f"{last:.3f} over the last quarter, more than {spread}): this measures "
+                "speed, not capacity; train longer."
+            )
+    return out
+
+
 def scores_markdown(summary: dict[str, Any]) -> str:
     """The part of the report that a resumed comparison reproduces exactly."""
     s, sizes = summary["settings"], summary["data"]["sizes"]
+    shown = summary["shown_as"]
     lines = [
         f"# {summary['model']}: {summary['data']['source']}",
         "",
         f"{sizes['train']} training, {sizes['valid']} valid and {sizes['test']} test "
-        f"problems; {s['steps']} steps of batch {s['batch']}; seeds "
-        f"{', '.join(map(str, s['seeds']))}; learning rate chosen per method by "
-        + (
-            f"valid loss (the bits stored, seed {s['seeds'][0]})"
-            if s.get("rate_chosen_by") == "bits"
-            else f"valid exact match (teacher-forced, seed {s['seeds'][0]}, lower valid "
-            "loss on a tie)"
-        )
-        + f" from {', '.join(f'{x:g}' for x in s['lrs'])}"
+        f"problems; {s['steps']} steps of batch {s['batch']}; reported seeds "
+        f"{', '.join(map(str, s['seeds']))}; rate grid {', '.join(f'{x:g}' for x in s['lrs'])}"
         + (f"; adapters on the last {s['adapted_layers']} layers" if s["adapted_layers"] else "")
         + ".",
+        "",
+        _selection_sentence(summary),
+    ]
+    if summary["shared"]:
+        lines += ["", "Shared, left out of the names below: " + "; ".join(summary["shared"]) + "."]
+    lines += [
         "",
         "## Test exact match (greedy decoding)",
         "",
@@ -208,7 +451,7 @@ def scores_markdown(summary: dict[str, Any]) -> str:
         rank = f"{m['spectra']['effective_rank']:.1f}" if "spectra" in m else "-"
         lin = f"{m['linearity']['held_out_linearity_at_r']:.4f}" if "linearity" in m else "-"
         lines.append(
-            f"| {name} | {m['trainable_params']:,} | {m['lr']:g}{edge} | "
+            f"| {shown[name]} | {m['trainable_params']:,} | {m['lr']:g}{edge} | "
             f"{_pct(m['test_exact_match_mean'])} | "
             f"{' / '.join(_pct(x) for x in m['test_exact_match'])} | "
             f"{_pct(low)}-{_pct(high)} | {m['test_loss']:.3f} | {rank} | {lin} |"
@@ -222,23 +465,43 @@ def scores_markdown(summary: dict[str, Any]) -> str:
     ]
     for d in summary["differences"]:
         lines.append(
-            f"| {d['method']} | {100 * d['mean']:+.1f} | {100 * d['low']:+.1f} to "
+            f"| {shown[d['method']]} | {100 * d['mean']:+.1f} | {100 * d['low']:+.1f} to "
             f"{100 * d['high']:+.1f} | {d['verdict']} |"
         )
     lines += [
         "",
         "Each interval is the crossed bootstrap over seeds and problems, widened to "
-        "Student's t interval over the per-seed differences where that is wider; "
-        f"with {len(summary['differences'])} comparisons, about one in twenty "
-        "differences that are not there would still be called, so a single verdict "
-        "among many is weaker than it reads. The first seed's run is also the one "
-        "whose valid score chose the rate, which flatters that seed a little for every "
-        "method alike.",
+        "Student's t interval over the per-seed differences where that is wider"
+        + (
+            f"; with {len(summary['differences'])} comparisons, about one in twenty "
+            "differences that are not there would still be called, so a single verdict "
+            "among many is weaker than it reads."
+            if len(summary["differences"]) > 1
+            else "."
+        ),
         "",
     ]
     lines += [d["sentence"] for d in summary["differences"]]
+    lines += _splits_markdown(summary)
+    lines += [""] + _confounds_markdown(summary) if summary["differences"] else []
+    still = _convergence_lines(summary)
+    if still:
+        lines += ["", "## Unfinished training", ""] + still
+    lines += [""] + _effective_markdown(summary, shown)
     if summary.get("resolve"):
         lines += ["", _resolve_markdown(summary["resolve"], summary["reference"])]
+    tuned_edges = [
+        f"{n} ({f}={effective.text(t['chosen'])} of {', '.join(map(effective.text, t['choices']))})"
+        for n, m in summary["methods"].items()
+        for f, t in m["tuned"].items()
+        if t["at_edge"]
+    ]
+    if tuned_edges:
+        lines += [
+            "",
+            "Tuned at the edge of its choices, so a value beyond might have done better: "
+            f"{', '.join(tuned_edges)}.",
+        ]
     edges = [f"{n} ({m['lr']:g})" for n, m in summary["methods"].items() if m["lr_at_grid_edge"]]
     if edges:
         lines += [
@@ -368,24 +631,21 @@ def peft_result(comparison: Comparison, method: Method, record: dict) -> dict[st
     train_info, meta_info). Memory is the accelerator's on a GPU and the resident
     set's growth on CPU; ``valid accuracy`` and ``test accuracy`` are exact match."""
     s, train, test = comparison.settings, record["train"], record["test"]
-    config = method.config(None).to_dict()
+    config = method.chosen(record["choice"]).config(None).to_dict()
     config["peft_type"] = method.peft_type
+    used = dict(train["optimizer"])  # what the run trained with, as runner.train recorded it
     train_config = {
         "model_id": comparison.model,
         "batch_size": s.batch,
         "max_steps": s.steps,
         "seed": record["seed"],
-        "optimizer_type": method.training.get("optimizer_type", "AdamW"),
-        "optimizer_kwargs": {
-            "weight_decay": 0.0,
-            **method.training.get("optimizer_kwargs", {}),
-            "lr": record["lr"],
-        },
-        "lr_scheduler": method.training.get("lr_scheduler", "constant"),
-        "grad_norm_clip": method.training.get("grad_norm_clip", 1.0),
+        "optimizer_type": used.pop("optimizer"),
+        "lr_scheduler": used.pop("schedule"),
+        "grad_norm_clip": used.pop("clip"),
+        "optimizer_kwargs": used,
         "max_seq_length": s.max_seq_length,
         "adapted_layers": s.adapted_layers,
-        "dtype": "bfloat16 autocast" if comparison.device == "cuda" else "float32",
+        "dtype": record["precision"],
         "data": comparison.problems.source,
     }
     packages = ("transformers", "peft", "datasets", "bitsandbytes", "torch", "cera_rs")

@@ -19,13 +19,13 @@ from cera_rs.compare.stats import paired_difference, seeds_needed
 REACHED, MAX_SEEDS = "reached", "max-seeds"
 
 
-def seed_order(first: tuple[int, ...], count: int) -> list[int]:
-    """The first ``count`` seeds a comparison runs: ``first``, then the integers above
-    the smallest of them that are not among them."""
+def seed_order(first: tuple[int, ...], count: int, skip: int | None = None) -> list[int]:
+    """The first ``count`` seeds a comparison reports: ``first``, then the integers above
+    the smallest of them that are not among them (nor ``skip``, the selection seed)."""
     out, n = list(first[:count]), min(first)
     while len(out) < count:
         n += 1
-        if n not in first:
+        if n not in first and n != skip:
             out.append(n)
     return out
 
@@ -51,9 +51,10 @@ def decide(
     max_seeds: int,
     first: tuple[int, ...],
     resamples: int = 10_000,
+    skip: int | None = None,
 ) -> Round:
     """The round after the seeds in ``hits`` (method name: (seeds, problems) answers,
-    the seeds in ``seed_order(first, ...)``): stop when every half-width is below
+    the seeds in ``seed_order(first, ..., skip)``): stop when every half-width is below
     ``target`` points (two seeds at least: one measures no training spread) or
     ``max_seeds`` are run, else add the seeds the widest difference needs."""
     ref = hits[reference]
@@ -73,7 +74,7 @@ def decide(
     if k >= max_seeds:
         return Round(k, half_width, spread, needed, (), MAX_SEEDS)
     goal = max([k + 1] + [needed[n] for n in wide if needed[n] is not None])
-    added = tuple(seed_order(first, min(goal, max_seeds))[k:])
+    added = tuple(seed_order(first, min(goal, max_seeds), skip)[k:])
     return Round(k, half_width, spread, needed, added, None)
 
 

@@ -122,6 +122,13 @@ class TrainStats:
     tokens: int  # real tokens in the training batches
     samples: int
     memory: dict  # bytes: avg, max, 99th
+    optimizer: dict  # what the training used: optimiser, rate, weight decay, clip, schedule
+    curve: list  # at each quarter: {"step", "train_loss" (over the quarter), "valid_loss"}
+
+
+def quarters(steps: int) -> list[int]:
+    """The steps at which a run's losses are recorded: the end of each quarter."""
+    return sorted({max(1, steps * k // 4) for k in range(1, 5)})
 
 
 @contextmanager
@@ -297,7 +304,9 @@ class Runner:
 
     def train(self, model: PeftModel, method: Method, lr: float, seed: int, bar=None) -> TrainStats:
         """AdamW at a constant rate with clipping 1.0 unless the method's training
-        options say otherwise; batches drawn from ``seed`` (the same for every method)."""
+        options say otherwise; batches drawn from ``seed`` (the same for every method);
+        the train and valid loss recorded at each quarter (the valid passes are left
+        out of the run's time)."""
         opts = method.training
         kwargs = {"weight_decay": 0.0, **opts.get("optimizer_kwargs", {}), "lr": lr}
         optimizer_type = opts.get("optimizer_type", "AdamW")
@@ -316,6 +325,14 @@ class Runner:
             num_training_steps=self.steps,
         )
         clip = opts.get("grad_norm_clip", 1.0)
+        used = {
+            "optimizer": optimizer_type,
+            **{k: v for k, v in kwargs.items() if k != "lr"},
+            "lr": lr,
+            "clip": clip,
+            "schedule": opts.get("lr_scheduler", "constant"),
+        }
+        probes, curve, since, probing = set(quarters(self.steps)), [], 0, 0.0
         split = self.splits["train"]
         stack = self.stack_of(model) if self.stack is not None else None
         order = torch.Generator().manual_seed(seed)
@@ -323,7 +340,7 @@ class Runner:
         model.train()
         start = time.perf_counter()
         with memory_samples(self.device) as samples:
-            for _ in range(self.steps):
+            for step in range(1, self.steps + 1):
                 rows = torch.randint(0, len(split.data), (self.batch,), generator=order)
                 tokens += int(split.data.lengths[rows].sum())
                 logits, targets, _ = self._logits(model, split, rows.to(self.device), stack)
@@ -337,13 +354,26 @@ class Runner:
                 losses.append(float(loss.detach()))
                 if bar is not None:
                     bar.update()
+                if step in probes:  # eval mode draws no dropout: the run trains as without
+                    probe = time.perf_counter()
+                    valid = self.teacher_forced(model, "valid")[1]
+                    model.train()
+                    mean = float(np.mean(losses[since:]))
+                    curve.append({"step": step, "train_loss": mean, "valid_loss": valid})
+                    since, probing = step, probing + time.perf_counter() - probe
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - start - probing
         model.eval()
         tail = losses[-max(1, len(losses) // 10) :]
         return TrainStats(
-            float(np.mean(tail)), elapsed, tokens, self.steps * self.batch, _memory_figures(samples)
+            float(np.mean(tail)),
+            elapsed,
+            tokens,
+            self.steps * self.batch,
+            _memory_figures(samples),
+            used,
+            curve,
         )
 
     def teacher_forced(self, model: PeftModel, name: str) -> tuple[np.ndarray, float]:

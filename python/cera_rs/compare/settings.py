@@ -1,6 +1,6 @@
-"""What every method of a comparison shares: steps, batch, the rate grid, the seeds,
-and how far ``--resolve`` narrows the intervals. Checked when made, before any model
-loads."""
+"""What every method of a comparison shares: steps, batch, the rate grid, what else is
+tuned, the selection seed and the reported seeds, and how far ``--resolve`` narrows the
+intervals. Checked when made, before any model loads."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+TUNE_WORDS = ("dropout", "scale")
+"""What ``--tune`` names: each family's field for it is in ``methods.PRESETS``."""
 
 
 @dataclass
@@ -19,7 +22,9 @@ class Settings:
     steps: int = 200
     batch: int = 16
     lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = (1, 2, 3)  # the reported runs'
+    select_seed: int | None = None  # the runs that choose (default: the one below the seeds)
+    tune: tuple[str, ...] = ()  # --tune: words of PRESETS tuned for every method
     adapted_layers: int | None = None
     max_seq_length: int | None = None
     reference: str | None = None  # default: the first method
@@ -33,14 +38,33 @@ class Settings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not self.lrs or not all(isinstance(x, (int, float)) and x > 0 for x in self.lrs):
+        if not self.lrs or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in self.lrs
+        ):
             raise ValueError(f"lrs must be positive learning rates, got {self.lrs!r}")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+        if (
+            not self.seeds
+            or len(set(self.seeds)) != len(self.seeds)
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in self.seeds)
+        ):
             raise ValueError(f"seeds must be distinct integers, got {self.seeds!r}")
+        if self.select_seed is None:
+            self.select_seed = min(self.seeds) - 1
+        if not isinstance(self.select_seed, int) or self.select_seed in self.seeds:
+            raise ValueError(
+                f"select_seed (--select-seed) {self.select_seed!r} must be an integer "
+                f"not among the reported seeds {tuple(self.seeds)}: the runs that choose "
+                "the rate are not reported"
+            )
+        unknown = [w for w in self.tune if w not in TUNE_WORDS]
+        if unknown or len(set(self.tune)) != len(self.tune):
+            raise ValueError(
+                f"tune (--tune) takes {', '.join(TUNE_WORDS)}, each once; got {','.join(self.tune)}"
+            )
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         self._check_resolve()
-        self.lrs, self.seeds = tuple(self.lrs), tuple(self.seeds)
+        self.lrs, self.seeds, self.tune = tuple(self.lrs), tuple(self.seeds), tuple(self.tune)
 
     def _check_resolve(self) -> None:
         if self.resolve is None and self.max_seeds is None:

@@ -120,17 +120,7 @@ def paired_difference(
         )
     diff = a - b
     n_seeds, n_problems = diff.shape
-    rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
-    # In chunks: each resample is a mean over a (seeds x problems) grid of draws.
-    chunk = max(1, 2_000_000 // (n_seeds * n_problems))
-    for start in range(0, resamples, chunk):
-        k = min(chunk, resamples - start)
-        s = rng.integers(0, n_seeds, size=(k, n_seeds)) if n_seeds > 1 else np.zeros((k, 1), int)
-        p = rng.integers(0, n_problems, size=(k, n_problems))
-        # mean over the grid = mean over drawn seeds of that seed's mean over drawn problems
-        per_seed = diff[:, p].mean(axis=2)  # (n_seeds, k): each seed on the drawn problems
-        means[start : start + k] = np.take_along_axis(per_seed.T, s, axis=1).mean(axis=1)
+    means = crossed_means(diff[None], resamples, seed)[:, 0]
     tail = 0.025
     low, high = np.quantile(means, [tail, 1 - tail])
     if n_seeds > 1:  # the per-seed differences' t interval, which few seeds need
@@ -150,16 +140,19 @@ def paired_difference(
 
 
 def crossed_means(scores: np.ndarray, resamples: int = 10_000, seed: int = 0) -> np.ndarray:
-    """Each method's mean score under the same crossed resamplings of seeds and problems
-    as ``paired_difference`` draws: ``scores`` is (methods, seeds, problems), the result
-    (resamples, methods). Every method sees the same draws, so the pairing holds."""
+    """Each method's mean score under crossed resamplings of seeds and problems, the one
+    resampler of differences, curves and multipliers: ``scores`` is (methods, seeds,
+    problems), the result (resamples, methods). Every method sees the same draws, so the
+    pairing holds."""
     x = np.asarray(scores, dtype=np.float64)
     if x.ndim != 3 or x.size == 0:
         raise ValueError(f"scores must be a (methods, seeds, problems) array, got {x.shape}")
     _, n_seeds, n_problems = x.shape
     rng = np.random.default_rng(seed)
     out = np.empty((resamples, x.shape[0]))
-    chunk = max(1, 2_000_000 // (x.size))
+    # In chunks of draws, their size set by the seeds and problems alone: any number of
+    # methods (a difference is one) sees the same draws from the same ``seed``.
+    chunk = max(1, 2_000_000 // (n_seeds * n_problems))
     for start in range(0, resamples, chunk):
         k = min(chunk, resamples - start)
         s = rng.integers(0, n_seeds, size=(k, n_seeds)) if n_seeds > 1 else np.zeros((k, 1), int)
@@ -275,6 +268,7 @@ def parameter_multiplier(
     multiples = np.array([equivalent_params(fam_params, d[1:], d[0]) for d in draws]) / params
     point = equivalent_params(fam_params, means[1:], means[0]) / params
     low, high = np.quantile(np.sort(multiples), [0.025, 0.975], method="inverted_cdf")
+    low, high = _widened(low, high, stacked, fam_params, params)
     if rise.low <= 0:
         where = FLAT
     elif point == 0:
@@ -286,6 +280,31 @@ def parameter_multiplier(
     return Multiplier(
         names[0], names[1], int(params), float(point), float(low), float(high), where, rise, unit
     )
+
+
+def _widened(
+    low: float, high: float, stacked: np.ndarray, fam_params: np.ndarray, params: int
+) -> tuple[float, float]:
+    """The multiplier's interval widened to Student's t interval of the per-seed
+    multipliers on the log scale (each seed's method read off that seed's curve), which a
+    bootstrap of few seeds understates; a seed off the curve leaves that end open."""
+    n_seeds = stacked.shape[1]
+    if n_seeds < 2:
+        return low, high
+    per_seed = stacked.mean(axis=2)  # (1 + members, seeds)
+    each = np.array(
+        [equivalent_params(fam_params, per_seed[1:, s], per_seed[0, s]) for s in range(n_seeds)]
+    )
+    each = each / params
+    if (each == 0).any():
+        low = 0.0
+    if np.isinf(each).any():
+        high = math.inf
+    if (each == 0).any() or np.isinf(each).any():
+        return low, high
+    logs = np.log(each)
+    half = t975(n_seeds - 1) * logs.std(ddof=1) / math.sqrt(n_seeds)
+    return min(low, math.exp(logs.mean() - half)), max(high, math.exp(logs.mean() + half))
 
 
 def seeds_needed(spread: float, half_width: float) -> int:
@@ -300,3 +319,32 @@ def seeds_needed(spread: float, half_width: float) -> int:
     while t975(k - 1) * spread / math.sqrt(k) > half_width:
         k += 1
     return k
+
+
+SETTLED = 0.01
+"""With one seed (no spread measured) a loss that fell by less than this share of itself
+over the last quarter is said to have settled."""
+
+
+def convergence(curves: list[list[dict]]) -> dict | None:
+    """Whether a method's valid loss still fell over the last quarter of training by
+    more than its seed spread (the standard deviation of the final loss over seeds; with
+    one seed, ``SETTLED`` of the loss): ``curves`` holds each seed's recorded points
+    (``{"step", "valid_loss"}``, the last two a quarter apart). None where a run
+    recorded fewer than two points."""
+    if not curves or any(len(c) < 2 for c in curves):
+        return None
+    last = np.array([c[-1]["valid_loss"] for c in curves])
+    before = np.array([c[-2]["valid_loss"] for c in curves])
+    drop = float(before.mean() - last.mean())
+    spread = float(last.std(ddof=1)) if len(last) > 1 else None
+    bar = spread if spread is not None else SETTLED * float(last.mean())
+    return {
+        "steps": [p["step"] for p in curves[0]],
+        "valid_loss": [
+            float(np.mean([c[i]["valid_loss"] for c in curves])) for i in range(len(curves[0]))
+        ],
+        "last_quarter_drop": drop,
+        "seed_spread": spread,
+        "still_learning": drop > bar,
+    }
