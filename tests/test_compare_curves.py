@@ -64,6 +64,7 @@ def test_a_sweep_expands_to_one_method_per_value_in_one_family():
         ("lora:use_dora=maybe", "use_dora=maybe is not a valid value: use_dora is bool"),
         ("cera:activation=gelu", "activation=gelu is not a valid value"),
         ("ia3:r=full", "has no field 'r'"),
+        ("vera:r=full", "r=full needs a method with an integer rank r and a rank_pattern"),
         ("lora:lora_alhpa=4", "has no field 'lora_alhpa'; did you mean 'lora_alpha'"),
         ("lora:r=4,lrs=[]", r"lrs=\[\] is not a rate grid"),
         ("lora:r=4,lrs=[1e-3,-1]", "is not a rate grid: give positive learning rates"),

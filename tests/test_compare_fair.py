@@ -71,8 +71,8 @@ def test_a_confound_is_named_against_the_reference():
         "dropout 0.1 against 0: tune it for both, or match it",
         "scale 1 against 2: tune it for both, or match it",
     ]
-    assert len(found) == 3 and found[2].startswith("A's initial std 0.1")
-    assert "(64->64, 2." in found[2]
+    assert len(found) == 3 and found[2].startswith("A's initial std 2.")
+    assert "x the reference's (64->64 0.1" in found[2] and "against 0.07" in found[2]
     both = {"dropout", "scale", "lr"}
     assert effective.confounds(_built("cera:r=4"), lora, both, both) == []
     assert effective.confounds(dropped, lora, {"dropout"}, set()) == [
@@ -128,6 +128,19 @@ def test_the_multiplier_interval_holds_the_per_seed_t_interval():
     assert m.low <= math.exp(logs.mean() - half) + 1e-9
     assert m.high >= math.exp(logs.mean() + half) - 1e-9
     assert m.high / m.low > 8  # far wider than the draws of three seeds alone show
+
+
+def test_a_falling_curve_reads_its_fall_and_a_method_below_it():
+    """The smallest member best (a curve that falls): the flat line reads the best
+    larger member against the smallest (a fall, not +0.0) and says the method scores
+    below the smallest."""
+    params = [100, 400, 1600]
+    falling = [_hits_with_mean(m, seed=i) for i, m in enumerate((0.5, 0.3, 0.4))]
+    m = stats.parameter_multiplier(
+        _hits_with_mean(0.1), 100, falling, params, ("c", "l"), resamples=500
+    )
+    assert m.where == stats.FLAT and m.family_rise.mean == pytest.approx(-0.1)
+    assert "-10.0 points" in m.sentence() and "c scores below its smallest member" in m.sentence()
 
 
 def test_one_resampler_for_differences_and_means():

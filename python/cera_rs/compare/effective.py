@@ -142,15 +142,17 @@ def _positive(p: Any) -> bool:
 
 
 def _init_confounds(mine: dict[str, float], theirs: dict[str, float]) -> list[str]:
-    """A's initial std where the two differ on a layer shape both adapt: with Adam the
-    branch trains as one of scale s k^2 at rate eta/k, so this is a hidden scale."""
-    out = []
-    for shape in sorted(set(mine) & set(theirs)):
-        ratio = mine[shape] / theirs[shape] if theirs[shape] else np.inf
-        if not 1 / SPREAD < ratio < SPREAD:
-            out.append(
-                f"A's initial std {mine[shape]:.3g} against {theirs[shape]:.3g} ({shape}, "
-                f"{ratio:.2g}x): with Adam a hidden factor on the scale and the rate; "
-                "tune the scale for both, or match the init"
-            )
-    return out
+    """A's initial std where the two differ on the layer shapes both adapt, in one line:
+    with Adam a branch whose A starts k times larger trains as one of scale s k^2 at
+    rate eta/k, so this is a hidden scale."""
+    shapes = sorted(set(mine) & set(theirs))
+    ratios = {s: mine[s] / theirs[s] if theirs[s] else np.inf for s in shapes}
+    if all(1 / SPREAD < r < SPREAD for r in ratios.values()):
+        return []
+    each = "; ".join(f"{s} {mine[s]:.3g} against {theirs[s]:.3g}" for s in shapes)
+    low, high = min(ratios.values()), max(ratios.values())
+    times = f"{low:.2g}x" if f"{low:.2g}" == f"{high:.2g}" else f"{low:.2g}x-{high:.2g}x"
+    return [
+        f"A's initial std {times} the reference's ({each}): with Adam a hidden factor on "
+        "the scale and the rate; tune the scale for both, or match the init"
+    ]

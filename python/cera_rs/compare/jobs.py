@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -89,11 +90,17 @@ class Job:
 
 
 def where(device: torch.device) -> dict[str, str]:
-    """Where a job ran: the machine, and the GPU's name or the CPU threads."""
+    """Where a job ran: the machine (on Ray also the node's id and address: two nodes
+    may share a host name), and the GPU's name or the CPU threads."""
     if device.type == "cuda":
-        return {"node": socket.gethostname(), "device": torch.cuda.get_device_name(device)}
-    threads = torch.get_num_threads()
-    return {"node": socket.gethostname(), "device": f"cpu, {threads} thread(s)"}
+        here = {"node": socket.gethostname(), "device": torch.cuda.get_device_name(device)}
+    else:
+        here = {"node": socket.gethostname(), "device": f"cpu, {torch.get_num_threads()} thread(s)"}
+    ray = sys.modules.get("ray")  # imported by a Ray worker, never by this module
+    if ray is not None and ray.is_initialized():
+        here["ray_node"] = ray.get_runtime_context().get_node_id()
+        here["address"] = ray.util.get_node_ip_address()
+    return here
 
 
 def execute(

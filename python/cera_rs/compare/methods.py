@@ -300,10 +300,11 @@ def parse_specs(spec: str) -> list[Method]:
             raise ValueError(f"{spec}: {key}=[] is an empty sweep; give at least one value")
         for v in values:
             if key == "r" and v == FULL:
-                if hints.get("r") is not int:
+                if hints.get("r") is not int or "rank_pattern" not in known:
                     raise ValueError(
-                        f"{spec}: r=full needs a method with an integer rank r; "
-                        f"{cls.__name__} has none"
+                        f"{spec}: r=full needs a method with an integer rank r and a "
+                        f"rank_pattern (each layer at its own full rank); {cls.__name__} "
+                        "has not both: give r as a number"
                     )
             elif key in hints and not _accepts(hints[key], v):
                 raise ValueError(

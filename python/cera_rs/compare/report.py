@@ -173,7 +173,7 @@ def _method_summary(comparison: Comparison, method: Method) -> dict[str, Any]:
         "tokens_per_s": float(np.mean([t["tokens"] / t["train_time"] for t in trains])),
         "peak_memory_bytes": int(max(t["memory"]["max"] for t in trains)),
         "score_time_s": float(np.mean([r["test"]["score_time"] for r in runs])),
-        "ran_on": sorted({f"{r['ran_on']['node']} ({r['ran_on']['device']})" for r in runs}),
+        "ran_on": sorted({_place(r["ran_on"]) for r in runs}),
     }
     return out
 
@@ -191,6 +191,14 @@ def _selection(comparison: Comparison) -> dict[str, Any]:
         "tuning_adds": sum(runs.values()) - sum(rates_alone.values()),
         "tune": list(s.tune),
     }
+
+
+def _place(ran_on: dict[str, str]) -> str:
+    """A run's machine and device; on Ray with the node's address and short id."""
+    node = ran_on["node"]
+    if "ray_node" in ran_on:
+        node += f" [{ran_on['address']}, Ray node {ran_on['ray_node'][:8]}]"
+    return f"{node} ({ran_on['device']})"
 
 
 def summarise(comparison: Comparison) -> dict[str, Any]:
@@ -457,6 +465,21 @@ def scores_markdown(summary: dict[str, Any]) -> str:
             f"{_pct(low)}-{_pct(high)} | {m['test_loss']:.3f} | {rank} | {lin} |"
         )
     lines += [
+        "",
+        "eff. rank: the effective rank (exp of the entropy of the normalised singular "
+        "values) of the adapters' centred output deltas on the test tokens; held-out "
+        "lin@r: for CeRA, the share of each adapter's output energy that the best linear "
+        "map of its rank, fitted on the training tokens, reproduces on the test tokens; "
+        "both from the first reported seed, averaged over the adapted layers.",
+        "",
+        "Plots: [exact_match.png](exact_match.png) (exact match against trainable "
+        "parameters)"
+        + (
+            ", [curves.png](curves.png) (each family's score against trainable parameters)"
+            if summary.get("curves")
+            else ""
+        )
+        + ".",
         "",
         f"## Against {summary['reference']} (paired over seeds and problems)",
         "",

@@ -209,19 +209,20 @@ class Multiplier:
     low: float
     high: float
     where: str  # ON, BELOW or ABOVE the family's curve, or FLAT (no curve to read)
-    family_rise: Difference  # the family's best member against its smallest
+    family_rise: Difference  # the family's best member above its smallest, against it
     unit: str = "points"  # the score's: "points" of exact match, or "bits" summed over problems
 
     def sentence(self) -> str:
         if self.where == FLAT:
             rise = self.family_rise
             scale = 100 if self.unit == "points" else rise.problems
+            below = f"; {self.method} scores below its smallest member" if self.point == 0 else ""
             return (
                 f"{self.method}: no multiplier can be read, because the {self.family} "
-                f"curve is not distinguishable from flat (its best member against its "
-                f"smallest: {scale * rise.mean:+.1f} {self.unit}, 95 % interval "
-                f"{scale * rise.low:+.1f} to {scale * rise.high:+.1f}): rank is not "
-                "seen to bind here."
+                f"curve is not distinguishable from flat (its best member above the "
+                f"smallest against the smallest: {scale * rise.mean:+.1f} {self.unit}, 95 % "
+                f"interval {scale * rise.low:+.1f} to {scale * rise.high:+.1f}): rank is not "
+                f"seen to bind here{below}."
             )
         if self.where == BELOW:
             return (
@@ -262,7 +263,7 @@ def parameter_multiplier(
     if len(fam_params) < 2:
         raise ValueError(f"{names[1]}: a curve needs at least two members, got {len(fam_params)}")
     means = stacked.mean(axis=(1, 2))
-    best = 1 + int(np.argmax(means[1:]))
+    best = 2 + int(np.argmax(means[2:]))  # the best member above the smallest
     rise = paired_difference(stacked[best], stacked[1], (names[1], names[1]), resamples, seed)
     draws = crossed_means(stacked, resamples, seed)
     multiples = np.array([equivalent_params(fam_params, d[1:], d[0]) for d in draws]) / params
