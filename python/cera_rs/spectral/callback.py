@@ -39,13 +39,14 @@ class ProbeCallback(TrainerCallback):
     integrations had written the step. At ``on_train_begin`` (each ``train()``, so a
     callback added with ``trainer.add_callback`` counts too) the callback moves itself to
     the head of the Trainer's list: its ``on_log`` then fills ``logs`` in before anyone
-    reads them, and each measured step is one record everywhere. Calling the
+    reads them, and each measured step is one record everywhere (running first changes
+    nothing else: its ``on_step_end`` only measures and asks for a log). Calling the
     integrations from here instead would write a second record for the step (and print
     it twice), and would only reach the integrations known here. The Trainer passes
     callbacks no reference to itself; the list is found on the call stack, the
     ``CallbackHandler`` that is calling this callback. Where there is none (a training
-    loop of one's own that calls the callbacks), the figures reach the callbacks after
-    this one, as before, and a warning says so."""
+    loop of one's own that calls the callbacks), the figures reach only the callbacks
+    after this one, and a warning says so."""
 
     def __init__(
         self, batches: Iterable[Any], every_n_steps: int = 100, modules: Iterable[str] | None = None
