@@ -222,6 +222,40 @@ def markdown(curves: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+KIND_NAMES = {"cera": "CeRA", "lora": "LoRA", "dora": "DoRA"}
+"""How the legends write a spec's kind (any other kind as the spec writes it)."""
+
+
+def legend_names(labels: list[str]) -> dict[str, str]:
+    """Each family label as a legend shows it: a spec label (``kind:field=value,...``)
+    as the kind's name and, in brackets, only the fields that tell it from the other
+    families of its kind (a field every one of them shares, such as one
+    ``target_modules`` list, is left out); a label that is not a spec (the demo's
+    ``CeRA, identity``, a folder) as it is."""
+    parsed: dict[str, tuple[str, list[str]]] = {}
+    for label in labels:
+        kind, colon, rest = label.partition(":")
+        if colon and kind.isidentifier():
+            parts, depth, start = [], 0, 0
+            for i, ch in enumerate(rest):
+                depth += (ch in "[{") - (ch in "]}")
+                if ch == "," and depth == 0:
+                    parts.append(rest[start:i])
+                    start = i + 1
+            parsed[label] = (kind, [p for p in parts + [rest[start:]] if p])
+    out = {}
+    for label in labels:
+        if label not in parsed:
+            out[label] = label
+            continue
+        kind, parts = parsed[label]
+        kin = [ps for k, ps in parsed.values() if k == kind]
+        own = [p for p in parts if not all(p in ps for ps in kin)]
+        name = KIND_NAMES.get(kind, kind)
+        out[label] = f"{name} ({', '.join(own)})" if own else name
+    return out
+
+
 def plot(curves: dict[str, Any], path, title: str) -> None:
     import matplotlib
 
@@ -231,6 +265,7 @@ def plot(curves: dict[str, Any], path, title: str) -> None:
     total = curves["score"] == "bits"
     scale = 1 if total else 100
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    names = legend_names(list(curves["curves"]))  # short, as the tables beside it name them
     for label, points in curves["curves"].items():
         x = [p["params"] for p in points]
         y = [p["mean"] * scale for p in points]
@@ -244,7 +279,7 @@ def plot(curves: dict[str, Any], path, title: str) -> None:
             yerr=err,
             fmt="o-" if len(points) > 1 else "o",
             capsize=3,
-            label=textwrap.fill(label, 70),
+            label=textwrap.fill(names[label], 70),
         )
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
