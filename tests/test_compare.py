@@ -178,6 +178,9 @@ def test_a_peft_experiment_folder_is_read_as_peft_lays_it_out(tmp_path):
     assert m.fields["r"] == 32 and m.fields["lora_alpha"] == 64
     assert m.training == {"optimizer_kwargs": {"lr": 4.5e-3, "weight_decay": 0.0}}
     assert any(n.startswith("max_steps") for n in m.not_applied)
+    (folder / "training_params.json").write_text('{"optimizer_kwargs": {"lr": true}}')
+    with pytest.raises(ValueError, match="optimizer_kwargs.lr True is not a positive rate"):
+        read_folder(folder)
     (folder / "training_params.json").write_text('{"warmup": 3}')
     with pytest.raises(ValueError, match="unknown option 'warmup'"):
         read_folder(folder)

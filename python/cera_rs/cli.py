@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import cera_rs
-from cera_rs.atomic import check_folder_writable, check_writable
+from cera_rs.atomic import check_writable
 from cera_rs.extras import MATPLOTLIB, MissingDependency, require
 
 USER_ERRORS = (OSError, ValueError, MissingDependency)
@@ -370,7 +370,6 @@ def _ray(args: argparse.Namespace):
 def _compare(args: argparse.Namespace) -> None:
     from cera_rs.compare import Settings, compare, report
 
-    check_folder_writable(args.out)
     settings = Settings(
         steps=args.steps,
         batch=args.batch,

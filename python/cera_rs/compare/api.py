@@ -16,7 +16,7 @@ from cera_rs.atomic import check_folder_creatable
 from cera_rs.compare import cluster
 from cera_rs.compare import data as _data
 from cera_rs.compare.cluster import Ray
-from cera_rs.compare.engine import Extras, check, run
+from cera_rs.compare.engine import Extras, check, last_layers, run
 from cera_rs.compare.methods import Method, at_full_rank, distinct, product, with_preset
 from cera_rs.compare.methods import methods as expand
 from cera_rs.compare.settings import Settings
@@ -117,10 +117,7 @@ def compare(
     problems = load_problems(data, train, test, valid, sizes)
     check_folder_creatable(out_dir)
     name, base, tokenizer = load_model(model)
-    layers = None
-    if settings.adapted_layers:  # the layers the split forward adapts: the last k
-        n = len(getattr(getattr(base, "model", None), "layers", ()))
-        layers = list(range(max(0, n - settings.adapted_layers), n)) if n else None
+    layers = last_layers(base, settings.adapted_layers)
     chosen = [at_full_rank(m, base, layers) for m in chosen]
     comparison = run(
         name,

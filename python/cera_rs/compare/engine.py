@@ -22,11 +22,11 @@ import numpy as np
 from torch import nn
 from tqdm import tqdm
 
-from cera_rs.atomic import atomic_file, atomic_folder, check_folder_writable, remove_temporaries
+from cera_rs.atomic import atomic_file, atomic_folder, remove_temporaries
 from cera_rs.compare import resolve
 from cera_rs.compare.data import Problems
 from cera_rs.compare.jobs import Extras, Job, execute, model_digest, precision, write_files
-from cera_rs.compare.methods import Method, distinct, product
+from cera_rs.compare.methods import Method, product
 from cera_rs.compare.runner import Runner, Stack
 from cera_rs.compare.settings import Settings
 
@@ -131,7 +131,7 @@ def lr_grid(method: Method, settings: Settings) -> list[float]:
     method's training options added."""
     if method.lrs is not None:
         return sorted(set(method.lrs))
-    own = method.training.get("optimizer_kwargs", {}).get("lr")
+    own = method.training.get("optimizer_kwargs", {}).get("lr")  # read_folder checked it
     return sorted(set(settings.lrs) | ({float(own)} if own else set()))
 
 
@@ -174,8 +174,9 @@ class InProcess:
         self.queue.clear()
 
 
-def _last_layers(base: nn.Module, k: int | None) -> list[int] | None:
-    """The layers ``adapted_layers`` adapts (the Runner's, without building one)."""
+def last_layers(base: nn.Module, k: int | None) -> list[int] | None:
+    """The layers ``adapted_layers`` adapts: the last ``k`` (the Runner's rule, through
+    its ``Stack``, without building one)."""
     if not k:
         return None
     stack = Stack(base, k)
@@ -210,14 +211,10 @@ def run(
     ray: Ray | None = None,
     model_source: str | os.PathLike | None = None,
 ) -> Comparison:
-    """Runs (or resumes) the comparison in ``out_dir``. With ``ray``, each job is a Ray
-    task on a worker that loads ``model_source`` itself (the same model as ``base``:
-    the worker checks), and this process keeps the store."""
-    methods = distinct(list(methods))
-    check(methods, settings)
-    check_folder_writable(out_dir)
-    if ray is not None and model_source is None:
-        raise ValueError("ray: the workers load the model themselves; give its model_source")
+    """Runs (or resumes) the comparison in ``out_dir``: wires the store, the executor
+    and the plan (``api.compare`` has checked the methods, settings and folder). With
+    ``ray``, each job is a Ray task on a worker that loads ``model_source`` itself (the
+    same model as ``base``: the worker checks), and this process keeps the store."""
     store = Store(out_dir)
     digest = model_digest(base)
     bar = tqdm(total=0, desc="compare", unit="step", disable=not progress)
@@ -238,7 +235,7 @@ def run(
     else:
         from cera_rs.compare.cluster import RayExecutor
 
-        layers = _last_layers(base, settings.adapted_layers)
+        layers = last_layers(base, settings.adapted_layers)
         executor = RayExecutor(ray, settings, model_source, digest, problems, extras)
         device = executor.device
     try:

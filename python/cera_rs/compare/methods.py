@@ -158,15 +158,20 @@ def config_class(peft_type: str) -> type[PeftConfig]:
     return PEFT_TYPE_TO_CONFIG_MAPPING[member]
 
 
+def _check_field(cls: type[PeftConfig], key: str, label: str) -> None:
+    """Refuses a field the config class does not have, naming the closest it has."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    if key not in known:
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"{label}: {cls.__name__} has no field {key!r}{hint}")
+
+
 def make_config(cls: type[PeftConfig], fields: dict[str, Any], name: str) -> PeftConfig:
     """``cls(**fields)``; a field the class does not have is refused naming the method,
     the field and the closest field there is."""
-    known = {f.name for f in dataclasses.fields(cls)}
     for key in fields:
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"{name}: {cls.__name__} has no field {key!r}{hint}")
+        _check_field(cls, key, name)
     try:
         return cls(**fields)
     except (TypeError, ValueError) as err:
@@ -282,10 +287,7 @@ def parse_specs(spec: str) -> list[Method]:
             lrs = _rate_grid(spec, text)
             continue
         written.append(part)
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"{spec}: {cls.__name__} has no field {key!r}{hint}")
+        _check_field(cls, key, spec)
         if CHOICES.match(text) and not isinstance(_value(text), dict):
             tune[key] = _choices(spec, key, text, hints.get(key))
             tuned.append(part)
@@ -518,6 +520,9 @@ def read_folder(folder: str | os.PathLike) -> Method:
                 dropped.append(f"{key} (set by the comparison, not per method)")
             else:
                 raise ValueError(f"{params_path}: unknown option {key!r}")
+    own = training.get("optimizer_kwargs", {}).get("lr")
+    if own is not None and (isinstance(own, bool) or not isinstance(own, (int, float)) or own <= 0):
+        raise ValueError(f"{params_path}: optimizer_kwargs.lr {own!r} is not a positive rate")
     name = "/".join(folder.resolve().parts[-2:])
     make_config(cls, fields, name)
     return Method(
