@@ -13,6 +13,8 @@ import hashlib
 import json
 import os
 import re
+import sys
+import warnings
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -252,7 +254,11 @@ def run(
             precision(device),
         )
         plan = _Plan(methods, settings, store, common, executor, bar, progress, problems.score)
-        plan.run()
+        with warnings.catch_warnings():  # a library's warning printed above the bar, not in it
+            warnings.showwarning = lambda message, category, filename, lineno, *_: bar.write(
+                warnings.formatwarning(message, category, filename, lineno).rstrip(), sys.stderr
+            )
+            plan.run()
     finally:
         executor.close()
         bar.close()
