@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -117,15 +118,15 @@ def test_tensorboard_holds_the_figures_at_the_measured_steps(tmp_path):
     assert "train/loss" in board and sorted(board["train/loss"]) == [2, 3, 4, 6]
 
 
-def wandb_history(run_file: Path) -> list[dict]:
-    """The history rows (``wandb.log`` calls) of an offline W&B run file: W&B's header
-    (``:W&B``, magic, version), then protobuf ``Record`` messages in LevelDB's log
-    format (32 KiB blocks; each chunk a CRC, a length, and full/first/middle/last)."""
+def wandb_records(run_file: Path) -> list:
+    """The protobuf ``Record`` messages of an offline W&B run file: W&B's header
+    (``:W&B``, magic, version), then the records in LevelDB's log format (32 KiB blocks;
+    each chunk a CRC, a length, and full/first/middle/last)."""
     from wandb.proto import wandb_internal_pb2
 
     data = run_file.read_bytes()
     assert data[:4] == b":W&B", data[:7]
-    pos, block, pending, rows = 7, 32768, b"", []
+    pos, block, pending, records = 7, 32768, b"", []
     while pos + 7 <= len(data):
         if block - pos % block < 7:  # a block's tail too short for a header is padding
             pos += block - pos % block
@@ -134,12 +135,25 @@ def wandb_history(run_file: Path) -> list[dict]:
         pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # a full record, or the last chunk of one
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
+            records.append(wandb_internal_pb2.Record.FromString(pending))
             pending = b""
-            if record.HasField("history"):
-                row = {i.key or "/".join(i.nested_key): i.value_json for i in record.history.item}
-                rows.append({k: json.loads(v) for k, v in row.items()})
+    return records
+
+
+def wandb_history(run_file: Path, timeout: float = 60) -> list[dict]:
+    """The history rows (``wandb.log`` calls) of the run, once W&B's service has
+    written the run's exit record (it writes after ``wandb.finish()`` returns)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = wandb_records(run_file)
+        if any(r.HasField("exit") for r in records) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    rows = []
+    for record in records:
+        if record.HasField("history"):
+            row = {i.key or "/".join(i.nested_key): i.value_json for i in record.history.item}
+            rows.append({k: json.loads(v) for k, v in row.items()})
     return rows
 
 
