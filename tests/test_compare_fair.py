@@ -187,3 +187,42 @@ def test_tuning_presets_and_choices_in_a_spec():
         Settings(tune=("rank",))
     with pytest.raises(ValueError, match="not among the reported seeds"):
         Settings(seeds=(0, 1), select_seed=1)
+
+
+def test_transfer_and_bits_stand_beside_exact_match_in_the_verdicts(tmp_path):
+    """A memorisation task with a transfer split: each method against the reference on
+    the bits stored (summed over facts) and, on the transfer split, in exact match and
+    bits, each with its paired interval. Planted: B stores 2 bits more per fact on
+    every seed, and transfers 1 bit less."""
+    from cera_rs.compare import load_problems
+    from cera_rs.compare.engine import Comparison
+    from cera_rs.compare.report import split_differences
+
+    rng = np.random.default_rng(0)
+    book = load_problems("phonebook:50")
+    a, b = parse_spec("lora:r=4"), parse_spec("cera:r=4")
+
+    def run(seed, bits, transfer, hits):
+        test = {"hits": hits, "bits": bits.tolist()}
+        return {
+            "seed": seed,
+            "test": {**test, "transfer": {"hits": hits, "bits": transfer.tolist()}},
+        }
+
+    tested = {a.name: [], b.name: []}
+    for seed in (1, 2, 3):
+        bits, transfer = rng.normal(5, 1, 50), rng.normal(2, 1, 50)
+        hits = (rng.random(50) < 0.5).astype(int).tolist()
+        tested[a.name].append(run(seed, bits, transfer, hits))
+        tested[b.name].append(run(seed, bits + 2, transfer - 1, hits))
+    comparison = Comparison(
+        "m", book, Settings(resamples=300), [a, b], {}, tested, {}, np.zeros(50), "cpu", tmp_path
+    )
+    found = split_differences(comparison, b)
+    assert (
+        found["test_bits"]["mean"] == pytest.approx(100)
+        and found["test_bits"]["verdict"] == "better"
+    )
+    assert found["transfer"]["bits"]["mean"] == pytest.approx(-50)
+    assert found["transfer"]["bits"]["verdict"] == "worse"
+    assert found["transfer"]["exact_match_points"]["mean"] == 0

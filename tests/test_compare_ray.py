@@ -115,7 +115,8 @@ def on_ray(local_ray, tiny, tmp_path_factory):
 def test_ray_gives_the_in_process_scores_run_for_run(in_process, on_ray):
     out, _, _ = on_ray
     assert _scores(out) == _scores(in_process)
-    assert _runs(out) == _runs(in_process) and len(_runs(out)) == 2 * (2 + 2)
+    # per method: two selection runs (seed -1, below the reported ones), seeds 0, 1 and 2
+    assert _runs(out) == _runs(in_process) and len(_runs(out)) == 2 * (2 + 3)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["seeds"] == [0, 1, 2]  # the added seed ran on Ray too
     assert summary["resolve"]["stopped"] == "max-seeds"
