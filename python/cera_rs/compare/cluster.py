@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import socket
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 
 from cera_rs.compare.data import Problems
-from cera_rs.compare.jobs import Extras, Job, execute, model_digest, read_files, write_files
+from cera_rs.compare.jobs import Extras, Job, execute, model_digest
 from cera_rs.compare.runner import Runner
 from cera_rs.compare.settings import Settings
 from cera_rs.extras import Needs, require
@@ -123,16 +122,12 @@ def _runner(context: _Context) -> Runner:
     return _kept[key]
 
 
-def _task(context: _Context, job: Job, files: dict[str, bytes] | None) -> dict:
-    """One job on a worker; a saved run to score arrives as its files."""
+def _task(context: _Context, job: Job) -> dict:
+    """One job on a worker."""
     torch.set_num_threads(context.threads)
     runner = _runner(context)
     try:
-        if files is None:
-            return execute(runner, job, None, context.extras)
-        with tempfile.TemporaryDirectory(prefix="cera-rs-adapter-") as tmp:
-            write_files(Path(tmp), files)
-            return execute(runner, job, Path(tmp), context.extras)
+        return execute(runner, job, context.extras)
     except BaseException:
         _kept.clear()  # a job that failed may have left the Runner's base changed
         raise
@@ -241,10 +236,9 @@ class RayExecutor:
             "retry_exceptions": False,
         }
 
-    def submit(self, job: Job, adapter: Path | None) -> None:
-        files = None if adapter is None else read_files(adapter)
+    def submit(self, job: Job) -> None:
         ref = self.remote.options(name=f"cera-rs {job}", **self.task_options).remote(
-            self.context, job, files
+            self.context, job
         )
         self.pending[ref] = job
 

@@ -16,7 +16,7 @@ import re
 import sys
 import warnings
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -159,18 +159,18 @@ class InProcess:
 
     def __init__(self, runner: Runner, extras: Extras | None, bar: tqdm) -> None:
         self.runner, self.extras, self.bar = runner, extras, bar
-        self.queue: deque[tuple[Job, Path | None]] = deque()
+        self.queue: deque[Job] = deque()
 
-    def submit(self, job: Job, adapter: Path | None) -> None:
-        self.queue.append((job, adapter))
+    def submit(self, job: Job) -> None:
+        self.queue.append(job)
 
     def __len__(self) -> int:
         return len(self.queue)
 
     def next(self) -> tuple[Job, dict]:
-        job, adapter = self.queue.popleft()
-        self.bar.set_postfix_str(f"{job}{'' if job.train else ': scoring'}")
-        return job, execute(self.runner, job, adapter, self.extras, self.bar)
+        job = self.queue.popleft()
+        self.bar.set_postfix_str(f"{job}{'' if job.method else ': scoring'}")
+        return job, execute(self.runner, job, self.extras, self.bar)
 
     def close(self) -> None:
         self.queue.clear()
@@ -331,7 +331,7 @@ class _Plan:
                 continue
             for lr, choice in self.candidates[m.name]:
                 seed = self.settings.select_seed
-                self.want(Job(m.chosen(choice), lr, seed, train=True, choice=choice))
+                self.want(Job(m.chosen(choice), lr, seed, choice=choice))
         while True:
             while self.ready:
                 self.done(*self.ready.popleft())
@@ -349,27 +349,24 @@ class _Plan:
     def test(self, method: Method, seed: int) -> None:
         lr, choice = self.chosen[method.name]
         first = seed == self.seeds[0]
-        self.want(Job(method.chosen(choice), lr, seed, True, True, first, choice))
+        self.want(Job(method.chosen(choice), lr, seed, True, first, choice))
 
     def want(self, job: Job) -> None:
         """Asks for ``job``, or for what of it is not on disk yet."""
         if job.method is None:
             hits = self.store.base_hits(self.fingerprint(job))
             if hits is None:
-                self.executor.submit(job, None)
+                self.executor.submit(job)
             else:
                 self.ready.append((job, hits))
             return
         key = _key(job.lr, job.seed, job.choice)
         record = self.store.load(job.method, key, self.fingerprint(job))
-        if record is None:
-            self.executor.submit(replace(job, train=True), None)
+        if record is None or (job.test and "test" not in record):
+            self.executor.submit(job)
             return
         self.bar.update(self.settings.steps)  # done by an earlier call: its steps count once
-        if job.test and "test" not in record:  # trained, not yet scored
-            self.executor.submit(replace(job, train=False), self.store.paths(job.method, key)[1])
-        else:
-            self.ready.append((job, record))
+        self.ready.append((job, record))
 
     def keep(self, job: Job, result: dict) -> Any:
         """Writes a finished job's results to the store; returns what ``done`` reads."""
@@ -378,13 +375,10 @@ class _Plan:
             self.store.save_base_hits(fingerprint, result["hits"])
             return np.array(result["hits"], dtype=bool)
         key = _key(job.lr, job.seed, job.choice)
-        if job.train:
-            self.store.save_adapter(job.method, key, result["files"])
-            record = {"fingerprint": fingerprint, **result["record"]}
-            if not self.executor.counts_steps:
-                self.bar.update(self.settings.steps)
-        else:
-            record = self.store.load(job.method, key, fingerprint)
+        self.store.save_adapter(job.method, key, result["files"])
+        record = {"fingerprint": fingerprint, **result["record"]}
+        if not self.executor.counts_steps:
+            self.bar.update(self.settings.steps)
         if job.test:
             record["test"] = result["test"]
         self.store.save(job.method, key, record)

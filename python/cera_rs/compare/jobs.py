@@ -1,8 +1,8 @@
 """One job of a comparison and how it is done, the same in this process and on a Ray
-worker: train a run and score it on the valid split, score a saved run on the test
-split (exact match, loss, bits stored, and for the first seed its spectra and
-linearity), or the base model's test answers. What a job returns is what the driver
-stores."""
+worker: train a run and score it on the valid split and, for a reported seed, its
+saved adapter loaded back on the test split (exact match, loss, bits stored, and for
+the first reported seed its spectra and linearity); or the base model's test answers.
+What a job returns is what the driver stores."""
 
 from __future__ import annotations
 
@@ -70,15 +70,14 @@ def write_files(folder: Path, files: dict[str, bytes]) -> None:
 
 @dataclass(frozen=True)
 class Job:
-    """One piece of a comparison: train a run (scored on the valid split), score a run
-    on the test split, or both; with no method, the base model's test answers. A run's
-    method has its tuned fields set (``Method.chosen``), ``choice`` says to what."""
+    """One piece of a comparison: train a run and score it on the valid split (and, for
+    a reported seed, on the test split); with no method, the base model's test answers.
+    A run's method has its tuned fields set (``Method.chosen``), ``choice`` says to what."""
 
     method: Method | None = None
     lr: float = 0.0
     seed: int = 0
-    train: bool = False
-    test: bool = False
+    test: bool = False  # a reported seed's run: scored on the test split too
     first: bool = False  # the first reported seed's scoring: spectra, linearity, extras
     choice: dict = field(default_factory=dict)  # the tuned fields' values
 
@@ -103,48 +102,44 @@ def where(device: torch.device) -> dict[str, str]:
     return here
 
 
-def execute(
-    runner: Runner, job: Job, adapter: Path | None, extras: Extras | None, bar: tqdm | None = None
-) -> dict:
+def execute(runner: Runner, job: Job, extras: Extras | None, bar: tqdm | None = None) -> dict:
     """Does ``job`` (in this process, or on a Ray worker) and returns what the driver
-    stores: the new run's record and adapter files, its test scores (of ``adapter``,
-    the saved run, when the job does not train), or the base model's test answers."""
+    stores: the new run's record and adapter files and, for a reported seed, its test
+    scores (of the saved adapter, loaded back); or the base model's test answers."""
     here = where(runner.device)
     if job.method is None:
         return {"hits": runner.generated(runner.base).astype(int).tolist(), "ran_on": here}
     method, out = job.method, {}
     with tempfile.TemporaryDirectory(prefix="cera-rs-run-") as tmp:
-        if job.train:
-            model = runner.build(method, job.seed)
-            branch = effective.of_model(model)  # as built, before training moves it
-            stats = runner.train(model, method, job.lr, job.seed, bar)
-            runner.check_base(method)
-            model.save_pretrained(tmp)
-            out["files"] = read_files(Path(tmp))
-            hits, loss = runner.teacher_forced(model, "valid")
-            trainable, total = model.get_nb_trainable_parameters()
-            size = sum(len(b) for n, b in out["files"].items() if n.startswith("adapter_model."))
-            out["record"] = {
-                "method": method.name,
-                "lr": job.lr,
-                "choice": job.choice,
-                "seed": job.seed,
-                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "device": runner.device.type,
-                "ran_on": here,
-                "train": asdict(stats),
-                "file_size": size,
-                "trainable_params": trainable,
-                "total_params": total,
-                "precision": precision(runner.device),
-                "effective": {**branch, "trainable_params": trainable, **stats.optimizer},
-                "valid": {"exact_match": float(hits.mean()), "loss": loss},
-            }
-            del model
-            adapter = Path(tmp)
+        model = runner.build(method, job.seed)
+        branch = effective.of_model(model)  # as built, before training moves it
+        stats = runner.train(model, method, job.lr, job.seed, bar)
+        runner.check_base(method)
+        model.save_pretrained(tmp)
+        out["files"] = read_files(Path(tmp))
+        hits, loss = runner.teacher_forced(model, "valid")
+        trainable, total = model.get_nb_trainable_parameters()
+        size = sum(len(b) for n, b in out["files"].items() if n.startswith("adapter_model."))
+        out["record"] = {
+            "method": method.name,
+            "lr": job.lr,
+            "choice": job.choice,
+            "seed": job.seed,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "device": runner.device.type,
+            "ran_on": here,
+            "train": asdict(stats),
+            "file_size": size,
+            "trainable_params": trainable,
+            "total_params": total,
+            "precision": precision(runner.device),
+            "effective": {**branch, "trainable_params": trainable, **stats.optimizer},
+            "valid": {"exact_match": float(hits.mean()), "loss": loss},
+        }
+        del model
         if job.test:
             out["test"] = {
-                **_score(runner, method, adapter, job.seed, job.first, extras),
+                **_score(runner, method, Path(tmp), job.seed, job.first, extras),
                 "ran_on": here,
             }
             runner.check_base(method)
