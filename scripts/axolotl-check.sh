@@ -90,9 +90,18 @@ ok "out/ holds the CeRA adapter ($(ls out | tr '\n' ' '))"
 
 step "3b. resume from out/checkpoint-16 to step 24"
 axolotl train resume.yml >resume.log 2>&1 || { tail -40 resume.log; fail "resumed train (resume.log)"; }
-grep -m1 -i "continuing training from global step" resume.log || fail "the run did not resume"
+grep -q "Saving model checkpoint to .*checkpoint-24" resume.log || fail "no checkpoint-24"
 "$py" "$ROOT/scripts/axolotl_check.py" resumed out 16
 "$py" "$ROOT/scripts/axolotl_check.py" losses out
+
+step "3c. a LoRA YAML's settings with adapter: cera are refused by name"
+sed 's/"adapter": "cera",/"adapter": "cera", "lora_alpha": 16, "lora_dropout": 0.05, "load_in_4bit": true,/' \
+  train.yml >refused.yml
+if axolotl train refused.yml >refused.log 2>&1; then fail "a YAML with lora_alpha trained"; fi
+for key in lora_alpha lora_dropout load_in_4bit; do
+  grep -m1 -- "- $key: " refused.log || fail "the refusal does not name $key"
+done
+ok "refused before any model was loaded"
 
 step "4. axolotl merge-lora is refused, on both merge paths"
 refused() {  # $1: log name, rest: the command
@@ -121,6 +130,13 @@ ok "cera-rs analyze"
 cera-rs export-lora out lora --rank 4 --data tokens.txt --base model | tail -6
 grep -q '"peft_type": "LORA"' lora/adapter_config.json || fail "export-lora wrote no LoRA adapter"
 ok "cera-rs export-lora wrote a rank-4 PEFT LoRA in lora/"
+
+step "6. the exported LoRA merges through axolotl merge-lora (the way the refusal names)"
+sed -e 's/"lora_model_dir": "out"/"lora_model_dir": "lora"/' -e '/CeraPlugin/d' \
+  -e 's#"output_dir": "[^"]*"#"output_dir": "lora-merge"#' lora.yml >export-merge.yml
+axolotl merge-lora export-merge.yml >merge-export.log 2>&1 || { tail -20 merge-export.log; fail "merge of the exported LoRA"; }
+[ -f lora-merge/merged/model.safetensors ] || fail "no lora-merge/merged/model.safetensors"
+"$py" "$ROOT/scripts/axolotl_check.py" merged "$run" lora-merge/merged
 
 echo
 echo "axolotl-check passed in $((SECONDS - started)) s"

@@ -3,8 +3,9 @@
     python axolotl_check.py make DIR          a tiny Llama, its tokenizer, data, configs
     python axolotl_check.py losses DIR/out    the training losses Axolotl logged; fails
                                               unless the last ones are below the first
-    python axolotl_check.py resumed DIR/out N the resumed run went on from step N
+    python axolotl_check.py resumed DIR/out N the run went on from checkpoint-N
     python axolotl_check.py load DIR          the saved adapter through PeftModel.from_pretrained
+    python axolotl_check.py merged DIR MERGED Axolotl's merge of the exported LoRA is that LoRA
 
 Nothing comes from a hub: the tokenizer is a word-level one made here over the data's
 words, the model a LlamaConfig's random weights.
@@ -124,10 +125,27 @@ def losses(out: Path) -> None:
 
 
 def resumed(out: Path, start: int) -> None:
-    steps = [e["step"] for e in state(out)["log_history"] if "loss" in e]
-    print(f"logged steps after resuming: {steps[0]} to {steps[-1]} ({len(steps)} logged)")
-    if steps[-1] <= start or len(steps) != steps[-1] or steps != sorted(steps):
-        sys.exit(f"FAIL: the resumed run did not go on from step {start}")
+    """The run went on from checkpoint-``start``: its history up to ``start`` is the
+    checkpoint's, and its first new loss is near the checkpoint's last, not the start's."""
+    before = [
+        e
+        for e in json.loads((out / f"checkpoint-{start}" / "trainer_state.json").read_text())[
+            "log_history"
+        ]
+        if "loss" in e
+    ]
+    after = [e for e in state(out)["log_history"] if "loss" in e]
+    new = [e for e in after if e["step"] > start]
+    print(
+        f"resumed: steps 1-{start} carried over from checkpoint-{start}, {len(new)} new steps "
+        f"({new[0]['step'] if new else '-'} to {after[-1]['step']}); loss at step 1 "
+        f"{before[0]['loss']:.3f}, at step {start} {before[-1]['loss']:.3f}, at step "
+        f"{new[0]['step'] if new else '-'} {new[0]['loss'] if new else float('nan'):.3f}"
+    )
+    if after[: len(before)] != before or not new or new[0]["step"] != start + 1:
+        sys.exit(f"FAIL: the run did not go on from step {start}")
+    if not new[0]["loss"] < 0.8 * before[0]["loss"]:
+        sys.exit("FAIL: the resumed run's loss is back at the start's: the adapter was not resumed")
 
 
 def load(root: Path) -> None:
@@ -156,6 +174,41 @@ def load(root: Path) -> None:
         sys.exit("FAIL: the saved adapter did not load as a trained CeRA adapter")
 
 
+def _logits(model, root: Path):
+    import torch
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(root / "model")
+    ids = tok(lines()[:8], return_tensors="pt", padding=True).input_ids
+    with torch.no_grad():
+        return model.eval()(ids).logits
+
+
+def merged(root: Path, folder: Path) -> None:
+    """Axolotl's merge of the exported LoRA equals the LoRA PEFT loads unmerged; how close
+    that LoRA is to the CeRA model is export-lora's fit (reported, not held to a bound)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import cera_rs  # noqa: F401
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(root / "model")
+
+    plain = _logits(base(), root)
+    cera = _logits(PeftModel.from_pretrained(base(), root / "out"), root)
+    lora = _logits(PeftModel.from_pretrained(base(), root / "lora"), root)
+    merged = _logits(AutoModelForCausalLM.from_pretrained(folder), root)
+    gap = ((merged - lora).norm() / lora.norm()).item()
+    far, near = (plain - cera).norm().item(), (lora - cera).norm().item()
+    print(
+        f"merged model vs the exported LoRA through PEFT: relative difference {gap:.1e}; "
+        f"logits' distance to the CeRA model: base {far:.2f}, exported rank-4 LoRA {near:.2f}"
+    )
+    if not gap < 1e-4:
+        sys.exit("FAIL: Axolotl's merge of the exported LoRA is not that LoRA")
+
+
 if __name__ == "__main__":
     command, path, *rest = sys.argv[1:]
     if command == "make":
@@ -166,5 +219,7 @@ if __name__ == "__main__":
         resumed(Path(path), int(rest[0]))
     elif command == "load":
         load(Path(path))
+    elif command == "merged":
+        merged(Path(path), Path(rest[0]))
     else:
         sys.exit(f"unknown command {command!r}")

@@ -20,7 +20,8 @@ from pydantic import BaseModel, Field
 
 from cera_rs.integrations import axolotl_config
 
-LOG = logging.getLogger(__name__)
+# Axolotl's log filter passes INFO records only from loggers named axolotl.*.
+LOG = logging.getLogger("axolotl.integrations.cera_rs")
 
 
 class CeraArgs(BaseModel):
