@@ -123,7 +123,7 @@ class TrainStats:
     samples: int
     memory: dict  # bytes: avg, max, 99th
     optimizer: dict  # what the training used: optimiser, rate, weight decay, clip, schedule
-    curve: list  # at each quarter: {"step", "train_loss" (over the quarter), "valid_loss"}
+    curve: list  # at each quarter: step, train_loss (over it), valid_loss, valid_exact_match
 
 
 def quarters(steps: int) -> list[int]:
@@ -356,10 +356,16 @@ class Runner:
                     bar.update()
                 if step in probes:  # eval mode draws no dropout: the run trains as without
                     probe = time.perf_counter()
-                    valid = self.teacher_forced(model, "valid")[1]
+                    hits, valid = self.teacher_forced(model, "valid")
                     model.train()
-                    mean = float(np.mean(losses[since:]))
-                    curve.append({"step": step, "train_loss": mean, "valid_loss": valid})
+                    curve.append(
+                        {
+                            "step": step,
+                            "train_loss": float(np.mean(losses[since:])),
+                            "valid_loss": valid,
+                            "valid_exact_match": float(hits.mean()),
+                        }
+                    )
                     since, probing = step, probing + time.perf_counter() - probe
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
