@@ -78,7 +78,7 @@ export PATH=$VENV/bin:$PATH
 cd "$run"
 
 step "3. axolotl train with adapter: cera, on CPU"
-cat train.yml
+cat train.yml && echo
 axolotl train train.yml >train.log 2>&1 || { tail -40 train.log; fail "axolotl train (train.log)"; }
 grep -m1 "CeRA: r=8" train.log | sed 's/^.*CeRA:/CeRA:/' || fail "the plugin's load_adapter did not run"
 grep -q "gradient checkpointing on" train.log || fail "gradient checkpointing is not on"
@@ -114,7 +114,7 @@ refused() {  # $1: log name, rest: the command
   ok "refused, no out/merged: $*"
 }
 refused merge-efficient.log axolotl merge-lora train.yml
-refused merge-legacy.log axolotl merge-lora train.yml --merge_method legacy
+refused merge-legacy.log axolotl merge-lora train.yml --merge-method legacy
 # The hazard: the memory-efficient path reads any adapter folder as LoRA. A LoRA YAML
 # (with the plugin listed) pointed at the CeRA adapter is refused too.
 sed -e 's/"adapter": "cera"/"adapter": "lora", "lora_r": 8, "lora_alpha": 16/' -e '/"cera": {/,/}/d' \
