@@ -64,10 +64,14 @@ docs: $(NATIVE)
 
 test: lint test-rust test-python
 
+# Each clippy pass shares torch-sys's C++ build with a build that `make test` needs
+# anyway: the `python` one in release with the extension maturin built, the plain one
+# in dev with `cargo test` (Cargo.toml's [profile.dev]); a third configuration would
+# compile it again (minutes on 2 cores).
 lint: $(NATIVE)
 	cargo fmt --check
+	cargo clippy --release --all-targets --features python --quiet -- -D warnings
 	cargo clippy --all-targets --quiet -- -D warnings
-	cargo clippy --all-targets --features python --quiet -- -D warnings
 	$(VENV)/bin/ruff check $(PY_SOURCES)
 	$(VENV)/bin/ruff format --check $(PY_SOURCES)
 

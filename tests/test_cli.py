@@ -92,18 +92,19 @@ def test_version_says_in_one_line_when_cera_rs_cannot_load(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_help_shows_no_docstring_markup():
+def test_help_shows_no_docstring_markup(capsys):
     """Nor a doubled %: argparse %-formats help strings, but a description only when it
-    names %(prog)s, so "%%" there prints as written."""
+    names %(prog)s, so "%%" there prints as written. In this process (the console script
+    runs the same parser: test_console_script_exit_status_and_stderr)."""
     for argv in (
         ["--help"],
         *([c, "--help"] for c in ("demo", "compare", "bench", "analyze", "export-lora")),
     ):
-        run = subprocess.run(
-            [sys.executable, "-m", "cera_rs.cli", *argv], capture_output=True, text=True
-        )
-        assert run.returncode == 0 and "usage: cera-rs" in run.stdout
-        assert "``" not in run.stdout and "%%" not in run.stdout, argv
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        out = capsys.readouterr().out
+        assert exited.value.code == 0 and "usage: cera-rs" in out
+        assert "``" not in out and "%%" not in out, argv
 
 
 def test_missing_folder(capsys, tmp_path):

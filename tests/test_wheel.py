@@ -8,6 +8,8 @@ alone is a 4.7 GB install), so it runs once."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 import shutil
@@ -195,3 +197,14 @@ def _install_and_run(wheel: Path, root: Path, venv: Path) -> None:
     )
     for name in ("summary.json", "report.md", "linear_ceiling.png", "spectra.png"):
         assert (root / "demo" / name).stat().st_size > 0, name
+    # part 1's half of the summary (test_examples runs part 2 in the test process)
+    summary = json.loads((root / "demo" / "summary.json").read_text())
+    families = summary["part1"]["families"]
+    assert set(families) == {"linear", "gated", "quadratic"} and "part2" not in summary
+    for block in families.values():
+        assert len(block["methods"]) == 8
+        for row in block["methods"].values():
+            assert {"trainable_params", "test_error_mean", "effective_rank", "tail_energy"} <= set(
+                row
+            )
+            assert all(math.isfinite(x) for x in row.values() if isinstance(x, float)), row
