@@ -226,3 +226,12 @@ def test_transfer_and_bits_stand_beside_exact_match_in_the_verdicts(tmp_path):
     assert found["transfer"]["bits"]["mean"] == pytest.approx(-50)
     assert found["transfer"]["bits"]["verdict"] == "worse"
     assert found["transfer"]["exact_match_points"]["mean"] == 0
+
+
+def test_the_selection_seed_is_below_the_seeds_or_above_them_from_0():
+    """Never a reported seed, and never negative (seeds 0,1 select on 2, not on -1)."""
+    assert Settings(seeds=(1, 2, 3)).select_seed == 0
+    assert Settings(seeds=(0, 1)).select_seed == 2
+    assert Settings(seeds=(0, 1), select_seed=5).select_seed == 5
+    with pytest.raises(ValueError, match="not among the reported seeds"):
+        Settings(seeds=(0, 1), select_seed=1)

@@ -287,7 +287,8 @@ def _compare_parser(commands, debug: argparse.ArgumentParser) -> None:
         "--select-seed",
         type=int,
         help="the seed of the runs that choose each method's rate (and --tune's fields); "
-        "never reported (default: the one below the first --seeds)",
+        "never reported (default: the one below the smallest --seeds, or above the largest "
+        "where that is 0)",
     )
     p.add_argument(
         "--tune",

@@ -23,7 +23,7 @@ class Settings:
     batch: int = 16
     lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
     seeds: tuple[int, ...] = (1, 2, 3)  # the reported runs'
-    select_seed: int | None = None  # the runs that choose (default: the one below the seeds)
+    select_seed: int | None = None  # the runs that choose (default: below the seeds, or above)
     tune: tuple[str, ...] = ()  # --tune: words of PRESETS tuned for every method
     adapted_layers: int | None = None
     max_seq_length: int | None = None
@@ -48,8 +48,9 @@ class Settings:
             or not all(isinstance(x, int) and not isinstance(x, bool) for x in self.seeds)
         ):
             raise ValueError(f"seeds must be distinct integers, got {self.seeds!r}")
-        if self.select_seed is None:
-            self.select_seed = min(self.seeds) - 1
+        if self.select_seed is None:  # the one below the seeds, or above them from 0
+            below = min(self.seeds) - 1
+            self.select_seed = below if below >= 0 else max(self.seeds) + 1
         if not isinstance(self.select_seed, int) or self.select_seed in self.seeds:
             raise ValueError(
                 f"select_seed (--select-seed) {self.select_seed!r} must be an integer "
