@@ -62,9 +62,15 @@ bench: $(NATIVE)
 docs: $(NATIVE)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
-test: lint test-rust test-python
+# pytest in one job and the Rust checks in the other (clippy, clippy, cargo test: one
+# after another, as cargo's lock has them anyway), the extension built first: on 2 cores
+# pytest's single-threaded stretches (interpreter starts, subprocesses, Python-bound
+# tests) overlap rustc's. Each job's output prints whole when it ends; the breakdown is
+# in docs/layout.md ("The test loop").
+test: $(NATIVE)
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-python lint test-rust
 
-# The inner loop (about 3 minutes on 2 cores; CONTRIBUTING.md): the formatters and
+# The inner loop (about 4 minutes on 2 cores; docs/layout.md, "The test loop"): the formatters and
 # linters that take seconds, and every pytest file but the end-to-end ones below (the
 # wheel in a fresh venv, the demo and notebook, SmolLM2 and its GGUF export, Ray,
 # distributed, diffusers, the docs site, fuzzing, the GPU script's dry run). `make test`
