@@ -105,13 +105,17 @@ test-python-slow: $(NATIVE)
 # compile it again (minutes on 2 cores).
 lint: $(NATIVE)
 	cargo fmt --check
-	cargo clippy --release --all-targets --features python --quiet -- -D warnings
-	cargo clippy --all-targets --quiet -- -D warnings
+	$(OWN_JOBS) cargo clippy --release --all-targets --features python --quiet -- -D warnings
+	$(OWN_JOBS) cargo clippy --all-targets --quiet -- -D warnings
 	$(VENV)/bin/ruff check $(PY_SOURCES)
 	$(VENV)/bin/ruff format --check $(PY_SOURCES)
 
+# Under `make test`'s -j2, MAKEFLAGS names a jobserver that make opens only for recipes
+# calling $(MAKE): cargo would warn that it cannot reach it. Cargo runs its own jobs.
+OWN_JOBS := env -u MAKEFLAGS -u MFLAGS
+
 test-rust: $(VENV)/.installed
-	LD_LIBRARY_PATH=$(TORCH_LIB) cargo test --quiet
+	LD_LIBRARY_PATH=$(TORCH_LIB) $(OWN_JOBS) cargo test --quiet
 
 test-python: $(NATIVE)
 	$(PY) -m pytest -q
