@@ -46,9 +46,10 @@ def tiny(tmp_path_factory):
 
 
 def _args(tiny: Path, out: Path, *more: str) -> list[str]:
-    """Two methods, two rates, seeds 0 and 1, and --resolve narrow enough that a third
-    seed is always added (up to --max-seeds 3)."""
-    flags = ("--steps", "6", "--batch", "8", "--lrs", "0.01,0.03", "--seeds", "0,1")
+    """Two methods, two rates chosen on selection seed 9, seeds 0 and 1, and --resolve
+    narrow enough that a third seed (2) is always added (up to --max-seeds 3)."""
+    seeds = ("--seeds", "0,1", "--select-seed", "9")
+    flags = ("--steps", "6", "--batch", "8", "--lrs", "0.01,0.03", *seeds)
     resolve = ("--resolve", "0.01", "--max-seeds", "3")
     return compare_argv(
         tiny, "lora:r=4", "cera:r=4", flags=(*flags, *resolve, "--out", str(out), *more)
@@ -115,7 +116,7 @@ def on_ray(local_ray, tiny, tmp_path_factory):
 def test_ray_gives_the_in_process_scores_run_for_run(in_process, on_ray):
     out, _, _ = on_ray
     assert _scores(out) == _scores(in_process)
-    # per method: two selection runs (seed -1, below the reported ones), seeds 0, 1 and 2
+    # per method: two selection runs (seed 9, apart from the reported ones), seeds 0, 1, 2
     assert _runs(out) == _runs(in_process) and len(_runs(out)) == 2 * (2 + 3)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["seeds"] == [0, 1, 2]  # the added seed ran on Ray too
