@@ -327,6 +327,10 @@ def test_a_sweep_with_the_ceiling_end_to_end(tmp_path):
     assert "No method had a rate or a field to choose: each ran at its one rate." in report
     assert "Shared, left out of the names below: lora: lora_alpha=4." in report
     assert "| lora:r=full | " in report  # the row, its shared field lifted out
+    # once lifted, a shared field is in no table, sentence or heading: only in that line
+    assert report.count("lora_alpha=4") == 1
+    assert "cera:r=1 against the linear ceiling lora:r=full: " in ceiling["sentence"]
+    assert "| LoRA | lora:r=1 | " in report  # the family as the legend names it
     assert ceiling["sentence"] in report and (out / "curves.png").stat().st_size > 0
     # bits stored: the base's loss minus the adapted model's, per problem, in every run
     record = json.loads((out / "runs" / "cera_r=1" / "lr0.01-seed1.json").read_text())

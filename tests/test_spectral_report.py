@@ -73,3 +73,20 @@ def test_empty_batches_are_an_error():
     assert model.training  # its mode is restored
     ok = analyze(model, [torch.randn(3, 8)], progress=False)
     assert ok["0"].tokens == 3
+
+
+def test_markdown_table_aligns_text_left_and_figures_right():
+    """The reports' Markdown tables (compare's report.md) come from the same columns as
+    the text and HTML tables: text left, figures right (``>s``: figures already written
+    as text), a missing value as "-"."""
+    from cera_rs.table import markdown_table, text_table
+
+    columns = [("method", "m", "s"), ("params", "p", ",d"), ("interval", "i", ">s")]
+    rows = [{"m": "lora:r=4", "p": 40704, "i": "1.0 to 2.0"}, {"m": "cera", "p": None, "i": "-"}]
+    assert markdown_table(columns, rows) == [
+        "| method | params | interval |",
+        "|---|---:|---:|",
+        "| lora:r=4 | 40,704 | 1.0 to 2.0 |",
+        "| cera | - | - |",
+    ]
+    assert text_table(columns, rows).splitlines()[3] == "cera           -           -"

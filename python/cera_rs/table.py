@@ -15,7 +15,8 @@ from typing import Any
 from cera_rs.atomic import atomic_file
 
 Columns = Sequence[tuple[str, str, str]]
-"""``(header, row key, format)`` of each table column."""
+"""``(header, row key, format)`` of each table column. A text column (format ``s``) is
+aligned left, any other right; ``>s`` is text aligned right (figures already written)."""
 
 METHOD_COLORS = {"cera": "tab:red", "lora": "tab:blue", "dora": "tab:green"}
 """One colour per adapter kind in every figure."""
@@ -34,12 +35,27 @@ def _cells(columns: Columns, rows: list[dict[str, Any]]) -> list[list[str]]:
     ]
 
 
+def _left(fmt: str) -> bool:
+    return fmt == "s"
+
+
+def markdown_table(columns: Columns, rows: list[dict[str, Any]]) -> list[str]:
+    """``rows`` as a Markdown table (GitHub's pipes), one string per line, for the
+    reports' ``.md`` files."""
+
+    def line(values: list[str]) -> str:
+        return "| " + " | ".join(values) + " |"
+
+    rule = "|" + "|".join("---" if _left(fmt) else "---:" for _, _, fmt in columns) + "|"
+    return [line([h for h, _, _ in columns]), rule, *map(line, _cells(columns, rows))]
+
+
 def text_table(columns: Columns, rows: list[dict[str, Any]]) -> str:
     """``rows`` as an aligned text table."""
     headers = [h for h, _, _ in columns]
     cells = _cells(columns, rows)
     widths = [max(len(c) for c in col) for col in zip(headers, *cells)]
-    align = ["<" if fmt == "s" else ">" for _, _, fmt in columns]
+    align = ["<" if _left(fmt) else ">" for _, _, fmt in columns]
 
     def line(values: list[str]) -> str:
         return "  ".join(f"{v:{a}{w}}" for v, a, w in zip(values, align, widths)).rstrip()

@@ -26,6 +26,7 @@ from cera_rs.compare.stats import (
     paired_difference,
     parameter_multiplier,
 )
+from cera_rs.table import markdown_table
 
 NOT_IN_FAMILY = ("r", "rank_pattern", "alpha_pattern")
 """Fields that move a method along its family's curve rather than into another family."""
@@ -91,11 +92,19 @@ def summarise(
     params: dict[str, int],
     score: str,
     resamples: int,
+    shown: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The curves, the multipliers and the ceiling comparisons, for summary.json."""
+    """The curves, the multipliers and the ceiling comparisons, for summary.json; the
+    sentences name methods as ``shown`` does (the report's names) and families as
+    legends do."""
     seeds, arrays = scores(runs_by_method, score)
     total = score == "bits"
     named = families(methods)
+    family_names = legend_names(list(named))
+
+    def name(method: str) -> str:
+        return (shown or {}).get(method, method)
+
     curves = {}
     for label, members in named.items():
         points = []
@@ -130,7 +139,7 @@ def summarise(
                 params[m.name],
                 [arrays[x.name] for x in members],
                 [params[x.name] for x in members],
-                (m.name, linear),
+                (name(m.name), family_names[linear]),
                 resamples,
                 unit="bits" if total else "points",
             )
@@ -168,7 +177,7 @@ def summarise(
                     "high": d.high * scale,
                     "unit": unit,
                     "verdict": d.verdict,
-                    "sentence": f"{m.name} against the linear ceiling {ceiling.name}: "
+                    "sentence": f"{name(m.name)} against the linear ceiling {name(ceiling.name)}: "
                     f"{d.mean * scale:+.1f} {unit} (95 % interval {d.low * scale:+.1f} "
                     f"to {d.high * scale:+.1f}; {len(seeds)} "
                     f"seed{'s' * (len(seeds) > 1)} x {arrays[m.name].shape[1]} "
@@ -178,8 +187,12 @@ def summarise(
     return out
 
 
-def markdown(curves: dict[str, Any]) -> str:
+def markdown(curves: dict[str, Any], shown: dict[str, str] | None = None) -> str:
+    """The curves' table and sentences, methods named as ``shown`` does and families as
+    legends do."""
     total = curves["score"] == "bits"
+    scale = 1 if total else 100
+    family_names = legend_names(list(curves["curves"]))
     what = "information stored (bits, summed over facts)" if total else "test exact match %"
     lines = [
         f"## Rank curves: {what} against trainable parameters",
@@ -187,26 +200,35 @@ def markdown(curves: dict[str, Any]) -> str:
         f"Over the seeds every method ran ({', '.join(map(str, curves['seeds']))}); 95 % "
         "intervals from the crossed resampling of seeds and problems.",
         "",
-        "| family | method | trainable params | score | 95 % interval |"
-        + (" bits per param |" if total else ""),
-        "|---|---|---:|---:|---:|" + ("---:|" if total else ""),
+        *markdown_table(
+            [
+                ("family", "family", "s"),
+                ("method", "method", "s"),
+                ("trainable params", "params", ",d"),
+                ("score", "mean", ".1f"),
+                ("95 % interval", "interval", ">s"),
+                *([("bits per param", "per_param", ".4f")] if total else []),
+            ],
+            [
+                {
+                    "family": family_names[label],
+                    "method": (shown or {}).get(p["method"], p["method"]),
+                    "params": p["params"],
+                    "mean": p["mean"] * scale,
+                    "interval": f"{p['low'] * scale:.1f} to {p['high'] * scale:.1f}",
+                    "per_param": p["per_param"],
+                }
+                for label, points in curves["curves"].items()
+                for p in points
+            ],
+        ),
     ]
-    for label, points in curves["curves"].items():
-        for p in points:
-            scale = 1 if total else 100
-            row = (
-                f"| {label} | {p['method']} | {p['params']:,} | {p['mean'] * scale:.1f} | "
-                f"{p['low'] * scale:.1f} to {p['high'] * scale:.1f} |"
-            )
-            if total:
-                row += f" {p['per_param']:.4f} |"
-            lines.append(row)
     lines += ["", "### The parameter multiplier", ""]
     if curves["linear_family"] is None:
         lines.append("No LoRA family with two or more ranks, so no multiplier is read.")
     else:
         lines.append(
-            f"Read off the {curves['linear_family']} curve (monotone in log "
+            f"Read off the {family_names[curves['linear_family']]} curve (monotone in log "
             f"parameters); the paper claims {PAPER_MULTIPLIER}x or more."
         )
         lines += [""] + [m["sentence"] for m in curves["multipliers"]]

@@ -10,6 +10,7 @@ memory) are measured and vary from run to run, and are kept apart."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 from importlib import metadata
@@ -24,6 +25,7 @@ from cera_rs.compare import curves, effective
 from cera_rs.compare.engine import Comparison, lr_grid
 from cera_rs.compare.methods import CONCEPTS, Method, _top_level
 from cera_rs.compare.stats import Difference, convergence, paired_difference, wilson
+from cera_rs.table import markdown_table
 from cera_rs.table import pct as _pct
 
 MiB = 1 << 20
@@ -206,6 +208,7 @@ def summarise(comparison: Comparison) -> dict[str, Any]:
     reference = _reference(comparison)
     ref_effective = _tested(comparison, reference)[0]["effective"]
     ref_words = tuned_words(reference, s)
+    shown, shared = shown_names([m.name for m in comparison.methods])
     return {
         "model": comparison.model,
         "data": {
@@ -231,8 +234,8 @@ def summarise(comparison: Comparison) -> dict[str, Any]:
         "reference": reference.name,
         "base_exact_match": float(comparison.base_hits.mean()),
         "selection": _selection(comparison),
-        "shown_as": shown_names([m.name for m in comparison.methods])[0],
-        "shared": shown_names([m.name for m in comparison.methods])[1],
+        "shown_as": shown,
+        "shared": shared,
         "methods": {m.name: _method_summary(comparison, m) for m in comparison.methods},
         "differences": [
             {
@@ -243,7 +246,9 @@ def summarise(comparison: Comparison) -> dict[str, Any]:
                 "high": d.high,
                 "verdict": d.verdict,
                 "discordant": d.discordant,
-                "sentence": d.sentence(),
+                "sentence": dataclasses.replace(
+                    d, method=shown[d.method], reference=shown[d.reference]
+                ).sentence(),
                 "splits": split_differences(comparison, m),
                 "confounds": effective.confounds(
                     _tested(comparison, m)[0]["effective"],
@@ -272,7 +277,12 @@ def _curves(comparison: Comparison) -> dict[str, Any] | None:
     runs = {m.name: _tested(comparison, m) for m in comparison.methods}
     params = {name: rs[0]["trainable_params"] for name, rs in runs.items()}
     return curves.summarise(
-        comparison.methods, runs, params, comparison.problems.score, comparison.settings.resamples
+        comparison.methods,
+        runs,
+        params,
+        comparison.problems.score,
+        comparison.settings.resamples,
+        shown_names([m.name for m in comparison.methods])[0],
     )
 
 
@@ -330,37 +340,53 @@ def _selection_sentence(summary: dict[str, Any]) -> str:
 
 def _effective_markdown(summary: dict[str, Any], shown: dict[str, str]) -> list[str]:
     """What each branch is, read from the built models and the training that ran."""
-    lines = [
-        "## What each branch is (read from the built model and the training that ran)",
-        "",
-        "| method | form | rank | dropout (on) | scale | A's initial std (in->out) | B's init | "
-        "optimiser, rate, weight decay, clip | tuned |",
-        "|---|---|---:|---:|---:|---:|---|---|---|",
+    columns = [
+        ("method", "method", "s"),
+        ("form", "form", "s"),
+        ("rank", "rank", ">s"),
+        ("dropout (on)", "dropout", ">s"),
+        ("scale", "scale", ">s"),
+        ("A's initial std (in->out)", "stds", ">s"),
+        ("B's init", "b_init", "s"),
+        ("optimiser, rate, weight decay, clip", "train", "s"),
+        ("tuned", "tuned", "s"),
     ]
+    text, rows = effective.text, []
     for name, m in summary["methods"].items():
         e = m["effective"]
         if e.get("form") is None:
-            lines.append(f"| {shown[name]} | not read | | | | | | | |")
+            rows.append(
+                {k: "" for _, k, _ in columns} | {"method": shown[name], "form": "not read"}
+            )
             continue
-        text = effective.text
         dropout = text(e["dropout"]) + (f" ({e['dropout_on']})" if e["dropout_on"] != "-" else "")
-        stds = "; ".join(f"{k} {v:.3g}" for k, v in e["a_init_std"].items())
-        train = f"{e['optimizer']}, {e['lr']:g}, {text(e.get('weight_decay'))}, {text(e['clip'])}"
         tuned = ", ".join(
             f"{f}={text(t['chosen'])}" + (" (at the edge of its choices)" if t["at_edge"] else "")
             for f, t in m["tuned"].items()
         )
-        lines.append(
-            f"| {shown[name]} | {e['form']} | {text(e['rank'])} | {dropout} | "
-            f"{text(e['scale'])} | {stds} | {e['b_init']} | {train} | {tuned or '-'} |"
+        rows.append(
+            {
+                "method": shown[name],
+                "form": e["form"],
+                "rank": text(e["rank"]),
+                "dropout": dropout,
+                "scale": text(e["scale"]),
+                "stds": "; ".join(f"{k} {v:.3g}" for k, v in e["a_init_std"].items()),
+                "b_init": e["b_init"],
+                "train": f"{e['optimizer']}, {e['lr']:g}, {text(e.get('weight_decay'))}, "
+                f"{text(e['clip'])}",
+                "tuned": tuned or "-",
+            }
         )
-    return lines
+    heading = "## What each branch is (read from the built model and the training that ran)"
+    return [heading, "", *markdown_table(columns, rows)]
 
 
 def _confounds_markdown(summary: dict[str, Any]) -> list[str]:
     """Each setting besides form and rank in which a method differs from the reference."""
+    shown = summary["shown_as"]
     lines = [
-        f"## What else differs from {summary['reference']}",
+        f"## What else differs from {summary['shown_as'][summary['reference']]}",
         "",
         "Besides what a comparison is about (the form of the branch and its rank), each "
         "setting below differs from the reference and was not tuned for both, so the "
@@ -369,9 +395,9 @@ def _confounds_markdown(summary: dict[str, Any]) -> list[str]:
     ]
     for d in summary["differences"]:
         if d["confounds"]:
-            lines += [f"- {d['method']}: {c}." for c in d["confounds"]]
+            lines += [f"- {shown[d['method']]}: {c}." for c in d["confounds"]]
         else:
-            lines.append(f"- {d['method']}: nothing besides form and rank.")
+            lines.append(f"- {shown[d['method']]}: nothing besides form and rank.")
     return lines
 
 
@@ -389,20 +415,32 @@ def _splits_markdown(summary: dict[str, Any]) -> list[str]:
             for unit, f in cells:
                 what = "bits stored" if unit == "bits" else "exact match"
                 rows.append(
-                    f"| {summary['shown_as'][d['method']]} | {where}: {what} | "
-                    f"{f['mean']:+.1f} {unit} | {f['low']:+.1f} to {f['high']:+.1f} | "
-                    f"{f['verdict']} |"
+                    {
+                        "method": summary["shown_as"][d["method"]],
+                        "score": f"{where}: {what}",
+                        "difference": f"{f['mean']:+.1f} {unit}",
+                        "interval": f"{f['low']:+.1f} to {f['high']:+.1f}",
+                        "verdict": f["verdict"],
+                    }
                 )
     if not rows:
         return []
     return [
         "",
-        f"Beside exact match, against {summary['reference']} (paired over seeds and "
+        f"Beside exact match, against {summary['shown_as'][summary['reference']]} (paired "
+        "over seeds and "
         "problems; bits summed over problems):",
         "",
-        "| method | split: score | difference | 95 % interval | verdict |",
-        "|---|---|---:|---:|---|",
-        *rows,
+        *markdown_table(
+            [
+                ("method", "method", "s"),
+                ("split: score", "score", "s"),
+                ("difference", "difference", ">s"),
+                ("95 % interval", "interval", ">s"),
+                ("verdict", "verdict", "s"),
+            ],
+            rows,
+        ),
     ]
 
 
@@ -419,9 +457,9 @@ def _convergence_lines(summary: dict[str, Any]) -> list[str]:
                 else "a hundredth of it (one seed: no spread)"
             )
             out.append(
-                f"{name} is still learning at {steps} steps (valid loss {before:.3f} -> "
-                f"{last:.3f} over the last quarter, more than {spread}): this measures "
-                "speed, not capacity; train longer."
+                f"{summary['shown_as'][name]} is still learning at {steps} steps (valid "
+                f"loss {before:.3f} -> {last:.3f} over the last quarter, more than {spread}): "
+                "this measures speed, not capacity; train longer."
             )
     return out
 
@@ -449,21 +487,34 @@ def scores_markdown(summary: dict[str, Any]) -> str:
         "",
         f"The base model, no adapter: {_pct(summary['base_exact_match'])} %.",
         "",
-        "| method | trainable params | lr | exact match % (mean) | per seed | Wilson 95 % "
-        "(n = problems) | test loss | eff. rank | held-out lin@r |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *markdown_table(
+            [
+                ("method", "method", "s"),
+                ("trainable params", "params", ",d"),
+                ("lr", "lr", ">s"),
+                ("exact match % (mean)", "mean", ">s"),
+                ("per seed", "per_seed", ">s"),
+                ("Wilson 95 % (n = problems)", "wilson", ">s"),
+                ("test loss", "loss", ".3f"),
+                ("eff. rank", "rank", ".1f"),
+                ("held-out lin@r", "lin", ".4f"),
+            ],
+            [
+                {
+                    "method": shown[name],
+                    "params": m["trainable_params"],
+                    "lr": f"{m['lr']:g}" + (" (edge)" if m["lr_at_grid_edge"] else ""),
+                    "mean": _pct(m["test_exact_match_mean"]),
+                    "per_seed": " / ".join(_pct(x) for x in m["test_exact_match"]),
+                    "wilson": "-".join(_pct(x) for x in m["wilson95"]),
+                    "loss": m["test_loss"],
+                    "rank": m["spectra"]["effective_rank"] if "spectra" in m else None,
+                    "lin": m["linearity"]["held_out_linearity_at_r"] if "linearity" in m else None,
+                }
+                for name, m in summary["methods"].items()
+            ],
+        ),
     ]
-    for name, m in summary["methods"].items():
-        low, high = m["wilson95"]
-        edge = " (edge)" if m["lr_at_grid_edge"] else ""
-        rank = f"{m['spectra']['effective_rank']:.1f}" if "spectra" in m else "-"
-        lin = f"{m['linearity']['held_out_linearity_at_r']:.4f}" if "linearity" in m else "-"
-        lines.append(
-            f"| {shown[name]} | {m['trainable_params']:,} | {m['lr']:g}{edge} | "
-            f"{_pct(m['test_exact_match_mean'])} | "
-            f"{' / '.join(_pct(x) for x in m['test_exact_match'])} | "
-            f"{_pct(low)}-{_pct(high)} | {m['test_loss']:.3f} | {rank} | {lin} |"
-        )
     lines += [
         "",
         "eff. rank: the effective rank (exp of the entropy of the normalised singular "
@@ -481,16 +532,26 @@ def scores_markdown(summary: dict[str, Any]) -> str:
         )
         + ".",
         "",
-        f"## Against {summary['reference']} (paired over seeds and problems)",
+        f"## Against {shown[summary['reference']]} (paired over seeds and problems)",
         "",
-        "| method | difference (points) | 95 % interval | verdict |",
-        "|---|---:|---:|---|",
+        *markdown_table(
+            [
+                ("method", "method", "s"),
+                ("difference (points)", "mean", "+.1f"),
+                ("95 % interval", "interval", ">s"),
+                ("verdict", "verdict", "s"),
+            ],
+            [
+                {
+                    "method": shown[d["method"]],
+                    "mean": 100 * d["mean"],
+                    "interval": f"{100 * d['low']:+.1f} to {100 * d['high']:+.1f}",
+                    "verdict": d["verdict"],
+                }
+                for d in summary["differences"]
+            ],
+        ),
     ]
-    for d in summary["differences"]:
-        lines.append(
-            f"| {shown[d['method']]} | {100 * d['mean']:+.1f} | {100 * d['low']:+.1f} to "
-            f"{100 * d['high']:+.1f} | {d['verdict']} |"
-        )
     lines += [
         "",
         "Each interval is the crossed bootstrap over seeds and problems, widened to "
@@ -512,9 +573,10 @@ def scores_markdown(summary: dict[str, Any]) -> str:
         lines += ["", "## Unfinished training", ""] + still
     lines += [""] + _effective_markdown(summary, shown)
     if summary.get("resolve"):
-        lines += ["", _resolve_markdown(summary["resolve"], summary["reference"])]
+        lines += ["", _resolve_markdown(summary["resolve"], shown, summary["reference"])]
     tuned_edges = [
-        f"{n} ({f}={effective.text(t['chosen'])} of {', '.join(map(effective.text, t['choices']))})"
+        f"{shown[n]} ({f}={effective.text(t['chosen'])} of "
+        f"{', '.join(map(effective.text, t['choices']))})"
         for n, m in summary["methods"].items()
         for f, t in m["tuned"].items()
         if t["at_edge"]
@@ -525,7 +587,9 @@ def scores_markdown(summary: dict[str, Any]) -> str:
             "Tuned at the edge of its choices, so a value beyond might have done better: "
             f"{', '.join(tuned_edges)}.",
         ]
-    edges = [f"{n} ({m['lr']:g})" for n, m in summary["methods"].items() if m["lr_at_grid_edge"]]
+    edges = [
+        f"{shown[n]} ({m['lr']:g})" for n, m in summary["methods"].items() if m["lr_at_grid_edge"]
+    ]
     if edges:
         lines += [
             "",
@@ -533,7 +597,7 @@ def scores_markdown(summary: dict[str, Any]) -> str:
             f"better: {', '.join(edges)}.",
         ]
     own = [
-        f"{n} ({', '.join(f'{x:g}' for x in m['lr_grid'])})"
+        f"{shown[n]} ({', '.join(f'{x:g}' for x in m['lr_grid'])})"
         for n, m in summary["methods"].items()
         if set(m["lr_grid"]) != set(s["lrs"])
     ]
@@ -546,18 +610,26 @@ def scores_markdown(summary: dict[str, Any]) -> str:
             "",
             f"## The {name} split (the same facts, asked in other words)",
             "",
-            "| method | exact match % per seed | bits stored (mean over seeds) |",
-            "|---|---:|---:|",
-        ]
-        lines += [
-            f"| {n} | {' / '.join(_pct(x) for x in m[name]['exact_match'])} | "
-            f"{m[name]['bits']:.1f} |"
-            for n, m in summary["methods"].items()
+            *markdown_table(
+                [
+                    ("method", "method", "s"),
+                    ("exact match % per seed", "per_seed", ">s"),
+                    ("bits stored (mean over seeds)", "bits", ".1f"),
+                ],
+                [
+                    {
+                        "method": shown[n],
+                        "per_seed": " / ".join(_pct(x) for x in m[name]["exact_match"]),
+                        "bits": m[name]["bits"],
+                    }
+                    for n, m in summary["methods"].items()
+                ],
+            ),
         ]
     if summary.get("curves"):
-        lines += ["", curves.markdown(summary["curves"])]
+        lines += ["", curves.markdown(summary["curves"], shown)]
     notes = [
-        f"{n}: {', '.join(m['not_applied'])}"
+        f"{shown[n]}: {', '.join(m['not_applied'])}"
         for n, m in summary["methods"].items()
         if m["not_applied"]
     ]
@@ -566,7 +638,7 @@ def scores_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _resolve_markdown(r: dict[str, Any], reference: str) -> str:
+def _resolve_markdown(r: dict[str, Any], shown: dict[str, str], reference: str) -> str:
     """How many seeds ``--resolve`` ran, why it stopped, and the pilot that sized it."""
     why = (
         f"every interval is within +-{r['target_points']:g} points"
@@ -577,19 +649,29 @@ def _resolve_markdown(r: dict[str, Any], reference: str) -> str:
         f"## Seeds (--resolve {r['target_points']:g}, --max-seeds {r['max_seeds']})",
         "",
         f"Seeds were added to the first {r['first_seeds']} until every interval against "
-        f"{reference} was within +-{r['target_points']:g} points or {r['max_seeds']} seeds "
+        f"{shown[reference]} was within +-{r['target_points']:g} points or {r['max_seeds']} seeds "
         f"were run: {r['seeds']} seeds, stopped because {why}. The seeds a method "
         "needs: the smallest k with t975(k-1) s / sqrt(k) within the target, s the "
         "per-seed spread of its difference after the first seeds.",
         "",
-        "| method | half-width reached (points) | after the first seeds: per-seed "
-        "spread (points) | seeds it needs |",
-        "|---|---:|---:|---:|",
+        *markdown_table(
+            [
+                ("method", "method", "s"),
+                ("half-width reached (points)", "width", ".1f"),
+                ("after the first seeds: per-seed spread (points)", "spread", ".1f"),
+                ("seeds it needs", "needed", ">s"),
+            ],
+            [
+                {
+                    "method": shown[name],
+                    "width": width,
+                    "spread": r["pilot"][name]["spread_points"],
+                    "needed": str(r["pilot"][name]["seeds_needed"] or "-"),
+                }
+                for name, width in r["half_width_points"].items()
+            ],
+        ),
     ]
-    for name, width in r["half_width_points"].items():
-        pilot = r["pilot"][name]
-        spread = "-" if pilot["spread_points"] is None else f"{pilot['spread_points']:.1f}"
-        lines.append(f"| {name} | {width:.1f} | {spread} | {pilot['seeds_needed'] or '-'} |")
     return "\n".join(lines)
 
 
@@ -597,16 +679,26 @@ def costs_markdown(summary: dict[str, Any]) -> str:
     lines = [
         f"## Costs (measured on {summary['device']}; they vary from run to run)",
         "",
-        "| method | adapter file (KiB) | train time (s, mean) | tokens/s | peak memory "
-        "growth (MiB) |",
-        "|---|---:|---:|---:|---:|",
+        *markdown_table(
+            [
+                ("method", "method", "s"),
+                ("adapter file (KiB)", "kib", ",.0f"),
+                ("train time (s, mean)", "time", ".1f"),
+                ("tokens/s", "speed", ",.0f"),
+                ("peak memory growth (MiB)", "mib", ",.0f"),
+            ],
+            [
+                {
+                    "method": summary["shown_as"][name],
+                    "kib": m["file_size"] / 1024,
+                    "time": m["costs"]["train_time_s"],
+                    "speed": m["costs"]["tokens_per_s"],
+                    "mib": m["costs"]["peak_memory_bytes"] / MiB,
+                }
+                for name, m in summary["methods"].items()
+            ],
+        ),
     ]
-    for name, m in summary["methods"].items():
-        c = m["costs"]
-        lines.append(
-            f"| {name} | {m['file_size'] / 1024:,.0f} | {c['train_time_s']:.1f} | "
-            f"{c['tokens_per_s']:,.0f} | {c['peak_memory_bytes'] / MiB:,.0f} |"
-        )
     places = sorted({p for m in summary["methods"].values() for p in m["costs"]["ran_on"]})
     lines += ["", f"Trained on: {'; '.join(places)}."]
     return "\n".join(lines)
