@@ -235,3 +235,31 @@ def test_the_selection_seed_is_below_the_seeds_or_above_them_from_0():
     assert Settings(seeds=(0, 1), select_seed=5).select_seed == 5
     with pytest.raises(ValueError, match="not among the reported seeds"):
         Settings(seeds=(0, 1), select_seed=1)
+
+
+def test_building_a_run_prints_no_warning_of_peft_to_the_user():
+    """PEFT reads transformers' deprecated ``is_gradient_checkpointing`` when it wraps a
+    model: the comparison's build keeps that warning out of the progress bar; any other
+    warning still shows."""
+    import warnings
+
+    from cera_rs.compare.runner import peft_quietly
+
+    config = LlamaConfig(
+        vocab_size=20,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with peft_quietly():
+            get_peft_model(LlamaForCausalLM(config), parse_spec("cera:r=4").config())
+            warnings.warn("another", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in seen] == ["another"]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        get_peft_model(LlamaForCausalLM(config), parse_spec("cera:r=4").config())
+    assert any("is_gradient_checkpointing" in str(w.message) for w in seen)  # what it hides

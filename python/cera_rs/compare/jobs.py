@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from cera_rs.compare import effective
 from cera_rs.compare.methods import SPECTRAL_METHODS, Method
-from cera_rs.compare.runner import Runner, Suffix
+from cera_rs.compare.runner import Runner, Suffix, peft_quietly
 
 Extras = Callable[[Method, nn.Module, Runner, np.ndarray], dict]
 """Called on each method's first-seed run at its chosen rate, after scoring, with the
@@ -157,7 +157,9 @@ def _score(
     CeRA, how much of each adapter a linear map of its rank reproduces on held-out
     tokens."""
     start = time.perf_counter()
-    model = PeftModel.from_pretrained(runner.copy_base(), adapter).to(runner.device).eval()
+    with peft_quietly():
+        model = PeftModel.from_pretrained(runner.copy_base(), adapter)
+    model = model.to(runner.device).eval()
     hits = runner.generated(model)
     forced, nats, tokens = runner.forced_scores(model, "test")
     out: dict[str, Any] = {

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import re
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -156,6 +157,17 @@ def _memory_figures(samples: list[int]) -> dict:
     return {"avg": int(arr.mean()), "max": int(arr.max()), "99th": int(np.quantile(arr, 0.99))}
 
 
+@contextmanager
+def peft_quietly() -> Iterator[None]:
+    """PEFT's model wrapper reads transformers' deprecated ``is_gradient_checkpointing``:
+    a warning to PEFT's authors, not to the user, that printed inside the progress bar."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning
+        )
+        yield
+
+
 class Runner:
     """The frozen base model, the problems encoded (and their prefix states), and the
     training settings every method shares."""
@@ -259,7 +271,8 @@ class Runner:
                 f"{method.name}: a prompt-learning method changes the input, not "
                 "the last layers; compare without adapted_layers"
             )
-        model = get_peft_model(model, config)
+        with peft_quietly():
+            model = get_peft_model(model, config)
         self.check_base(method)
         if self.stack is not None:
             self._check_below_split(model, method)
