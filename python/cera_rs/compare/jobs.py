@@ -140,6 +140,8 @@ def execute(runner: Runner, job: Job, extras: Extras | None, bar: tqdm | None = 
         }
         del model
         if job.test:
+            if bar is not None:  # scoring moves no step: say what the bar waits on
+                bar.set_postfix_str(f"{job}: scoring (greedy decoding, spectra)")
             out["test"] = {
                 **_score(runner, method, Path(tmp), job.seed, job.first, extras),
                 "ran_on": here,
