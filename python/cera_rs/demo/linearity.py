@@ -124,11 +124,11 @@ def _exported_rows(part2: dict):
 
 
 def lm_table(part2: dict) -> str:
-    """Part 2: the exported CeRA adapter's linearity (seed 0) and the recall of its
+    """Part 2: the exported CeRA adapter's linearity (first seed) and the recall of its
     exported, merged LoRA beside the adapter's own on the same seed."""
     lines = [
         "| method | linearity at r (train / test) | full-rank linearity (train / "
-        "test) | CeRA recall % (seed 0) | exported LoRA (merged) recall % | "
+        "test) | CeRA recall % (first seed) | exported LoRA (merged) recall % | "
         "Wilson 95 % | same verdict % |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]

@@ -10,8 +10,13 @@ frozen blocks below are computed once per fact.
 The score is the information stored (the base model's loss on the numbers minus the
 adapted model's, in bits, summed over facts); the report reads each CeRA method's
 parameter multiplier off the LoRA curve and sets CeRA against the ceiling, and says
-which of these the sizes cannot separate. Beyond the comparison, one CeRA adapter
-(seed 0) is exported to the best LoRA of its rank, merged and scored, and run by
+which of these the sizes cannot separate. The comparison follows compare's rules for a
+fair one: dropout is matched (0 for every method: the score is recall of the facts
+trained on), and the rates were chosen on runs it does not report (the capacity study's
+selection runs, seed 0; part 2 reports seeds 1 and 2). The scale is each method's
+default, not tuned (the fair study, docs/study/phonebook-fair/, tunes it), so the
+report's "What else differs" names it. Beyond the comparison, one CeRA adapter (the
+first seed's) is exported to the best LoRA of its rank, merged and scored, and run by
 llama.cpp when llama-cpp-python is there."""
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ class Settings:
     facts: int = 200
     steps: int = 150
     batch: int = 16
-    seeds: tuple[int, ...] = (0, 1)
+    seeds: tuple[int, ...] = (1, 2)  # not 0: the study chose the rates on seed 0
     lora_ranks: tuple[int, ...] = (1, 16)
     cera_ranks: tuple[int, ...] = (1, 4)
     control_rank: int = 4
@@ -84,7 +89,7 @@ class Settings:
         return cls(
             facts=32,
             steps=30,
-            seeds=(0,),
+            seeds=(1,),
             lora_ranks=(1,),
             resamples=2_000,
             sized_to_separate=False,
@@ -107,12 +112,12 @@ class Settings:
             (f"lora:r={_list(self.lora_ranks)},{lora}", "LoRA"),
             (f"lora:r=full,{lora}", "LoRA"),
             *(
-                (f"cera:r={r},lrs=[{lr:g}],target_modules={targets}", "CeRA")
+                (f"cera:r={r},cera_dropout=0,lrs=[{lr:g}],target_modules={targets}", "CeRA")
                 for r, lr in zip(self.cera_ranks, self.cera_lrs)
             ),
             (
-                f"cera:r={self.control_rank},activation=identity,lrs=[{self.control_lr:g}],"
-                f"target_modules={targets}",
+                f"cera:r={self.control_rank},activation=identity,cera_dropout=0,"
+                f"lrs=[{self.control_lr:g}],target_modules={targets}",
                 "CeRA, identity",
             ),
         ]
@@ -250,7 +255,8 @@ def _times(x: float) -> str:
 
 def run(s: Settings, out_dir: Path, progress: bool = True) -> dict:
     """One ``cera_rs.compare`` comparison, written (and resumed) in ``out_dir``;
-    each method's rate chosen on recall (teacher-forced, seed 0), then every seed."""
+    each method at its one rate (chosen by the capacity study on its selection seed, 0,
+    which part 2 does not report), every seed."""
     from cera_rs.compare import compare
 
     exported = f"CeRA r={s.exported_rank}"

@@ -239,7 +239,8 @@ def _rates(s: dict) -> str:
     cera = ", ".join(f"r={r} {lr:g}" for r, lr in zip(s["cera_ranks"], s["cera_lrs"]))
     return (
         f"one rate per method, the one the capacity study chose from its grid for that "
-        f"method (LoRA {s['lora_lr']:g} at every rank and at r=full; CeRA {cera}; the "
+        f"method on its selection runs (seed 0, never reported here) (LoRA "
+        f"{s['lora_lr']:g} at every rank and at r=full; CeRA {cera}; the "
         f"control {s['control_lr']:g})"
     )
 
@@ -256,8 +257,10 @@ def _part2_markdown(part2: dict) -> list[str]:
         f"below computed once), {s['steps']} AdamW steps of batch "
         f"{s['batch']} at a constant rate (clipping 1.0), {_rates(s)}, seeds {s['seeds']}. "
         f"LoRA is rsLoRA (alpha {s['lora_alpha']} / sqrt(r), dropout 0), `LoRA r=full` "
-        f"every projection at its full rank min(in, out); CeRA at its defaults (dropout "
-        f"0.1, no scaling); the control is CeRA r={s['control_rank']} with the identity "
+        f"every projection at its full rank min(in, out); CeRA with dropout 0 (matched "
+        f"with LoRA's: the score is recall of the facts trained on) and its default "
+        f"scaling 1 (the scale is each method's default, not tuned: the fair study "
+        f"tunes it); the control is CeRA r={s['control_rank']} with the identity "
         f"activation. The score is the information stored: the base model's loss on the "
         f"numbers minus the adapted model's, in bits, summed over facts. One "
         f"`cera_rs.compare` comparison, in `{Path(part2['folder']).name}/` (its "
@@ -277,9 +280,9 @@ def _part2_markdown(part2: dict) -> list[str]:
         "",
         recall_table(part2),
         "",
-        "One CeRA adapter's linearity (seed 0; the share of its output energy the best "
-        "linear map of its rank reproduces) and that map exported as a PEFT LoRA, merged "
-        "into the base model and scored on the same facts (`cera_rs.export`):",
+        f"One CeRA adapter's linearity (seed {s['seeds'][0]}; the share of its output "
+        "energy the best linear map of its rank reproduces) and that map exported as a "
+        "PEFT LoRA, merged into the base model and scored on the same facts (`cera_rs.export`):",
         "",
         linearity.lm_table(part2),
         "",
