@@ -69,17 +69,18 @@ bench: $(NATIVE)
 docs: $(NATIVE)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
-# Two jobs, the extension built first: in one, most of pytest's end-to-end files
-# (JOB_ONE, in that order); in the other, the Rust checks (clippy, clippy, cargo test:
-# one after another, as cargo's lock has them anyway), then every other pytest file. On
-# 2 cores this keeps both busy: pytest alone leaves one mostly idle. The wheel's test
-# comes last, when the Rust checks have let go of cargo's lock (it packs the wheel with
-# maturin); the split is chosen to end both jobs together (docs/layout.md, "The test
+# Two jobs on 2 cores (make -j2): in one, the release build of the extension, then most
+# of pytest's end-to-end files (JOB_ONE, in that order); in the other, from the start,
+# the Rust checks that need no extension (test-rust: clippy and cargo test in dev, in a
+# target folder of their own so that cargo's lock does not hold them behind maturin's
+# build, whose long single-threaded stretches leave a core idle), then the release
+# clippy and ruff (lint), then every other pytest file. The wheel's test comes last in
+# its job, when the other has let go of cargo's lock on target/ (it packs the wheel with
+# maturin). The split is chosen to end both jobs together (docs/layout.md, "The test
 # loop"). Each job's output prints whole when it ends. A test file not in JOB_ONE runs
 # in the second job, so none is left out.
-test: $(NATIVE)
-	$(MAKE) --no-print-directory -j2 --output-sync=target test-python-job-one lint test-rust \
-	  test-python-job-two
+test: $(VENV)/.installed
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-python-job-one test-python-job-two
 
 # The end-to-end files: the demo and notebook, Ray, SmolLM2 and its GGUF export, the docs
 # site, fuzzing, the benchmark, distributed, diffusers, the GPU script's dry run, the
@@ -99,26 +100,27 @@ test-fast: $(NATIVE)
 test-python-job-one: $(NATIVE)
 	$(PY) -m pytest -q $(JOB_ONE:%=tests/test_%.py)
 
-test-python-job-two: $(NATIVE)
+test-python-job-two: $(NATIVE) test-rust lint
 	$(PY) -m pytest -q $(JOB_ONE:%=--ignore=tests/test_%.py)
 
-# Each clippy pass shares torch-sys's C++ build with a build that `make test` needs
-# anyway: the `python` one in release with the extension maturin built, the plain one
-# in dev with `cargo test` (Cargo.toml's [profile.dev]); a third configuration would
-# compile it again (minutes on 2 cores).
+# Each clippy pass shares torch-sys's C++ build (minutes on 2 cores) with a build that
+# `make test` needs anyway: the `python` one in release with the extension maturin built
+# (lint), the plain one in dev with `cargo test` (test-rust; Cargo.toml's [profile.dev]).
 lint: $(NATIVE)
 	cargo fmt --check
 	$(OWN_JOBS) cargo clippy --release --all-targets --features python --quiet -- -D warnings
-	$(OWN_JOBS) cargo clippy --all-targets --quiet -- -D warnings
 	$(VENV)/bin/ruff check $(PY_SOURCES)
 	$(VENV)/bin/ruff format --check $(PY_SOURCES)
 
 # Under `make test`'s -j2, MAKEFLAGS names a jobserver that make opens only for recipes
 # calling $(MAKE): cargo would warn that it cannot reach it. Cargo runs its own jobs.
 OWN_JOBS := env -u MAKEFLAGS -u MFLAGS
+# The dev builds' own target folder: its own cargo lock, so they run beside maturin's.
+DEV_CARGO := $(OWN_JOBS) CARGO_TARGET_DIR=target/dev cargo
 
 test-rust: $(VENV)/.installed
-	LD_LIBRARY_PATH=$(TORCH_LIB) $(OWN_JOBS) cargo test --quiet
+	$(DEV_CARGO) clippy --all-targets --quiet -- -D warnings
+	LD_LIBRARY_PATH=$(TORCH_LIB) $(DEV_CARGO) test --quiet
 
 test-python: $(NATIVE)
 	$(PY) -m pytest -q
