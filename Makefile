@@ -69,8 +69,8 @@ bench: $(NATIVE)
 docs: $(NATIVE)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
-# Two jobs on 2 cores (make -j2): in one, the release build of the extension, then most
-# of pytest's end-to-end files (JOB_ONE, in that order); in the other, from the start,
+# Two jobs on 2 cores (make -j2): in one, the release build of the extension, then the
+# longest of pytest's end-to-end files (JOB_ONE, in that order); in the other, from the start,
 # the Rust checks that need no extension (test-rust: clippy and cargo test in dev, in a
 # target folder of their own so that cargo's lock does not hold them behind maturin's
 # build, whose long single-threaded stretches leave a core idle), then the release
@@ -84,9 +84,9 @@ test: $(VENV)/.installed
 
 # The end-to-end files: the demo and notebook, Ray, SmolLM2 and its GGUF export, the docs
 # site, fuzzing, the benchmark, distributed, diffusers, the GPU script's dry run, the
-# wheel in a fresh venv. The last three of END_TO_END run in the second job.
-JOB_ONE := examples compare_ray smollm2 smollm2_runner docs fuzz bench distributed wheel
-END_TO_END := $(JOB_ONE) gguf_lora diffusers gpu_check
+# wheel in a fresh venv. JOB_ONE's run in the first job, the others in the second.
+JOB_ONE := examples compare_ray smollm2_runner wheel
+END_TO_END := $(JOB_ONE) smollm2 gguf_lora docs fuzz bench distributed diffusers gpu_check
 
 # The inner loop (about 4 minutes on 2 cores; docs/layout.md, "The test loop"): the
 # formatters and linters that take seconds, and every pytest file but the end-to-end
