@@ -17,7 +17,7 @@ from peft import PeftModel
 from torch import nn
 
 from cera_rs.export import LinearityReport, save_gguf_lora, save_lora, to_lora
-from cera_rs.table import pct
+from cera_rs.table import markdown_table, pct
 
 
 def export_and_merge(
@@ -71,31 +71,37 @@ def mean_over_seeds(summaries: list[dict]) -> dict:
     return {key: float(np.mean([s[key] for s in summaries])) for key in SUMMARY}
 
 
-def _pair(lin: dict) -> str:
+def _pair(lin: dict) -> dict[str, str]:
     """Two table cells: at r and at full rank, each "calibration / held out"."""
-    return (
-        f"{lin['linearity_at_r']:.4f} / {lin['held_out_linearity_at_r']:.4f} | "
-        f"{lin['linearity_full_rank']:.4f} / {lin['held_out_linearity_full_rank']:.4f}"
-    )
+    return {
+        "at_r": f"{lin['linearity_at_r']:.4f} / {lin['held_out_linearity_at_r']:.4f}",
+        "full": f"{lin['linearity_full_rank']:.4f} / {lin['held_out_linearity_full_rank']:.4f}",
+    }
 
 
 def ceiling_table(part1: dict) -> str:
     """Part 1: each CeRA adapter's linearity and its exported LoRA's held-out error."""
-    lines = [
-        "| family | method | linearity at r (train / held out) | full-rank linearity "
-        "(train / held out) | CeRA unexplained | exported LoRA (merged) unexplained |",
-        "|---|---|---:|---:|---:|---:|",
+    columns = [
+        ("family", "family", "s"),
+        ("method", "method", "s"),
+        ("linearity at r (train / held out)", "at_r", ">s"),
+        ("full-rank linearity (train / held out)", "full", ">s"),
+        ("CeRA unexplained", "cera", ".3f"),
+        ("exported LoRA (merged) unexplained", "lora", ".3f"),
     ]
-    for family, block in part1["families"].items():
-        for name, row in block["methods"].items():
-            if "linearity" not in row:
-                continue
-            lines.append(
-                f"| {family} | {name} | {_pair(row['linearity'])} | "
-                f"{row['test_error_mean']:.3f} | "
-                f"{row['exported_lora_test_error_mean']:.3f} |"
-            )
-    return "\n".join(lines)
+    rows = [
+        {
+            "family": family,
+            "method": name,
+            **_pair(row["linearity"]),
+            "cera": row["test_error_mean"],
+            "lora": row["exported_lora_test_error_mean"],
+        }
+        for family, block in part1["families"].items()
+        for name, row in block["methods"].items()
+        if "linearity" in row
+    ]
+    return "\n".join(markdown_table(columns, rows))
 
 
 def ceiling_findings(part1: dict) -> list[str]:
@@ -126,20 +132,27 @@ def _exported_rows(part2: dict):
 def lm_table(part2: dict) -> str:
     """Part 2: the exported CeRA adapter's linearity (first seed) and the recall of its
     exported, merged LoRA beside the adapter's own on the same seed."""
-    lines = [
-        "| method | linearity at r (train / test) | full-rank linearity (train / "
-        "test) | CeRA recall % (first seed) | exported LoRA (merged) recall % | "
-        "Wilson 95 % | same verdict % |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+    columns = [
+        ("method", "method", "s"),
+        ("linearity at r (train / test)", "at_r", ">s"),
+        ("full-rank linearity (train / test)", "full", ">s"),
+        ("CeRA recall % (first seed)", "cera", ">s"),
+        ("exported LoRA (merged) recall %", "lora", ">s"),
+        ("Wilson 95 %", "wilson", ">s"),
+        ("same verdict %", "same", ">s"),
     ]
-    for name, row in _exported_rows(part2):
-        low, high = row["exported_lora_wilson95"]
-        lines.append(
-            f"| {name} | {_pair(row['linearity'])} | {pct(row['recall'][0])} | "
-            f"{pct(row['exported_lora_test_exact_match'])} | {pct(low)}-{pct(high)} | "
-            f"{pct(row['exported_lora_same_verdict'])} |"
-        )
-    return "\n".join(lines)
+    rows = [
+        {
+            "method": name,
+            **_pair(row["linearity"]),
+            "cera": pct(row["recall"][0]),
+            "lora": pct(row["exported_lora_test_exact_match"]),
+            "wilson": "-".join(pct(x) for x in row["exported_lora_wilson95"]),
+            "same": pct(row["exported_lora_same_verdict"]),
+        }
+        for name, row in _exported_rows(part2)
+    ]
+    return "\n".join(markdown_table(columns, rows))
 
 
 def lm_findings(part2: dict) -> list[str]:

@@ -18,7 +18,7 @@ from cera_rs.atomic import atomic_file  # noqa: E402
 from cera_rs.compare import curves  # noqa: E402
 from cera_rs.demo import linearity  # noqa: E402
 from cera_rs.demo.phonebook import TARGETS  # noqa: E402
-from cera_rs.table import pct  # noqa: E402
+from cera_rs.table import markdown_table, pct  # noqa: E402
 
 
 def _spread(mean: float, std: float, seeds: int) -> str:
@@ -27,26 +27,43 @@ def _spread(mean: float, std: float, seeds: int) -> str:
 
 
 def ceiling_table(part1: dict) -> str:
-    lines = [
-        "| family | method | trainable params | held-out unexplained (mean ± std) | "
-        "eff. rank of delta | tail energy > r=16 | lr |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
     seeds = len(part1["settings"]["seeds"])
-    if seeds == 1:
-        lines[0] = lines[0].replace(" (mean ± std)", "")
+    rows = []
     for family, block in part1["families"].items():
-        lines.append(
-            f"| {family} | least-squares linear ceiling | - | "
-            f"{block['least_squares_ceiling']:.3f} | - | - | - |"
+        rows.append(
+            {
+                "family": family,
+                "method": "least-squares linear ceiling",
+                "params": None,
+                "error": f"{block['least_squares_ceiling']:.3f}",
+                "rank": None,
+                "tail": None,
+                "lr": None,
+            }
         )
         for name, row in block["methods"].items():
-            lines.append(
-                f"| {family} | {name} | {row['trainable_params']:,} | "
-                f"{_spread(row['test_error_mean'], row['test_error_std'], seeds)} | "
-                f"{row['effective_rank']:.1f} | {row['tail_energy']:.4f} | {row['lr']:g} |"
+            rows.append(
+                {
+                    "family": family,
+                    "method": name,
+                    "params": row["trainable_params"],
+                    "error": _spread(row["test_error_mean"], row["test_error_std"], seeds),
+                    "rank": row["effective_rank"],
+                    "tail": row["tail_energy"],
+                    "lr": row["lr"],
+                }
             )
-    return "\n".join(lines)
+    error = "held-out unexplained" + (" (mean ± std)" if seeds > 1 else "")
+    columns = [
+        ("family", "family", "s"),
+        ("method", "method", "s"),
+        ("trainable params", "params", ",d"),
+        (error, "error", ">s"),
+        ("eff. rank of delta", "rank", ".1f"),
+        ("tail energy > r=16", "tail", ".4f"),
+        ("lr", "lr", "g"),
+    ]
+    return "\n".join(markdown_table(columns, rows))
 
 
 def rank_table(part2: dict) -> str:
@@ -60,20 +77,34 @@ def rank_table(part2: dict) -> str:
 
 def recall_table(part2: dict) -> str:
     """Exact recall by greedy decoding, per seed, of the facts as trained and reworded."""
-    lines = [
-        "| method | trainable params | lr | recall % per seed | reworded: recall % per "
-        "seed | reworded: bits stored |",
-        "|---|---:|---:|---:|---:|---:|",
-        f"| base model, no adapter | 0 | - | {pct(part2['base_recall'])} | - | - |",
+    columns = [
+        ("method", "method", "s"),
+        ("trainable params", "params", ",d"),
+        ("lr", "lr", "g"),
+        ("recall % per seed", "recall", ">s"),
+        ("reworded: recall % per seed", "reworded", ">s"),
+        ("reworded: bits stored", "bits", ".0f"),
     ]
-    for name, row in part2["methods"].items():
-        lines.append(
-            f"| {name} | {row['trainable_params']:,} | {row['lr']:g} | "
-            f"{' / '.join(pct(x) for x in row['recall'])} | "
-            f"{' / '.join(pct(x) for x in row['transfer']['exact_match'])} | "
-            f"{row['transfer']['bits']:.0f} |"
-        )
-    return "\n".join(lines)
+    base = {
+        "method": "base model, no adapter",
+        "params": 0,
+        "lr": None,
+        "recall": pct(part2["base_recall"]),
+        "reworded": None,
+        "bits": None,
+    }
+    rows = [
+        {
+            "method": name,
+            "params": row["trainable_params"],
+            "lr": row["lr"],
+            "recall": " / ".join(pct(x) for x in row["recall"]),
+            "reworded": " / ".join(pct(x) for x in row["transfer"]["exact_match"]),
+            "bits": row["transfer"]["bits"],
+        }
+        for name, row in part2["methods"].items()
+    ]
+    return "\n".join(markdown_table(columns, [base, *rows]))
 
 
 def findings(summary: dict) -> list[str]:
