@@ -231,3 +231,23 @@ def test_a_run_depends_on_its_seed_not_on_the_runs_before_it(smol):
     assert trained[0].keys() == trained[1].keys() and trained[0]
     for name, value in trained[0].items():
         assert torch.equal(value, trained[1][name]), name
+
+
+def test_padded_batches_give_each_prompt_its_own_greedy_answer(smol):
+    """Greedy decoding batches prompts of different lengths, padded on the left and
+    masked out: every row's continuation is the one that prompt gets alone, on the
+    phonebook prompts (names of several token lengths, and their rewordings), for the
+    base model and for a CeRA adapter with a non-zero B (as if trained)."""
+    from cera_rs.compare import load_problems
+    from cera_rs.compare.runner import greedy_tokens
+
+    model, tokenizer = smol
+    book = load_problems("phonebook:8")
+    runner = _runner(model, tokenizer, book, 1)
+    prompts = [*runner.splits["test"].data.prompts(), *runner.splits["transfer"].data.prompts()]
+    assert len({len(p) for p in prompts}) >= 3  # padding is exercised
+    adapted = _adapted(runner, "silu", 0.0)
+    eos = tokenizer.eos_token_id
+    for m in (model, adapted):
+        alone = [greedy_tokens(m, [p], 8, eos)[0] for p in prompts]
+        assert greedy_tokens(m, prompts, 8, eos) == alone

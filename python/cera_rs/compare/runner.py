@@ -465,24 +465,29 @@ def greedy_tokens(
     model: nn.Module, prompts: list[list[int]], max_new_tokens: int, eos: int, batch: int = 128
 ) -> list[list[int]]:
     """Each prompt's greedy continuation by ``generate`` (``max_new_tokens``, or up to
-    and including ``eos``). Prompts of equal length are batched together (no padding)."""
+    and including ``eos``). Up to ``batch`` prompts go in one call, shortest first, padded
+    on the left and masked out (each row's answer is the prompt's own, up to float
+    rounding: tests/test_smollm2_runner.py compares): one call per split, where
+    batching only prompts of equal length took one per length, each a full decode."""
     model.eval()
     device = next(model.parameters()).device
     # A fresh config: the checkpoint's own (repetition penalties, ...) would not be greedy.
     config = GenerationConfig(
         do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos
     )
-    by_length: dict[int, list[int]] = {}
-    for i, ids in enumerate(prompts):
-        by_length.setdefault(len(ids), []).append(i)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
-    for group in by_length.values():
-        for start in range(0, len(group), batch):
-            indices = group[start : start + batch]
-            ids = torch.tensor([prompts[i] for i in indices], device=device)
-            rows = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config
-            )
-            for i, row in zip(indices, rows[:, ids.shape[1] :].tolist()):
-                out[i] = row[: row.index(eos) + 1] if eos in row else row
+    for start in range(0, len(order), batch):
+        indices = order[start : start + batch]
+        width = max(len(prompts[i]) for i in indices)
+        ids = torch.full((len(indices), width), eos, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(indices):
+            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]) :] = 1
+        rows = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
+        )
+        for i, row in zip(indices, rows[:, width:].tolist()):
+            out[i] = row[: row.index(eos) + 1] if eos in row else row
     return out
