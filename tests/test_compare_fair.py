@@ -243,23 +243,17 @@ def test_building_a_run_prints_no_warning_of_peft_to_the_user():
     warning still shows."""
     import warnings
 
+    from models import tiny_llama
+
     from cera_rs.compare.runner import peft_quietly
 
-    config = LlamaConfig(
-        vocab_size=20,
-        hidden_size=64,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-    )
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         with peft_quietly():
-            get_peft_model(LlamaForCausalLM(config), parse_spec("cera:r=4").config())
+            get_peft_model(tiny_llama(), parse_spec("cera:r=4").config())
             warnings.warn("another", FutureWarning, stacklevel=1)
     assert [str(w.message) for w in seen] == ["another"]
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        get_peft_model(LlamaForCausalLM(config), parse_spec("cera:r=4").config())
+        get_peft_model(tiny_llama(), parse_spec("cera:r=4").config())
     assert any("is_gradient_checkpointing" in str(w.message) for w in seen)  # what it hides
