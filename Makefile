@@ -97,11 +97,17 @@ test-fast: $(NATIVE)
 	$(VENV)/bin/ruff format --check $(PY_SOURCES)
 	$(PY) -m pytest -q $(END_TO_END:%=--ignore=tests/test_%.py)
 
+# Two pytest processes on 2 cores: each one's OpenMP threads (torch's and MKL's) sleep
+# when a parallel region ends instead of spinning for milliseconds on the core the other
+# job needs. Spinning nearly doubled the time of two test loads run side by side (87 s
+# each against 49 s, docs/layout.md, "The test loop"); the numbers are torch's either way.
+PAIRED := OMP_WAIT_POLICY=PASSIVE
+
 test-python-job-one: $(NATIVE)
-	$(PY) -m pytest -q $(JOB_ONE:%=tests/test_%.py)
+	$(PAIRED) $(PY) -m pytest -q $(JOB_ONE:%=tests/test_%.py)
 
 test-python-job-two: $(NATIVE) test-rust lint
-	$(PY) -m pytest -q $(JOB_ONE:%=--ignore=tests/test_%.py)
+	$(PAIRED) $(PY) -m pytest -q $(JOB_ONE:%=--ignore=tests/test_%.py)
 
 # Each clippy pass shares torch-sys's C++ build (minutes on 2 cores) with a build that
 # `make test` needs anyway: the `python` one in release with the extension maturin built
