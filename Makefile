@@ -85,8 +85,8 @@ test: $(VENV)/.installed
 # The end-to-end files: the demo and notebook, Ray, SmolLM2 and its GGUF export, the docs
 # site, fuzzing, the benchmark, distributed, diffusers, the GPU script's dry run, the
 # wheel in a fresh venv. JOB_ONE's run in the first job, the others in the second.
-JOB_ONE := examples compare_ray smollm2_runner wheel
-END_TO_END := $(JOB_ONE) smollm2 gguf_lora docs fuzz bench distributed diffusers gpu_check
+JOB_ONE := examples compare_ray smollm2_runner gpu_check wheel
+END_TO_END := $(JOB_ONE) smollm2 gguf_lora docs fuzz bench distributed diffusers
 
 # The inner loop (about 4 minutes on 2 cores; docs/layout.md, "The test loop"): the
 # formatters and linters that take seconds, and every pytest file but the end-to-end
@@ -114,9 +114,16 @@ test-python-job-two: $(NATIVE) test-rust lint
 # (lint), the plain one in dev with `cargo test` (test-rust; Cargo.toml's [profile.dev]).
 lint: $(NATIVE)
 	cargo fmt --check
-	$(OWN_JOBS) cargo clippy --release --all-targets --features python --quiet -- -D warnings
+	$(OWN_JOBS) $(AS_MATURIN) cargo clippy --release --all-targets --features python --quiet -- -D warnings
 	$(VENV)/bin/ruff check $(PY_SOURCES)
 	$(VENV)/bin/ruff format --check $(PY_SOURCES)
+
+# The two variables maturin hands pyo3's build script. Clippy given the same shares
+# maturin's build; without them pyo3-build-config's build script reruns, and with it
+# pyo3, numpy and the crate, once for clippy and again for the next maturin build (30 s
+# of `make wheel` in tests/test_wheel.py, after `make lint`).
+AS_MATURIN = PYO3_PYTHON=$(abspath $(PY)) PYO3_ENVIRONMENT_SIGNATURE=$(shell $(PY) -c 'import struct, sys; \
+	print("%s-%d.%d-%dbit" % (sys.implementation.name, *sys.version_info[:2], 8 * struct.calcsize("P")))')
 
 # Under `make test`'s -j2, MAKEFLAGS names a jobserver that make opens only for recipes
 # calling $(MAKE): cargo would warn that it cannot reach it. Cargo runs its own jobs.
