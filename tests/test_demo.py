@@ -36,6 +36,32 @@ def two_methods(settings):
     return [ceiling.Method("LoRA r=4", "lora", 4), ceiling.Method("CeRA r=4", "cera", 4)]
 
 
+def test_part1_reports_the_run_that_chose_the_rate_instead_of_training_it_again(monkeypatch):
+    """Seed 0's run at the chosen rate is the one that chose it: each method trains once
+    per rate and once per further seed, and seed 0's test error is that run's (a fresh
+    training at the same rate and seed gives the same model)."""
+    settings = dataclasses.replace(tiny(ceiling.Settings), lrs=(3e-3, 3e-2), seeds=(0, 1))
+    monkeypatch.setattr(ceiling.Settings, "methods", two_methods)
+    calls = []
+    train = ceiling.train
+
+    def counted(method, task, s, lr, seed):
+        calls.append((method.name, lr, seed))
+        return train(method, task, s, lr, seed)
+
+    monkeypatch.setattr(ceiling, "train", counted)
+    monkeypatch.setattr(ceiling, "FAMILIES", ("linear",))
+    results = ceiling.run(settings, progress=False)
+    assert len(calls) == len(two_methods(settings)) * (2 + 1)
+    for name, row in results["families"]["linear"]["methods"].items():
+        assert sorted(seed for m, _, seed in calls if m == name) == [0, 0, 1]
+        assert [(lr, seed) for m, lr, seed in calls if m == name][2] == (row["lr"], 1)
+        method = next(m for m in two_methods(settings) if m.name == name)
+        task = ceiling.make_task("linear", settings)
+        again = ceiling.unexplained(train(method, task, settings, row["lr"], 0), task, "test")
+        assert row["test_error"][0] == again
+
+
 def test_a_failing_part_keeps_the_finished_ones(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(ceiling.Settings, "quick", classmethod(tiny))
     monkeypatch.setattr(ceiling.Settings, "methods", two_methods)

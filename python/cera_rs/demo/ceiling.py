@@ -181,16 +181,19 @@ def run(s: Settings, progress: bool = True) -> dict:
         task = make_task(family, s)
         rows = {}
         for method in methods:
-            val = {}
+            val, chosen_on = {}, {}
             for lr in s.lrs:
                 bar.set_postfix_str(f"{family}, {method.name}, lr {lr:g}")
-                val[lr] = unexplained(train(method, task, s, lr, s.seeds[0]), task, "val")
+                chosen_on[lr] = train(method, task, s, lr, s.seeds[0])
+                val[lr] = unexplained(chosen_on[lr], task, "val")
                 bar.update()
             lr = min(val, key=val.get)
             errors, spectra, exported, lin = [], [], [], []
             for seed in s.seeds:
-                model = train(method, task, s, lr, seed)
-                if seed != s.seeds[0]:
+                if seed == s.seeds[0]:  # the run that chose the rate: the same training
+                    model = chosen_on[lr]
+                else:
+                    model = train(method, task, s, lr, seed)
                     bar.update()
                 errors.append(unexplained(model, task, "test"))
                 spectra.append(delta_spectrum(model, task, s.spectrum_rank, method.r))

@@ -60,10 +60,10 @@ class Settings:
     each method at the rate the study chose for it. Two seeds are the fewest that
     give a verdict at all (Student's t at 1 degree of freedom, 12.7, widens every
     interval), so the report says what they leave unseparated; three would need a
-    third fewer methods. ``quick()`` (32 facts, 30 steps, one seed) separates
-    nothing, which its report says first; with LoRA r=4 too it took 10 of the 15
-    minutes of a --quick demo at load 10, so LoRA is r=1 and full only, for 2-3
-    minutes on a quiet box."""
+    third fewer methods. ``quick()`` (16 facts, 20 steps, one seed: the whole
+    pipeline, sized for minutes) separates nothing, which its report says first; with
+    LoRA r=4 too it took 10 of the 15 minutes of a --quick demo at load 10, so LoRA is
+    r=1 and full only."""
 
     facts: int = 200
     steps: int = 150
@@ -87,8 +87,8 @@ class Settings:
     @classmethod
     def quick(cls) -> Settings:
         return cls(
-            facts=32,
-            steps=30,
+            facts=16,
+            steps=20,
             seeds=(1,),
             lora_ranks=(1,),
             resamples=2_000,
