@@ -77,6 +77,18 @@ def test_bad_specs_are_refused_naming_the_spec_and_field(spec, message):
     assert spec.split(":")[0] in str(err.value)
 
 
+def test_a_config_set_is_written_in_the_same_order_every_run():
+    """peft_results/ holds each run's PEFT config; PEFT keeps target_modules as a set,
+    whose order follows the hash seed, so it is written sorted."""
+    from cera_rs.compare.report import plain_config
+
+    names = ["v_proj", "q_proj", "up_proj", "down_proj", "k_proj", "o_proj", "gate_proj"]
+    (method,) = parse_specs(f"lora:r=4,target_modules={json.dumps(names)}")
+    config = method.config(None).to_dict()
+    assert isinstance(config["target_modules"], set)
+    assert plain_config(config)["target_modules"] == sorted(names)
+
+
 def test_a_spec_sets_its_own_rate_grid_which_is_never_swept():
     """``lrs=[...]`` is the method's grid (each member of a sweep gets it); the name
     leaves it out, since a run is its config, rate and seed."""
@@ -352,7 +364,8 @@ def test_a_sweep_with_the_ceiling_end_to_end(tmp_path):
 def test_a_grid_that_grows_keeps_the_runs_it_had(tmp_path):
     """A comparison over two rates, then again with the method's own grid around them:
     the selection runs at the first two rates are read back, not trained again, and
-    the grid is reported."""
+    the grid is reported (the header names the comparison's grid only where a method
+    uses it)."""
     from cera_rs.compare import Settings, compare
 
     tiny = _tiny(tmp_path / "tiny")
@@ -376,6 +389,9 @@ def test_a_grid_that_grows_keeps_the_runs_it_had(tmp_path):
     assert [(p.read_bytes(), p.stat().st_mtime_ns) for p in runs] == kept  # not written again
     assert (out / "runs" / "lora_r=2" / "lr0.003-seed0.json").is_file()
     assert summary["methods"]["lora:r=2"]["lr_grid"] == [0.003, 0.01, 0.03]
+    report = (out / "report.md").read_text()
+    assert "reported seeds 1; each method's own rate grid." in report  # not 0.01, 0.03
+    assert "Rate grids of their own: lora:r=2 (0.003, 0.01, 0.03)." in report
 
 
 def test_the_model_digest_is_exact_and_independent_of_threads():

@@ -464,6 +464,17 @@ def _convergence_lines(summary: dict[str, Any]) -> list[str]:
     return out
 
 
+def _rate_grids(summary: dict[str, Any]) -> str:
+    """The header's rate grid: the comparison's only where a method uses it (a method
+    with ``lrs=[...]`` in its spec has its own, listed further down)."""
+    grid = summary["settings"]["lrs"]
+    common = [m for m in summary["methods"].values() if set(m["lr_grid"]) == set(grid)]
+    text = f"rate grid {', '.join(f'{x:g}' for x in grid)}"
+    if len(common) == len(summary["methods"]):
+        return text
+    return f"{text} (methods without one of their own)" if common else "each method's own rate grid"
+
+
 def scores_markdown(summary: dict[str, Any]) -> str:
     """The part of the report that a resumed comparison reproduces exactly."""
     s, sizes = summary["settings"], summary["data"]["sizes"]
@@ -473,7 +484,7 @@ def scores_markdown(summary: dict[str, Any]) -> str:
         "",
         f"{sizes['train']} training, {sizes['valid']} valid and {sizes['test']} test "
         f"problems; {s['steps']} steps of batch {s['batch']}; reported seeds "
-        f"{', '.join(map(str, s['seeds']))}; rate grid {', '.join(f'{x:g}' for x in s['lrs'])}"
+        f"{', '.join(map(str, s['seeds']))}; {_rate_grids(summary)}"
         + (f"; adapters on the last {s['adapted_layers']} layers" if s["adapted_layers"] else "")
         + ".",
         "",
@@ -741,6 +752,12 @@ def _version(package: str) -> str | None:
         return None
 
 
+def plain_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A PEFT config's dict in JSON's types, its sets (target_modules) sorted, so that a
+    run writes the same file every time (a set's order follows the hash seed)."""
+    return json.loads(json.dumps(config, default=sorted))
+
+
 def peft_result(comparison: Comparison, method: Method, record: dict) -> dict[str, Any]:
     """One run in the schema of PEFT's ``method_comparison`` results (run_info,
     train_info, meta_info). Memory is the accelerator's on a GPU and the resident
@@ -771,7 +788,7 @@ def peft_result(comparison: Comparison, method: Method, record: dict) -> dict[st
             "experiment_name": f"{method.name} seed {record['seed']}",
             "peft_branch": "release",
             "train_config": train_config,
-            "peft_config": json.loads(json.dumps(config, default=list)),
+            "peft_config": plain_config(config),
             "error_msg": "",
         },
         "train_info": {
