@@ -21,6 +21,8 @@
 # - LoRA at every layer's full rank (the linear ceiling) at what LoRA r=4 chose (3e-3,
 #   alpha 8; rsLoRA carries alpha across ranks), not tuned itself: 4 selection runs of
 #   r=full would have taken 50 minutes more; the report names its untuned scale.
+# - LoRA r=1 on LoRA r=4's grid (added last, 6 runs in 52 minutes): with r=4 it is one
+#   LoRA family tuned alike, the curve the report reads CeRA's parameter multiplier from.
 # - Selection on seed 0, never reported; reported seeds 2 and 3. No --resolve: two seeds
 #   are what a session's time allows, and the report's intervals say what they leave.
 # Each run is a Ray task on this machine (2 workers of one thread: --ray).
@@ -34,6 +36,7 @@ grid='lrs=[3e-3,1e-2]'
 exec cera-rs compare \
     "cera:r=4,cera_dropout=0,scaling={1,2},$grid,$t" \
     "lora:r=4,lora_alpha={8,16},use_rslora=true,$grid,$t" \
+    "lora:r=1,lora_alpha={8,16},use_rslora=true,$grid,$t" \
     "cera:r=4,activation=identity,cera_dropout=0,scaling={1,2},$grid,$t" \
     "lora:r=full,lora_alpha=8,use_rslora=true,lrs=[3e-3],$t" \
     --model smollm2 --data phonebook:200 --adapted-layers 1 \
