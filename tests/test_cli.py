@@ -232,6 +232,25 @@ def test_debug_shows_the_traceback(tmp_path):
         main(["analyze", str(tmp_path / "nope"), "--debug"])
 
 
+def test_ctrl_c_is_one_line_and_exit_status_130(capsys, monkeypatch, tmp_path):
+    """Ctrl-C (a --ray compare's driver exited 3.4-3.7 s after it, mid-round, leaving no
+    Ray process): one line and the shell's status for SIGINT; --debug re-raises."""
+    import cera_rs.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "analyze", interrupted)
+    assert main(["analyze", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert (
+        err
+        == "cera-rs: interrupted; files written are whole, and compare resumes where it stopped\n"
+    )
+    with pytest.raises(KeyboardInterrupt):
+        main(["analyze", str(tmp_path), "--debug"])
+
+
 def test_usage_errors_are_one_line(capsys):
     for argv in (["analyze"], ["demo", "--part", "9"], ["frobnicate"], []):
         with pytest.raises(SystemExit) as exit_:

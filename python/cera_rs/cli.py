@@ -562,6 +562,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"cera-rs: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        # what finished is on disk (compare and demo write each result whole): say so,
+        # not a traceback of wherever the interrupt landed; 130 is the shell's 128 + SIGINT
+        print(
+            "cera-rs: interrupted; files written are whole, and compare resumes where it stopped",
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 
