@@ -85,8 +85,8 @@ test: $(VENV)/.installed
 # The end-to-end files: the demo and notebook, Ray, SmolLM2 and its GGUF export, the docs
 # site, fuzzing, the benchmark, distributed, diffusers, the GPU script's dry run, the
 # wheel in a fresh venv. JOB_ONE's run in the first job, the others in the second.
-JOB_ONE := examples compare_ray smollm2_runner gpu_check wheel
-END_TO_END := $(JOB_ONE) smollm2 gguf_lora docs fuzz bench distributed diffusers
+JOB_ONE := examples compare_ray smollm2_runner gpu_check fuzz wheel
+END_TO_END := $(JOB_ONE) smollm2 gguf_lora docs bench distributed diffusers
 
 # The inner loop (about 4 minutes on 2 cores; docs/layout.md, "The test loop"): the
 # formatters and linters that take seconds, and every pytest file but the end-to-end
