@@ -464,15 +464,21 @@ def _convergence_lines(summary: dict[str, Any]) -> list[str]:
     return out
 
 
+def _own_grid(method: dict[str, Any], summary: dict[str, Any]) -> bool:
+    """Whether a method ran a rate grid of its own (``lrs=[...]`` in its spec)."""
+    return set(method["lr_grid"]) != set(summary["settings"]["lrs"])
+
+
 def _rate_grids(summary: dict[str, Any]) -> str:
     """The header's rate grid: the comparison's only where a method uses it (a method
-    with ``lrs=[...]`` in its spec has its own, listed further down)."""
-    grid = summary["settings"]["lrs"]
-    common = [m for m in summary["methods"].values() if set(m["lr_grid"]) == set(grid)]
-    text = f"rate grid {', '.join(f'{x:g}' for x in grid)}"
-    if len(common) == len(summary["methods"]):
+    with a grid of its own has it listed further down)."""
+    own = [_own_grid(m, summary) for m in summary["methods"].values()]
+    text = f"rate grid {', '.join(f'{x:g}' for x in summary['settings']['lrs'])}"
+    if not any(own):
         return text
-    return f"{text} (methods without one of their own)" if common else "each method's own rate grid"
+    return (
+        "each method's own rate grid" if all(own) else f"{text} (methods without one of their own)"
+    )
 
 
 def scores_markdown(summary: dict[str, Any]) -> str:
@@ -610,7 +616,7 @@ def scores_markdown(summary: dict[str, Any]) -> str:
     own = [
         f"{shown[n]} ({', '.join(f'{x:g}' for x in m['lr_grid'])})"
         for n, m in summary["methods"].items()
-        if set(m["lr_grid"]) != set(s["lrs"])
+        if _own_grid(m, summary)
     ]
     if own:
         lines += ["", f"Rate grids of their own: {', '.join(own)}."]
